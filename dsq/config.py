@@ -1,0 +1,327 @@
+"""Typed configuration: dataclasses are the schema, YAML files and ``a.b=c`` overrides are data.
+
+Precedence (later wins): dataclass defaults < model preset < YAML files in the order given <
+command-line ``key.sub=value`` overrides. Unknown keys, wrong types and inconsistent values
+raise :class:`ConfigError` naming the key and the fix, before any process group starts.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any, List, Optional, Sequence
+
+from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+PACKAGE_DIR = Path(__file__).resolve().parent
+DEFAULT_CORPUS = PACKAGE_DIR / "data" / "corpus" / "shakespeare"
+
+
+class ConfigError(ValueError):
+    """A configuration problem a user can fix; the message names the key and the fix."""
+
+
+# ----------------------------------------------------------------------------- presets
+# Architecture presets. Fields set explicitly in YAML or overrides win over the preset.
+PRESETS = {
+    # fits a CPU unit test: ~0.6M parameters
+    "tiny": dict(num_layers=2, hidden_size=128, num_heads=4, ffn_hidden_size=512,
+                 seq_len=128, vocab_size=2048, tie_embeddings=False),
+    # ~9M parameters: CPU studies
+    "small": dict(num_layers=6, hidden_size=256, num_heads=8, ffn_hidden_size=1024,
+                  seq_len=256, vocab_size=8192, tie_embeddings=False),
+    # the study's model (GPT-2 small, 124M with the GPT-2 vocabulary)
+    "gpt2-small": dict(num_layers=12, hidden_size=768, num_heads=12, ffn_hidden_size=3072,
+                       seq_len=1024, vocab_size=50304, tie_embeddings=True),
+    "gpt2-medium": dict(num_layers=24, hidden_size=1024, num_heads=16, ffn_hidden_size=4096,
+                        seq_len=1024, vocab_size=50304, tie_embeddings=True),
+}
+
+
+@dataclass
+class ModelConfig:
+    preset: str = "tiny"
+    """One of tiny | small | gpt2-small | gpt2-medium; fills every field left unset (null)."""
+    num_layers: Optional[int] = None
+    hidden_size: Optional[int] = None
+    num_heads: Optional[int] = None
+    ffn_hidden_size: Optional[int] = None
+    seq_len: Optional[int] = None
+    """Tokens per training sequence (also the number of learned positions)."""
+    vocab_size: Optional[int] = None
+    """Size of the sentencepiece vocabulary trained by ``dsq prepare``."""
+    tie_embeddings: Optional[bool] = None
+    """Share the input embedding with the LM head (GPT-2 does)."""
+    dropout: float = 0.0
+    """Hidden and attention dropout."""
+    init_std: float = 0.02
+
+
+@dataclass
+class ParallelConfig:
+    tp: int = 1
+    """Tensor-parallel size; data-parallel size is world_size / tp."""
+
+
+@dataclass
+class DeepSpeedConfig:
+    zero_stage: int = 2
+    """ZeRO stage 0, 1 or 2."""
+    precision: str = "fp32"
+    """fp32 | bf16 (bf16 weights and activations, fp32 master weights and optimizer states)."""
+
+
+@dataclass
+class OptimConfig:
+    name: str = "adamw"
+    """adamw | qadamw (quantized optimizer states, see dsq.optim)."""
+    lr: float = 6e-4
+    min_lr: float = 0.0
+    """Cosine decay ends here."""
+    warmup_steps: int = 100
+    weight_decay: float = 0.1
+    """Applied to weights of linear layers and embeddings, never to biases and norms."""
+    beta1: float = 0.9
+    beta2: float = 0.999
+    eps: float = 1e-8
+    grad_clip: float = 1.0
+    """Clip the global gradient norm to this value; 0 disables."""
+    m_bits: int = 8
+    """qadamw: bits of the first moment (signed), 4 or 8."""
+    v_bits: int = 8
+    """qadamw: bits of the second moment (unsigned), 8 (4 allowed, with a warning)."""
+    block_size: Any = 256
+    """qadamw: elements per scale block, or "tensor" for one scale per parameter."""
+    quantize: str = "linear"
+    """qadamw: which parameters keep quantized states: linear | linear+embedding | all."""
+
+
+@dataclass
+class QuantConfig:
+    weight: Any = None
+    """Weight format, e.g. "int8:channel", or a mapping {bits, granularity, ...}; null = off."""
+    activation: Any = None
+    """Activation (linear-input) format, e.g. "int8:token"; null = off."""
+    grad: Any = None
+    """Output-gradient format, e.g. "int8:token"; null = off."""
+    grad_gemms: str = "weight"
+    """Backward GEMMs that see the quantized gradient: weight | input | both."""
+    lm_head: bool = False
+    """Quantize the LM head too (the study does)."""
+    layers: List[str] = field(default_factory=lambda: ["*"])
+    """fnmatch patterns over module names selecting quantized linears."""
+    exclude: List[str] = field(default_factory=list)
+    """fnmatch patterns over module names excluded from quantization."""
+
+
+@dataclass
+class DataConfig:
+    train: List[str] = field(default_factory=lambda: [str(DEFAULT_CORPUS / "train")])
+    """Text files or folders, .jsonl/.json or .parquet files, or a Hub dataset name."""
+    val: List[str] = field(default_factory=lambda: [str(DEFAULT_CORPUS / "val")])
+    text_field: str = "text"
+    """Column holding the text in JSON lines / Parquet / Hub data."""
+    tokenizer: Optional[str] = None
+    """Existing sentencepiece .model to use; null trains one on the training data."""
+    cache_dir: str = "data_cache"
+    """Where prepared (tokenized, packed) data is written, keyed by a hash of its inputs."""
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 200
+    micro_batch: int = 8
+    """Sequences per rank per forward/backward."""
+    global_batch: int = 16
+    """Sequences per optimizer step over all data-parallel ranks (with accumulation)."""
+    eval_every: int = 50
+    eval_batches: int = 8
+    """Micro-batches per rank used for each validation estimate."""
+    ckpt_every: int = 100
+    keep_ckpts: int = 2
+    """Complete checkpoints kept on disk (older ones are deleted)."""
+    log_every: int = 1
+    out_dir: str = "runs/tiny"
+    seed: int = 1234
+    progress: bool = True
+    """Show a progress bar on rank 0."""
+
+
+@dataclass
+class TrackingConfig:
+    enabled: bool = True
+    uri: str = "sqlite:///runs/mlflow.db"
+    """MLflow tracking URI: sqlite:///path.db, file:/path, or http://host:port."""
+    experiment: str = "dsq"
+    run_name: Optional[str] = None
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    quant: QuantConfig = field(default_factory=QuantConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+
+
+# ----------------------------------------------------------------------------- loading
+def _short(e: OmegaConfBaseException) -> str:
+    return str(e).splitlines()[0]
+
+
+def load_config(paths: Sequence[str] = (), overrides: Sequence[str] = (),
+                world_size: Optional[int] = None) -> Config:
+    """Layer YAML files and ``a.b=c`` overrides over the schema, fill the preset, validate."""
+    schema = OmegaConf.structured(Config)
+    layers = []
+    for p in paths:
+        path = Path(p)
+        if not path.is_file():
+            raise ConfigError(f"config file {p!r} does not exist: give the path of a YAML file "
+                              f"(see configs/)")
+        try:
+            layers.append((str(path), OmegaConf.load(path)))
+        except Exception as e:  # yaml syntax errors
+            raise ConfigError(f"config file {p!r} is not valid YAML: {str(e).splitlines()[0]}")
+    for o in overrides:
+        if "=" not in o:
+            raise ConfigError(f"override {o!r} is not of the form key.sub=value "
+                              f"(e.g. train.steps=100)")
+    if overrides:
+        try:
+            layers.append(("command line", OmegaConf.from_dotlist(list(overrides))))
+        except OmegaConfBaseException as e:
+            raise ConfigError(f"bad override: {_short(e)}")
+    merged = schema
+    for origin, layer in layers:
+        try:
+            merged = OmegaConf.merge(merged, layer)
+        except OmegaConfBaseException as e:
+            key = getattr(e, "full_key", None) or "?"
+            raise ConfigError(f"{origin}: key '{key}': {_short(e)}. "
+                              f"Fix the key's name or value (see the fields of dsq/config.py).")
+    cfg: Config = OmegaConf.to_object(merged)
+    _fill_preset(cfg)
+    validate(cfg, world_size)
+    return cfg
+
+
+def _fill_preset(cfg: Config) -> None:
+    m = cfg.model
+    if m.preset not in PRESETS:
+        raise ConfigError(f"model.preset={m.preset!r} is unknown: use one of {sorted(PRESETS)}")
+    for k, v in PRESETS[m.preset].items():
+        if getattr(m, k) is None:
+            setattr(m, k, v)
+
+
+def _check(cond: bool, msg: str) -> None:
+    if not cond:
+        raise ConfigError(msg)
+
+
+def validate(cfg: Config, world_size: Optional[int] = None) -> None:
+    """Cross-field checks. ``world_size`` (when known) checks the parallel layout too."""
+    m, t, p, ds, o, q = cfg.model, cfg.train, cfg.parallel, cfg.deepspeed, cfg.optim, cfg.quant
+    for k in ("num_layers", "hidden_size", "num_heads", "ffn_hidden_size", "seq_len", "vocab_size"):
+        _check(getattr(m, k) > 0, f"model.{k}={getattr(m, k)} must be positive")
+    _check(m.hidden_size % m.num_heads == 0,
+           f"model.num_heads={m.num_heads} does not divide model.hidden_size={m.hidden_size}: "
+           f"choose heads that divide the hidden size")
+    _check(m.vocab_size >= 64, f"model.vocab_size={m.vocab_size} is too small: use at least 64")
+    _check(0.0 <= m.dropout < 1.0, f"model.dropout={m.dropout} must be in [0, 1)")
+    _check(p.tp >= 1, f"parallel.tp={p.tp} must be >= 1")
+    _check(m.num_heads % p.tp == 0,
+           f"parallel.tp={p.tp} does not divide model.num_heads={m.num_heads}: "
+           f"choose a tp that divides the number of heads")
+    _check(m.ffn_hidden_size % p.tp == 0,
+           f"parallel.tp={p.tp} does not divide model.ffn_hidden_size={m.ffn_hidden_size}")
+    _check(ds.zero_stage in (0, 1, 2),
+           f"deepspeed.zero_stage={ds.zero_stage} is not supported: use 0, 1 or 2")
+    _check(ds.precision in ("fp32", "bf16"),
+           f"deepspeed.precision={ds.precision!r} is not supported: use fp32 or bf16")
+    _check(t.steps >= 1, f"train.steps={t.steps} must be >= 1")
+    _check(t.micro_batch >= 1, f"train.micro_batch={t.micro_batch} must be >= 1")
+    _check(t.global_batch % t.micro_batch == 0,
+           f"train.global_batch={t.global_batch} is not a multiple of "
+           f"train.micro_batch={t.micro_batch}: make it micro_batch x data-parallel size x "
+           f"accumulation steps")
+    _check(t.eval_every >= 0 and t.ckpt_every >= 0 and t.log_every >= 1,
+           "train.eval_every and train.ckpt_every must be >= 0 (0 = only at the end), "
+           "train.log_every >= 1")
+    _check(t.keep_ckpts >= 1, f"train.keep_ckpts={t.keep_ckpts} must be >= 1")
+    _check(o.name in ("adamw", "qadamw"), f"optim.name={o.name!r} is unknown: use adamw or qadamw")
+    _check(o.lr > 0 and 0 <= o.min_lr <= o.lr, f"optim.lr={o.lr} must be > 0 and optim.min_lr "
+           f"in [0, lr]")
+    _check(0 <= o.warmup_steps, f"optim.warmup_steps={o.warmup_steps} must be >= 0")
+    _check(0 < o.beta1 < 1 and 0 < o.beta2 < 1, "optim.beta1 and optim.beta2 must be in (0, 1)")
+    _check(o.grad_clip >= 0, f"optim.grad_clip={o.grad_clip} must be >= 0")
+    _check(q.grad_gemms in ("weight", "input", "both"),
+           f"quant.grad_gemms={q.grad_gemms!r} is unknown: use weight, input or both")
+    _check(bool(cfg.data.train), "data.train is empty: give at least one file or folder")
+    _check(bool(cfg.data.val), "data.val is empty: give at least one file or folder")
+    if world_size is not None:
+        _check(world_size % p.tp == 0,
+               f"parallel.tp={p.tp} does not divide the world size {world_size}: "
+               f"launch a multiple of tp processes or change parallel.tp")
+        dp = world_size // p.tp
+        _check(t.global_batch % (t.micro_batch * dp) == 0,
+               f"train.global_batch={t.global_batch} is not a multiple of train.micro_batch x "
+               f"data-parallel size = {t.micro_batch} x {dp}: change train.global_batch or "
+               f"train.micro_batch")
+    _validate_extensions(cfg)
+
+
+def _validate_extensions(cfg: Config) -> None:
+    """Format strings of the quantization and optimizer sections."""
+    try:
+        from dsq.quant import QuantFormat
+    except ImportError:
+        return
+    for name in ("weight", "activation", "grad"):
+        try:
+            QuantFormat.parse(getattr(cfg.quant, name))
+        except (ValueError, TypeError) as e:
+            raise ConfigError(f"quant.{name}: {e}")
+
+
+def to_dict(cfg: Config) -> dict:
+    return OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True)
+
+
+def to_yaml(cfg: Config) -> str:
+    return OmegaConf.to_yaml(OmegaConf.structured(cfg))
+
+
+def flatten(d: dict, prefix: str = "") -> dict:
+    """{'a': {'b': 1}} -> {'a.b': 1}; lists become JSON strings."""
+    out = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(flatten(v, key + "."))
+        elif isinstance(v, list):
+            out[key] = json.dumps(v)
+        else:
+            out[key] = v
+    return out
+
+
+def fingerprint(obj: Any) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def section_names() -> List[str]:
+    return [f.name for f in fields(Config)]
+
+
+def resolve_path(p: str) -> str:
+    return os.path.abspath(os.path.expanduser(p))

@@ -1,0 +1,74 @@
+"""Core attention on ``torch.nn.functional.scaled_dot_product_attention``.
+
+megatron-core's local ``DotProductAttention`` asks CUDA for its memory buffer and RNG
+tracker; this module has the same constructor and ``forward`` contract (inputs
+``[s, b, heads_per_partition, head_dim]``, output ``[s, b, hidden_per_partition]``) and
+runs on any device. On GPU, SDPA dispatches to flash / memory-efficient kernels.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from megatron.core.transformer.enums import AttnMaskType
+from megatron.core.transformer.module import MegatronModule
+from megatron.core.utils import divide
+
+
+class SDPAttention(MegatronModule):
+    """Causal self-attention core; tensor-parallel by head (each rank owns its heads)."""
+
+    def __init__(
+        self,
+        config,
+        layer_number: int,
+        attn_mask_type: AttnMaskType,
+        attention_type: str = "self",
+        attention_dropout: Optional[float] = None,
+        softmax_scale: Optional[float] = None,
+        cp_comm_type: Optional[str] = None,
+        pg_collection=None,
+        **kwargs,
+    ):
+        super().__init__(config=config)
+        if config.context_parallel_size != 1:
+            raise ValueError("SDPAttention does not support context parallelism")
+        if pg_collection is not None and hasattr(pg_collection, "tp"):
+            tp_size = pg_collection.tp.size()
+        else:
+            from megatron.core import parallel_state
+
+            tp_size = parallel_state.get_tensor_model_parallel_world_size()
+        self.attn_mask_type = attn_mask_type
+        projection = config.kv_channels * config.num_attention_heads
+        self.hidden_size_per_partition = divide(projection, tp_size)
+        self.heads_per_partition = divide(config.num_attention_heads, tp_size)
+        self.groups_per_partition = divide(config.num_query_groups, tp_size)
+        head_dim = divide(projection, config.num_attention_heads)
+        self.softmax_scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(head_dim)
+        self.dropout_p = config.attention_dropout if attention_dropout is None else attention_dropout
+
+    def forward(self, query, key, value, attention_mask, attn_mask_type=None,
+                attention_bias=None, packed_seq_params=None, **kwargs):
+        if packed_seq_params is not None or attention_bias is not None:
+            raise NotImplementedError("SDPAttention supports neither packed sequences nor attention bias")
+        mask_type = attn_mask_type if attn_mask_type is not None else self.attn_mask_type
+        # [s, b, h, d] -> [b, h, s, d]
+        q, k, v = (t.permute(1, 2, 0, 3) for t in (query, key, value))
+        rep = self.heads_per_partition // self.groups_per_partition
+        if rep > 1:
+            k = k.repeat_interleave(rep, dim=1)
+            v = v.repeat_interleave(rep, dim=1)
+        causal = mask_type == AttnMaskType.causal and attention_mask is None
+        mask = None
+        if not causal and attention_mask is not None:
+            mask = ~attention_mask  # megatron: True means "masked out"
+        out = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, dropout_p=self.dropout_p if self.training else 0.0,
+            is_causal=causal, scale=self.softmax_scale,
+        )
+        s, b = query.shape[0], query.shape[1]
+        return out.permute(2, 0, 1, 3).reshape(s, b, self.hidden_size_per_partition)
