@@ -139,8 +139,8 @@ class TrainConfig:
     global_batch: int = 16
     """Sequences per optimizer step over all data-parallel ranks (with accumulation)."""
     eval_every: int = 50
-    eval_batches: int = 8
-    """Micro-batches per rank used for each validation estimate."""
+    eval_samples: int = 64
+    """Validation sequences per estimate (a fixed, evenly spread subset; all if fewer)."""
     ckpt_every: int = 100
     keep_ckpts: int = 2
     """Complete checkpoints kept on disk (older ones are deleted)."""
@@ -257,6 +257,10 @@ def validate(cfg: Config, world_size: Optional[int] = None) -> None:
     _check(t.eval_every >= 0 and t.ckpt_every >= 0 and t.log_every >= 1,
            "train.eval_every and train.ckpt_every must be >= 0 (0 = only at the end), "
            "train.log_every >= 1")
+    _check(t.eval_samples >= 1, f"train.eval_samples={t.eval_samples} must be >= 1")
+    _check(m.vocab_size % p.tp == 0,
+           f"parallel.tp={p.tp} does not divide model.vocab_size={m.vocab_size}: "
+           f"choose a vocab size that is a multiple of tp")
     _check(t.keep_ckpts >= 1, f"train.keep_ckpts={t.keep_ckpts} must be >= 1")
     _check(o.name in ("adamw", "qadamw"), f"optim.name={o.name!r} is unknown: use adamw or qadamw")
     _check(o.lr > 0 and 0 <= o.min_lr <= o.lr, f"optim.lr={o.lr} must be > 0 and optim.min_lr "

@@ -1,0 +1,124 @@
+"""``dsq`` command line: train, prepare, eval, config."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import warnings
+from typing import List, Optional, Tuple
+
+USAGE = """dsq <command> ...
+
+commands:
+  train CONFIG... [key.sub=value ...]   pre-train (under deepspeed/torchrun/srun, or one process)
+  prepare CONFIG... [key.sub=value ...] tokenize and pack the data of a config
+  eval RUN_OR_CHECKPOINT --data PATH... [--json OUT]   loss and perplexity of a checkpoint
+  config CONFIG... [key.sub=value ...] [--world-size N]  validate and print the resolved config
+"""
+
+
+def split_args(args: List[str]) -> Tuple[List[str], List[str]]:
+    """YAML paths vs ``key=value`` overrides."""
+    files = [a for a in args if "=" not in a]
+    overrides = [a for a in args if "=" in a]
+    return files, overrides
+
+
+def _fail(msg: str, code: int = 2) -> None:
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(f"dsq: error: {msg}", file=sys.stderr)
+    sys.exit(code)
+
+
+def _load(args: List[str], world_size: Optional[int] = None):
+    from dsq.config import ConfigError, load_config
+
+    files, overrides = split_args(args)
+    try:
+        return load_config(files, overrides, world_size=world_size)
+    except ConfigError as e:
+        _fail(str(e))
+
+
+def cmd_train(argv: List[str]) -> None:
+    from dsq.data.prepare import DataError
+    from dsq.distributed import env_from_launcher, shutdown
+
+    env = env_from_launcher()
+    cfg = _load(argv, world_size=env.world_size)
+    from dsq.train import run
+
+    try:
+        run(cfg, env)
+    except DataError as e:
+        _fail(str(e))
+    finally:
+        shutdown()
+
+
+def cmd_prepare(argv: List[str]) -> None:
+    from dsq.data.prepare import DataError, prepare
+
+    cfg = _load(argv)
+    try:
+        path = prepare(cfg.data, cfg.model.vocab_size)
+    except DataError as e:
+        _fail(str(e))
+    print(path)
+
+
+def cmd_config(argv: List[str]) -> None:
+    p = argparse.ArgumentParser(prog="dsq config")
+    p.add_argument("--world-size", type=int, default=None)
+    ns, rest = p.parse_known_args(argv)
+    from dsq.config import to_yaml
+
+    print(to_yaml(_load(rest, world_size=ns.world_size)), end="")
+
+
+def cmd_eval(argv: List[str]) -> None:
+    p = argparse.ArgumentParser(prog="dsq eval", description="Loss and perplexity of a checkpoint")
+    p.add_argument("checkpoint", help="run directory, its checkpoints/ folder, or one checkpoint")
+    p.add_argument("--data", nargs="+", required=True, help="text files or folders")
+    p.add_argument("--json", default=None, help="write {loss, ppl, tokens} here")
+    p.add_argument("--max-seqs", type=int, default=None, help="evaluate at most this many windows")
+    ns = p.parse_args(argv)
+    from dsq.data.prepare import DataError
+    from dsq.evaluate import EvalError, evaluate_checkpoint
+
+    try:
+        result = evaluate_checkpoint(ns.checkpoint, ns.data, ns.max_seqs)
+    except (EvalError, DataError) as e:
+        _fail(str(e))
+    print(f"loss {result['loss']:.4f}  ppl {result['ppl']:.2f}  tokens {result['tokens']:,}  "
+          f"({result['checkpoint']})")
+    if ns.json:
+        import json
+
+        with open(ns.json, "w") as fh:
+            json.dump(result, fh, indent=2)
+
+
+COMMANDS = {"train": cmd_train, "prepare": cmd_prepare, "eval": cmd_eval, "config": cmd_config}
+
+
+def main(argv: Optional[List[str]] = None) -> None:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    warnings.filterwarnings("ignore", category=UserWarning, module=r"megatron\..*")
+    warnings.filterwarnings("ignore", category=FutureWarning, module=r"torch\.distributed\..*")
+    if not argv or argv[0] in ("-h", "--help"):
+        print(USAGE)
+        sys.exit(0 if argv else 2)
+    cmd = argv[0]
+    if cmd == "bench":
+        from dsq.bench import main as bench_main
+
+        return bench_main(argv[1:])
+    if cmd not in COMMANDS:
+        _fail(f"unknown command {cmd!r}\n{USAGE}")
+    COMMANDS[cmd](argv[1:])
+
+
+if __name__ == "__main__":
+    main()

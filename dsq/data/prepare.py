@@ -1,0 +1,254 @@
+"""Prepare training data: load text with Hugging Face ``datasets``, train or load a
+sentencepiece tokenizer, and write each split as one flat memory-mapped token stream.
+
+Layout of a prepared directory (``<data.cache_dir>/<fingerprint>/``)::
+
+    tokenizer.model     sentencepiece model (BPE, byte fallback, EOS between documents)
+    train.bin, val.bin  token ids, uint16 (or uint32 for vocabularies over 65536)
+    manifest.json       written last: sources, token counts, dtype, tokenizer, fingerprint
+
+A block of ``seq_len`` training positions is ``tokens[i*L : i*L + L + 1]`` (inputs and
+shifted labels), so the same prepared data serves every sequence length. The fingerprint
+hashes the sources' contents and the tokenizer settings: a changed input re-prepares. The
+directory is built under a temporary name and renamed into place, so a failed or
+interrupted preparation never leaves a directory that looks complete.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Dict, Iterator, List, Tuple
+
+import numpy as np
+
+TEXT_EXT = {".txt", ".text", ".md"}
+JSON_EXT = {".jsonl", ".json"}
+PARQUET_EXT = {".parquet"}
+FORMAT_VERSION = 1
+
+
+class DataError(ValueError):
+    """Missing, empty or undecodable input; the message names the input and the fix."""
+
+
+# --------------------------------------------------------------------------- sources
+def _expand(spec: str) -> Tuple[str, List[Path]]:
+    """A source spec -> (kind, files). kind: text | json | parquet | hub."""
+    path = Path(os.path.expanduser(spec))
+    if path.is_dir():
+        files = sorted(p for p in path.rglob("*") if p.is_file() and not p.name.startswith("."))
+        files = [p for p in files if p.suffix.lower() in TEXT_EXT | JSON_EXT | PARQUET_EXT]
+        if not files:
+            raise DataError(f"data folder {spec!r} holds no .txt, .jsonl/.json or .parquet files")
+        kinds = {_kind(p) for p in files}
+        if len(kinds) > 1:
+            raise DataError(f"data folder {spec!r} mixes file types {sorted(kinds)}: "
+                            f"give one type per folder")
+        return kinds.pop(), files
+    if path.is_file():
+        return _kind(path), [path]
+    looks_local = spec.startswith((".", "/", "~")) or bool(path.suffix) or spec.count("/") > 1
+    if looks_local:
+        raise DataError(f"data path {spec!r} does not exist: give an existing file or folder "
+                        f"(data.train / data.val)")
+    return "hub", []
+
+
+def _kind(p: Path) -> str:
+    ext = p.suffix.lower()
+    if ext in JSON_EXT:
+        return "json"
+    if ext in PARQUET_EXT:
+        return "parquet"
+    return "text"
+
+
+def _fingerprint_sources(specs: List[str]) -> List[Dict]:
+    out = []
+    for spec in specs:
+        kind, files = _expand(spec)
+        if kind == "hub":
+            out.append({"hub": spec})
+            continue
+        for f in files:
+            h = hashlib.sha256()
+            with open(f, "rb") as fh:
+                for chunk in iter(lambda: fh.read(1 << 20), b""):
+                    h.update(chunk)
+            out.append({"path": str(f.resolve()), "sha256": h.hexdigest()})
+    return out
+
+
+def load_documents(specs: List[str], text_field: str = "text", split: str = "train"):
+    """All documents of the sources, as a ``datasets.Dataset`` with one ``text`` column."""
+    import datasets
+
+    datasets.disable_progress_bars()
+    parts = []
+    for spec in specs:
+        kind, files = _expand(spec)
+        try:
+            if kind == "text":
+                for f in files:
+                    _check_utf8(f)
+                ds = datasets.load_dataset("text", data_files=[str(f) for f in files],
+                                           sample_by="document", split="train")
+            elif kind == "json":
+                ds = datasets.load_dataset("json", data_files=[str(f) for f in files],
+                                           split="train")
+            elif kind == "parquet":
+                ds = datasets.load_dataset("parquet", data_files=[str(f) for f in files],
+                                           split="train")
+            else:
+                ds = datasets.load_dataset(spec, split=split)
+        except DataError:
+            raise
+        except Exception as e:  # datasets raises many types; name the input
+            what = ("is neither an existing file or folder nor a Hub dataset that could be "
+                    "loaded" if kind == "hub" else "could not be read")
+            first = str(e).splitlines()[0] if str(e) else ""
+            raise DataError(f"data {spec!r} {what}: {type(e).__name__}: {first}") from e
+        if text_field not in ds.column_names:
+            raise DataError(f"data {spec!r} has no column {text_field!r} (columns: "
+                            f"{ds.column_names}): set data.text_field")
+        parts.append(ds.select_columns([text_field]).rename_column(text_field, "text")
+                     if text_field != "text" else ds.select_columns(["text"]))
+    ds = datasets.concatenate_datasets(parts) if len(parts) > 1 else parts[0]
+    ds = ds.filter(lambda r: bool(r["text"] and r["text"].strip()))
+    if len(ds) == 0:
+        raise DataError(f"data {specs} holds no text: every document is empty")
+    return ds
+
+
+def _check_utf8(path: Path) -> None:
+    if path.stat().st_size == 0:
+        raise DataError(f"data file {str(path)!r} is empty: remove it or give another file")
+    try:
+        with open(path, encoding="utf-8") as fh:
+            for _ in iter(lambda: fh.read(1 << 20), ""):
+                pass
+    except UnicodeDecodeError as e:
+        raise DataError(f"data file {str(path)!r} is not UTF-8 text (byte {e.start}): "
+                        f"convert it to UTF-8") from e
+
+
+# --------------------------------------------------------------------------- tokenizer
+def train_tokenizer(docs, vocab_size: int) -> bytes:
+    """A BPE sentencepiece model with byte fallback; ids: 0 <unk>, 1 </s> (document end)."""
+    import sentencepiece as spm
+
+    def lines() -> Iterator[str]:
+        for text in docs["text"]:
+            for line in text.splitlines():
+                line = line.strip()
+                if line:
+                    yield line[:4096]
+
+    buf = io.BytesIO()
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=lines(), model_writer=buf, vocab_size=vocab_size, model_type="bpe",
+        byte_fallback=True, character_coverage=1.0, unk_id=0, eos_id=1, bos_id=-1, pad_id=-1,
+        hard_vocab_limit=False, num_threads=max(1, min(8, os.cpu_count() or 1)),
+        minloglevel=2, input_sentence_size=2_000_000, shuffle_input_sentence=True)
+    return buf.getvalue()
+
+
+def encode(docs, sp) -> np.ndarray:
+    eos = sp.eos_id()
+    chunks = []
+    for text in docs["text"]:
+        ids = sp.encode(text)
+        ids.append(eos)
+        chunks.append(np.asarray(ids, dtype=np.int64))
+    return np.concatenate(chunks) if chunks else np.zeros(0, dtype=np.int64)
+
+
+# --------------------------------------------------------------------------- prepare
+def data_fingerprint(data_cfg, vocab_size: int) -> str:
+    tok = data_cfg.tokenizer
+    key = {
+        "version": FORMAT_VERSION,
+        "train": _fingerprint_sources(list(data_cfg.train)),
+        "val": _fingerprint_sources(list(data_cfg.val)),
+        "text_field": data_cfg.text_field,
+        "vocab_size": vocab_size,
+        "tokenizer": _fingerprint_sources([tok]) if tok else None,
+    }
+    return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def prepared_dir(data_cfg, vocab_size: int) -> Path:
+    return Path(data_cfg.cache_dir) / data_fingerprint(data_cfg, vocab_size)
+
+
+def is_prepared(path: Path) -> bool:
+    return (path / "manifest.json").is_file()
+
+
+def prepare(data_cfg, vocab_size: int, log=print) -> Path:
+    """Prepare (or find already prepared) data for ``data_cfg``; returns its directory."""
+    import sentencepiece as spm
+
+    out = prepared_dir(data_cfg, vocab_size)
+    if is_prepared(out):
+        log(f"data: using prepared {out}")
+        return out
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        train_docs = load_documents(list(data_cfg.train), data_cfg.text_field, "train")
+        val_docs = load_documents(list(data_cfg.val), data_cfg.text_field, "validation")
+        if data_cfg.tokenizer:
+            tok_path = Path(os.path.expanduser(data_cfg.tokenizer))
+            if not tok_path.is_file():
+                raise DataError(f"data.tokenizer={data_cfg.tokenizer!r} does not exist: give a "
+                                f"sentencepiece .model file or null to train one")
+            model_bytes = tok_path.read_bytes()
+        else:
+            log(f"data: training a {vocab_size}-token sentencepiece BPE on "
+                f"{len(train_docs)} documents")
+            model_bytes = train_tokenizer(train_docs, vocab_size)
+        sp = spm.SentencePieceProcessor(model_proto=model_bytes)
+        if sp.vocab_size() > vocab_size:
+            raise DataError(f"tokenizer has {sp.vocab_size()} tokens, more than "
+                            f"model.vocab_size={vocab_size}: raise model.vocab_size")
+        (tmp / "tokenizer.model").write_bytes(model_bytes)
+        dtype = np.uint16 if vocab_size <= 65536 else np.uint32
+        counts = {}
+        for split, docs in (("train", train_docs), ("val", val_docs)):
+            ids = encode(docs, sp).astype(dtype)
+            ids.tofile(tmp / f"{split}.bin")
+            counts[split] = int(ids.size)
+        manifest = {
+            "format_version": FORMAT_VERSION,
+            "fingerprint": out.name,
+            "dtype": np.dtype(dtype).name,
+            "tokens": counts,
+            "documents": {"train": len(train_docs), "val": len(val_docs)},
+            "vocab_size": vocab_size,
+            "tokenizer_vocab_size": sp.vocab_size(),
+            "eos_id": sp.eos_id(),
+            "sources": {"train": list(data_cfg.train), "val": list(data_cfg.val)},
+        }
+        (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2))
+        try:
+            os.replace(tmp, out)
+        except OSError:  # another process finished first
+            if not is_prepared(out):
+                raise
+            shutil.rmtree(tmp, ignore_errors=True)
+        log(f"data: prepared {out} (train {counts['train']:,} tokens, val {counts['val']:,})")
+        return out
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def load_manifest(path: Path) -> Dict:
+    return json.loads((Path(path) / "manifest.json").read_text())

@@ -1,0 +1,185 @@
+"""Process groups, megatron-core parallel state, and the one place DeepSpeed is initialised.
+
+Launchers: ``deepspeed`` and ``torchrun`` set RANK / WORLD_SIZE / LOCAL_RANK /
+MASTER_ADDR / MASTER_PORT; under ``srun`` they are derived from SLURM's variables; with no
+launcher, ``dsq train`` runs as a single process. The backend is NCCL when CUDA is
+available and gloo otherwise.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass
+class DistEnv:
+    rank: int
+    world_size: int
+    local_rank: int
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def env_from_launcher() -> DistEnv:
+    """Ranks from the launcher's variables (deepspeed/torchrun, then SLURM), else one process."""
+    e = os.environ
+    if "RANK" in e and "WORLD_SIZE" in e:
+        return DistEnv(int(e["RANK"]), int(e["WORLD_SIZE"]), int(e.get("LOCAL_RANK", 0)))
+    if "SLURM_PROCID" in e and "SLURM_NTASKS" in e and int(e["SLURM_NTASKS"]) > 1:
+        return DistEnv(int(e["SLURM_PROCID"]), int(e["SLURM_NTASKS"]), int(e.get("SLURM_LOCALID", 0)))
+    return DistEnv(0, 1, 0)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def init_distributed(env: DistEnv, tp: int, timeout_s: int = 600) -> None:
+    """Start the default process group and megatron-core's tensor/data-parallel groups."""
+    import datetime
+
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    if "MASTER_PORT" not in os.environ:
+        if env.world_size > 1:
+            raise RuntimeError("MASTER_PORT is not set: start multi-process runs with deepspeed, "
+                               "torchrun, srun (slurm/pretrain.sbatch) or launch/local.sh")
+        os.environ["MASTER_PORT"] = str(free_port())
+    os.environ.update(RANK=str(env.rank), WORLD_SIZE=str(env.world_size),
+                      LOCAL_RANK=str(env.local_rank))
+    cuda = torch.cuda.is_available()
+    if cuda:
+        torch.cuda.set_device(env.local_rank % torch.cuda.device_count())
+    import deepspeed
+
+    if not dist.is_initialized():
+        deepspeed.init_distributed(dist_backend="nccl" if cuda else "gloo",
+                                   timeout=datetime.timedelta(seconds=timeout_s))
+    from megatron.core import parallel_state
+
+    if not parallel_state.model_parallel_is_initialized():
+        parallel_state.initialize_model_parallel(tensor_model_parallel_size=tp)
+
+
+def shutdown() -> None:
+    from megatron.core import parallel_state
+
+    if parallel_state.model_parallel_is_initialized():
+        parallel_state.destroy_model_parallel()
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+class MegatronMPU:
+    """The ``mpu`` object DeepSpeed expects, backed by megatron-core's ``parallel_state``."""
+
+    def __init__(self):
+        from megatron.core import parallel_state as ps
+
+        self.ps = ps
+
+    def get_model_parallel_rank(self) -> int:
+        return self.ps.get_tensor_model_parallel_rank()
+
+    def get_model_parallel_world_size(self) -> int:
+        return self.ps.get_tensor_model_parallel_world_size()
+
+    def get_model_parallel_group(self):
+        return self.ps.get_tensor_model_parallel_group()
+
+    get_tensor_model_parallel_rank = get_model_parallel_rank
+    get_tensor_model_parallel_world_size = get_model_parallel_world_size
+    get_tensor_model_parallel_group = get_model_parallel_group
+
+    def get_tensor_model_parallel_src_rank(self) -> int:
+        return self.ps.get_tensor_model_parallel_src_rank()
+
+    def get_data_parallel_rank(self) -> int:
+        return self.ps.get_data_parallel_rank()
+
+    def get_data_parallel_world_size(self) -> int:
+        return self.ps.get_data_parallel_world_size()
+
+    def get_data_parallel_group(self):
+        return self.ps.get_data_parallel_group()
+
+    def get_pipeline_model_parallel_world_size(self) -> int:
+        return 1
+
+    def get_pipeline_model_parallel_rank(self) -> int:
+        return 0
+
+
+def deepspeed_config(cfg, dp_size: int) -> dict:
+    """The DeepSpeed JSON, generated from the typed config (never edited by hand)."""
+    t, ds = cfg.train, cfg.deepspeed
+    gas = t.global_batch // (t.micro_batch * dp_size)
+    out = {
+        "train_batch_size": t.global_batch,
+        "train_micro_batch_size_per_gpu": t.micro_batch,
+        "gradient_accumulation_steps": gas,
+        "gradient_clipping": cfg.optim.grad_clip,
+        "zero_allow_untested_optimizer": True,
+        "zero_optimization": {"stage": ds.zero_stage},
+        "steps_per_print": 10**9,
+        "wall_clock_breakdown": False,
+        "checkpoint": {"load_universal": False},
+    }
+    if ds.zero_stage > 0:
+        out["zero_optimization"].update(
+            contiguous_gradients=True, overlap_comm=False, reduce_scatter=True,
+            round_robin_gradients=False)
+    if ds.precision == "bf16":
+        out["bf16"] = {"enabled": True}
+        out["data_types"] = {"grad_accum_dtype": "fp32"}
+    return out
+
+
+def initialize_engine(cfg, model, optimizer, lr_scheduler, dp_size: int):
+    """``deepspeed.initialize`` for dsq: the only call site in the code base."""
+    import deepspeed
+
+    ds_cfg = deepspeed_config(cfg, dp_size)
+    engine, optimizer, _, lr_scheduler = deepspeed.initialize(
+        model=model, optimizer=optimizer, lr_scheduler=lr_scheduler, config=ds_cfg,
+        mpu=MegatronMPU(), dist_init_required=False)
+    return engine, optimizer, lr_scheduler, ds_cfg
+
+
+def all_reduce_mean(value: float, group=None) -> float:
+    t = torch.tensor([value], dtype=torch.float64)
+    dist.all_reduce(t, group=group)
+    return float(t.item()) / dist.get_world_size(group=group)
+
+
+def gather_ints(value: int) -> list:
+    out = [None] * dist.get_world_size()
+    dist.all_gather_object(out, int(value))
+    return out
+
+
+def dumps(obj) -> str:
+    return json.dumps(obj, indent=2, sort_keys=True)
+
+
+def device() -> torch.device:
+    if torch.cuda.is_available():
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def bcast_error(msg: Optional[str]) -> Optional[str]:
+    """Rank 0's error message (or None) on every rank, so all ranks fail together."""
+    box = [msg]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]

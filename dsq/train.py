@@ -1,0 +1,316 @@
+"""The trainer: a megatron-core GPT under DeepSpeed, with evaluation, checkpoints and MLflow."""
+
+from __future__ import annotations
+
+import json
+import math
+import resource
+import time
+from pathlib import Path
+from typing import Dict, List, Optional
+
+import torch
+import torch.distributed as dist
+
+from dsq import checkpoint
+from dsq.config import Config, flatten, to_dict, to_yaml
+from dsq.data.dataset import GlobalSchedule, TokenBlocks, eval_indices
+from dsq.data.prepare import DataError, load_manifest, prepare
+from dsq.distributed import (
+    DistEnv,
+    all_reduce_mean,
+    bcast_error,
+    device,
+    dumps,
+    gather_ints,
+    init_distributed,
+    initialize_engine,
+)
+from dsq.tracking import Tracker, normalize_uri, ui_command
+
+
+def lr_lambda(optim_cfg, total_steps: int):
+    """Linear warmup, then cosine decay from lr to min_lr at ``total_steps`` (a factor of lr)."""
+    warm, floor = optim_cfg.warmup_steps, optim_cfg.min_lr / optim_cfg.lr
+
+    def fn(step: int) -> float:
+        if step < warm:
+            return (step + 1) / warm
+        progress = min(1.0, (step - warm) / max(1, total_steps - warm))
+        return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
+
+    return fn
+
+
+def _tokens_per_s(tokens_per_step: int, times: List[float]) -> float:
+    """Mean throughput, leaving out the first step (allocation and warm-up) when there are more."""
+    timed = times[1:] if len(times) > 1 else times
+    return tokens_per_step * len(timed) / sum(timed) if timed else 0.0
+
+
+def peak_rss_bytes() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+class Trainer:
+    def __init__(self, cfg: Config, env: DistEnv):
+        from megatron.core import parallel_state as ps
+
+        from dsq.models.gpt import build_gpt, count_params
+        from dsq.optim import build_optimizer, optimizer_state_bytes
+
+        self.cfg, self.env = cfg, env
+        self.out_dir = Path(cfg.train.out_dir).resolve()
+        self.ckpt_dir = self.out_dir / "checkpoints"
+        init_distributed(env, cfg.parallel.tp)
+        self.dp_rank, self.dp_size = ps.get_data_parallel_rank(), ps.get_data_parallel_world_size()
+        self.tp_size = ps.get_tensor_model_parallel_world_size()
+        self.dp_group = ps.get_data_parallel_group()
+        self.device = device()
+        self._state_bytes = optimizer_state_bytes
+        self.log = print if env.is_main else (lambda *a, **k: None)
+
+        # data: rank 0 prepares, the others wait for its verdict
+        prepared, err = None, None
+        if env.is_main:
+            try:
+                prepared = str(prepare(cfg.data, cfg.model.vocab_size, log=self.log))
+            except DataError as e:
+                err = str(e)
+        err = bcast_error(err)
+        if err:
+            raise DataError(err)
+        box = [prepared]
+        dist.broadcast_object_list(box, src=0)
+        self.data_dir = Path(box[0])
+        L = cfg.model.seq_len
+        self.train_data = TokenBlocks(self.data_dir, "train", L)
+        self.val_data = TokenBlocks(self.data_dir, "val", L)
+        self.schedule = GlobalSchedule(len(self.train_data), cfg.train.global_batch, cfg.train.seed)
+        self.val_idx = eval_indices(len(self.val_data), cfg.train.eval_samples)
+
+        # model, optimizer, schedule, engine
+        model = build_gpt(cfg.model, cfg.deepspeed.precision, seed=cfg.train.seed)
+        self.quantized = self._apply_quantization(model)
+        self.params = count_params(model, self.tp_size)
+        optimizer = build_optimizer(model, cfg.optim)
+        fn = lr_lambda(cfg.optim, cfg.train.steps)
+        self.engine, self.optimizer, self.scheduler, self.ds_config = initialize_engine(
+            cfg, model, optimizer, lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, fn),
+            self.dp_size)
+        self.model = model
+        self._attach_optimizer()
+
+        # run directory, tracking, resume
+        if env.is_main:
+            self.out_dir.mkdir(parents=True, exist_ok=True)
+            (self.out_dir / "config.yaml").write_text(to_yaml(cfg))
+            (self.out_dir / "ds_config.json").write_text(dumps(self.ds_config))
+        dist.barrier()
+        self.step = 0
+        tag = checkpoint.find_resume(self.ckpt_dir) if env.is_main else None
+        box = [tag]
+        dist.broadcast_object_list(box, src=0)
+        if box[0] is not None:
+            state = checkpoint.load(self.engine, self.ckpt_dir, box[0])
+            self.step = int(state["step"])
+            self.log(f"resumed from {self.ckpt_dir / box[0]} at step {self.step}")
+        self.tracker = Tracker(cfg, self.out_dir, enabled=env.is_main)
+        if env.is_main:
+            self._trim_metrics_log()
+            self.tracker.log_params(flatten(to_dict(cfg)))
+            self.tracker.set_tags({"dsq.precision": cfg.deepspeed.precision,
+                                   "dsq.layout": f"tp{self.tp_size}xdp{self.dp_size}",
+                                   "dsq.zero_stage": cfg.deepspeed.zero_stage,
+                                   "dsq.preset": cfg.model.preset})
+            self.tracker.log_artifact(self.out_dir / "config.yaml")
+            self.tracker.log_artifact(self.out_dir / "ds_config.json")
+        self.log(f"model: {cfg.model.preset} {self.params / 1e6:.2f}M parameters, "
+                 f"tp={self.tp_size} dp={self.dp_size} zero={cfg.deepspeed.zero_stage} "
+                 f"{cfg.deepspeed.precision}; quantized linears: {len(self.quantized)}")
+
+    # ------------------------------------------------------------------ extension seams
+    def _apply_quantization(self, model) -> List[str]:
+        try:
+            from dsq.models.quant_layers import apply_quantization
+        except ImportError:
+            return []
+        return apply_quantization(model, self.cfg.quant)
+
+    def _attach_optimizer(self) -> None:
+        try:
+            from dsq.optim import attach_to_engine
+        except ImportError:
+            return
+        attach_to_engine(self.engine)
+
+    # ------------------------------------------------------------------ steps
+    def _batch(self, indices, data: TokenBlocks):
+        tokens = data.batch(indices).to(self.device)
+        L = tokens.shape[1] - 1
+        pos = torch.arange(L, device=self.device).unsqueeze(0).expand(tokens.shape[0], -1)
+        return tokens[:, :-1], pos, tokens[:, 1:]
+
+    def train_step(self) -> float:
+        """One optimizer step over the global batch; returns the mean loss over all ranks."""
+        cfg = self.cfg.train
+        micro = self.schedule.micro_batches(self.step, self.dp_rank, self.dp_size, cfg.micro_batch)
+        total = 0.0
+        for idx in micro:
+            ids, pos, labels = self._batch(idx, self.train_data)
+            loss = self.engine(ids, pos, None, labels=labels).float().mean()
+            self.engine.backward(loss)
+            self.engine.step()
+            total += loss.item()
+        self.step += 1
+        return all_reduce_mean(total / len(micro))
+
+    @torch.no_grad()
+    def evaluate(self, indices: Optional[List[int]] = None, data: Optional[TokenBlocks] = None
+                 ) -> Dict[str, float]:
+        """Mean token loss over a fixed set of sequences, split across data-parallel ranks."""
+        indices = self.val_idx if indices is None else indices
+        data = data or self.val_data
+        mine = indices[self.dp_rank::self.dp_size]
+        mb = self.cfg.train.micro_batch
+        self.engine.eval()
+        acc = torch.zeros(2, dtype=torch.float64)
+        for i in range(0, len(mine), mb):
+            ids, pos, labels = self._batch(mine[i:i + mb], data)
+            losses = self.engine(ids, pos, None, labels=labels).float()
+            acc += torch.tensor([losses.sum().item(), losses.numel()], dtype=torch.float64)
+        self.engine.train()
+        dist.all_reduce(acc, group=self.dp_group)
+        loss = float(acc[0] / acc[1])
+        return {"loss": loss, "ppl": math.exp(min(loss, 50.0)), "tokens": int(acc[1])}
+
+    def lr(self) -> float:
+        return float(self.engine.get_lr()[0])
+
+    def grad_norm(self) -> float:
+        g = self.engine.get_global_grad_norm()
+        return float(g) if g is not None else float("nan")
+
+    def save(self) -> None:
+        state = {"step": self.step, "config": to_dict(self.cfg)}
+        tag = checkpoint.save(self.engine, self.ckpt_dir, self.step, state, self.cfg.train.keep_ckpts,
+                              extra_files={"config.yaml": to_yaml(self.cfg)})
+        if self.env.is_main:
+            tok = self.data_dir / "tokenizer.model"
+            (self.ckpt_dir / tag / "tokenizer.model").write_bytes(tok.read_bytes())
+
+    # ------------------------------------------------------------------ loop
+    def train(self) -> Dict:
+        cfg = self.cfg.train
+        tokens_per_step = cfg.global_batch * self.cfg.model.seq_len
+        bar = None
+        if self.env.is_main and cfg.progress:
+            from tqdm import tqdm
+
+            bar = tqdm(total=cfg.steps, initial=self.step, unit="step", dynamic_ncols=True,
+                       desc="train")
+        times: List[float] = []  # seconds per step, this process
+        loss, val = float("nan"), None
+        while self.step < cfg.steps:
+            t0 = time.perf_counter()
+            loss = self.train_step()
+            dt = time.perf_counter() - t0
+            times.append(dt)
+            tps = _tokens_per_s(tokens_per_step, times)
+            metrics = {"train/loss": loss, "train/lr": self.lr(), "train/grad_norm": self.grad_norm(),
+                       "train/tokens_per_s": tokens_per_step / dt}
+            if not math.isfinite(loss):
+                raise FloatingPointError(f"training loss is {loss} at step {self.step}: lower "
+                                         f"optim.lr or check the data")
+            if cfg.eval_every and self.step % cfg.eval_every == 0 and self.step < cfg.steps:
+                val = self.evaluate()
+                metrics.update({"val/loss": val["loss"], "val/ppl": val["ppl"]})
+            if self.env.is_main:
+                self._log_step(metrics)
+                if bar is not None:
+                    post = {"loss": f"{loss:.4f}", "tok/s": f"{tps:,.0f}"}
+                    if val is not None:
+                        post["val"] = f"{val['loss']:.4f}"
+                    bar.set_postfix(post, refresh=False)
+                    bar.update(1)
+            if cfg.ckpt_every and self.step % cfg.ckpt_every == 0 and self.step < cfg.steps:
+                self.save()
+        if bar is not None:
+            bar.close()
+        val = self.evaluate()
+        if self.env.is_main:
+            self._log_step({"val/loss": val["loss"], "val/ppl": val["ppl"]})
+        if not (self.ckpt_dir / checkpoint.tag_for(self.step) / checkpoint.MARKER).exists():
+            self.save()
+        return self._summary(loss, val, _tokens_per_s(tokens_per_step, times))
+
+    def _log_step(self, metrics: Dict[str, float]) -> None:
+        with open(self.out_dir / "metrics.jsonl", "a") as fh:
+            fh.write(json.dumps({"step": self.step, **metrics}) + "\n")
+        if self.step % self.cfg.train.log_every == 0 or "val/loss" in metrics:
+            self.tracker.log_metrics(metrics, self.step)
+
+    def _trim_metrics_log(self) -> None:
+        """After a resume, drop metric lines of steps the run will compute again."""
+        path = self.out_dir / "metrics.jsonl"
+        if path.is_file():
+            keep = [ln for ln in path.read_text().splitlines()
+                    if ln.strip() and json.loads(ln)["step"] <= self.step]
+            path.write_text("".join(ln + "\n" for ln in keep))
+
+    def _summary(self, loss: float, val: Dict, tokens_per_s: float) -> Dict:
+        opt = getattr(self.engine.optimizer, "optimizer", self.engine.optimizer)
+        state_bytes = gather_ints(self._state_bytes(opt))
+        rss = gather_ints(peak_rss_bytes())
+        summary = {
+            "final_step": self.step,
+            "train_loss": loss,
+            "val_loss": val["loss"],
+            "val_ppl": val["ppl"],
+            "vocab_size": self.cfg.model.vocab_size,
+            "tokenizer_vocab_size": load_manifest(self.data_dir)["tokenizer_vocab_size"],
+            "tokens_per_s": tokens_per_s,
+            "params": self.params,
+            "optimizer_state_bytes": state_bytes,
+            "peak_rss_bytes": rss,
+            "world_size": self.env.world_size,
+            "tp": self.tp_size,
+            "dp": self.dp_size,
+            "mlflow_run_id": self.tracker.run_id,
+            "tracking_uri": self.tracker.uri if self.tracker.enabled else None,
+            "out_dir": str(self.out_dir),
+            "quantized_layers": len(self.quantized),
+        }
+        if self.env.is_main:
+            path = self.out_dir / "summary.json"
+            path.write_text(json.dumps(summary, indent=2))
+            self.tracker.log_metrics({"summary/tokens_per_s": tokens_per_s,
+                                      "summary/peak_rss_bytes": max(rss),
+                                      "summary/optimizer_state_bytes": max(state_bytes)},
+                                     self.step)
+            self.tracker.log_artifact(path)
+        return summary
+
+    def close(self, status: str = "FINISHED") -> None:
+        if self.env.is_main and getattr(self, "tracker", None) is not None:
+            self.tracker.close(status)
+
+
+def run(cfg: Config, env: DistEnv) -> Dict:
+    trainer = Trainer(cfg, env)
+    status = "FAILED"
+    try:
+        summary = trainer.train()
+        status = "FINISHED"
+    finally:
+        trainer.close(status)
+    if env.is_main:
+        uri = normalize_uri(cfg.tracking.uri)
+        print(f"\ndone: step {summary['final_step']}  train loss {summary['train_loss']:.4f}  "
+              f"val loss {summary['val_loss']:.4f}  val ppl {summary['val_ppl']:.2f}  "
+              f"{summary['tokens_per_s']:,.0f} tokens/s")
+        print(f"results: {trainer.out_dir / 'summary.json'}")
+        if cfg.tracking.enabled:
+            print(f"MLflow: experiment '{cfg.tracking.experiment}', run {summary['mlflow_run_id']}"
+                  f" in {uri}\n  view it: {ui_command(uri)}")
+    return summary
