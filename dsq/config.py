@@ -248,6 +248,9 @@ def validate(cfg: Config, world_size: Optional[int] = None) -> None:
            f"deepspeed.zero_stage={ds.zero_stage} is not supported: use 0, 1 or 2")
     _check(ds.precision in ("fp32", "bf16"),
            f"deepspeed.precision={ds.precision!r} is not supported: use fp32 or bf16")
+    _check(not (ds.precision == "bf16" and ds.zero_stage == 0),
+           "deepspeed.precision=bf16 needs deepspeed.zero_stage=1 or 2 (DeepSpeed keeps fp32 "
+           "master weights and optimizer states only there): set deepspeed.zero_stage=1")
     _check(t.steps >= 1, f"train.steps={t.steps} must be >= 1")
     _check(t.micro_batch >= 1, f"train.micro_batch={t.micro_batch} must be >= 1")
     _check(t.global_batch % t.micro_batch == 0,

@@ -1,0 +1,49 @@
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+CORPUS = ROOT / "dsq" / "data" / "corpus" / "shakespeare"
+
+
+@pytest.fixture(scope="session")
+def data_cache(tmp_path_factory) -> Path:
+    """One prepared-data cache for the whole session (tokenizer training happens once)."""
+    return tmp_path_factory.mktemp("data_cache")
+
+
+def launch(nproc: int, *args: str, check: bool = True, timeout: int = 600, **popen):
+    """Run ``launch/local.sh NPROC args...`` (the deepspeed launcher) and return the result."""
+    env = {**os.environ, "PYTHON": sys.executable, "PYTHONWARNINGS": "ignore"}
+    cmd = ["bash", str(ROOT / "launch" / "local.sh"), str(nproc), *args]
+    res = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+    if check and res.returncode != 0:
+        raise AssertionError(f"{' '.join(cmd)} failed ({res.returncode}):\n"
+                             f"{res.stdout[-4000:]}\n{res.stderr[-4000:]}")
+    return res
+
+
+def dsq(*args: str, check: bool = True, timeout: int = 600):
+    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT"):
+        env.pop(k, None)
+    res = subprocess.run([sys.executable, "-m", "dsq.cli", *args], cwd=ROOT, env=env,
+                         capture_output=True, text=True, timeout=timeout)
+    if check and res.returncode != 0:
+        raise AssertionError(f"dsq {' '.join(args)} failed ({res.returncode}):\n"
+                             f"{res.stdout[-4000:]}\n{res.stderr[-4000:]}")
+    return res
+
+
+def read_metrics(out_dir: Path, key: str = "train/loss") -> dict:
+    import json
+
+    out = {}
+    for line in (Path(out_dir) / "metrics.jsonl").read_text().splitlines():
+        row = json.loads(line)
+        if key in row:
+            out[row["step"]] = row[key]
+    return out

@@ -1,0 +1,124 @@
+"""Every shipped config loads; bad configs fail with one message naming the key and the fix."""
+
+from pathlib import Path
+
+import pytest
+
+from dsq.config import PRESETS, ConfigError, load_config, to_yaml
+
+from .conftest import ROOT, dsq, launch
+
+CONFIGS = sorted((ROOT / "configs").rglob("*.yaml"))
+
+
+def test_configs_exist():
+    names = {p.relative_to(ROOT / "configs").as_posix() for p in CONFIGS}
+    assert {"tiny.yaml", "small.yaml"} <= names
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.relative_to(ROOT).as_posix())
+def test_every_config_loads(path):
+    base = [] if path.name in ("tiny.yaml", "small.yaml") else [str(ROOT / "configs/tiny.yaml")]
+    cfg = load_config(base + [str(path)], world_size=2)
+    assert cfg.model.hidden_size % cfg.model.num_heads == 0
+
+
+@pytest.mark.parametrize("preset", sorted(PRESETS))
+def test_presets_fill_model(preset):
+    cfg = load_config([], [f"model.preset={preset}"])
+    for k, v in PRESETS[preset].items():
+        assert getattr(cfg.model, k) == v
+
+
+def test_param_counts_of_presets():
+    # analytic GPT parameter count (megatron layout: biases on every linear, LayerNorm w+b)
+    def count(m):
+        h, f, v, s, n = m.hidden_size, m.ffn_hidden_size, m.vocab_size, m.seq_len, m.num_layers
+        layer = 4 * h + (3 * h * h + 3 * h) + (h * h + h) + (h * f + f) + (f * h + h)
+        head = 0 if m.tie_embeddings else v * h
+        return v * h + s * h + n * layer + 2 * h + head
+
+    assert 8e6 < count(load_config([], ["model.preset=small"]).model) < 12e6
+    assert 120e6 < count(load_config([], ["model.preset=gpt2-small"]).model) < 130e6
+    assert 340e6 < count(load_config([], ["model.preset=gpt2-medium"]).model) < 360e6
+
+
+def test_layering_order(tmp_path):
+    a, b = tmp_path / "a.yaml", tmp_path / "b.yaml"
+    a.write_text("train: {steps: 10, seed: 1}\n")
+    b.write_text("train: {steps: 20}\n")
+    cfg = load_config([str(ROOT / "configs/tiny.yaml"), str(a), str(b)], ["train.seed=7"])
+    assert (cfg.train.steps, cfg.train.seed) == (20, 7)
+    assert cfg.model.hidden_size == PRESETS["tiny"]["hidden_size"]
+    # explicit fields win over the preset
+    cfg = load_config([], ["model.preset=small", "model.num_layers=3"])
+    assert cfg.model.num_layers == 3 and cfg.model.hidden_size == 256
+    assert "preset: small" in to_yaml(cfg)
+
+
+@pytest.mark.parametrize("overrides, world, key", [
+    (["train.stepz=3"], None, "train.stepz"),
+    (["train.steps=many"], None, "train.steps"),
+    (["model.num_heads=3"], None, "model.num_heads"),
+    (["parallel.tp=3", "model.num_heads=6", "model.hidden_size=96",
+      "model.ffn_hidden_size=384", "model.vocab_size=2050"], None, "model.vocab_size"),
+    (["parallel.tp=8"], None, "parallel.tp"),
+    (["parallel.tp=2"], 3, "parallel.tp"),
+    (["train.global_batch=12", "train.micro_batch=8"], None, "train.global_batch"),
+    (["train.global_batch=8", "train.micro_batch=8"], 2, "train.global_batch"),
+    (["deepspeed.zero_stage=3"], None, "deepspeed.zero_stage"),
+    (["deepspeed.precision=fp16"], None, "deepspeed.precision"),
+    (["deepspeed.precision=bf16", "deepspeed.zero_stage=0"], None, "deepspeed.zero_stage"),
+    (["model.preset=huge"], None, "model.preset"),
+    (["quant.grad_gemms=sideways"], None, "quant.grad_gemms"),
+])
+def test_bad_values_name_the_key(overrides, world, key):
+    with pytest.raises(ConfigError) as e:
+        load_config([str(ROOT / "configs/tiny.yaml")], overrides, world_size=world)
+    assert key in str(e.value)
+
+
+def test_missing_and_broken_files(tmp_path):
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config([str(tmp_path / "nope.yaml")])
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("train: [unclosed\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config([str(bad)])
+    with pytest.raises(ConfigError, match="key.sub=value"):
+        load_config([], ["train.steps"])
+
+
+def test_deepspeed_json_is_generated():
+    from dsq.distributed import deepspeed_config
+
+    cfg = load_config([str(ROOT / "configs/tiny.yaml")],
+                      ["train.global_batch=32", "train.micro_batch=4", "deepspeed.precision=bf16"])
+    ds = deepspeed_config(cfg, dp_size=2)
+    assert ds["train_batch_size"] == 32
+    assert ds["train_micro_batch_size_per_gpu"] * ds["gradient_accumulation_steps"] * 2 == 32
+    assert ds["bf16"] == {"enabled": True}
+    assert ds["gradient_clipping"] == cfg.optim.grad_clip
+    assert ds["zero_optimization"]["stage"] == cfg.deepspeed.zero_stage
+
+
+@pytest.mark.slow
+def test_bad_config_cli_fails_fast_and_writes_nothing(tmp_path):
+    out = tmp_path / "run"
+    res = dsq("train", "configs/tiny.yaml", "model.num_heads=3", f"train.out_dir={out}",
+              check=False)
+    assert res.returncode == 2
+    err = [ln for ln in res.stderr.splitlines() if ln.strip()]
+    assert len(err) == 1 and "model.num_heads" in err[0], res.stderr
+    assert not out.exists()
+    # through the launcher: the layout is checked before any rank starts
+    res = launch(2, "configs/tiny.yaml", "parallel.tp=4", f"train.out_dir={out}", check=False)
+    assert res.returncode == 2
+    assert "parallel.tp" in res.stderr and "deepspeed" not in res.stdout.lower()
+    assert not out.exists()
+    # bad data: one message, no run directory
+    res = dsq("train", "configs/tiny.yaml", f"data.train=[{tmp_path}/missing.txt]",
+              f"train.out_dir={out}", f"data.cache_dir={tmp_path}/cache", check=False)
+    assert res.returncode == 2 and "missing.txt" in res.stderr and "does not exist" in res.stderr
+    assert not out.exists()
+    assert not list(Path(tmp_path / "cache").glob("*/manifest.json"))
