@@ -117,7 +117,10 @@ class Trainer:
             self.log(f"resumed from {self.ckpt_dir / box[0]} at step {self.step}")
         self.tracker = Tracker(cfg, self.out_dir, enabled=env.is_main)
         if env.is_main:
-            self._trim_metrics_log()
+            # metrics.jsonl is the local record; MLflow gets whatever it has not seen yet
+            for row in self._trim_metrics_log():
+                self.tracker.log_metrics({k: v for k, v in row.items() if k != "step"},
+                                         row["step"])
             self.tracker.log_params(flatten(to_dict(cfg)))
             self.tracker.set_tags({"dsq.precision": cfg.deepspeed.precision,
                                    "dsq.layout": f"tp{self.tp_size}xdp{self.dp_size}",
@@ -192,6 +195,8 @@ class Trainer:
         return float(g) if g is not None else float("nan")
 
     def save(self) -> None:
+        if self.env.is_main:
+            self.tracker.flush()
         state = {"step": self.step, "config": to_dict(self.cfg)}
         tag = checkpoint.save(self.engine, self.ckpt_dir, self.step, state, self.cfg.train.keep_ckpts,
                               extra_files={"config.yaml": to_yaml(self.cfg)})
@@ -250,13 +255,20 @@ class Trainer:
         if self.step % self.cfg.train.log_every == 0 or "val/loss" in metrics:
             self.tracker.log_metrics(metrics, self.step)
 
-    def _trim_metrics_log(self) -> None:
+    def _trim_metrics_log(self) -> List[Dict]:
         """After a resume, drop metric lines of steps the run will compute again."""
         path = self.out_dir / "metrics.jsonl"
-        if path.is_file():
-            keep = [ln for ln in path.read_text().splitlines()
-                    if ln.strip() and json.loads(ln)["step"] <= self.step]
-            path.write_text("".join(ln + "\n" for ln in keep))
+        if not path.is_file():
+            return []
+        rows = []
+        for ln in path.read_text().splitlines():
+            try:
+                rows.append(json.loads(ln))
+            except ValueError:  # a line cut short by a kill
+                continue
+        rows = [r for r in rows if r["step"] <= self.step]
+        path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+        return rows
 
     def _summary(self, loss: float, val: Dict, tokens_per_s: float) -> Dict:
         opt = getattr(self.engine.optimizer, "optimizer", self.engine.optimizer)
