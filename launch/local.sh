@@ -8,7 +8,10 @@ if [ $# -lt 2 ]; then
   exit 2
 fi
 NPROC=$1; shift
-PYTHON=${PYTHON:-python}
+ROOT=$(cd "$(dirname "$0")/.." && pwd)
+if [ -z "${PYTHON:-}" ]; then
+  if [ -z "${VIRTUAL_ENV:-}" ] && [ -x "$ROOT/.venv/bin/python" ]; then PYTHON=$ROOT/.venv/bin/python; else PYTHON=python; fi
+fi
 "$PYTHON" -m dsq.cli config --world-size "$NPROC" "$@" > /dev/null
 PORT=${MASTER_PORT:-$("$PYTHON" -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')}
 exec "$PYTHON" -m deepspeed.launcher.runner --num_gpus "$NPROC" --master_port "$PORT" \
