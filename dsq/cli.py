@@ -47,12 +47,15 @@ def cmd_train(argv: List[str]) -> None:
 
     env = env_from_launcher()
     cfg = _load(argv, world_size=env.world_size)
-    from dsq.train import run
+    from dsq.train import PREEMPTED_EXIT_CODE, Preempted, run
 
     try:
         run(cfg, env)
     except DataError as e:
         _fail(str(e))
+    except Preempted:
+        shutdown()
+        sys.exit(PREEMPTED_EXIT_CODE)
     finally:
         shutdown()
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import resource
+import signal
 import time
 from pathlib import Path
 from typing import Dict, List, Optional
@@ -46,6 +47,43 @@ def _tokens_per_s(tokens_per_step: int, times: List[float]) -> float:
     """Mean throughput, leaving out the first step (allocation and warm-up) when there are more."""
     timed = times[1:] if len(times) > 1 else times
     return tokens_per_step * len(timed) / sum(timed) if timed else 0.0
+
+
+PREEMPTED_EXIT_CODE = 75  # EX_TEMPFAIL: checkpoint written on a stop signal; resubmit to resume
+
+
+class Preempted(Exception):
+    """Raised after the checkpoint requested by a stop signal has been written on all ranks."""
+
+    def __init__(self, step: int, signum: int):
+        super().__init__(f"stopped by signal {signal.Signals(signum).name} at step {step}; "
+                         f"checkpoint written, rerun the same command to resume")
+        self.step, self.signum = step, signum
+
+
+class StopRequest:
+    """SIGUSR1 (SLURM's warning before a time limit or preemption) and SIGTERM set a flag;
+    all ranks agree on it at the next step boundary with one tiny all-reduce."""
+
+    SIGNALS = (signal.SIGUSR1, signal.SIGTERM)
+
+    def __init__(self):
+        self.signum = 0
+        self._previous = {}
+        for sig in self.SIGNALS:
+            self._previous[sig] = signal.signal(sig, self._handle)
+
+    def _handle(self, signum, frame) -> None:
+        self.signum = signum
+
+    def agreed(self) -> int:
+        flag = torch.tensor([self.signum], dtype=torch.int64)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return int(flag.item())
+
+    def restore(self) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
 
 
 def peak_rss_bytes() -> int:
@@ -128,6 +166,7 @@ class Trainer:
                                    "dsq.preset": cfg.model.preset})
             self.tracker.log_artifact(self.out_dir / "config.yaml")
             self.tracker.log_artifact(self.out_dir / "ds_config.json")
+        self.stop = StopRequest()
         self.log(f"model: {cfg.model.preset} {self.params / 1e6:.2f}M parameters, "
                  f"tp={self.tp_size} dp={self.dp_size} zero={cfg.deepspeed.zero_stage} "
                  f"{cfg.deepspeed.precision}; quantized linears: {len(self.quantized)}")
@@ -240,6 +279,13 @@ class Trainer:
                     bar.update(1)
             if cfg.ckpt_every and self.step % cfg.ckpt_every == 0 and self.step < cfg.steps:
                 self.save()
+            signum = self.stop.agreed()
+            if signum and self.step < cfg.steps:
+                if bar is not None:
+                    bar.close()
+                if not (self.ckpt_dir / checkpoint.tag_for(self.step) / checkpoint.MARKER).exists():
+                    self.save()
+                raise Preempted(self.step, signum)
         if bar is not None:
             bar.close()
         val = self.evaluate()
@@ -304,6 +350,8 @@ class Trainer:
         return summary
 
     def close(self, status: str = "FINISHED") -> None:
+        if getattr(self, "stop", None) is not None:
+            self.stop.restore()
         if self.env.is_main and getattr(self, "tracker", None) is not None:
             self.tracker.close(status)
 
@@ -314,6 +362,11 @@ def run(cfg: Config, env: DistEnv) -> Dict:
     try:
         summary = trainer.train()
         status = "FINISHED"
+    except Preempted as e:
+        status = "KILLED"
+        if env.is_main:
+            print(f"\n{e}", flush=True)
+        raise
     finally:
         trainer.close(status)
     if env.is_main:

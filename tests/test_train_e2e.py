@@ -178,3 +178,43 @@ def test_eval_cli_matches_training_validation(ref, tmp_path):
     assert got["ppl"] == pytest.approx(math.exp(got["loss"]))
     res = dsq("eval", str(tmp_path / "nothing"), "--data", "x.txt", check=False)
     assert res.returncode == 2 and "does not exist" in res.stderr
+
+
+def _rank_pids(out: Path):
+    import psutil
+
+    return [p for p in psutil.process_iter(["cmdline"])
+            if "dsq.cli" in " ".join(p.info["cmdline"] or []) and f"train.out_dir={out}"
+            in (p.info["cmdline"] or []) and "deepspeed.launcher" not in " ".join(p.info["cmdline"])]
+
+
+def test_stop_signal_on_one_rank_checkpoints_all_and_resumes(ref, tmp_path):
+    """SIGUSR1 (SLURM's warning) to one rank: all ranks checkpoint at the same step boundary,
+    exit with code 75, and a rerun finishes with the reference losses."""
+    from dsq.train import PREEMPTED_EXIT_CODE
+
+    out = tmp_path / "run"
+    args = base_args(out, ref["cache"], tmp_path / "db.db", "train.ckpt_every=0")
+    env = {**os.environ, "PYTHON": sys.executable, "PYTHONWARNINGS": "ignore"}
+    proc = subprocess.Popen(["bash", str(ROOT / "launch/local.sh"), "2", *args], cwd=ROOT,
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None:
+        if (out / "metrics.jsonl").exists() and len(read_metrics(out)) >= 3:
+            break
+        time.sleep(0.02)
+    ranks = _rank_pids(out)
+    assert len(ranks) == 2
+    ranks[-1].send_signal(signal.SIGUSR1)
+    log, _ = proc.communicate(timeout=300)
+    assert proc.returncode == PREEMPTED_EXIT_CODE, log[-3000:]
+    assert "stopped by signal SIGUSR1" in log
+    stopped = max(read_metrics(out))
+    assert 3 <= stopped < STEPS
+    assert (out / "checkpoints" / "latest").read_text().strip() == f"step_{stopped:08d}"
+    res = launch(2, *args)
+    assert f"at step {stopped}" in res.stdout
+    got = read_metrics(out)
+    assert sorted(got) == list(range(1, STEPS + 1))
+    for step in range(stopped + 1, STEPS + 1):
+        assert got[step] == pytest.approx(ref["loss"][step], abs=1e-6), step
