@@ -24,10 +24,10 @@ is tiny next to the values (a constant row, a single element): such rows are rep
 relative 2^-17, far below bf16's resolution.
 
 Non-finite inputs. A row (group, tensor) holding inf or nan gets a non-finite scale, and its
-dequantized values are all nan: non-finite numbers are never turned into finite ones, and they
-reach the loss and the gradient norm, where training loops check anyway, without a host sync
-here. ``check_finite=True`` instead raises :class:`FloatingPointError` naming the operand at
-the call (one device-to-host sync per call: a debugging switch).
+dequantized values are all nan (or inf): non-finite numbers are never turned into finite ones.
+They reach the loss and the gradient norm, which training loops check anyway, without a host
+sync here. ``check_finite=True`` instead raises :class:`FloatingPointError` naming the operand
+at the call (one device-to-host sync per call: a debugging switch).
 
 Tensor parallelism. When the dimensions a statistic reduces over are sharded across ranks,
 pass ``reduce``: a callable that max-reduces a tensor across the group in place and returns it
