@@ -15,6 +15,9 @@ commands:
   prepare CONFIG... [key.sub=value ...] tokenize and pack the data of a config
   eval RUN_OR_CHECKPOINT --data PATH... [--json OUT]   loss and perplexity of a checkpoint
   config CONFIG... [key.sub=value ...] [--world-size N]  validate and print the resolved config
+  mlflow sync RUN_DIR... [--tracking-uri URI]   upload what a run could not send to MLflow
+  report --experiment NAME [--tracking-uri URI] [--out DIR]   the recipes' comparison table + plot
+  bench optim|linear|train ...          benchmarks (tables, --json)
 """
 
 
@@ -103,7 +106,45 @@ def cmd_eval(argv: List[str]) -> None:
             json.dump(result, fh, indent=2)
 
 
-COMMANDS = {"train": cmd_train, "prepare": cmd_prepare, "eval": cmd_eval, "config": cmd_config}
+def cmd_mlflow(argv: List[str]) -> None:
+    p = argparse.ArgumentParser(prog="dsq mlflow")
+    sub = p.add_subparsers(dest="what", required=True)
+    s = sub.add_parser("sync", help="upload a run directory's metrics and artifacts to MLflow")
+    s.add_argument("run_dir", nargs="+")
+    s.add_argument("--tracking-uri", default=None, help="default: the run's tracking.uri")
+    ns = p.parse_args(argv)
+    from dsq.tracking import sync_run
+
+    for run_dir in ns.run_dir:
+        try:
+            sync_run(run_dir, ns.tracking_uri)
+        except FileNotFoundError as e:
+            _fail(str(e))
+        except Exception as e:  # the server is down, refuses, ...
+            _fail(f"could not sync {run_dir}: {type(e).__name__}: {str(e).splitlines()[0]}; "
+                  f"start the server (launch/mlflow_server.sh) or check --tracking-uri", 1)
+
+
+def cmd_report(argv: List[str]) -> None:
+    p = argparse.ArgumentParser(prog="dsq report",
+                                description="Comparison table and validation curves of an experiment")
+    p.add_argument("--experiment", required=True)
+    p.add_argument("--tracking-uri", default="sqlite:///runs/mlflow.db")
+    p.add_argument("--out", default=None, help="output folder (default runs/report-EXPERIMENT)")
+    ns = p.parse_args(argv)
+    from dsq.report import ReportError, report
+
+    out = ns.out or f"runs/report-{ns.experiment}"
+    try:
+        md, png, run_id = report(ns.experiment, ns.tracking_uri, out)
+    except ReportError as e:
+        _fail(str(e))
+    print(md.read_text())
+    print(f"table: {md}\nplot:  {png}\nlogged to MLflow run {run_id}")
+
+
+COMMANDS = {"train": cmd_train, "prepare": cmd_prepare, "eval": cmd_eval, "config": cmd_config,
+            "mlflow": cmd_mlflow, "report": cmd_report}
 
 
 def main(argv: Optional[List[str]] = None) -> None:

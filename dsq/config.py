@@ -158,6 +158,14 @@ class TrackingConfig:
     """MLflow tracking URI: sqlite:///path.db, file:/path, or http://host:port."""
     experiment: str = "dsq"
     run_name: Optional[str] = None
+    """MLflow run name; defaults to the name of train.out_dir."""
+    recipe: Optional[str] = None
+    """Recipe tag for comparisons; defaults to the names of the configs/recipes/ files given
+    (joined with +), or "baseline" when none is."""
+    close_timeout_s: float = 60.0
+    """At the end of a run, wait at most this long for MLflow to take queued metrics."""
+    system_metrics: bool = True
+    """Log CPU/GPU/memory utilisation as MLflow system metrics."""
 
 
 @dataclass
@@ -210,6 +218,9 @@ def load_config(paths: Sequence[str] = (), overrides: Sequence[str] = (),
                               f"Fix the key's name or value (see the fields of dsq/config.py).")
     cfg: Config = OmegaConf.to_object(merged)
     _fill_preset(cfg)
+    if cfg.tracking.recipe is None:
+        recipes = [Path(p).stem for p in paths if Path(p).parent.name == "recipes"]
+        cfg.tracking.recipe = "+".join(recipes) or "baseline"
     validate(cfg, world_size)
     return cfg
 

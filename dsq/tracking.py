@@ -1,15 +1,28 @@
-"""MLflow tracking for rank 0: params, metrics with steps, artifacts; one run per out_dir.
+"""MLflow tracking for rank 0 that can never slow down or stop training.
 
-The run id is kept in ``<out_dir>/mlflow_run_id`` so that a resumed run logs into the same
-MLflow run. Metrics are buffered and sent in batches through ``MlflowClient.log_batch``.
+Every call from the training loop only appends to an in-memory queue. A background thread
+owns the ``MlflowClient`` and sends the queue in order, in batches; when the tracking
+server is unreachable or slow it keeps everything, warns once, retries with back-off, and
+sends it all when the server is back. ``<out_dir>/metrics.jsonl`` is the local record of
+every logged step, so whatever could not be sent before the process ended is uploaded
+later by ``dsq mlflow sync OUT_DIR``.
+
+One run per ``out_dir``: its id is kept in ``<out_dir>/mlflow_run_id``, so a resumed or
+requeued run continues the same MLflow run. Before sending metrics of a continued run the
+worker reads the last step the server has for each key and skips what it already has, so
+no step is ever logged twice.
 """
 
 from __future__ import annotations
 
+import collections
+import json
 import os
+import threading
 import time
+import warnings
 from pathlib import Path
-from typing import Dict, Optional
+from typing import Callable, Deque, Dict, List, Optional, Tuple
 
 RUN_ID_FILE = "mlflow_run_id"
 
@@ -31,81 +44,258 @@ def ui_command(uri: str) -> str:
     return f"mlflow ui --backend-store-uri {uri}   (then open http://127.0.0.1:5000)"
 
 
+def _fast_fail_http() -> None:
+    """MLflow's HTTP client retries for minutes by default; our worker retries on its own."""
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
+
+
 class Tracker:
-    """A thin MLflow client wrapper; a no-op when disabled."""
+    """Rank 0's MLflow run. ``background=False`` sends synchronously (``dsq mlflow sync``)."""
 
-    def __init__(self, cfg, out_dir: Path, enabled: bool = True, flush_every_s: float = 10.0):
-        self.enabled = enabled and cfg.tracking.enabled
-        self.uri = normalize_uri(cfg.tracking.uri)
-        self.run_id: Optional[str] = None
-        self._buffer = []
-        self._logged_until: Dict[str, int] = {}
-        self._last_flush = time.time()
-        self.flush_every_s = flush_every_s
-        if not self.enabled:
+    def __init__(self, uri: str, experiment: str, out_dir: Path, run_name: Optional[str] = None,
+                 enabled: bool = True, background: bool = True, close_timeout_s: float = 60.0,
+                 retry_max_s: float = 30.0):
+        self.enabled = enabled
+        self.uri = normalize_uri(uri)
+        self.experiment, self.run_name = experiment, run_name or Path(out_dir).name
+        self.out_dir = Path(out_dir)
+        self.close_timeout_s, self.retry_max_s = close_timeout_s, retry_max_s
+        self._id_file = self.out_dir / RUN_ID_FILE
+        self.run_id: Optional[str] = (self._id_file.read_text().strip()
+                                      if self._id_file.is_file() else None)
+        self._ops: Deque[Tuple[str, tuple]] = collections.deque()
+        self._cv = threading.Condition()
+        self._client = None
+        self._logged_until: Optional[Dict[str, int]] = None
+        self._warned = False
+        self.failures = 0
+        self._closing = False
+        self._thread: Optional[threading.Thread] = None
+        if not enabled:
             return
-        import mlflow
-        from mlflow.tracking import MlflowClient
-
+        _fast_fail_http()
         if self.uri.startswith("sqlite:///"):
             Path(self.uri[len("sqlite:///"):]).parent.mkdir(parents=True, exist_ok=True)
-        mlflow.set_tracking_uri(self.uri)
-        self.client = MlflowClient(self.uri)
-        exp = self.client.get_experiment_by_name(cfg.tracking.experiment)
-        exp_id = exp.experiment_id if exp else self.client.create_experiment(cfg.tracking.experiment)
-        id_file = out_dir / RUN_ID_FILE
-        if id_file.is_file():
-            self.run_id = id_file.read_text().strip()
-            self.client.update_run(self.run_id, status="RUNNING")
-            # a resumed run re-computes steps after its checkpoint: never log a step twice
-            for key in self.client.get_run(self.run_id).data.metrics:
-                hist = self.client.get_metric_history(self.run_id, key)
-                self._logged_until[key] = max((m.step for m in hist), default=-1)
-        else:
-            run = self.client.create_run(exp_id, run_name=cfg.tracking.run_name or out_dir.name)
-            self.run_id = run.info.run_id
-            id_file.write_text(self.run_id)
+        if background:
+            self._thread = threading.Thread(target=self._worker, name="dsq-mlflow", daemon=True)
+            self._thread.start()
+
+    @classmethod
+    def from_config(cls, cfg, out_dir: Path, enabled: bool = True) -> "Tracker":
+        t = cfg.tracking
+        return cls(t.uri, t.experiment, out_dir, t.run_name, enabled=enabled and t.enabled,
+                   close_timeout_s=t.close_timeout_s)
+
+    # ------------------------------------------------------------ producer side (training)
+    def _put(self, kind: str, *args) -> None:
+        if not self.enabled:
+            return
+        with self._cv:
+            self._ops.append((kind, args))
+            self._cv.notify()
+        if self._thread is None:
+            self._drain(raise_errors=True)
 
     def log_params(self, params: Dict) -> None:
-        if not self.enabled:
-            return
-        from mlflow.entities import Param
-
-        existing = self.client.get_run(self.run_id).data.params
-        items = [Param(k, str(v)[:6000]) for k, v in params.items() if k not in existing]
-        for i in range(0, len(items), 100):
-            self.client.log_batch(self.run_id, params=items[i:i + 100])
+        self._put("params", {k: str(v)[:6000] for k, v in params.items()})
 
     def set_tags(self, tags: Dict) -> None:
-        if self.enabled:
-            for k, v in tags.items():
-                self.client.set_tag(self.run_id, k, str(v))
+        self._put("tags", {k: str(v) for k, v in tags.items()})
 
     def log_metrics(self, metrics: Dict[str, float], step: int) -> None:
-        if not self.enabled:
-            return
-        from mlflow.entities import Metric
-
         ts = int(time.time() * 1000)
-        self._buffer += [Metric(k, float(v), ts, step) for k, v in metrics.items()
-                         if step > self._logged_until.get(k, -1)]
-        if time.time() - self._last_flush > self.flush_every_s:
-            self.flush()
-
-    def flush(self) -> None:
-        if not self.enabled or not self._buffer:
-            return
-        for i in range(0, len(self._buffer), 1000):
-            self.client.log_batch(self.run_id, metrics=self._buffer[i:i + 1000])
-        self._buffer = []
-        self._last_flush = time.time()
+        self._put("metrics", [(k, float(v), ts, int(step)) for k, v in metrics.items()])
 
     def log_artifact(self, path: Path, subdir: Optional[str] = None) -> None:
-        if self.enabled:
-            self.client.log_artifact(self.run_id, str(path), subdir)
+        self._put("artifact", str(path), subdir)
 
-    def close(self, status: str = "FINISHED") -> None:
+    def flush(self, timeout_s: float = 0.0) -> bool:
+        """Wait up to ``timeout_s`` for the queue to drain; True if everything was sent."""
         if not self.enabled:
-            return
-        self.flush()
-        self.client.set_terminated(self.run_id, status=status)
+            return True
+        deadline = time.time() + timeout_s
+        with self._cv:
+            while self._ops and time.time() < deadline:
+                self._cv.wait(timeout=min(0.2, max(0.0, deadline - time.time())))
+            return not self._ops
+
+    @property
+    def pending(self) -> int:
+        return len(self._ops)
+
+    def close(self, status: str = "FINISHED") -> bool:
+        """Send what is queued (waiting at most ``close_timeout_s``); True if all was sent."""
+        if not self.enabled:
+            return True
+        self._put("terminate", status)
+        done = self.flush(self.close_timeout_s)
+        with self._cv:
+            self._closing = True
+            self._cv.notify_all()
+        if not done:
+            warnings.warn(f"MLflow at {self.uri} did not take {self.pending} queued operations "
+                          f"before the run ended; they are kept in {self.out_dir}: upload them "
+                          f"with `dsq mlflow sync {self.out_dir}`", stacklevel=2)
+        return done
+
+    # ------------------------------------------------------------ consumer side (worker)
+    def _worker(self) -> None:
+        delay = 1.0
+        while True:
+            with self._cv:
+                while not self._ops and not self._closing:
+                    self._cv.wait()
+                if self._closing and not self._ops:
+                    return
+            try:
+                self._drain(raise_errors=True)
+                delay = 1.0
+            except Exception as e:  # unreachable, slow, or refusing: keep the ops, try later
+                self.failures += 1
+                if not self._warned:
+                    self._warned = True
+                    warnings.warn(f"MLflow at {self.uri} is unreachable ({type(e).__name__}: "
+                                  f"{str(e).splitlines()[0][:200] if str(e) else ''}); "
+                                  f"training continues, metrics are kept and sent when it is "
+                                  f"back (or with `dsq mlflow sync {self.out_dir}`)",
+                                  stacklevel=2)
+                with self._cv:
+                    if self._closing:
+                        return
+                    self._cv.wait(timeout=delay)
+                delay = min(self.retry_max_s, delay * 2)
+
+    def _connect(self):
+        if self._client is None:
+            from mlflow.tracking import MlflowClient
+
+            self._client = MlflowClient(self.uri)
+        c = self._client
+        if self.run_id is None:
+            exp = c.get_experiment_by_name(self.experiment)
+            exp_id = exp.experiment_id if exp else c.create_experiment(self.experiment)
+            self.run_id = c.create_run(exp_id, run_name=self.run_name).info.run_id
+            self.out_dir.mkdir(parents=True, exist_ok=True)
+            self._id_file.write_text(self.run_id)
+        if self._logged_until is None:
+            run = c.get_run(self.run_id)
+            if run.info.status != "RUNNING":
+                c.update_run(self.run_id, status="RUNNING")
+            self._logged_until = {key: max((m.step for m in c.get_metric_history(self.run_id, key)),
+                                           default=-1) for key in run.data.metrics}
+            self._params = dict(run.data.params)
+        return c
+
+    def _drain(self, raise_errors: bool) -> None:
+        """Send queued operations in order; an op leaves the queue only once it was sent."""
+        from mlflow.entities import Metric, Param
+
+        c = self._connect()
+        while True:
+            with self._cv:
+                if not self._ops:
+                    self._cv.notify_all()
+                    return
+                kind, args = self._ops[0]
+                # merge consecutive metric ops into one batch
+                n = 1
+                if kind == "metrics":
+                    rows = list(args[0])
+                    while n < len(self._ops) and self._ops[n][0] == "metrics" and len(rows) < 900:
+                        rows += self._ops[n][1][0]
+                        n += 1
+            if kind == "params":
+                new = [Param(k, v) for k, v in args[0].items() if k not in self._params]
+                for i in range(0, len(new), 100):
+                    c.log_batch(self.run_id, params=new[i:i + 100])
+                self._params.update(args[0])
+            elif kind == "tags":
+                for k, v in args[0].items():
+                    c.set_tag(self.run_id, k, v)
+            elif kind == "metrics":
+                fresh = [Metric(k, v, ts, s) for k, v, ts, s in rows
+                         if s > self._logged_until.get(k, -1)]
+                if fresh:
+                    c.log_batch(self.run_id, metrics=fresh)
+                for m in fresh:
+                    self._logged_until[m.key] = max(self._logged_until.get(m.key, -1), m.step)
+            elif kind == "artifact":
+                c.log_artifact(self.run_id, args[0], args[1])
+            elif kind == "terminate":
+                c.set_terminated(self.run_id, status=args[0])
+                self._logged_until = None  # a later resume re-reads the server's state
+            with self._cv:
+                for _ in range(n):
+                    self._ops.popleft()
+
+
+# ---------------------------------------------------------------- run records
+def read_metrics_log(out_dir: Path, up_to_step: Optional[int] = None) -> List[Dict]:
+    """Rows of ``metrics.jsonl`` (a line cut short by a kill is skipped)."""
+    path = Path(out_dir) / "metrics.jsonl"
+    rows = []
+    if path.is_file():
+        for ln in path.read_text().splitlines():
+            try:
+                row = json.loads(ln)
+            except ValueError:
+                continue
+            if up_to_step is None or row["step"] <= up_to_step:
+                rows.append(row)
+    return rows
+
+
+def plot_loss_curve(out_dir: Path) -> Optional[Path]:
+    """``loss_curve.png`` of train and validation loss from metrics.jsonl."""
+    rows = read_metrics_log(out_dir)
+    if not rows:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.2), dpi=110)
+    for key, style in (("train/loss", dict(lw=1, alpha=0.8)), ("val/loss", dict(marker="o"))):
+        pts = [(r["step"], r[key]) for r in rows if key in r]
+        if pts:
+            ax.plot(*zip(*pts), label=key, **style)
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss (nats/token)")
+    ax.set_title(Path(out_dir).name)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    path = Path(out_dir) / "loss_curve.png"
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+RUN_ARTIFACTS = ("config.yaml", "ds_config.json", "summary.json", "loss_curve.png",
+                 "tokenizer.model")
+
+
+def sync_run(out_dir: Path, uri: Optional[str] = None, log: Callable = print) -> str:
+    """Upload a run directory's record to MLflow (idempotent: nothing is logged twice)."""
+    from dsq.config import flatten, load_config, to_dict
+
+    out_dir = Path(out_dir)
+    if not (out_dir / "config.yaml").is_file():
+        raise FileNotFoundError(f"{out_dir} is not a dsq run directory (no config.yaml)")
+    cfg = load_config([str(out_dir / "config.yaml")])
+    tracker = Tracker(uri or cfg.tracking.uri, cfg.tracking.experiment, out_dir,
+                      cfg.tracking.run_name, background=False)
+    tracker.log_params(flatten(to_dict(cfg)))
+    rows = read_metrics_log(out_dir)
+    for row in rows:
+        tracker.log_metrics({k: v for k, v in row.items() if k != "step"}, row["step"])
+    plot_loss_curve(out_dir)
+    for name in RUN_ARTIFACTS:
+        if (out_dir / name).is_file():
+            tracker.log_artifact(out_dir / name)
+    if (out_dir / "summary.json").is_file():
+        tracker.close("FINISHED")
+    log(f"synced {len(rows)} steps of {out_dir} to run {tracker.run_id} at {tracker.uri}")
+    return tracker.run_id

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import resource
 import signal
 import time
@@ -27,7 +28,14 @@ from dsq.distributed import (
     init_distributed,
     initialize_engine,
 )
-from dsq.tracking import Tracker, normalize_uri, ui_command
+from dsq.tracking import (
+    RUN_ARTIFACTS,
+    Tracker,
+    normalize_uri,
+    plot_loss_curve,
+    read_metrics_log,
+    ui_command,
+)
 
 
 def lr_lambda(optim_cfg, total_steps: int):
@@ -84,6 +92,25 @@ class StopRequest:
     def restore(self) -> None:
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
+
+
+def run_provenance() -> Dict[str, str]:
+    """Code and library versions of this run, as MLflow params."""
+    import subprocess
+
+    import deepspeed
+    import megatron.core
+
+    import dsq
+
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(dsq.__file__).parent,
+                                capture_output=True, text=True, timeout=5).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        commit = ""
+    return {"dsq.git_commit": commit or "unknown", "dsq.version": dsq.__version__,
+            "versions.torch": torch.__version__, "versions.deepspeed": deepspeed.__version__,
+            "versions.megatron_core": megatron.core.__version__}
 
 
 def peak_rss_bytes() -> int:
@@ -153,23 +180,36 @@ class Trainer:
             state = checkpoint.load(self.engine, self.ckpt_dir, box[0])
             self.step = int(state["step"])
             self.log(f"resumed from {self.ckpt_dir / box[0]} at step {self.step}")
-        self.tracker = Tracker(cfg, self.out_dir, enabled=env.is_main)
+        self.tracker = Tracker.from_config(cfg, self.out_dir, enabled=env.is_main)
+        self._sysmon = None
         if env.is_main:
-            # metrics.jsonl is the local record; MLflow gets whatever it has not seen yet
-            for row in self._trim_metrics_log():
-                self.tracker.log_metrics({k: v for k, v in row.items() if k != "step"},
-                                         row["step"])
-            self.tracker.log_params(flatten(to_dict(cfg)))
-            self.tracker.set_tags({"dsq.precision": cfg.deepspeed.precision,
-                                   "dsq.layout": f"tp{self.tp_size}xdp{self.dp_size}",
-                                   "dsq.zero_stage": cfg.deepspeed.zero_stage,
-                                   "dsq.preset": cfg.model.preset})
-            self.tracker.log_artifact(self.out_dir / "config.yaml")
-            self.tracker.log_artifact(self.out_dir / "ds_config.json")
+            self._start_tracking()
         self.stop = StopRequest()
         self.log(f"model: {cfg.model.preset} {self.params / 1e6:.2f}M parameters, "
                  f"tp={self.tp_size} dp={self.dp_size} zero={cfg.deepspeed.zero_stage} "
                  f"{cfg.deepspeed.precision}; quantized linears: {len(self.quantized)}")
+
+    def _start_tracking(self) -> None:
+        cfg, t = self.cfg, self.tracker
+        # metrics.jsonl is the local record; MLflow gets whatever it has not seen yet
+        for row in self._trim_metrics_log():
+            t.log_metrics({k: v for k, v in row.items() if k != "step"}, row["step"])
+        t.log_params({**flatten(to_dict(cfg)), **run_provenance()})
+        t.set_tags({"dsq.recipe": cfg.tracking.recipe, "dsq.precision": cfg.deepspeed.precision,
+                    "dsq.layout": f"tp{self.tp_size}xdp{self.dp_size}",
+                    "dsq.zero_stage": cfg.deepspeed.zero_stage, "dsq.preset": cfg.model.preset,
+                    "dsq.slurm_job_id": os.environ.get("SLURM_JOB_ID", "none")})
+        t.log_artifact(self.out_dir / "config.yaml")
+        t.log_artifact(self.out_dir / "ds_config.json")
+        if cfg.tracking.system_metrics and t.enabled and t.flush(5.0) and t.run_id:
+            try:
+                from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+                self._sysmon = SystemMetricsMonitor(t.run_id, sampling_interval=10,
+                                                    resume_logging=True, tracking_uri=t.uri)
+                self._sysmon.start()
+            except Exception:  # optional: psutil/pynvml missing or an old MLflow
+                self._sysmon = None
 
     # ------------------------------------------------------------------ extension seams
     def _apply_quantization(self, model) -> List[str]:
@@ -268,7 +308,8 @@ class Trainer:
                                          f"optim.lr or check the data")
             if cfg.eval_every and self.step % cfg.eval_every == 0 and self.step < cfg.steps:
                 val = self.evaluate()
-                metrics.update({"val/loss": val["loss"], "val/ppl": val["ppl"]})
+                metrics.update({"val/loss": val["loss"], "val/ppl": val["ppl"],
+                                **self._resource_metrics()})
             if self.env.is_main:
                 self._log_step(metrics)
                 if bar is not None:
@@ -289,11 +330,19 @@ class Trainer:
         if bar is not None:
             bar.close()
         val = self.evaluate()
+        final = {"val/loss": val["loss"], "val/ppl": val["ppl"], **self._resource_metrics()}
         if self.env.is_main:
-            self._log_step({"val/loss": val["loss"], "val/ppl": val["ppl"]})
+            self._log_step(final)
         if not (self.ckpt_dir / checkpoint.tag_for(self.step) / checkpoint.MARKER).exists():
             self.save()
         return self._summary(loss, val, _tokens_per_s(tokens_per_step, times))
+
+    def _resource_metrics(self) -> Dict[str, float]:
+        """Peak memory and optimizer state bytes, max over ranks (collective: all ranks call)."""
+        opt = getattr(self.engine.optimizer, "optimizer", self.engine.optimizer)
+        vals = torch.tensor([peak_rss_bytes(), self._state_bytes(opt)], dtype=torch.float64)
+        dist.all_reduce(vals, op=dist.ReduceOp.MAX)
+        return {"mem/peak_rss_bytes": float(vals[0]), "optim/state_bytes": float(vals[1])}
 
     def _log_step(self, metrics: Dict[str, float]) -> None:
         with open(self.out_dir / "metrics.jsonl", "a") as fh:
@@ -303,23 +352,16 @@ class Trainer:
 
     def _trim_metrics_log(self) -> List[Dict]:
         """After a resume, drop metric lines of steps the run will compute again."""
-        path = self.out_dir / "metrics.jsonl"
-        if not path.is_file():
-            return []
-        rows = []
-        for ln in path.read_text().splitlines():
-            try:
-                rows.append(json.loads(ln))
-            except ValueError:  # a line cut short by a kill
-                continue
-        rows = [r for r in rows if r["step"] <= self.step]
-        path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+        rows = read_metrics_log(self.out_dir, up_to_step=self.step)
+        (self.out_dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
         return rows
 
     def _summary(self, loss: float, val: Dict, tokens_per_s: float) -> Dict:
         opt = getattr(self.engine.optimizer, "optimizer", self.engine.optimizer)
         state_bytes = gather_ints(self._state_bytes(opt))
         rss = gather_ints(peak_rss_bytes())
+        if self.env.is_main and self.tracker.enabled and self.tracker.run_id is None:
+            self.tracker.flush(5.0)  # the run id comes with the first contact
         summary = {
             "final_step": self.step,
             "train_loss": loss,
@@ -342,18 +384,31 @@ class Trainer:
         if self.env.is_main:
             path = self.out_dir / "summary.json"
             path.write_text(json.dumps(summary, indent=2))
-            self.tracker.log_metrics({"summary/tokens_per_s": tokens_per_s,
-                                      "summary/peak_rss_bytes": max(rss),
-                                      "summary/optimizer_state_bytes": max(state_bytes)},
-                                     self.step)
-            self.tracker.log_artifact(path)
+            self.tracker.log_metrics({
+                "summary/tokens_per_s": tokens_per_s, "summary/peak_rss_bytes": max(rss),
+                "summary/optimizer_state_bytes": max(state_bytes),
+                "summary/optimizer_state_bytes_per_param": sum(state_bytes) / self.params,
+                "summary/train_loss": loss, "summary/val_loss": val["loss"],
+                "summary/val_ppl": val["ppl"]}, self.step)
+            plot_loss_curve(self.out_dir)
+            for name in RUN_ARTIFACTS[2:]:
+                if (self.out_dir / name).is_file():
+                    self.tracker.log_artifact(self.out_dir / name)
+            self.tracker.log_artifact(self.data_dir / "tokenizer.model")
         return summary
 
     def close(self, status: str = "FINISHED") -> None:
         if getattr(self, "stop", None) is not None:
             self.stop.restore()
+        if getattr(self, "_sysmon", None) is not None:
+            self._sysmon.finish()
         if self.env.is_main and getattr(self, "tracker", None) is not None:
-            self.tracker.close(status)
+            t0 = time.perf_counter()
+            sent = self.tracker.close(status)
+            self.tracking_close_s = time.perf_counter() - t0
+            if not sent:
+                self.log(f"MLflow: {self.tracker.pending} operations not sent; later run "
+                         f"`dsq mlflow sync {self.out_dir}`")
 
 
 def run(cfg: Config, env: DistEnv) -> Dict:
