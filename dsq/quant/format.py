@@ -29,8 +29,9 @@ Short strings, e.g. ``int8:channel``, ``int4:token:asym``, ``int8:group128``,
 from __future__ import annotations
 
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass, fields
-from typing import Any, Mapping, Optional
+from typing import Any
 
 GRANULARITIES = ("tensor", "channel", "token", "group")
 ROUNDINGS = ("nearest", "stochastic")
@@ -43,7 +44,7 @@ class QuantFormat:
     """Code width, 2..8 (codes are stored as int8)."""
     granularity: str = "tensor"
     """tensor | channel | token | group (see the module docstring)."""
-    group_size: Optional[int] = None
+    group_size: int | None = None
     """Elements per group along the last dimension; required for, and only for, group."""
     symmetric: bool = True
     """Symmetric (zero point 0) or asymmetric (integer zero point from the minimum)."""
@@ -65,7 +66,7 @@ class QuantFormat:
             raise ValueError(f"group_size={self.group_size} is only valid with group "
                              f"granularity, not {self.granularity!r}")
         if not isinstance(self.symmetric, bool):
-            raise ValueError(f"symmetric={self.symmetric!r} must be true or false")
+            raise TypeError(f"symmetric={self.symmetric!r} must be true or false")
         if self.rounding not in ROUNDINGS:
             raise ValueError(f"rounding {self.rounding!r} is unknown: "
                              f"use one of {', '.join(ROUNDINGS)}")
@@ -88,7 +89,7 @@ class QuantFormat:
         return ":".join(parts)
 
     @classmethod
-    def parse(cls, spec: Any) -> Optional["QuantFormat"]:
+    def parse(cls, spec: Any) -> QuantFormat | None:
         """A format from None/"none"/"" (-> None), a short string, a mapping, or a QuantFormat.
 
         Raises ``ValueError`` naming the bad part and the valid choices.
@@ -103,7 +104,7 @@ class QuantFormat:
                          f"string, a mapping or null: {_SHORT}")
 
     @classmethod
-    def _parse_str(cls, spec: str) -> Optional["QuantFormat"]:
+    def _parse_str(cls, spec: str) -> QuantFormat | None:
         s = spec.strip().lower()
         if s in ("", "none", "null", "off"):
             return None
@@ -138,8 +139,8 @@ class QuantFormat:
             raise ValueError(f"{spec!r}: {e}") from None
 
     @classmethod
-    def _parse_mapping(cls, spec) -> Optional["QuantFormat"]:
-        kw = {str(k): spec[k] for k in spec.keys()}
+    def _parse_mapping(cls, spec) -> QuantFormat | None:
+        kw = {str(k): spec[k] for k in spec}
         names = [f.name for f in fields(cls)]
         unknown = sorted(set(kw) - set(names))
         if unknown:

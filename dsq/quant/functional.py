@@ -40,8 +40,8 @@ the straight-through estimator lives in :mod:`dsq.quant.matmul`.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable, Optional
 
 import torch
 from torch import Tensor
@@ -62,13 +62,13 @@ class QTensor:
     """int8, the shape of the quantized tensor."""
     scale: Tensor
     """fp32 (fp64 for fp64 input), broadcastable to the (grouped) codes."""
-    zero_point: Optional[Tensor]
+    zero_point: Tensor | None
     """Integer-valued, the scale's shape and dtype; None for symmetric formats."""
     fmt: QuantFormat
     dtype: torch.dtype
     """dtype of the tensor that was quantized (the default of :meth:`dequantize`)."""
 
-    def dequantize(self, dtype: Optional[torch.dtype] = None) -> Tensor:
+    def dequantize(self, dtype: torch.dtype | None = None) -> Tensor:
         q = self.codes.to(self.scale.dtype)
         grouped = self.fmt.granularity == "group"
         if grouped:
@@ -105,8 +105,8 @@ def quantize(
     x: Tensor,
     fmt: QuantFormat,
     *,
-    reduce: Optional[Reduce] = None,
-    generator: Optional[torch.Generator] = None,
+    reduce: Reduce | None = None,
+    generator: torch.Generator | None = None,
     check_finite: bool = False,
     name: str = "tensor",
 ) -> QTensor:
@@ -148,12 +148,12 @@ def quantize(
     return QTensor(codes, scale, zero_point, fmt, x.dtype)
 
 
-def dequantize(q: QTensor, dtype: Optional[torch.dtype] = None) -> Tensor:
+def dequantize(q: QTensor, dtype: torch.dtype | None = None) -> Tensor:
     """``(codes - zero_point) * scale`` in ``dtype`` (default: the quantized tensor's)."""
     return q.dequantize(dtype)
 
 
-def fake_quantize(x: Tensor, fmt: Optional[QuantFormat], **kwargs) -> Tensor:
+def fake_quantize(x: Tensor, fmt: QuantFormat | None, **kwargs) -> Tensor:
     """``dequantize(quantize(x, fmt))`` in ``x``'s dtype; ``x`` itself when ``fmt`` is None."""
     return x if fmt is None else quantize(x, fmt, **kwargs).dequantize()
 

@@ -34,7 +34,7 @@ the caller (``dsq.models.quant_layers``) decides which operands need it.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Dict, Optional
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -50,11 +50,16 @@ _ALLOWED = {"weight": ("tensor", "channel", "group"),
 
 @dataclass(frozen=True)
 class LinearQuant:
-    """Formats of the three operands of a quantized linear layer (None: not quantized)."""
+    """Formats of the three operands of a quantized linear layer (None: not quantized).
 
-    weight: Optional[QuantFormat] = None
-    activation: Optional[QuantFormat] = None
-    grad: Optional[QuantFormat] = None
+    Each format may be given as anything :meth:`QuantFormat.parse` accepts (``"int8:token"``,
+    a mapping, None); weights take tensor | channel | group, activations and gradients
+    tensor | token | group.
+    """
+
+    weight: QuantFormat | None = None
+    activation: QuantFormat | None = None
+    grad: QuantFormat | None = None
     grad_gemms: str = "weight"
     """Backward GEMMs that use the quantized output gradient: weight | input | both."""
     check_finite: bool = False
@@ -76,7 +81,7 @@ class LinearQuant:
         return any(f is not None for f in (self.weight, self.activation, self.grad))
 
     @classmethod
-    def from_config(cls, section: Any) -> "LinearQuant":
+    def from_config(cls, section: Any) -> LinearQuant:
         """From any object with ``weight, activation, grad, grad_gemms`` (strings, mappings, None)."""
         return cls(weight=section.weight, activation=section.activation, grad=section.grad,
                    grad_gemms=getattr(section, "grad_gemms", "weight"),
@@ -87,24 +92,24 @@ class LinearQuant:
                 f"(grad GEMMs: {self.grad_gemms})")
 
 
-def _quant(x: Tensor, fmt: Optional[QuantFormat], reduce: Optional[Reduce], qc: LinearQuant,
-           name: str) -> Optional[QTensor]:
+def _quant(x: Tensor, fmt: QuantFormat | None, reduce: Reduce | None, qc: LinearQuant,
+           name: str) -> QTensor | None:
     if fmt is None:
         return None
     return quantize(x, fmt, reduce=reduce, check_finite=qc.check_finite, name=name)
 
 
-def _record(capture: Optional[Dict[str, Tensor]], name: str, x: Tensor, x_hat: Tensor) -> None:
+def _record(capture: dict[str, Tensor] | None, name: str, x: Tensor, x_hat: Tensor) -> None:
     if capture is not None:
         terms = signal_noise(x, x_hat)
         capture[name] = capture[name] + terms if name in capture else terms
 
 
-def _pack(q: Optional[QTensor], full: Tensor) -> tuple:
+def _pack(q: QTensor | None, full: Tensor) -> tuple:
     return (full, None, None) if q is None else (q.codes, q.scale, q.zero_point)
 
 
-def _unpack(saved, fmt: Optional[QuantFormat], dtype: torch.dtype) -> Tensor:
+def _unpack(saved, fmt: QuantFormat | None, dtype: torch.dtype) -> Tensor:
     codes, scale, zero_point = saved
     if fmt is None:
         return codes.to(dtype)
@@ -124,14 +129,16 @@ class _QuantizedLinear(torch.autograd.Function):
                 _record(capture, "activation", x2, x_hat)
             if qw is not None:
                 _record(capture, "weight", w, w_hat)
-        y = x_hat @ w_hat.t()
+        # matmul on the original leading shape returns a fresh tensor, not a view of a 2-D one
+        # (callers such as megatron's vocab-parallel cross entropy modify outputs in place)
+        y = torch.matmul(x_hat.view(x.shape), w_hat.t())
 
         needs_dx, needs_dw = ctx.needs_input_grad[:2]
         saved_x = _pack(qx, x2) if needs_dw else (None,) * 3
         saved_w = _pack(qw, w) if needs_dx else (None,) * 3
         ctx.save_for_backward(*saved_x, *saved_w)
         ctx.meta = (qc, reduce_g, capture, x.shape, w.dtype)
-        return y.reshape(*x.shape[:-1], w.shape[0])
+        return y
 
     @staticmethod
     def backward(ctx, g):
@@ -160,10 +167,10 @@ def quantized_linear(
     weight: Tensor,
     qconfig: LinearQuant,
     *,
-    reduce_x: Optional[Reduce] = None,
-    reduce_w: Optional[Reduce] = None,
-    reduce_g: Optional[Reduce] = None,
-    capture: Optional[Dict[str, Tensor]] = None,
+    reduce_x: Reduce | None = None,
+    reduce_w: Reduce | None = None,
+    reduce_g: Reduce | None = None,
+    capture: dict[str, Tensor] | None = None,
 ) -> Tensor:
     """``Qa(x) @ Qw(weight)^T`` with the quantized backward described in the module docstring.
 

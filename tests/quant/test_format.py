@@ -1,3 +1,5 @@
+import dataclasses
+
 import pytest
 
 from dsq.quant import QuantFormat
@@ -65,5 +67,5 @@ def test_parse_errors_name_the_bad_part(spec, words):
 
 
 def test_frozen():
-    with pytest.raises(Exception):
+    with pytest.raises(dataclasses.FrozenInstanceError):
         F(8).bits = 4

@@ -50,7 +50,7 @@ def test_matches_fp32_linear_on_dequantized_operands(cfg, grad_gemms):
     torch.autograd.backward(y_ref, g_dx, inputs=[x_hat])
     dw_ref = torch.autograd.grad(ref(x_hat), ref.weight, g_dw)[0]
 
-    tol = dict(rtol=1e-5, atol=1e-5)
+    tol = {"rtol": 1e-5, "atol": 1e-5}
     torch.testing.assert_close(y.reshape(-1, 48), y_ref.detach(), **tol)
     torch.testing.assert_close(dx.reshape(-1, 32), x_hat.grad, **tol)
     torch.testing.assert_close(dw, dw_ref, **tol)
@@ -94,7 +94,7 @@ def test_saves_int8_codes_not_full_precision():
 
 def test_saves_only_what_the_requested_gradients_need():
     qc = LinearQuant("int8:channel", "int8:token", "int8:token", "both")
-    x, w, b, gy = operands()
+    x, w, _, gy = operands()
     frozen = quantized_linear(x.requires_grad_(), w, qc)  # W frozen: dX only, X not saved
     assert [t.dtype for t in frozen.grad_fn.saved_tensors if t is not None] == \
         [torch.int8, torch.float32]
@@ -177,3 +177,16 @@ def test_check_finite_names_the_operand():
     x[0, 1, 2] = float("nan")
     y, *_ = run(LinearQuant("int8:channel", "int8:token", None), x, w, b, gy)
     assert not bool(y[0, 1].isfinite().any()) and bool(y[1].isfinite().all())
+
+
+def test_output_is_not_a_view():
+    # megatron's vocab-parallel cross entropy edits the LM head's logits in place
+    qc = LinearQuant("int8:channel", "int8:token", "int8:token")
+    x, w, _, gy = operands()
+    y = quantized_linear(x.requires_grad_(), w.requires_grad_(), qc)
+    assert y._base is None and y.shape == (2, 5, 48)
+    y.mul_(2.0)  # allowed on a non-view
+    y.backward(gy)
+    g_hat = fake_quantize(gy.reshape(-1, 48), qc.grad)
+    torch.testing.assert_close(w.grad, 2 * g_hat.t() @ fake_quantize(x, qc.activation).reshape(
+        -1, 32))
