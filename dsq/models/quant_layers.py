@@ -59,6 +59,10 @@ LAYER_KINDS = {"linear_qkv": "qkv", "linear_proj": "proj", "linear_fc1": "fc1",
                "linear_fc2": "fc2", "output_layer": "lm_head"}
 
 
+def _unset(v) -> bool:
+    return v is None or v is False or (type(v) is int and v == 0)
+
+
 def _max_reduce(t: torch.Tensor, group) -> torch.Tensor:
     dist.all_reduce(t, op=dist.ReduceOp.MAX, group=group)
     return t
@@ -94,9 +98,9 @@ class _QuantLinearMixin:
         if grad_output_buffer is not None:
             raise NotImplementedError(f"{name}: defer_embedding_wgrad_compute is not supported "
                                       f"with quantized linears")
-        used = {k: v for k, v in other.items() if v not in (None, False, 0)}
-        if used:
-            raise NotImplementedError(f"{name}: megatron passed {sorted(used)}, which the "
+        used = sorted(k for k, v in other.items() if not _unset(v))
+        if used:  # an argument of a newer megatron-core that would change the math
+            raise NotImplementedError(f"{name}: megatron passed {used}, which the "
                                       f"quantized GEMM does not implement")
         group = self.tp_group  # row-parallel passes tp_group=None: the layer's group is meant
         if allreduce_dgrad:
