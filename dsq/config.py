@@ -116,6 +116,8 @@ class QuantConfig:
     """fnmatch patterns over module names selecting quantized linears."""
     exclude: List[str] = field(default_factory=list)
     """fnmatch patterns over module names excluded from quantization."""
+    check_finite: bool = False
+    """Stop with an error naming the operand when a quantizer sees inf/nan (one sync each)."""
 
 
 @dataclass
@@ -299,16 +301,18 @@ def validate(cfg: Config, world_size: Optional[int] = None) -> None:
 
 
 def _validate_extensions(cfg: Config) -> None:
-    """Format strings of the quantization and optimizer sections."""
-    try:
-        from dsq.quant import QuantFormat
-    except ImportError:
-        return
+    """Formats of the quantization section (each operand's format and granularity)."""
+    from dsq.quant import LinearQuant, QuantFormat
+
     for name in ("weight", "activation", "grad"):
         try:
             QuantFormat.parse(getattr(cfg.quant, name))
         except (ValueError, TypeError) as e:
             raise ConfigError(f"quant.{name}: {e}")
+    try:
+        LinearQuant.from_config(cfg.quant)
+    except (ValueError, TypeError) as e:
+        raise ConfigError(f"quant: {e}")
 
 
 def to_dict(cfg: Config) -> dict:

@@ -91,12 +91,9 @@ def evaluate_checkpoint(path: str, data: List[str], max_seqs: Optional[int] = No
         model = build_gpt(cfg.model, "fp32", seed=0)
         sd = merged_state_dict(tag_dir, model.state_dict())
         model.load_state_dict(sd, strict=False)
-        try:
-            from dsq.models.quant_layers import apply_quantization
+        from dsq.models.quant_layers import apply_quantization
 
-            apply_quantization(model, cfg.quant)  # evaluate what was trained
-        except ImportError:
-            pass
+        apply_quantization(model, cfg.quant)  # evaluate the model that was trained
         model.eval()
         total, count = 0.0, 0
         bs = max(1, cfg.train.micro_batch)

@@ -18,6 +18,7 @@ from dsq import checkpoint
 from dsq.config import Config, flatten, to_dict, to_yaml
 from dsq.data.dataset import GlobalSchedule, TokenBlocks, eval_indices
 from dsq.data.prepare import DataError, load_manifest, prepare
+from dsq.models.quant_layers import collect_sqnr, set_sqnr_capture
 from dsq.distributed import (
     DistEnv,
     all_reduce_mean,
@@ -184,6 +185,7 @@ class Trainer:
         self._sysmon = None
         if env.is_main:
             self._start_tracking()
+        self.sqnr: Dict[str, float] = {}
         self.stop = StopRequest()
         self.log(f"model: {cfg.model.preset} {self.params / 1e6:.2f}M parameters, "
                  f"tp={self.tp_size} dp={self.dp_size} zero={cfg.deepspeed.zero_stage} "
@@ -213,11 +215,15 @@ class Trainer:
 
     # ------------------------------------------------------------------ extension seams
     def _apply_quantization(self, model) -> List[str]:
-        try:
-            from dsq.models.quant_layers import apply_quantization
-        except ImportError:
-            return []
+        from dsq.models.quant_layers import apply_quantization
+
         return apply_quantization(model, self.cfg.quant)
+
+    def _measure_sqnr(self, step: int) -> bool:
+        """SQNR is measured on the training step that ends at an evaluation (and the last)."""
+        cfg = self.cfg.train
+        return bool(self.quantized) and (step == cfg.steps or
+                                         bool(cfg.eval_every and step % cfg.eval_every == 0))
 
     def _attach_optimizer(self) -> None:
         try:
@@ -296,13 +302,22 @@ class Trainer:
         times: List[float] = []  # seconds per step, this process
         loss, val = float("nan"), None
         while self.step < cfg.steps:
+            capture = self._measure_sqnr(self.step + 1)
+            if capture:
+                set_sqnr_capture(self.model, True)
             t0 = time.perf_counter()
             loss = self.train_step()
             dt = time.perf_counter() - t0
             times.append(dt)
+            sqnr = {}
+            if capture:
+                sqnr = collect_sqnr(self.model)  # collective over the TP group
+                set_sqnr_capture(self.model, False)
+                self.sqnr = sqnr
             tps = _tokens_per_s(tokens_per_step, times)
             metrics = {"train/loss": loss, "train/lr": self.lr(), "train/grad_norm": self.grad_norm(),
-                       "train/tokens_per_s": tokens_per_step / dt}
+                       "train/tokens_per_s": tokens_per_step / dt,
+                       **{f"sqnr_db/{k}": v for k, v in sqnr.items()}}
             if not math.isfinite(loss):
                 raise FloatingPointError(f"training loss is {loss} at step {self.step}: lower "
                                          f"optim.lr or check the data")
@@ -380,6 +395,7 @@ class Trainer:
             "tracking_uri": self.tracker.uri if self.tracker.enabled else None,
             "out_dir": str(self.out_dir),
             "quantized_layers": len(self.quantized),
+            "quant_sqnr_db": self.sqnr,
         }
         if self.env.is_main:
             path = self.out_dir / "summary.json"

@@ -33,11 +33,7 @@ with warnings.catch_warnings():
 
 from dsq.models.attention import SDPAttention
 
-try:
-    from dsq.models.quant_layers import QuantColumnParallelLinear, QuantRowParallelLinear
-except ImportError:  # quantized layers not built into this install
-    from megatron.core.tensor_parallel.layers import ColumnParallelLinear as QuantColumnParallelLinear
-    from megatron.core.tensor_parallel.layers import RowParallelLinear as QuantRowParallelLinear
+from dsq.models.quant_layers import QuantColumnParallelLinear, QuantRowParallelLinear
 
 
 class DsqSpecProvider:
