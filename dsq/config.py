@@ -118,6 +118,9 @@ class QuantConfig:
     """fnmatch patterns over module names excluded from quantization."""
     check_finite: bool = False
     """Stop with an error naming the operand when a quantizer sees inf/nan (one sync each)."""
+    compute: str = "simulate"
+    """simulate: quantize-dequantize, floating-point GEMMs (the study's method); int8: integer
+    GEMMs with int32 accumulation where the formats allow it."""
 
 
 @dataclass
@@ -286,6 +289,8 @@ def validate(cfg: Config, world_size: Optional[int] = None) -> None:
     _check(o.grad_clip >= 0, f"optim.grad_clip={o.grad_clip} must be >= 0")
     _check(q.grad_gemms in ("weight", "input", "both"),
            f"quant.grad_gemms={q.grad_gemms!r} is unknown: use weight, input or both")
+    _check(q.compute in ("simulate", "int8"),
+           f"quant.compute={q.compute!r} is unknown: use simulate or int8")
     _check(bool(cfg.data.train), "data.train is empty: give at least one file or folder")
     _check(bool(cfg.data.val), "data.val is empty: give at least one file or folder")
     if world_size is not None:
