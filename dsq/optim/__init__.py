@@ -6,6 +6,19 @@ into DeepSpeed as separate param groups so that ZeRO's flattening keeps them apa
 - ``linear``: weights of column/row-parallel linear layers (weight decay on),
 - ``embedding``: word and position embeddings (weight decay on),
 - ``no_decay``: biases and norm parameters (weight decay off).
+
+``optim.name=qadamw`` builds :class:`QAdamW` (quantized moments, :mod:`dsq.optim.qadamw`);
+``optim.quantize`` picks the kinds whose moments are quantized (``linear`` |
+``linear+embedding`` | ``all``), the others keep fp32 moments.
+
+Training-loop API::
+
+    opt = build_optimizer(model, cfg.optim)
+    engine, opt, _, sched = deepspeed.initialize(model=model, optimizer=opt, config=...)
+    attach_to_engine(engine)              # ZeRO-1/2: blocks follow parameters; no-op otherwise
+    ...
+    optimizer_state_bytes(engine.optimizer)   # this rank's optimizer state
+    reshard_checkpoint(ckpt_dir, tag, new_dp) # a ZeRO checkpoint for another DP size
 """
 
 from __future__ import annotations
@@ -13,6 +26,12 @@ from __future__ import annotations
 from typing import Dict, List
 
 import torch
+
+from dsq.optim.qadamw import QAdamW
+from dsq.optim.zero import attach_to_engine, reshard_checkpoint
+
+QUANTIZE_KINDS = {"linear": ("linear",), "linear+embedding": ("linear", "embedding"),
+                  "all": ("linear", "embedding", "no_decay")}
 
 
 def param_kind(name: str, param: torch.nn.Parameter) -> str:
@@ -39,21 +58,45 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> List[Dict]:
 
 
 def build_optimizer(model: torch.nn.Module, cfg) -> torch.optim.Optimizer:
-    """The client optimizer handed to ``deepspeed.initialize`` (``cfg`` is the ``optim`` section)."""
+    """The client optimizer handed to ``deepspeed.initialize`` (``cfg`` is the ``optim`` section).
+
+    ``adamw``: ``torch.optim.AdamW`` (foreach). ``qadamw``: :class:`QAdamW` with ``m_bits``,
+    ``v_bits``, ``block_size`` and, per group, ``quantize`` from the group's kind and
+    ``cfg.quantize``. Optional fields read when present: ``v_domain`` (linear | sqrt, default
+    linear) and ``kernel`` (auto | cpp | eager | compile, default auto).
+    """
     groups = param_groups(model, cfg.weight_decay)
     if cfg.name == "adamw":
         return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps,
                                  weight_decay=cfg.weight_decay, foreach=True)
+    if cfg.name == "qadamw":
+        if cfg.quantize not in QUANTIZE_KINDS:
+            raise ValueError(f"optim.quantize={cfg.quantize!r}: use one of "
+                             f"{sorted(QUANTIZE_KINDS)}")
+        for g in groups:
+            g["quantize"] = g["kind"] in QUANTIZE_KINDS[cfg.quantize]
+        return QAdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps,
+                      weight_decay=cfg.weight_decay, m_bits=cfg.m_bits, v_bits=cfg.v_bits,
+                      block_size=cfg.block_size, v_domain=getattr(cfg, "v_domain", "linear"),
+                      kernel=getattr(cfg, "kernel", "auto"))
     raise ValueError(f"optim.name={cfg.name!r} is not available")
 
 
-def optimizer_state_bytes(optimizer: torch.optim.Optimizer) -> int:
-    """Bytes of tensors held in the optimizer state of this rank (its ZeRO partition only)."""
+def optimizer_state_bytes(optimizer) -> int:
+    """Bytes of tensors held in the optimizer state of this rank (its ZeRO partition only).
+
+    Accepts the client optimizer or DeepSpeed's wrapper (``engine.optimizer``); counts the
+    moments (codes, scales, fp32 moments), not the master weights.
+    """
     total = 0
     seen = set()
     for state in optimizer.state.values():
         for v in state.values():
-            if torch.is_tensor(v) and v.data_ptr() not in seen:
+            if torch.is_tensor(v) and v.numel() and v.data_ptr() not in seen:
                 seen.add(v.data_ptr())
                 total += v.numel() * v.element_size()
     return total
+
+
+__all__ = ["QAdamW", "attach_to_engine", "build_optimizer", "optimizer_state_bytes",
+           "param_groups", "param_kind", "reshard_checkpoint"]

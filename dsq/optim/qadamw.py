@@ -1,0 +1,386 @@
+"""QAdamW: AdamW whose moments are stored as block-wise linearly quantized integer codes.
+
+The update is AdamW with decoupled weight decay (``torch.optim.AdamW``'s formula)::
+
+    m = b1 * m + (1 - b1) * g          v = b2 * v + (1 - b2) * g * g
+    p = p * (1 - lr * wd) - (lr / (1 - b1**t)) * m / (sqrt(v) / sqrt(1 - b2**t) + eps)
+
+computed in fp32 from the *dequantized* stored moments; the new fp32 moments update the
+parameter and are then requantized (as bitsandbytes and torchao do). m is signed (8 or 4
+bits), v unsigned (8 bits; 4 allowed with a warning), both with one absmax scale per block of
+``block_size`` elements of a parameter (default 256) or per parameter (``"tensor"``, the
+study's per-tensor quantization). Formats and kernels: :mod:`dsq.optim.kernels`; state layout
+and ZeRO partitions: :mod:`dsq.optim.layout`.
+
+Quality notes. The quantizer is linear, as in the study. Two details keep small second
+moments from blowing up ``m / sqrt(v)``: v uses the full unsigned range (no wasted sign bit)
+and its codes are at least 1 wherever ``v > 0``, so a dequantized v is either exactly 0 (then
+m is 0 too) or at least one quantization step. ``v_domain="sqrt"`` quantizes ``sqrt(v)``
+instead (same linear quantizer; recommended with 4-bit v and with per-tensor scales).
+
+Per parameter group: ``quantize`` (bool) chooses quantized or fp32 moments (fp32 groups run
+``torch._fused_adamw_``, bit-identical to ``torch.optim.AdamW(fused=True)``); ``m_bits``,
+``v_bits``, ``block_size``, ``v_domain`` may differ between groups. Within a quantized group,
+parameters whose numel is not a multiple of ``block_size`` keep fp32 moments.
+
+Under DeepSpeed ZeRO-1/2 call :func:`dsq.optim.attach_to_engine` after
+``deepspeed.initialize``: it tells the optimizer where each parameter lies inside the flat
+fp32 partition it is handed, so that blocks follow parameters, not shards.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections import defaultdict
+from typing import Dict, List, Optional, Tuple
+
+import torch
+import torch.distributed as dist
+
+from dsq.optim import kernels as K
+from dsq.optim.layout import Layout, build_layout, check_block, param_layout
+
+FORMAT_KEYS = ("m_bits", "v_bits", "block_size", "v_domain", "quantize")
+
+
+class QAdamW(torch.optim.Optimizer):
+    """AdamW with int8/int4 block-quantized moments; see the module docstring.
+
+    Args:
+        params: parameters or param groups (groups may set any of the options below).
+        lr, betas, eps, weight_decay: as ``torch.optim.AdamW``.
+        m_bits: bits of the first moment (signed): 8 or 4.
+        v_bits: bits of the second moment (unsigned): 8, or 4 (warns: unstable with linear v).
+        block_size: elements per scale (even, <= 16384) or ``"tensor"`` (one per parameter).
+        v_domain: ``"linear"`` (quantize v, the study's choice) or ``"sqrt"`` (quantize sqrt(v)).
+        quantize: False keeps fp32 moments for the group.
+        kernel: ``auto`` | ``cpp`` | ``eager`` | ``compile`` (see :func:`kernels.get_kernel`).
+    """
+
+    def __init__(self, params, lr: float = 1e-3, betas: Tuple[float, float] = (0.9, 0.999),
+                 eps: float = 1e-8, weight_decay: float = 1e-2, m_bits: int = 8,
+                 v_bits: int = 8, block_size=256, v_domain: str = "linear",
+                 quantize: bool = True, kernel: str = "auto"):
+        defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay,
+                        m_bits=m_bits, v_bits=v_bits, block_size=block_size, v_domain=v_domain,
+                        quantize=bool(quantize))
+        super().__init__(params, defaults)
+        for g in self.param_groups:
+            _check_group(g)
+        if kernel not in K.KERNELS:
+            raise ValueError(f"kernel={kernel!r}: use one of {K.KERNELS}")
+        self.kernel = kernel
+        self._kernels: Dict[str, object] = {}
+        self._layouts: Dict[int, Layout] = {}  # id(flat tensor) -> layout
+        self._dp_group: Dict[int, object] = {}  # id(flat tensor) -> process group of its exchange
+        self._own = {id(p) for g in self.param_groups for p in g["params"]}
+
+    # ------------------------------------------------------------------ layouts
+    def set_flat_layout(self, flat: torch.Tensor, numels: List[int], offsets: List[int],
+                        part_start: int, part_size: int, dp: int, group=None) -> Layout:
+        """Declare that ``flat`` is the ZeRO partition ``[part_start, +part_size)`` of a flat
+        param group whose parameters have ``numels`` at ``offsets`` (used by attach_to_engine)."""
+        pg = self._group_of(flat)
+        if self.state.get(flat):
+            raise RuntimeError("set_flat_layout must be called before the first step")
+        q = [_is_q(n, pg) for n in numels]
+        lay = build_layout(numels, offsets, q, pg["block_size"], pg["m_bits"], pg["v_bits"],
+                           part_start, part_size, dp)
+        if flat.numel() != part_size:
+            raise ValueError(f"flat tensor has {flat.numel()} elements, partition {part_size}")
+        self._layouts[id(flat)] = lay
+        self._dp_group[id(flat)] = group
+        self._own.add(id(flat))
+        return lay
+
+    def layout(self, p: torch.Tensor, group: Optional[Dict] = None) -> Layout:
+        lay = self._layouts.get(id(p))
+        if lay is None:
+            group = group or self._group_of(p)
+            if id(p) not in self._own and group["quantize"]:
+                raise RuntimeError(
+                    "QAdamW was handed a tensor it was not built with (a DeepSpeed ZeRO flat "
+                    "partition?): call dsq.optim.attach_to_engine(engine) right after "
+                    "deepspeed.initialize so that quantization blocks follow the parameters")
+            lay = param_layout(p.numel(), group["block_size"], group["m_bits"], group["v_bits"],
+                               group["quantize"])
+            self._layouts[id(p)] = lay
+        return lay
+
+    def _group_of(self, p: torch.Tensor) -> Dict:
+        for g in self.param_groups:
+            if any(q is p for q in g["params"]):
+                return g
+        raise KeyError("tensor is not in any param group of this optimizer")
+
+    def _kernel(self, device: torch.device):
+        k = self._kernels.get(str(device))
+        if k is None:
+            k = self._kernels[str(device)] = K.get_kernel(self.kernel, device)
+        return k
+
+    # ------------------------------------------------------------------ step
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            self._step_group(group)
+        return loss
+
+    def _step_group(self, group: Dict) -> None:
+        fmt = K.Fmt(group["m_bits"], group["v_bits"], group["v_domain"] == "sqrt")
+        fp32: Dict[int, List[List[torch.Tensor]]] = defaultdict(lambda: [[], [], [], []])
+        for p in group["params"]:
+            if p.grad is None:
+                continue
+            if p.grad.is_sparse:
+                raise RuntimeError("QAdamW does not support sparse gradients")
+            lay = self.layout(p, group)
+            st = self.state[p]
+            if not st:
+                _init_state(st, p, lay, fmt)
+            st["step"] += 1
+            if not lay.quantized:
+                lists = fp32[st["step"]]
+                for lst, t in zip(lists, (p, p.grad, st["exp_avg"], st["exp_avg_sq"])):
+                    lst.append(t)
+                continue
+            self._quantized_update(p, st, lay, fmt, group, fp32[st["step"]])
+        for step, lists in fp32.items():
+            _adamw_fp32(*lists, step=step, group=group)
+
+    def _quantized_update(self, p, st, lay: Layout, fmt: K.Fmt, group: Dict, fp32_lists) -> None:
+        if p.dtype != torch.float32 or not p.is_contiguous():
+            raise TypeError("quantized QAdamW states need contiguous fp32 parameters (use "
+                            "DeepSpeed's fp32 master weights for bf16 training)")
+        pf = p.view(-1)
+        gf = p.grad.reshape(-1)
+        if gf.dtype != torch.float32:
+            gf = gf.float()
+        b1, b2 = group["betas"]
+        h = K.Hyper(group["lr"], b1, b2, group["eps"], group["weight_decay"], st["step"])
+        ker = self._kernel(p.device)
+        mc, vc, ms, vs = st["m_codes"], st["v_codes"], st["m_scales"], st["v_scales"]
+        ea, eas = st["exp_avg"], st["exp_avg_sq"]
+        mb, vb = fmt.m_bits, fmt.v_bits
+        splits = []
+        buf = torch.zeros(lay.n_slots, 2, dtype=torch.float32, device=p.device) \
+            if lay.n_slots else None
+        for pc in lay.pieces:
+            a, n = pc.start, pc.length
+            if pc.kind == "fp32":
+                for lst, t in zip(fp32_lists, (pf[a:a + n], gf[a:a + n], ea[pc.f_off:pc.f_off + n],
+                                               eas[pc.f_off:pc.f_off + n])):
+                    lst.append(t)
+            elif pc.kind == "split":
+                cm = mc[pc.cm:pc.cm + K.code_bytes(n, mb)]
+                cv = vc[pc.cv:pc.cv + K.code_bytes(n, vb)]
+                sm, sv = ms[pc.s:pc.s + 1], vs[pc.s:pc.s + 1]
+                am, av = ker.pass1(pf[a:a + n], gf[a:a + n], cm, sm, cv, sv, n, fmt, h)
+                splits.append((pc, cm, cv, sm, sv, am, av))
+                if pc.slot >= 0:
+                    buf[pc.slot, 0] = am
+                    buf[pc.slot, 1] = av
+        work = None
+        if buf is not None:
+            work = dist.all_reduce(buf, op=dist.ReduceOp.MAX, group=self._dp_group.get(id(p)),
+                                   async_op=True)
+        for pc in lay.pieces:
+            if pc.kind == "rows":
+                a, r, w = pc.start, pc.rows, pc.width
+                ker.rows(pf[a:a + r * w].view(r, w), gf[a:a + r * w].view(r, w),
+                         mc[pc.cm:pc.cm + r * K.code_bytes(w, mb)].view(r, -1), ms[pc.s:pc.s + r],
+                         vc[pc.cv:pc.cv + r * K.code_bytes(w, vb)].view(r, -1), vs[pc.s:pc.s + r],
+                         r, w, fmt, h)
+        if work is not None:
+            work.wait()
+            gmax = buf.tolist()
+        for pc, cm, cv, sm, sv, am, av in splits:
+            if pc.slot >= 0:
+                am, av = gmax[pc.slot]
+            ker.pass2(gf[pc.start:pc.start + pc.length], cm, sm, cv, sv, pc.length, fmt, h, am, av)
+
+    # ------------------------------------------------------------------ state
+    def dequantized(self, p: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        """fp32 (m, v) of the flat tensor ``p`` as stored (zeros before the first step)."""
+        lay = self.layout(p)
+        st = self.state.get(p)
+        m = torch.zeros(lay.numel, device=p.device)
+        v = torch.zeros(lay.numel, device=p.device)
+        if not st:
+            return m, v
+        g = self._group_of(p)
+        dequantize_into(st, lay, K.Fmt(g["m_bits"], g["v_bits"], g["v_domain"] == "sqrt"), m, v)
+        return m, v
+
+    def state_dict(self):
+        sd = super().state_dict()
+        sd["dsq"] = {"version": 1, "layouts": [
+            [self.layout(p, g).meta for p in g["params"]] for g in self.param_groups]}
+        return sd
+
+    def load_state_dict(self, state_dict) -> None:
+        """Like ``torch.optim.Optimizer.load_state_dict`` but keeps integer codes integer,
+        and refuses a checkpoint whose formats or partition layout differ from this run's."""
+        saved_groups = state_dict["param_groups"]
+        if len(saved_groups) != len(self.param_groups):
+            raise ValueError("checkpoint has a different number of parameter groups")
+        metas = state_dict.get("dsq", {}).get("layouts")
+        id_map = {}
+        for gi, (g, sg) in enumerate(zip(self.param_groups, saved_groups)):
+            if len(g["params"]) != len(sg["params"]):
+                raise ValueError(f"param group {gi}: checkpoint has {len(sg['params'])} tensors, "
+                                 f"this optimizer {len(g['params'])}")
+            for k in FORMAT_KEYS:
+                if k in sg and sg[k] != g[k]:
+                    raise ValueError(f"param group {gi}: checkpoint has {k}={sg[k]!r}, this run "
+                                     f"{k}={g[k]!r}; keep the optimizer format of the checkpoint")
+            for j, (pid, p) in enumerate(zip(sg["params"], g["params"])):
+                id_map[pid] = p
+                if metas is not None and metas[gi][j] != self.layout(p, g).meta:
+                    raise ValueError(
+                        f"param group {gi}: the checkpoint's optimizer state was partitioned "
+                        f"differently ({_short(metas[gi][j])} vs {_short(self.layout(p, g).meta)});"
+                        f" convert it with dsq.optim.reshard_checkpoint")
+        state = defaultdict(dict)
+        for pid, s in state_dict["state"].items():
+            p = id_map[pid]
+            state[p] = {k: (v.to(p.device) if torch.is_tensor(v) else v) for k, v in s.items()}
+            if torch.is_tensor(state[p].get("step")):
+                state[p]["step"] = int(state[p]["step"].item())
+        self.state = state
+        for g, sg in zip(self.param_groups, saved_groups):
+            for k, v in sg.items():
+                if k != "params":
+                    g[k] = tuple(v) if k == "betas" else v
+
+
+def _short(meta: Dict) -> str:
+    return f"dp={meta.get('dp')} partition=[{meta.get('part_start')}, +{meta.get('part_size')})"
+
+
+def _is_q(numel: int, group: Dict) -> bool:
+    from dsq.optim.layout import is_quantized
+
+    return is_quantized(numel, group["block_size"], group["quantize"])
+
+
+def _check_group(g: Dict) -> None:
+    if g["m_bits"] not in (4, 8):
+        raise ValueError(f"m_bits={g['m_bits']}: use 8 or 4")
+    if g["v_bits"] not in (4, 8):
+        raise ValueError(f"v_bits={g['v_bits']}: use 8 or 4")
+    if g["v_domain"] not in ("linear", "sqrt"):
+        raise ValueError(f"v_domain={g['v_domain']!r}: use linear or sqrt")
+    check_block(g["block_size"], g["m_bits"], g["v_bits"])
+    if g["quantize"] and g["v_bits"] == 4:
+        warnings.warn("QAdamW with 4-bit v: the second moment has 16 levels per block; "
+                      "training may be unstable (v_domain='sqrt' helps)", stacklevel=3)
+    g["betas"] = tuple(g["betas"])
+
+
+def _init_state(st: Dict, p: torch.Tensor, lay: Layout, fmt: K.Fmt) -> None:
+    st.update(new_state(lay, fmt, p))
+
+
+def new_state(lay: Layout, fmt: K.Fmt, p: torch.Tensor) -> Dict:
+    """Zero state of the flat tensor ``p`` (step 0). Unquantized tensors get ``torch.optim.AdamW``'s
+    state (``exp_avg``/``exp_avg_sq`` shaped like ``p``); quantized ones codes, scales and the
+    fp32 moments of their fp32 pieces only."""
+    st: Dict = {"step": 0}
+    dev = p.device
+    if not lay.quantized:
+        st["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+        st["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+        return st
+    st["m_codes"] = torch.zeros(lay.m_code_len, device=dev,
+                                dtype=torch.int8 if fmt.m_bits == 8 else torch.uint8)
+    st["v_codes"] = torch.zeros(lay.v_code_len, dtype=torch.uint8, device=dev)
+    st["m_scales"] = torch.zeros(lay.n_scales, dtype=torch.float32, device=dev)
+    st["v_scales"] = torch.zeros(lay.n_scales, dtype=torch.float32, device=dev)
+    st["exp_avg"] = torch.zeros(lay.n_fp32, dtype=torch.float32, device=dev)
+    st["exp_avg_sq"] = torch.zeros(lay.n_fp32, dtype=torch.float32, device=dev)
+    return st
+
+
+def fp32_index(lay: Layout, pc) -> int:
+    """Offset of an fp32 piece's moments in ``exp_avg`` (positional when unquantized)."""
+    return pc.f_off if lay.quantized else pc.start
+
+
+def _adamw_fp32(params, grads, exp_avgs, exp_avg_sqs, step: int, group: Dict) -> None:
+    """fp32 moments: torch's fused AdamW kernel (CPU and CUDA), else its foreach formula."""
+    if not params:
+        return
+    b1, b2 = group["betas"]
+    lr, wd, eps = group["lr"], group["weight_decay"], group["eps"]
+    by_key = defaultdict(lambda: [[], [], [], []])
+    for t in zip(params, grads, exp_avgs, exp_avg_sqs):
+        for lst, x in zip(by_key[(t[0].device, t[0].dtype, t[1].dtype)], t):
+            lst.append(x)
+    for (dev, pdt, gdt), (ps, gs, ms, vs) in by_key.items():
+        if gdt != pdt:
+            gs = [g.to(pdt) for g in gs]
+        if dev.type in ("cpu", "cuda") and hasattr(torch, "_fused_adamw_"):
+            steps = [torch.tensor(float(step), dtype=torch.float32, device=dev) for _ in ps]
+            torch._fused_adamw_(ps, gs, ms, vs, [], steps, amsgrad=False, lr=lr, beta1=b1,
+                                beta2=b2, weight_decay=wd, eps=eps, maximize=False,
+                                grad_scale=None, found_inf=None)
+            continue
+        torch._foreach_mul_(ps, 1 - lr * wd)
+        torch._foreach_lerp_(ms, gs, 1 - b1)
+        torch._foreach_mul_(vs, b2)
+        torch._foreach_addcmul_(vs, gs, gs, 1 - b2)
+        bc1, bc2 = 1 - b1 ** step, 1 - b2 ** step
+        denom = torch._foreach_sqrt(vs)
+        torch._foreach_div_(denom, bc2 ** 0.5)
+        torch._foreach_add_(denom, eps)
+        torch._foreach_addcdiv_(ps, ms, denom, -lr / bc1)
+
+
+def dequantize_into(st: Dict, lay: Layout, fmt: K.Fmt, m: torch.Tensor, v: torch.Tensor) -> None:
+    """Write the dequantized fp32 moments of a flat tensor's state into ``m`` and ``v``."""
+    for pc in lay.pieces:
+        a, n = pc.start, pc.length
+        if pc.kind == "fp32":
+            f = fp32_index(lay, pc)
+            m[a:a + n] = st["exp_avg"].view(-1)[f:f + n]
+            v[a:a + n] = st["exp_avg_sq"].view(-1)[f:f + n]
+            continue
+        qm, qv = piece_codes(st, pc, fmt)
+        sm = st["m_scales"][pc.s:pc.s + pc.rows].repeat_interleave(pc.width)[:n] \
+            if pc.kind == "rows" else st["m_scales"][pc.s]
+        sv = st["v_scales"][pc.s:pc.s + pc.rows].repeat_interleave(pc.width)[:n] \
+            if pc.kind == "rows" else st["v_scales"][pc.s]
+        m[a:a + n] = qm.float() * sm
+        r = qv.float() * sv
+        v[a:a + n] = r * r if fmt.v_sqrt else r
+
+
+def piece_codes(st: Dict, pc, fmt: K.Fmt) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Integer codes (m signed, v unsigned) of one quantized piece, one per element."""
+    n = pc.length
+    if pc.kind == "rows":
+        lm = pc.rows * K.code_bytes(pc.width, fmt.m_bits)
+        lv = pc.rows * K.code_bytes(pc.width, fmt.v_bits)
+    else:
+        lm, lv = K.code_bytes(n, fmt.m_bits), K.code_bytes(n, fmt.v_bits)
+    cm = st["m_codes"][pc.cm:pc.cm + lm]
+    cv = st["v_codes"][pc.cv:pc.cv + lv]
+    qm = cm.to(torch.int16) if fmt.m_bits == 8 else K.unpack4(cm, n).to(torch.int16) - 8
+    qv = cv.to(torch.int16) if fmt.v_bits == 8 else K.unpack4(cv, n).to(torch.int16)
+    return qm, qv
+
+
+def pack_piece_codes(qm: torch.Tensor, qv: torch.Tensor, fmt: K.Fmt):
+    """Inverse of :func:`piece_codes`: storage bytes of one piece."""
+    cm = qm.to(torch.int8) if fmt.m_bits == 8 else K.pack4((qm + 8).to(torch.uint8))
+    cv = qv.to(torch.uint8) if fmt.v_bits == 8 else K.pack4(qv.to(torch.uint8))
+    return cm, cv
+
+
+__all__ = ["QAdamW", "dequantize_into", "fp32_index", "new_state", "pack_piece_codes",
+           "piece_codes"]
