@@ -315,7 +315,7 @@ static inline void unpack_v(const uint8_t *restrict c, uint8_t *restrict q, i64 
    max, and the loop vectorizes). The operation order is the eager kernel's. */
 static inline __attribute__((always_inline)) void update(
         float *restrict p, const float *restrict g, const int8_t *restrict qm,
-        const uint8_t *restrict qv, float ms, float vs, i64 n, const int VSQRT,
+        const uint8_t *restrict qv, float ms, float vs, i64 n, const int VSQRT, const int UPD,
         const float *restrict h, float *restrict mbuf, float *restrict vbuf,
         uint32_t *am_out, uint32_t *av_out) {
     const float b1 = h[B1], omb1 = h[OMB1], b2 = h[B2], omb2 = h[OMB2], decay = h[DECAY];
@@ -332,12 +332,14 @@ static inline __attribute__((always_inline)) void update(
         float t3 = v * b2, t4 = gg * omb2;
         v = t3 + t4;
         float r = sqrtf(v);
-        float d = r * invbc2;
-        d = d + eps;
-        float a = p[i] * decay;
-        float u = m * step;
-        u = u / d;
-        p[i] = a - u;
+        if (UPD) {
+            float d = r * invbc2;
+            d = d + eps;
+            float a = p[i] * decay;
+            float u = m * step;
+            u = u / d;
+            p[i] = a - u;
+        }
         float vq = VSQRT ? r : v;
         mbuf[i] = m;
         vbuf[i] = vq;
@@ -411,7 +413,7 @@ static inline __attribute__((always_inline)) void rows_impl(
             const uint8_t *qv;
             load_codes(mcr, vcr, 0, width, MB, VB, tm, tv, &qm, &qv);
             uint32_t am, av;
-            update(p + r * width, g + r * width, qm, qv, ms[r], vs[r], width, VSQRT, h, mbuf,
+            update(p + r * width, g + r * width, qm, qv, ms[r], vs[r], width, VSQRT, 1, h, mbuf,
                    vbuf, &am, &av);
             float fam = bitsf(am), fav = bitsf(av);
             int8_t *wm = MB == 8 ? (int8_t *)mcr : om;
@@ -444,7 +446,7 @@ static inline __attribute__((always_inline)) void pass1_impl(
             const uint8_t *qv;
             load_codes(mc, vc, e0, len, MB, VB, tm, tv, &qm, &qv);
             uint32_t a, b;
-            update(p + e0, g + e0, qm, qv, ms, vs, len, VSQRT, h, mbuf, vbuf, &a, &b);
+            update(p + e0, g + e0, qm, qv, ms, vs, len, VSQRT, 1, h, mbuf, vbuf, &a, &b);
             am = a > am ? a : am;
             av = b > av ? b : av;
         }
@@ -462,7 +464,7 @@ static inline __attribute__((always_inline)) void pass2_impl(
     i64 nch = (n + CHUNK - 1) / CHUNK;
     #pragma omp parallel num_threads(nt)
     {
-        float mbuf[CHUNK], vbuf[CHUNK], pbuf[CHUNK];
+        float mbuf[CHUNK], vbuf[CHUNK];
         int8_t tm[CHUNK], om[CHUNK];
         uint8_t tv[CHUNK], ov[CHUNK];
         #pragma omp for schedule(static)
@@ -471,9 +473,8 @@ static inline __attribute__((always_inline)) void pass2_impl(
             const int8_t *qm;
             const uint8_t *qv;
             load_codes(mc, vc, e0, len, MB, VB, tm, tv, &qm, &qv);
-            memset(pbuf, 0, sizeof(float) * len);
             uint32_t a, b;
-            update(pbuf, g + e0, qm, qv, ms0, vs0, len, VSQRT, h, mbuf, vbuf, &a, &b);
+            update(NULL, g + e0, qm, qv, ms0, vs0, len, VSQRT, 0, h, mbuf, vbuf, &a, &b);
             int8_t *wm = MB == 8 ? (int8_t *)mc + e0 : om;
             uint8_t *wv = VB == 8 ? vc + e0 : ov;
             quantize(mbuf, vbuf, len, am, av, MB, VB, wm, wv);
