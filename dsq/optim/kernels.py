@@ -45,6 +45,7 @@ import ctypes
 import hashlib
 import os
 import shutil
+import struct
 import subprocess
 import tempfile
 import threading
@@ -77,13 +78,13 @@ def code_bytes(n: int, bits: int) -> int:
 class Hyper:
     """Per-step scalars of the update, rounded once to float32 (both kernels use these)."""
 
-    __slots__ = ("b1", "omb1", "b2", "omb2", "decay", "step_size", "inv_bc2_sqrt", "eps")
+    __slots__ = ("b1", "omb1", "b2", "omb2", "decay", "step_size", "inv_bc2_sqrt", "eps", "_arr")
 
     def __init__(self, lr: float, beta1: float, beta2: float, eps: float, weight_decay: float,
                  step: int):
         bc1 = 1.0 - beta1 ** step
         bc2 = 1.0 - beta2 ** step
-        f = lambda x: float(torch.tensor(x, dtype=torch.float32))  # noqa: E731
+        f = _f32
         self.b1, self.omb1 = f(beta1), f(1.0 - beta1)
         self.b2, self.omb2 = f(beta2), f(1.0 - beta2)
         self.decay = f(1.0 - lr * weight_decay)
@@ -91,9 +92,18 @@ class Hyper:
         self.inv_bc2_sqrt = f(1.0 / bc2 ** 0.5)
         self.eps = f(eps)
 
+        self._arr = None
+
     def as_array(self):
-        return (ctypes.c_float * 8)(self.b1, self.omb1, self.b2, self.omb2, self.decay,
-                                    self.step_size, self.inv_bc2_sqrt, self.eps)
+        if self._arr is None:
+            self._arr = (ctypes.c_float * 8)(self.b1, self.omb1, self.b2, self.omb2, self.decay,
+                                             self.step_size, self.inv_bc2_sqrt, self.eps)
+        return self._arr
+
+
+def _f32(x: float) -> float:
+    """x rounded to float32 (as PyTorch rounds a Python scalar in a float32 op)."""
+    return struct.unpack("f", struct.pack("f", x))[0]
 
 
 class Fmt:
@@ -183,7 +193,35 @@ def _quant(m, vq, am, av, fmt: Fmt):
     return cm, cv, _div(am, Qm), _div(av, Qv)
 
 
-class EagerKernel:
+class Kernel:
+    """Piece-level entry points used by QAdamW (``st``: a flat tensor's state, ``pc``: a piece
+    of :mod:`dsq.optim.layout`); they slice the state and call the tensor-level methods."""
+
+    def rows_piece(self, pf, gf, st, pc, fmt: Fmt, h: Hyper) -> None:
+        a, r, w = pc.start, pc.rows, pc.width
+        lm, lv = code_bytes(w, fmt.m_bits), code_bytes(w, fmt.v_bits)
+        self.rows(pf[a:a + r * w].view(r, w), gf[a:a + r * w].view(r, w),
+                  st["m_codes"][pc.cm:pc.cm + r * lm].view(r, lm), st["m_scales"][pc.s:pc.s + r],
+                  st["v_codes"][pc.cv:pc.cv + r * lv].view(r, lv), st["v_scales"][pc.s:pc.s + r],
+                  r, w, fmt, h)
+
+    def _split_state(self, st, pc, fmt):
+        n = pc.length
+        return (st["m_codes"][pc.cm:pc.cm + code_bytes(n, fmt.m_bits)],
+                st["m_scales"][pc.s:pc.s + 1],
+                st["v_codes"][pc.cv:pc.cv + code_bytes(n, fmt.v_bits)],
+                st["v_scales"][pc.s:pc.s + 1])
+
+    def pass1_piece(self, pf, gf, st, pc, fmt: Fmt, h: Hyper) -> Tuple[float, float]:
+        a, n = pc.start, pc.length
+        return self.pass1(pf[a:a + n], gf[a:a + n], *self._split_state(st, pc, fmt), n, fmt, h)
+
+    def pass2_piece(self, gf, st, pc, fmt: Fmt, h: Hyper, am: float, av: float) -> None:
+        a, n = pc.start, pc.length
+        self.pass2(gf[a:a + n], *self._split_state(st, pc, fmt), n, fmt, h, am, av)
+
+
+class EagerKernel(Kernel):
     name = "eager"
 
     def rows(self, p, g, mc, ms, vc, vs, rows: int, width: int, fmt: Fmt, h: Hyper) -> None:
@@ -430,8 +468,10 @@ static inline __attribute__((always_inline)) void rows_impl(
 
 /* one block split over ranks (or too wide), phase 1: update p, local maxima; codes untouched */
 static inline __attribute__((always_inline)) void pass1_impl(
-        float *p, const float *g, const uint8_t *mc, float ms, const uint8_t *vc, float vs,
-        i64 n, const int MB, const int VB, const int VSQRT, const float *h, int nt, float *out) {
+        float *p, const float *g, const uint8_t *mc, const float *msp, const uint8_t *vc,
+        const float *vsp, i64 n, const int MB, const int VB, const int VSQRT, const float *h,
+        int nt, float *out) {
+    const float ms = *msp, vs = *vsp;
     uint32_t am = 0, av = 0;
     i64 nch = (n + CHUNK - 1) / CHUNK;
     #pragma omp parallel num_threads(nt) reduction(max: am, av)
@@ -492,7 +532,8 @@ static inline __attribute__((always_inline)) void pass2_impl(
             uint8_t *vc, float *vs, i64 rows, i64 width, const float *h, int nt) {            \
         rows_impl(p, g, mc, ms, vc, vs, rows, width, MB, VB, VS, h, nt); }                    \
     static void pass1_##MB##_##VB##_##VS(float *p, const float *g, const uint8_t *mc,         \
-            float ms, const uint8_t *vc, float vs, i64 n, const float *h, int nt, float *o) { \
+            const float *ms, const uint8_t *vc, const float *vs, i64 n, const float *h,       \
+            int nt, float *o) {                                                               \
         pass1_impl(p, g, mc, ms, vc, vs, n, MB, VB, VS, h, nt, o); }                          \
     static void pass2_##MB##_##VB##_##VS(const float *g, uint8_t *mc, float *ms, uint8_t *vc, \
             float *vs, i64 n, const float *h, float am, float av, int nt) {                   \
@@ -510,8 +551,9 @@ void dsq_rows(float *p, const float *g, uint8_t *mc, float *ms, uint8_t *vc, flo
               i64 rows, i64 width, int mb, int vb, int vsq, const float *h, int nt) {
     DISPATCH(rows, p, g, mc, ms, vc, vs, rows, width, h, nt)
 }
-void dsq_pass1(float *p, const float *g, const uint8_t *mc, float ms, const uint8_t *vc,
-               float vs, i64 n, int mb, int vb, int vsq, const float *h, int nt, float *out) {
+void dsq_pass1(float *p, const float *g, const uint8_t *mc, const float *ms, const uint8_t *vc,
+               const float *vs, i64 n, int mb, int vb, int vsq, const float *h, int nt,
+               float *out) {
     DISPATCH(pass1, p, g, mc, ms, vc, vs, n, h, nt, out)
 }
 void dsq_pass2(const float *g, uint8_t *mc, float *ms, uint8_t *vc, float *vs, i64 n, int mb,
@@ -551,7 +593,7 @@ def _build() -> ctypes.CDLL:
     lib = ctypes.CDLL(str(out))
     P, L, N, F = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_float
     lib.dsq_rows.argtypes = [P, P, P, P, P, P, L, L, N, N, N, P, N]
-    lib.dsq_pass1.argtypes = [P, P, P, F, P, F, L, N, N, N, P, N, P]
+    lib.dsq_pass1.argtypes = [P, P, P, P, P, P, L, N, N, N, P, N, P]
     lib.dsq_pass2.argtypes = [P, P, P, P, P, L, N, N, N, P, F, F, N]
     for f in (lib.dsq_rows, lib.dsq_pass1, lib.dsq_pass2):
         f.restype = None
@@ -572,35 +614,58 @@ def cpp_library() -> Optional[ctypes.CDLL]:
         return _LIB
 
 
-class CppKernel:
+class CppKernel(Kernel):
+    """The C kernel; pieces are addressed by raw pointers (no tensor views: ~5 us a call)."""
+
     name = "cpp"
 
     def __init__(self, lib: ctypes.CDLL):
         self.lib = lib
 
-    @staticmethod
-    def _nt() -> int:
-        return torch.get_num_threads()
+    def _rows(self, p, g, mc, ms, vc, vs, rows, width, fmt, h):
+        self.lib.dsq_rows(p, g, mc, ms, vc, vs, rows, width, fmt.m_bits, fmt.v_bits,
+                          int(fmt.v_sqrt), ctypes.addressof(h.as_array()), torch.get_num_threads())
 
-    def rows(self, p, g, mc, ms, vc, vs, rows, width, fmt, h):
-        ha = h.as_array()
-        self.lib.dsq_rows(p.data_ptr(), g.data_ptr(), mc.data_ptr(), ms.data_ptr(), vc.data_ptr(),
-                          vs.data_ptr(), rows, width, fmt.m_bits, fmt.v_bits, int(fmt.v_sqrt),
-                          ctypes.addressof(ha), self._nt())
-
-    def pass1(self, p, g, mc, ms, vc, vs, n, fmt, h):
+    def _pass1(self, p, g, mc, ms, vc, vs, n, fmt, h):
         out = (ctypes.c_float * 2)()
-        ha = h.as_array()
-        self.lib.dsq_pass1(p.data_ptr(), g.data_ptr(), mc.data_ptr(), float(ms), vc.data_ptr(),
-                           float(vs), n, fmt.m_bits, fmt.v_bits, int(fmt.v_sqrt),
-                           ctypes.addressof(ha), self._nt(), ctypes.addressof(out))
+        self.lib.dsq_pass1(p, g, mc, ms, vc, vs, n, fmt.m_bits, fmt.v_bits, int(fmt.v_sqrt),
+                           ctypes.addressof(h.as_array()), torch.get_num_threads(),
+                           ctypes.addressof(out))
         return out[0], out[1]
 
+    def _pass2(self, g, mc, ms, vc, vs, n, fmt, h, am, av):
+        self.lib.dsq_pass2(g, mc, ms, vc, vs, n, fmt.m_bits, fmt.v_bits, int(fmt.v_sqrt),
+                           ctypes.addressof(h.as_array()), am, av, torch.get_num_threads())
+
+    # tensors
+    def rows(self, p, g, mc, ms, vc, vs, rows, width, fmt, h):
+        self._rows(p.data_ptr(), g.data_ptr(), mc.data_ptr(), ms.data_ptr(), vc.data_ptr(),
+                   vs.data_ptr(), rows, width, fmt, h)
+
+    def pass1(self, p, g, mc, ms, vc, vs, n, fmt, h):
+        return self._pass1(p.data_ptr(), g.data_ptr(), mc.data_ptr(), ms.data_ptr(),
+                           vc.data_ptr(), vs.data_ptr(), n, fmt, h)
+
     def pass2(self, g, mc, ms, vc, vs, n, fmt, h, am, av):
-        ha = h.as_array()
-        self.lib.dsq_pass2(g.data_ptr(), mc.data_ptr(), ms.data_ptr(), vc.data_ptr(),
-                           vs.data_ptr(), n, fmt.m_bits, fmt.v_bits, int(fmt.v_sqrt),
-                           ctypes.addressof(ha), am, av, self._nt())
+        self._pass2(g.data_ptr(), mc.data_ptr(), ms.data_ptr(), vc.data_ptr(), vs.data_ptr(), n,
+                    fmt, h, am, av)
+
+    # pieces of a flat tensor's state
+    @staticmethod
+    def _ptrs(pf, gf, st, pc):
+        return (pf.data_ptr() + 4 * pc.start, gf.data_ptr() + 4 * pc.start,
+                st["m_codes"].data_ptr() + pc.cm, st["m_scales"].data_ptr() + 4 * pc.s,
+                st["v_codes"].data_ptr() + pc.cv, st["v_scales"].data_ptr() + 4 * pc.s)
+
+    def rows_piece(self, pf, gf, st, pc, fmt, h):
+        self._rows(*self._ptrs(pf, gf, st, pc), pc.rows, pc.width, fmt, h)
+
+    def pass1_piece(self, pf, gf, st, pc, fmt, h):
+        return self._pass1(*self._ptrs(pf, gf, st, pc), pc.length, fmt, h)
+
+    def pass2_piece(self, gf, st, pc, fmt, h, am, av):
+        _, g, mc, ms, vc, vs = self._ptrs(gf, gf, st, pc)
+        self._pass2(g, mc, ms, vc, vs, pc.length, fmt, h, am, av)
 
 
 KERNELS = ("auto", "eager", "cpp", "compile")

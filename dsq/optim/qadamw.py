@@ -133,6 +133,7 @@ class QAdamW(torch.optim.Optimizer):
     def _step_group(self, group: Dict) -> None:
         fmt = K.Fmt(group["m_bits"], group["v_bits"], group["v_domain"] == "sqrt")
         fp32: Dict[int, List[List[torch.Tensor]]] = defaultdict(lambda: [[], [], [], []])
+        hypers: Dict[int, K.Hyper] = {}
         for p in group["params"]:
             if p.grad is None:
                 continue
@@ -148,60 +149,56 @@ class QAdamW(torch.optim.Optimizer):
                 for lst, t in zip(lists, (p, p.grad, st["exp_avg"], st["exp_avg_sq"])):
                     lst.append(t)
                 continue
-            self._quantized_update(p, st, lay, fmt, group, fp32[st["step"]])
+            h = hypers.get(st["step"])
+            if h is None:
+                b1, b2 = group["betas"]
+                h = hypers[st["step"]] = K.Hyper(group["lr"], b1, b2, group["eps"],
+                                                 group["weight_decay"], st["step"])
+            self._quantized_update(p, st, lay, fmt, h, fp32[st["step"]])
         for step, lists in fp32.items():
             _adamw_fp32(*lists, step=step, group=group)
 
-    def _quantized_update(self, p, st, lay: Layout, fmt: K.Fmt, group: Dict, fp32_lists) -> None:
+    def _quantized_update(self, p, st, lay: Layout, fmt: K.Fmt, h: K.Hyper, fp32_lists) -> None:
         if p.dtype != torch.float32 or not p.is_contiguous():
             raise TypeError("quantized QAdamW states need contiguous fp32 parameters (use "
                             "DeepSpeed's fp32 master weights for bf16 training)")
         pf = p.view(-1)
         gf = p.grad.reshape(-1)
-        if gf.dtype != torch.float32:
-            gf = gf.float()
-        b1, b2 = group["betas"]
-        h = K.Hyper(group["lr"], b1, b2, group["eps"], group["weight_decay"], st["step"])
+        if gf.dtype != torch.float32 or not gf.is_contiguous():
+            gf = gf.float().contiguous()
         ker = self._kernel(p.device)
-        mc, vc, ms, vs = st["m_codes"], st["v_codes"], st["m_scales"], st["v_scales"]
         ea, eas = st["exp_avg"], st["exp_avg_sq"]
-        mb, vb = fmt.m_bits, fmt.v_bits
         splits = []
         buf = torch.zeros(lay.n_slots, 2, dtype=torch.float32, device=p.device) \
             if lay.n_slots else None
         for pc in lay.pieces:
+            if pc.kind == "rows":
+                continue
             a, n = pc.start, pc.length
             if pc.kind == "fp32":
                 for lst, t in zip(fp32_lists, (pf[a:a + n], gf[a:a + n], ea[pc.f_off:pc.f_off + n],
                                                eas[pc.f_off:pc.f_off + n])):
                     lst.append(t)
-            elif pc.kind == "split":
-                cm = mc[pc.cm:pc.cm + K.code_bytes(n, mb)]
-                cv = vc[pc.cv:pc.cv + K.code_bytes(n, vb)]
-                sm, sv = ms[pc.s:pc.s + 1], vs[pc.s:pc.s + 1]
-                am, av = ker.pass1(pf[a:a + n], gf[a:a + n], cm, sm, cv, sv, n, fmt, h)
-                splits.append((pc, cm, cv, sm, sv, am, av))
-                if pc.slot >= 0:
-                    buf[pc.slot, 0] = am
-                    buf[pc.slot, 1] = av
+                continue
+            am, av = ker.pass1_piece(pf, gf, st, pc, fmt, h)
+            splits.append((pc, am, av))
+            if pc.slot >= 0:
+                buf[pc.slot, 0] = am
+                buf[pc.slot, 1] = av
         work = None
-        if buf is not None:
+        if buf is not None:  # maxima of blocks cut by partition boundaries: one small all-reduce
             work = dist.all_reduce(buf, op=dist.ReduceOp.MAX, group=self._dp_group.get(id(p)),
                                    async_op=True)
         for pc in lay.pieces:
             if pc.kind == "rows":
-                a, r, w = pc.start, pc.rows, pc.width
-                ker.rows(pf[a:a + r * w].view(r, w), gf[a:a + r * w].view(r, w),
-                         mc[pc.cm:pc.cm + r * K.code_bytes(w, mb)].view(r, -1), ms[pc.s:pc.s + r],
-                         vc[pc.cv:pc.cv + r * K.code_bytes(w, vb)].view(r, -1), vs[pc.s:pc.s + r],
-                         r, w, fmt, h)
+                ker.rows_piece(pf, gf, st, pc, fmt, h)
         if work is not None:
             work.wait()
             gmax = buf.tolist()
-        for pc, cm, cv, sm, sv, am, av in splits:
+        for pc, am, av in splits:
             if pc.slot >= 0:
                 am, av = gmax[pc.slot]
-            ker.pass2(gf[pc.start:pc.start + pc.length], cm, sm, cv, sv, pc.length, fmt, h, am, av)
+            ker.pass2_piece(gf, st, pc, fmt, h, am, av)
 
     # ------------------------------------------------------------------ state
     def dequantized(self, p: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
