@@ -48,6 +48,9 @@ def attach_to_engine(engine) -> Optional[QAdamW]:
         return None
     if base is wrapper:
         return base
+    if getattr(wrapper, "elastic_checkpoint", False):
+        raise ValueError("QAdamW state is not element-wise: zero_optimization.elastic_checkpoint "
+                         "must be false (use dsq.optim.reshard_checkpoint to change DP size)")
     for i, group in enumerate(base.param_groups):
         if hasattr(wrapper, "round_robin_bit16_groups"):  # ZeRO-1/2
             params = wrapper.round_robin_bit16_groups[i]
@@ -83,8 +86,9 @@ def _keys():
     return C
 
 
-def reshard_checkpoint(ckpt_dir, tag: str, new_dp: int, out_dir=None) -> Path:
-    """Rewrite DeepSpeed ZeRO-1/2 checkpoint ``ckpt_dir/tag`` for ``new_dp`` data-parallel ranks.
+def reshard_checkpoint(ckpt_dir, tag: Optional[str], new_dp: int, out_dir=None) -> Path:
+    """Rewrite DeepSpeed ZeRO-1/2 checkpoint ``ckpt_dir/tag`` for ``new_dp`` data-parallel ranks
+    (``tag=None``: the one named by ``ckpt_dir/latest``).
 
     Without ``out_dir`` the tag is converted in place (the original is kept next to it as
     ``<tag>.dp<old>``); with ``out_dir`` the converted tag is written to ``out_dir/tag`` and
@@ -95,6 +99,11 @@ def reshard_checkpoint(ckpt_dir, tag: str, new_dp: int, out_dir=None) -> Path:
     have (up to the reduction order of the gradients across the new number of ranks).
     """
     C = _keys()
+    if tag is None:
+        latest = Path(ckpt_dir) / "latest"
+        if not latest.is_file():
+            raise FileNotFoundError(f"{latest} does not exist: give the tag to convert")
+        tag = latest.read_text().strip()
     src = Path(ckpt_dir) / tag
     if not src.is_dir():
         raise FileNotFoundError(f"{src} is not a checkpoint directory")
@@ -321,3 +330,22 @@ def _reshard_qadamw(states: List[Dict], metas: List[Dict], group: Dict, L: int, 
             st["v_scales"][pc.s:pc.s + pc.rows] = gsv[pc.block:pc.block + pc.rows]
         out_states.append(st)
     return out_states, out_metas
+
+
+def main(argv=None) -> None:
+    """``python -m dsq.optim.zero CKPT_DIR --dp N [--tag TAG] [--out DIR]``."""
+    import argparse
+
+    ap = argparse.ArgumentParser(prog="dsq reshard", description=reshard_checkpoint.__doc__
+                                 .split("\n\n")[0])
+    ap.add_argument("ckpt_dir", help="DeepSpeed checkpoint root (holds the tag directories)")
+    ap.add_argument("--dp", type=int, required=True, help="new data-parallel size")
+    ap.add_argument("--tag", default=None, help="tag to convert (default: the one in 'latest')")
+    ap.add_argument("--out", default=None,
+                    help="write the converted tag here instead of converting in place")
+    args = ap.parse_args(argv)
+    print(reshard_checkpoint(args.ckpt_dir, args.tag, args.dp, args.out))
+
+
+if __name__ == "__main__":
+    main()
