@@ -25,6 +25,10 @@ row-parallel     W[out, in/tp]          W per-tensor and per-channel
                  X[tokens, in/tp]       X per-tensor and per-token
 ================ ====================== ==================================================
 
+With ``compute: int8`` the backward GEMMs requantize per column (:mod:`dsq.quant.int8`); a
+per-column statistic spans the rows, so the column-parallel ``W[out/tp, in]`` per input column is
+max-reduced too (``X`` and ``G`` per column reduce over tokens, never sharded here).
+
 Group granularity needs no reduction when the group size divides the shard width (groups
 never straddle ranks); otherwise the layer raises. Replicated operands (column-parallel X,
 row-parallel G) need none. Stochastic rounding of a replicated operand draws different noise
@@ -107,14 +111,17 @@ class _QuantLinearMixin:
             input = copy_to_tensor_model_parallel_region(input, group=group)
         qc = self.qconfig
         tp = group.size() if group is not None else 1
-        out = quantized_linear(
-            input, weight, qc,
+        int8 = qc.compute == "int8"
+        return quantized_linear(
+            input, weight, qc, bias=bias,
             reduce_x=self._reducer(qc.activation, "activation", tp),
             reduce_w=self._reducer(qc.weight, "weight", tp),
             reduce_g=self._reducer(qc.grad, "grad", tp),
+            reduce_xt=self._col_reducer(qc.activation, "activation", tp) if int8 else None,
+            reduce_wt=self._col_reducer(qc.weight, "weight", tp) if int8 else None,
+            reduce_gt=self._col_reducer(qc.grad, "grad", tp) if int8 else None,
             capture=self._sqnr,
         )
-        return out if bias is None else out + bias
 
     def _reducer(self, fmt, operand: str, tp: int):
         sharded = self._sharded.get(operand)
@@ -131,6 +138,14 @@ class _QuantLinearMixin:
         if fmt.granularity == "tensor" or sharded == "cols":
             return functools.partial(_max_reduce, group=self.tp_group)
         return None  # per-row statistics of a row-sharded operand are local
+
+    def _col_reducer(self, fmt, operand: str, tp: int):
+        """compute=int8 requantizes per column (statistics over the rows) for backward GEMMs."""
+        if fmt is None or tp == 1 or fmt.granularity in ("tensor", "group"):
+            return None  # per-tensor codes are reused; group formats are simulated
+        if self._sharded.get(operand) == "rows":
+            return functools.partial(_max_reduce, group=self.tp_group)
+        return None
 
 
 class QuantColumnParallelLinear(_QuantLinearMixin, ColumnParallelLinear):
@@ -193,7 +208,23 @@ def apply_quantization(model: torch.nn.Module, quant_section: Any) -> list[str]:
             continue
         m.qconfig = qc
         names.append(name)
+    if qc.compute == "int8" and names:
+        _report_int8(qc, names)
     return names
+
+
+def _report_int8(qc: LinearQuant, names: list[str]) -> None:
+    """Say once (rank 0) which GEMMs run as integer GEMMs and which fall back to simulation."""
+    from dsq.quant.int8 import Int8FallbackWarning, describe_plan
+
+    if dist.is_available() and dist.is_initialized() and dist.get_rank() != 0:
+        return
+    kinds = sorted({_kind(n) for n in names})
+    msg, fallback = describe_plan(qc, kinds)
+    if fallback:
+        warnings.warn(msg, Int8FallbackWarning, stacklevel=3)
+    else:
+        print(f"dsq: {msg}", flush=True)
 
 
 def set_sqnr_capture(model: torch.nn.Module, on: bool) -> None:

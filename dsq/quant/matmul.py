@@ -15,9 +15,11 @@ The quantizers are straight-through: ``dX`` and ``dW`` are the exact gradients o
 forward with ``dQ(x)/dx = 1``, so ``dW`` sees the same ``Qa(X)`` the forward used. Bias stays
 outside (added by the caller in full precision).
 
-Scales are computed in fp32 from the current tensors (fp32 or bf16 inputs); the GEMMs run in
-the input dtype on the dequantized operands: simulated quantization, as in the study. Integer
-GEMM kernels can replace the three matmuls later without changing the numbers' definition.
+Scales are computed in fp32 from the current tensors (fp32 or bf16 inputs); with
+``compute: simulate`` (the default) the GEMMs run in the input dtype on the dequantized operands:
+simulated quantization, as in the study. ``compute: int8`` runs each GEMM whose operands allow
+it as an integer GEMM (int8 x int8 -> int32, then one rescale): :mod:`dsq.quant.int8` says which,
+and where its backward GEMMs need other scale granularities than the recipe's.
 
 Saved for backward: the int8 codes and scales of ``Qa(X)`` and ``Qw(W)`` rather than the
 full-precision operands, and only those the requested gradients need (``X`` only for ``dW``,
@@ -43,6 +45,7 @@ from dsq.quant.format import QuantFormat
 from dsq.quant.functional import QTensor, Reduce, quantize, signal_noise
 
 GRAD_GEMMS = ("weight", "input", "both")
+COMPUTES = ("simulate", "int8")
 _ALLOWED = {"weight": ("tensor", "channel", "group"),
             "activation": ("tensor", "token", "group"),
             "grad": ("tensor", "token", "group")}
@@ -64,6 +67,9 @@ class LinearQuant:
     """Backward GEMMs that use the quantized output gradient: weight | input | both."""
     check_finite: bool = False
     """Raise FloatingPointError at a quantizer fed inf/nan (costs a host sync per operand)."""
+    compute: str = "simulate"
+    """simulate: float GEMMs on dequantized operands; int8: integer GEMMs where the formats
+    allow (:mod:`dsq.quant.int8`), simulated GEMMs elsewhere."""
 
     def __post_init__(self):
         for name, allowed in _ALLOWED.items():
@@ -75,6 +81,9 @@ class LinearQuant:
         if self.grad_gemms not in GRAD_GEMMS:
             raise ValueError(f"grad_gemms={self.grad_gemms!r} is unknown: "
                              f"use one of {', '.join(GRAD_GEMMS)}")
+        if self.compute not in COMPUTES:
+            raise ValueError(f"compute={self.compute!r} is unknown: "
+                             f"use one of {', '.join(COMPUTES)}")
 
     @property
     def enabled(self) -> bool:
@@ -82,14 +91,22 @@ class LinearQuant:
 
     @classmethod
     def from_config(cls, section: Any) -> LinearQuant:
-        """From any object with ``weight, activation, grad, grad_gemms`` (strings, mappings, None)."""
+        """From any object with ``weight, activation, grad, grad_gemms`` (strings, mappings, None)
+        and optionally ``check_finite`` and ``compute``."""
         return cls(weight=section.weight, activation=section.activation, grad=section.grad,
                    grad_gemms=getattr(section, "grad_gemms", "weight"),
-                   check_finite=bool(getattr(section, "check_finite", False)))
+                   check_finite=bool(getattr(section, "check_finite", False)),
+                   compute=getattr(section, "compute", "simulate"))
 
     def __str__(self) -> str:
         return (f"w={self.weight} a={self.activation} g={self.grad} "
                 f"(grad GEMMs: {self.grad_gemms})")
+
+    def int8_plan(self):
+        """Which GEMMs run as integer GEMMs under ``compute: int8`` (:func:`dsq.quant.int8.int8_plan`)."""
+        from dsq.quant.int8 import int8_plan
+
+        return int8_plan(self)
 
 
 def _quant(x: Tensor, fmt: QuantFormat | None, reduce: Reduce | None, qc: LinearQuant,
@@ -167,16 +184,29 @@ def quantized_linear(
     weight: Tensor,
     qconfig: LinearQuant,
     *,
+    bias: Tensor | None = None,
     reduce_x: Reduce | None = None,
     reduce_w: Reduce | None = None,
     reduce_g: Reduce | None = None,
+    reduce_xt: Reduce | None = None,
+    reduce_wt: Reduce | None = None,
+    reduce_gt: Reduce | None = None,
     capture: dict[str, Tensor] | None = None,
 ) -> Tensor:
-    """``Qa(x) @ Qw(weight)^T`` with the quantized backward described in the module docstring.
+    """``Qa(x) @ Qw(weight)^T (+ bias)`` with the quantized backward described in the module
+    docstring; with ``qconfig.compute == "int8"``, integer GEMMs (:mod:`dsq.quant.int8`).
 
-    ``reduce_*`` max-reduce the statistics of each operand across tensor-parallel ranks.
-    ``capture``, when a dict, accumulates ``[signal, noise]`` power sums of every quantized
-    operand under the keys ``weight``, ``activation`` and ``grad`` (see
+    ``bias`` is added in full precision (``compute: int8`` adds it in the GEMM's epilogue).
+    ``reduce_x/w/g`` max-reduce the statistics of each operand across tensor-parallel ranks;
+    ``reduce_xt/wt/gt`` those of the per-column requantizations of ``compute: int8`` (statistics
+    over each operand's rows). ``capture``, when a dict, accumulates ``[signal, noise]`` power
+    sums of every quantized operand under the keys ``weight``, ``activation`` and ``grad`` (see
     :func:`dsq.quant.functional.signal_noise`); None (default) costs nothing.
     """
-    return _QuantizedLinear.apply(x, weight, qconfig, reduce_x, reduce_w, reduce_g, capture)
+    if qconfig.compute == "int8" and qconfig.int8_plan().any_int8:
+        from dsq.quant.int8 import int8_linear
+
+        return int8_linear(x, weight, bias, qconfig,
+                           (reduce_x, reduce_w, reduce_g, reduce_xt, reduce_wt, reduce_gt), capture)
+    y = _QuantizedLinear.apply(x, weight, qconfig, reduce_x, reduce_w, reduce_g, capture)
+    return y if bias is None else y + bias

@@ -1,0 +1,282 @@
+"""``compute: int8``: the quantized linear's GEMMs as integer GEMMs (int8 x int8 -> int32).
+
+A scaled integer GEMM ``C = (sa qa) (sb qb)`` is ``C[m, n] = sa[m] sb[n] sum_k qa[m, k] qb[k, n]``
+only when no scale varies along the reduced dimension ``k``: one ``torch._int_mm`` and one rescale
+(:mod:`dsq.quant.fused`). For the three GEMMs (``X[tokens, in]``, ``W[out, in]``, ``G[tokens, out]``):
+
+============ ================================ ========= ==========================================
+GEMM         integer form                     reduces   scales the recipe's formats give
+============ ================================ ========= ==========================================
+forward      ``Y  = sx sw  (qx  @ qw^T)``      in        X per token/tensor, W per channel/tensor:
+                                                        the recipe's own quantization, unchanged
+input grad   ``dX = sg sw' (qg  @ qw')``       out       G per token/tensor (the recipe's); W per
+                                                        *input column* (or tensor)
+weight grad  ``dW = sg'' sx'' (qg''^T @ qx'')`` tokens   G per *output column*, X per *input
+                                                        column* (or both per tensor)
+============ ================================ ========= ==========================================
+
+So a per-channel ``W`` is quantized a second time for the input gradient, with one scale per
+input column, from the full-precision weight (same bits and rounding; the parameter itself is
+saved for backward, which costs no memory); per-token ``X`` and ``G`` are quantized a second time
+for the weight gradient with one scale per feature (column), ``X``'s in the forward (its codes
+are what is saved for backward, in place of the per-token ones) and ``G``'s in backward. These
+backward GEMMs therefore differ from ``compute: simulate`` in exactly that granularity: the
+simulation of the same granularities (``Qw`` per input column in ``dX``; ``Qg``, ``Qa`` per
+column in ``dW``) is what int8 equals to float rounding (tests/quant/test_int8.py). With
+per-tensor formats nothing is requantized and int8 equals ``simulate`` itself; the forward
+always equals it (same codes, same scales).
+
+A GEMM runs as an integer GEMM only when both of its operands are quantized, symmetric (no zero
+point), per tensor/channel/token (not per group), at most 8 bits (always, here). Stochastic
+rounding is allowed (its codes are codes). Otherwise that GEMM is simulated exactly as
+``compute: simulate`` does, and :func:`int8_plan` says which and why, e.g. the input gradient under
+``grad_gemms: weight``: the recipe leaves ``G`` in full precision there, and it is not quantized
+for speed's sake. :func:`describe_plan` is the start-up line naming what falls back.
+
+Saved for backward: for ``dW``, the int8 codes of ``X`` (per column for an integer ``dW``, the
+recipe's per-token codes for a simulated one) and their scales; for ``dX``, ``W`` itself when it
+is requantized per input column in backward, otherwise ``W``'s int8 codes: about one byte per
+activation element instead of two (bf16) or four (fp32). The ``dW`` GEMM transposes whichever of
+``X``/``G`` is smaller so the GEMM's left operand is row-major.
+
+Tensor parallelism: ``reduce_x/w/g`` max-reduce the recipe's statistics, ``reduce_xt/wt/gt`` those
+of the per-column quantizations (a per-column statistic reduces over the rows: ``W``'s over
+``out``, sharded in a column-parallel layer; ``X``'s and ``G``'s over tokens).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import torch
+from torch import Tensor
+
+from dsq.quant.format import QuantFormat
+from dsq.quant.functional import QTensor, Reduce, quantize, signal_noise
+from dsq.quant.fused import int_mm, quantize_cols, quantize_rows, rescale
+
+if TYPE_CHECKING:
+    from dsq.quant.matmul import LinearQuant
+
+class Int8FallbackWarning(UserWarning):
+    """``compute: int8`` simulates some GEMM of the recipe (its formats have no integer form)."""
+
+
+GEMMS = {"forward": "forward Y = X W^T", "input_grad": "input grad dX = G W",
+         "weight_grad": "weight grad dW = G^T X"}
+
+
+def int8_reason(fmt: QuantFormat | None, operand: str) -> str | None:
+    """Why ``fmt`` cannot feed an integer GEMM (None: it can)."""
+    if fmt is None:
+        return f"{operand} is not quantized"
+    if not fmt.symmetric:
+        return f"{operand} {fmt} is asymmetric (zero point)"
+    if fmt.granularity == "group":
+        return f"{operand} {fmt} has group scales"
+    if fmt.bits > 8:
+        return f"{operand} {fmt} is wider than 8 bits"
+    return None
+
+
+@dataclass(frozen=True)
+class Int8Plan:
+    """For each GEMM, None when it runs as an integer GEMM, else why it is simulated."""
+
+    forward: str | None
+    input_grad: str | None
+    weight_grad: str | None
+
+    @property
+    def any_int8(self) -> bool:
+        return None in (self.forward, self.input_grad, self.weight_grad)
+
+    def fallbacks(self) -> dict[str, str]:
+        return {k: v for k, v in dataclasses.asdict(self).items() if v is not None}
+
+
+def _first(*reasons: str | None) -> str | None:
+    return "; ".join(r for r in reasons if r) or None
+
+
+@functools.lru_cache(maxsize=64)
+def int8_plan(qc: LinearQuant) -> Int8Plan:
+    """Which GEMMs of ``qc``'s recipe can run as integer GEMMs (see the module docstring)."""
+    a, w = int8_reason(qc.activation, "activation"), int8_reason(qc.weight, "weight")
+    g = int8_reason(qc.grad, "grad")
+    gd = {"input": "input", "both": "input"}.get(qc.grad_gemms)
+    gw = {"weight": "weight", "both": "weight"}.get(qc.grad_gemms)
+    return Int8Plan(
+        forward=_first(a, w),
+        input_grad=_first(g if gd else f"grad is not quantized for this GEMM "
+                          f"(grad_gemms={qc.grad_gemms})", w),
+        weight_grad=_first(g if gw else f"grad is not quantized for this GEMM "
+                           f"(grad_gemms={qc.grad_gemms})", a))
+
+
+def describe_plan(qc: LinearQuant, kinds: list[str] | None = None) -> tuple[str, bool]:
+    """A one-line account of what ``compute: int8`` does with ``qc`` on layers ``kinds``,
+    and whether any GEMM falls back to simulation."""
+    plan = int8_plan(qc)
+    where = f" ({', '.join(kinds)})" if kinds else ""
+    int8 = [GEMMS[k] for k, v in dataclasses.asdict(plan).items() if v is None]
+    fb = plan.fallbacks()
+    msg = f"quant.compute=int8 for {qc}{where}: integer GEMMs: {', '.join(int8) or 'none'}"
+    if fb:
+        msg += "; simulated (float GEMM on dequantized operands): " + "; ".join(
+            f"{GEMMS[k]} because {v}" for k, v in fb.items())
+    return msg, bool(fb)
+
+
+def _col_fmt(fmt: QuantFormat) -> QuantFormat:
+    """The per-column version of a per-row format (per-tensor stays)."""
+    return fmt if fmt.granularity == "tensor" else dataclasses.replace(fmt, granularity="channel")
+
+
+def _tscale(s: Tensor | None) -> Tensor | None:
+    """A per-row scale ``[R, 1]`` as a per-column one ``[1, R]`` and back (0-dim stays)."""
+    return s.t() if s is not None and s.dim() == 2 else s
+
+
+def _record(capture, name: str, x: Tensor, q: QTensor) -> None:
+    if capture is not None:
+        terms = signal_noise(x, q.dequantize(torch.float32))
+        capture[name] = capture[name] + terms if name in capture else terms
+
+
+def _quant(x: Tensor, fmt: QuantFormat | None, reduce: Reduce | None, qc: LinearQuant,
+           name: str, capture) -> QTensor | None:
+    """The recipe's quantization of ``x`` (None: not quantized), recorded for SQNR.
+
+    Integer-GEMM formats go through :func:`dsq.quant.fused.quantize_rows` (eager: the very
+    :func:`~dsq.quant.functional.quantize` of the simulation; fused: the same codes), others
+    through ``quantize`` (their GEMM is simulated)."""
+    if fmt is None:
+        return None
+    if int8_reason(fmt, name) is None:
+        codes, scale = quantize_rows(x, fmt, reduce, check_finite=qc.check_finite, name=name)
+        q = QTensor(codes, scale, None, fmt, x.dtype)
+    else:
+        q = quantize(x, fmt, reduce=reduce, check_finite=qc.check_finite, name=name)
+    _record(capture, name, x, q)
+    return q
+
+
+def _pack(q: QTensor | None, full: Tensor) -> tuple:
+    return (full, None, None) if q is None else (q.codes, q.scale, q.zero_point)
+
+
+def _unpack(saved, fmt: QuantFormat | None, dtype: torch.dtype) -> Tensor:
+    codes, scale, zero_point = saved
+    if fmt is None:
+        return codes.to(dtype)
+    return QTensor(codes, scale, zero_point, fmt, dtype).dequantize()
+
+
+def _value(q: QTensor | None, full: Tensor, dtype: torch.dtype) -> Tensor:
+    return full.to(dtype) if q is None else q.dequantize(dtype)
+
+
+class _Int8Linear(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, w, bias, qc: LinearQuant, plan: Int8Plan, reducers, capture):
+        rx, rw, _, rxt, _, _ = reducers
+        needs_dx, needs_dw = ctx.needs_input_grad[:2]
+        x2 = x.reshape(-1, x.shape[-1])
+        n_in, n_out = w.shape[1], w.shape[0]
+        qx = _quant(x2, qc.activation, rx, qc, "activation", capture)
+        qw = _quant(w, qc.weight, rw, qc, "weight", capture)
+        if plan.forward is None:
+            y2 = rescale(int_mm(qx.codes, qw.codes.t()), qx.scale, _tscale(qw.scale), bias,
+                         x.dtype)
+        else:
+            y2 = torch.matmul(_value(qx, x2, x.dtype), _value(qw, w, x.dtype).t())
+            if bias is not None:
+                y2 = y2 + bias
+        y = y2.view(*x.shape[:-1], n_out)
+
+        # dW's GEMM transposes the smaller of X[tok, in] and G[tok, out] (row-major left operand)
+        xt = n_in <= n_out
+        saved_x = saved_w = (None, None, None)
+        if needs_dw:
+            if plan.weight_grad is not None:
+                saved_x = _pack(qx, x2)
+            elif qc.activation.granularity == "tensor":
+                saved_x = (qx.codes.t().contiguous() if xt else qx.codes, qx.scale, None)
+            else:
+                saved_x = (*quantize_cols(x2, _col_fmt(qc.activation), rxt, transpose=xt,
+                                          check_finite=qc.check_finite, name="activation"), None)
+        if needs_dx:
+            if plan.input_grad is not None or qc.weight.granularity == "tensor":
+                saved_w = _pack(qw, w)
+            else:
+                saved_w = (w, None, None)  # requantized per input column in backward
+        ctx.save_for_backward(*saved_x, *saved_w)
+        ctx.meta = (qc, plan, reducers, capture, x.shape, w.dtype, xt)
+        return y
+
+    @staticmethod
+    def backward(ctx, g):
+        qc, plan, reducers, capture, x_shape, w_dtype, xt = ctx.meta
+        _, _, rg, _, rwt, rgt = reducers
+        saved = ctx.saved_tensors
+        needs_dx, needs_dw, needs_db = ctx.needs_input_grad[:3]
+        g2 = g.reshape(-1, g.shape[-1])
+        q_dx = qc.grad is not None and qc.grad_gemms in ("input", "both") and needs_dx
+        q_dw = qc.grad is not None and qc.grad_gemms in ("weight", "both") and needs_dw
+        cache: list[QTensor | None] = []
+
+        def qg() -> QTensor:  # the recipe's Qg(G), computed once whoever needs it
+            if not cache:
+                cache.append(_quant(g2, qc.grad, rg, qc, "grad", capture))
+            return cache[0]
+
+        dx = dw = db = None
+        if needs_dx:
+            if plan.input_grad is None:
+                w_codes, w_scale, _ = saved[3:]
+                if w_codes.dtype != torch.int8:  # per input column, from W itself
+                    w_codes, w_scale = quantize_cols(w_codes, _col_fmt(qc.weight), rwt,
+                                                     check_finite=qc.check_finite, name="weight")
+                else:
+                    w_scale = _tscale(w_scale)
+                q = qg()
+                dx = rescale(int_mm(q.codes, w_codes), q.scale, w_scale, None, g.dtype)
+            else:
+                gd = _value(qg(), g2, g.dtype) if q_dx else g2
+                dx = gd @ _unpack(saved[3:], qc.weight, g.dtype)
+            dx = dx.view(x_shape)
+        if needs_dw:
+            if plan.weight_grad is None:
+                x_codes, x_scale, _ = saved[:3]
+                if qc.grad.granularity == "tensor":
+                    q = qg()
+                    g_codes, g_scale = (q.codes if xt else q.codes.t().contiguous()), q.scale
+                else:
+                    g_codes, g_scale = quantize_cols(g2, _col_fmt(qc.grad), rgt, transpose=not xt,
+                                                     check_finite=qc.check_finite, name="grad")
+                    if not cache and capture is not None:  # G's only quantization: record it
+                        codes = g_codes if xt else g_codes.t()
+                        _record(capture, "grad", g2, QTensor(codes, g_scale, None, qc.grad,
+                                                             g.dtype))
+                if xt:  # dW^T[in, out] = X''^T[in, tok] @ G''[tok, out]
+                    dw = rescale(int_mm(x_codes, g_codes), _tscale(x_scale), g_scale, None,
+                                 w_dtype, transpose=True)
+                else:  # dW[out, in] = G''^T[out, tok] @ X''[tok, in]
+                    dw = rescale(int_mm(g_codes, x_codes), _tscale(g_scale), x_scale, None,
+                                 w_dtype)
+            else:
+                gw = _value(qg(), g2, g.dtype) if q_dw else g2
+                dw = (gw.t() @ _unpack(saved[:3], qc.activation, g.dtype)).to(w_dtype)
+        if needs_db:
+            db = g2.sum(0)
+        return dx, dw, db, None, None, None, None
+
+
+def int8_linear(x: Tensor, weight: Tensor, bias: Tensor | None, qc: LinearQuant,
+                reducers: tuple, capture) -> Tensor:
+    """``Qa(x) Qw(weight)^T + bias`` with integer GEMMs where :func:`int8_plan` allows."""
+    return _Int8Linear.apply(x, weight, bias, qc, int8_plan(qc), reducers, capture)
