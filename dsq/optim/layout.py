@@ -89,7 +89,10 @@ class Layout:
 
     @property
     def quantized(self) -> bool:
-        return self.m_code_len > 0
+        """Whether the state has the quantized format: some parameter of the *group* (not
+        necessarily of this partition) is quantized. Identical on all ranks, so they agree on
+        taking part in the exchange of block maxima."""
+        return any(self.meta.get("quantized", ()))
 
     def state_bytes(self) -> int:
         return self.m_code_len + self.v_code_len + 8 * self.n_scales + 8 * self.n_fp32

@@ -102,3 +102,16 @@ def test_per_tensor_blocks_are_parameters():
     assert [(p.kind, p.length) for p in lay.pieces] == [("rows", 100), ("split", 40000),
                                                         ("rows", 64)]
     assert lay.n_scales == 3 and lay.n_slots == 0
+
+
+def test_every_rank_of_a_quantized_group_uses_the_quantized_format():
+    """A rank whose partition holds only fp32 parameters still takes part in the exchange of
+    block maxima (else the other ranks would wait for it forever)."""
+    numels = [1024, 300, 300, 300, 300]
+    offsets = [sum(numels[:i]) for i in range(len(numels))]
+    quantized = [is_quantized(n, 256, True) for n in numels]
+    size = 556  # dp=4: 2224 elements; boundary 556 cuts block 2 of the first parameter
+    lays = [build_layout(numels, offsets, quantized, 256, 8, 8, r * size, size, 4)
+            for r in range(4)]
+    assert [lay.m_code_len > 0 for lay in lays] == [True, True, False, False]
+    assert all(lay.quantized and lay.n_slots == 1 for lay in lays)
