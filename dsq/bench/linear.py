@@ -1,0 +1,223 @@
+"""``dsq bench linear``: forward + backward of one linear layer, side by side.
+
+Rows (each shape ``tokens x in -> out``, the same inputs cast to each row's dtype):
+
+* ``fp32 nn.Linear``, ``bf16 nn.Linear``: PyTorch's own layer;
+* ``torchao int8 MP``: torchao's int8 mixed-precision training (all three GEMMs dynamically
+  quantized to int8, row-wise), bf16 weights; ``torchao int8 MP (compiled)`` the same under
+  ``torch.compile`` (with ``--compile``); only when torchao is importable (extra ``bench``);
+* ``dsq simulate``: :func:`dsq.quant.quantized_linear`, W8A8 with G8 on both backward GEMMs
+  (``int8:channel``, ``int8:token``, ``int8:token``), bf16, quantize-dequantize + bf16 GEMMs;
+* ``dsq int8``: the same recipe with ``compute: int8`` (integer GEMMs), eager kernels, and
+  ``dsq int8 (fused)`` with the torch.compile kernels (with ``--compile``, the default).
+
+One timed iteration is ``y = layer(x); y.backward(g)`` with ``x`` requiring grad (a layer inside
+a network computes all three GEMMs) plus the bias gradient. Rows run interleaved, one iteration
+each per round, after ``--warmup`` rounds (compilation happens there), and the median of
+``--repeats`` rounds is reported: a machine shared with other work slows all rows alike.
+``saved_MiB`` is what autograd keeps for backward, parameters excluded (measured with
+``torch.autograd.graph.saved_tensors_hooks``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+import warnings
+from dataclasses import dataclass
+from typing import Callable, List, Optional
+
+import torch
+
+DEFAULT_SHAPES = "768x3072,3072x768,1024x4096"
+RECIPE = dict(weight="int8:channel", activation="int8:token", grad="int8:token", grad_gemms="both")
+
+
+@dataclass
+class Row:
+    name: str
+    dtype: torch.dtype
+    layer: Callable  # x -> y
+    params: List[torch.Tensor]
+    fused: bool = False
+    """Run with dsq's torch.compile kernels (forward and backward)."""
+
+
+def parse_shapes(spec: str) -> List[tuple]:
+    out = []
+    for part in spec.split(","):
+        a, b = part.lower().split("x")
+        out.append((int(a), int(b)))
+    return out
+
+
+def _linear(n_in, n_out, dtype, w, b):
+    m = torch.nn.Linear(n_in, n_out, dtype=dtype)
+    with torch.no_grad():
+        m.weight.copy_(w)
+        m.bias.copy_(b)
+    return m
+
+
+def _torchao(n_in, n_out, w, b, compile_: bool) -> Optional[Row]:
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            from torchao.prototype.quantized_training import Int8MixedPrecisionTrainingConfig
+            from torchao.quantization import quantize_
+    except Exception:  # not installed, or an incompatible build
+        return None
+    m = _linear(n_in, n_out, torch.bfloat16, w, b)
+    quantize_(m, Int8MixedPrecisionTrainingConfig())
+    name = "torchao int8 MP"
+    layer = m
+    if compile_:
+        layer, name = torch.compile(m), name + " (compiled)"
+    return Row(name, torch.bfloat16, layer, list(m.parameters()))
+
+
+def _dsq(n_in, n_out, w, b, compute: str, name: str, fused: bool = False) -> Row:
+    from dsq.quant import LinearQuant, quantized_linear
+
+    qc = LinearQuant(**RECIPE, compute=compute)
+    wp = torch.nn.Parameter(w.to(torch.bfloat16).clone())
+    bp = torch.nn.Parameter(b.to(torch.bfloat16).clone())
+    return Row(name, torch.bfloat16, lambda x: quantized_linear(x, wp, qc, bias=bp), [wp, bp],
+               fused)
+
+
+def build_rows(n_in, n_out, w, b, *, compile_: bool, torchao: bool) -> List[Row]:
+    rows = []
+    for dtype, label in ((torch.float32, "fp32"), (torch.bfloat16, "bf16")):
+        m = _linear(n_in, n_out, dtype, w, b)
+        rows.append(Row(f"{label} nn.Linear", dtype, m, list(m.parameters())))
+    if torchao:
+        for c in ((False, True) if compile_ else (False,)):
+            r = _torchao(n_in, n_out, w, b, c)
+            if r is not None:
+                rows.append(r)
+    rows.append(_dsq(n_in, n_out, w, b, "simulate", "dsq simulate"))
+    rows.append(_dsq(n_in, n_out, w, b, "int8", "dsq int8"))
+    if compile_:
+        rows.append(_dsq(n_in, n_out, w, b, "int8", "dsq int8 (fused)", fused=True))
+    return rows
+
+
+class _FusedAs:
+    """Run a block with dsq's fused kernels on or off (both passes: backward runs later)."""
+
+    def __init__(self, on: bool):
+        self.on = on
+
+    def __enter__(self):
+        from dsq.quant import fused
+
+        self.prev = fused.fused_enabled()
+        fused.set_fused(self.on)
+
+    def __exit__(self, *exc):
+        from dsq.quant import fused
+
+        fused.set_fused(self.prev)
+
+
+def _step(row: Row, x, g) -> None:
+    for p in row.params:
+        p.grad = None
+    x.grad = None
+    with _FusedAs(row.fused):
+        row.layer(x).backward(g)
+
+
+def saved_bytes(row: Row, x) -> int:
+    params = {p.data_ptr() for p in row.params}
+    sizes: dict = {}
+
+    def pack(t):
+        if t.data_ptr() not in params:
+            sizes[(t.data_ptr(), t.dtype, tuple(t.shape))] = t.numel() * t.element_size()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), _FusedAs(row.fused):
+        y = row.layer(x)
+    del y
+    return sum(sizes.values())
+
+
+def bench_shape(tokens: int, n_in: int, n_out: int, *, repeats: int, warmup: int,
+                compile_: bool, torchao: bool, seed: int = 0, log=print) -> List[dict]:
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(tokens, n_in, generator=gen)
+    w = torch.randn(n_out, n_in, generator=gen) / n_in**0.5
+    b = torch.randn(n_out, generator=gen) * 0.1
+    g = torch.randn(tokens, n_out, generator=gen) / tokens
+    rows = build_rows(n_in, n_out, w, b, compile_=compile_, torchao=torchao)
+    inputs = {dt: (x.to(dt).requires_grad_(), g.to(dt)) for dt in {r.dtype for r in rows}}
+    times = {r.name: [] for r in rows}
+    t0 = time.perf_counter()
+    for i in range(warmup + repeats):
+        for r in rows:
+            xi, gi = inputs[r.dtype]
+            s = time.perf_counter()
+            _step(r, xi, gi)
+            if i >= warmup:
+                times[r.name].append(time.perf_counter() - s)
+        if i == warmup - 1:
+            log(f"  {tokens}x{n_in}->{n_out}: warm-up (incl. compilation) "
+                f"{time.perf_counter() - t0:.1f} s")
+    ms = {k: 1e3 * statistics.median(v) for k, v in times.items()}
+    bf16 = ms.get("bf16 nn.Linear")
+    flops = 6 * tokens * n_in * n_out
+    out = []
+    for r in rows:
+        out.append({
+            "name": r.name, "shape": f"{tokens}x{n_in}->{n_out}",
+            "tokens": tokens, "in": n_in, "out": n_out, "ms": ms[r.name],
+            "speedup_vs_bf16": bf16 / ms[r.name] if bf16 else None,
+            "gop_s": flops / ms[r.name] / 1e6,
+            "saved_MiB": saved_bytes(r, inputs[r.dtype][0]) / 2**20,
+            "min_ms": 1e3 * min(times[r.name]), "repeats": repeats})
+    return out
+
+
+def format_table(rows: List[dict]) -> str:
+    head = f"| {'layer':<28} | {'shape':<16} | {'ms':>8} | {'vs bf16':>7} | {'GOP/s':>6} | " \
+           f"{'saved MiB':>9} |"
+    lines = [head, "|" + "|".join("-" * (len(c)) for c in head.split("|")[1:-1]) + "|"]
+    for r in rows:
+        sp = f"{r['speedup_vs_bf16']:.2f}x" if r["speedup_vs_bf16"] else "-"
+        lines.append(f"| {r['name']:<28} | {r['shape']:<16} | {r['ms']:>8.1f} | {sp:>7} | "
+                     f"{r['gop_s']:>6.0f} | {r['saved_MiB']:>9.1f} |")
+    return "\n".join(lines)
+
+
+def main(argv: List[str]) -> None:
+    p = argparse.ArgumentParser(prog="dsq bench linear", description=__doc__.split("\n")[0])
+    p.add_argument("--tokens", type=int, default=4096, help="rows of X (default 4096)")
+    p.add_argument("--shapes", default=DEFAULT_SHAPES,
+                   help=f"comma-separated in x out (default {DEFAULT_SHAPES})")
+    p.add_argument("--repeats", type=int, default=10, help="timed rounds (median reported)")
+    p.add_argument("--warmup", type=int, default=3, help="untimed rounds first")
+    p.add_argument("--no-compile", dest="compile", action="store_false",
+                   help="skip the torch.compile rows (dsq int8 fused, torchao compiled)")
+    p.add_argument("--no-torchao", dest="torchao", action="store_false")
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    p.add_argument("--json", default=None, help="write the rows to this JSON file")
+    ns = p.parse_args(argv)
+    if ns.threads:
+        torch.set_num_threads(ns.threads)
+    log = lambda *a: print(*a, file=sys.stderr, flush=True)  # noqa: E731
+    log(f"dsq bench linear: torch {torch.__version__}, {torch.get_num_threads()} threads, "
+        f"fwd+bwd, median of {ns.repeats} after {ns.warmup} warm-up rounds")
+    rows = []
+    for n_in, n_out in parse_shapes(ns.shapes):
+        rows += bench_shape(ns.tokens, n_in, n_out, repeats=ns.repeats, warmup=ns.warmup,
+                            compile_=ns.compile, torchao=ns.torchao, log=log)
+    print(format_table(rows))
+    if ns.json:
+        with open(ns.json, "w") as fh:
+            json.dump({"rows": rows, "torch": torch.__version__,
+                       "threads": torch.get_num_threads()}, fh, indent=2)

@@ -1,0 +1,186 @@
+"""``dsq bench train``: end-to-end training throughput, memory and loss of recipes, side by side.
+
+Each recipe is a real ``--nproc``-rank run through ``launch/local.sh`` (the deepspeed launcher),
+the same config, seed and ``--steps`` for all, without checkpoints in between or MLflow; the
+numbers are read back from each run's ``summary.json``: ``tokens_per_s`` (rank 0's mean over
+the steps after the first, so start-up and torch.compile time are left out), ``peak_rss_bytes``
+of every rank, and the final ``val_loss``.
+
+A recipe is written ``BASE[+MOD...]``:
+
+* ``BASE``: ``fp32`` or ``bf16`` (no quantization, that DeepSpeed precision), or the name of a
+  file in ``configs/recipes/`` (``w8a8``, ``w8a8g8``, ``w8a8g8-both``, ...), run at
+  ``--precision`` (default bf16, the faster baseline on this CPU);
+* ``MOD``: ``qadamw`` (8-bit optimizer states, ``optim.name=qadamw``), ``int8``
+  (``quant.compute=int8``; with ``--fused``, the default, also ``DSQ_QUANT_COMPILE=1``),
+  ``fp32`` / ``bf16`` (precision).
+
+A run that fails (e.g. an optimizer not available) is listed with its error, not dropped
+silently. The table compares tokens/s with the faster of the ``fp32`` and ``bf16`` rows, and the
+validation loss of every ``+int8`` row with the same recipe without ``+int8`` (simulated).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Dict, List
+
+ROOT = Path(__file__).resolve().parents[2]
+RECIPES_DIR = ROOT / "configs" / "recipes"
+DEFAULT_RECIPES = ("fp32,bf16,w8a8,w8a8g8-both,w8a8g8-both+qadamw,"
+                   "w8a8g8-both+qadamw+int8")
+MODS = ("qadamw", "int8", "fp32", "bf16")
+
+
+def resolve(spec: str, precision: str, fused: bool) -> tuple[List[str], List[str], Dict[str, str]]:
+    """Config files, overrides and environment of recipe ``spec``."""
+    base, *mods = spec.split("+")
+    files: List[str] = []
+    overrides: List[str] = []
+    env: Dict[str, str] = {}
+    if base in ("fp32", "bf16"):
+        files.append(str(RECIPES_DIR / "baseline.yaml"))
+        precision = base
+    else:
+        path = RECIPES_DIR / f"{base}.yaml"
+        if not path.is_file():
+            known = sorted(p.stem for p in RECIPES_DIR.glob("*.yaml"))
+            raise ValueError(f"recipe {spec!r}: {base!r} is neither fp32, bf16 nor one of "
+                             f"configs/recipes/ ({', '.join(known)})")
+        files.append(str(path))
+    for m in mods:
+        if m not in MODS:
+            raise ValueError(f"recipe {spec!r}: unknown modifier {m!r}; use {', '.join(MODS)}")
+        if m == "qadamw":
+            overrides.append("optim.name=qadamw")
+        elif m == "int8":
+            overrides.append("quant.compute=int8")
+            if fused:
+                env["DSQ_QUANT_COMPILE"] = "1"
+        else:
+            precision = m
+    overrides.append(f"deepspeed.precision={precision}")
+    return files, overrides, env
+
+
+def run_recipe(spec: str, ns, base_files: List[str], log) -> dict:
+    files, overrides, extra_env = resolve(spec, ns.precision, ns.fused)
+    out = Path(ns.out).resolve() / spec.replace("+", "_")
+    if out.exists():
+        import shutil
+
+        shutil.rmtree(out)
+    out.mkdir(parents=True)
+    args = [*base_files, *files, f"train.steps={ns.steps}", "train.eval_every=0",
+            "train.ckpt_every=0", "train.progress=false", "tracking.enabled=false",
+            f"train.out_dir={out}", f"train.seed={ns.seed}", *overrides, *ns.override]
+    if ns.cache_dir:
+        args.append(f"data.cache_dir={ns.cache_dir}")
+    env = {**os.environ, "PYTHON": sys.executable, **extra_env}
+    cmd = ["bash", str(ROOT / "launch" / "local.sh"), str(ns.nproc), *args]
+    log(f"  {spec}: {' '.join(cmd[2:])}" + "".join(f" [{k}={v}]" for k, v in extra_env.items()))
+    t0 = time.perf_counter()
+    with open(out / "bench.log", "w") as fh:
+        res = subprocess.run(cmd, cwd=ROOT, env=env, stdout=fh, stderr=subprocess.STDOUT,
+                             timeout=ns.timeout)
+    wall = time.perf_counter() - t0
+    row = {"recipe": spec, "tokens_per_s": None, "peak_rss_bytes": None, "val_loss": None,
+           "wall_s": wall, "out_dir": str(out), "error": None}
+    summary = out / "summary.json"
+    if res.returncode != 0 or not summary.is_file():
+        tail = (out / "bench.log").read_text(errors="replace").strip().splitlines()[-5:]
+        errors = [t for t in tail if "Error" in t or "error" in t] or tail[-1:]
+        row["error"] = f"exit {res.returncode}: {errors[-1] if errors else '?'}"[:300]
+        log(f"  {spec}: FAILED ({row['error']}); log in {out / 'bench.log'}")
+        return row
+    s = json.loads(summary.read_text())
+    row.update(tokens_per_s=s["tokens_per_s"], peak_rss_bytes=s["peak_rss_bytes"],
+               val_loss=s["val_loss"], train_loss=s["train_loss"],
+               optimizer_state_bytes=s.get("optimizer_state_bytes"))
+    log(f"  {spec}: {s['tokens_per_s']:,.0f} tokens/s, val loss {s['val_loss']:.4f} "
+        f"({wall:.0f} s)")
+    return row
+
+
+def compare(rows: List[dict]) -> None:
+    """Add speedup vs the best baseline and the int8 rows' val loss vs their simulation."""
+    ok = {r["recipe"]: r for r in rows if r["error"] is None}
+    base = max((ok[b]["tokens_per_s"] for b in ("fp32", "bf16") if b in ok), default=None)
+    for r in rows:
+        r["speedup_vs_best_baseline"] = (r["tokens_per_s"] / base if base and r["tokens_per_s"]
+                                         else None)
+        r["val_loss_vs_simulated"] = None
+        if r["error"] is None and "+int8" in r["recipe"]:
+            sim = ok.get(r["recipe"].replace("+int8", ""))
+            if sim is not None:
+                r["val_loss_vs_simulated"] = r["val_loss"] / sim["val_loss"] - 1
+
+
+def format_table(rows: List[dict]) -> str:
+    head = (f"| {'recipe':<28} | {'tokens/s':>9} | {'vs best base':>12} | "
+            f"{'peak RSS/rank MiB':>17} | {'val loss':>8} | {'vs sim':>6} |")
+    lines = [head, "|" + "|".join("-" * len(c) for c in head.split("|")[1:-1]) + "|"]
+    for r in rows:
+        if r["error"]:
+            lines.append(f"| {r['recipe']:<28} | {'failed: ' + r['error']}")
+            continue
+        rss = "/".join(f"{b / 2**20:.0f}" for b in r["peak_rss_bytes"])
+        sp = f"{r['speedup_vs_best_baseline']:.2f}x" if r["speedup_vs_best_baseline"] else "-"
+        vs = (f"{100 * r['val_loss_vs_simulated']:+.1f}%"
+              if r["val_loss_vs_simulated"] is not None else "")
+        lines.append(f"| {r['recipe']:<28} | {r['tokens_per_s']:>9,.0f} | {sp:>12} | "
+                     f"{rss:>17} | {r['val_loss']:>8.4f} | {vs:>6} |")
+    return "\n".join(lines)
+
+
+def main(argv: List[str]) -> None:
+    p = argparse.ArgumentParser(prog="dsq bench train", description=__doc__.split("\n")[0])
+    p.add_argument("--preset", default="small", help="model preset (default small); uses "
+                   "configs/<preset>.yaml when it exists")
+    p.add_argument("--config", nargs="+", default=None,
+                   help="base YAML config(s) instead of the preset's")
+    p.add_argument("--steps", type=int, default=30)
+    p.add_argument("--nproc", type=int, default=2)
+    p.add_argument("--recipes", default=DEFAULT_RECIPES,
+                   help=f"comma-separated BASE[+MOD...] (default {DEFAULT_RECIPES})")
+    p.add_argument("--precision", default="bf16", choices=("fp32", "bf16"),
+                   help="DeepSpeed precision of quantized recipes (default bf16)")
+    p.add_argument("--no-fused", dest="fused", action="store_false",
+                   help="+int8 runs with eager kernels (no DSQ_QUANT_COMPILE=1)")
+    p.add_argument("--seed", type=int, default=1234)
+    p.add_argument("--out", default="runs/bench_train", help="folder of the runs")
+    p.add_argument("--cache-dir", default=None, help="data.cache_dir for all runs")
+    p.add_argument("--override", action="append", default=[],
+                   help="extra key.sub=value for every run (repeatable)")
+    p.add_argument("--timeout", type=int, default=3600, help="seconds per run")
+    p.add_argument("--json", default=None, help="write the rows to this JSON file")
+    ns = p.parse_args(argv)
+    if ns.config:
+        base_files = list(ns.config)
+    else:
+        preset_file = ROOT / "configs" / f"{ns.preset}.yaml"
+        base_files = [str(preset_file)] if preset_file.is_file() else []
+        ns.override.insert(0, f"model.preset={ns.preset}")
+    specs = [s.strip() for s in ns.recipes.split(",") if s.strip()]
+    for s in specs:
+        resolve(s, ns.precision, ns.fused)  # fail on a typo before any run starts
+    log = lambda *a: print(*a, file=sys.stderr, flush=True)  # noqa: E731
+    log(f"dsq bench train: {len(specs)} recipes x {ns.steps} steps on {ns.nproc} ranks "
+        f"({', '.join(base_files) or 'preset ' + ns.preset})")
+    rows = [run_recipe(s, ns, base_files, log) for s in specs]
+    compare(rows)
+    print(format_table(rows))
+    if ns.json:
+        Path(ns.json).write_text(json.dumps({"rows": rows, "steps": ns.steps,
+                                             "nproc": ns.nproc, "config": base_files},
+                                            indent=2))
+    if any(r["error"] for r in rows):
+        print("note: failed runs are listed with their error; see bench.log in their out_dir",
+              file=sys.stderr)
+
