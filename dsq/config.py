@@ -132,7 +132,7 @@ class DataConfig:
     """Column holding the text in JSON lines / Parquet / Hub data."""
     tokenizer: Optional[str] = None
     """Existing sentencepiece .model to use; null trains one on the training data."""
-    cache_dir: str = "data_cache"
+    cache_dir: str = "runs/data_cache"
     """Where prepared (tokenized, packed) data is written, keyed by a hash of its inputs."""
 
 
