@@ -15,7 +15,6 @@ Usage: ``dsq bench optim [--params 20e6] [--repeat 10] [--json out.json]`` or
 from __future__ import annotations
 
 import argparse
-import gc
 import json
 import statistics
 import sys
@@ -96,47 +95,50 @@ def _lazy(module: str, cls: str) -> Callable:
     return make
 
 
-def bench_one(make: Callable, params, grads, warmup: int, repeat: int) -> Dict:
+def build(make: Callable, params, grads, warmup: int):
     ps = [torch.nn.Parameter(p.clone()) for p in params]
     for p, g in zip(ps, grads):
         p.grad = g
     opt = make(ps)
     for _ in range(warmup):
         opt.step()
-    times = []
-    for _ in range(repeat):
-        t = time.perf_counter()
-        opt.step()
-        times.append(time.perf_counter() - t)
-    n = sum(p.numel() for p in ps)
-    ms = statistics.median(times) * 1e3
-    row = {"ms_per_step": ms, "params_per_s": n / (ms / 1e3),
-           "state_bytes_per_param": state_bytes(opt) / n, "params": n}
-    if not all(torch.isfinite(p).all() for p in ps):
-        row["note"] = "non-finite parameters"
-    del opt, ps
-    gc.collect()
-    return row
+    return opt, ps
+
+
+def timed_step(opt) -> float:
+    t = time.perf_counter()
+    opt.step()
+    return time.perf_counter() - t
 
 
 def run(n_params: int, warmup: int, repeat: int, only: Optional[List[str]], kernel: str,
         log=print) -> List[Dict]:
     params, grads = make_params(n_params)
-    rows = []
+    n = sum(p.numel() for p in params)
+    built = {}
     for name, make in candidates(kernel).items():
         if only and name not in only:
             continue
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
-                row = bench_one(make, params, grads, warmup, repeat)
+                built[name] = build(make, params, grads, warmup)
         except ImportError as e:
             log(f"  {name}: skipped (not installed: {e.name or e}; pip install 'dsq[bench]')")
-            continue
         except Exception as e:  # a competitor that does not run here (e.g. no CPU kernel)
             log(f"  {name}: skipped ({type(e).__name__}: {str(e).splitlines()[0][:120]})")
-            continue
-        rows.append({"name": name, **row})
+    times: Dict[str, List[float]] = {name: [] for name in built}
+    for _ in range(repeat):
+        for name, (opt, _) in built.items():
+            times[name].append(timed_step(opt))
+    rows = []
+    for name, (opt, ps) in built.items():
+        ms = statistics.median(times[name]) * 1e3
+        row = {"name": name, "ms_per_step": ms, "params_per_s": n / (ms / 1e3),
+               "state_bytes_per_param": state_bytes(opt) / n, "params": n}
+        if not all(torch.isfinite(p).all() for p in ps):
+            row["note"] = "non-finite parameters"
+        rows.append(row)
     fused = next((r["ms_per_step"] for r in rows if r["name"] == "torch_adamw_fused"), None)
     for r in rows:
         if fused:
