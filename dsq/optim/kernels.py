@@ -571,13 +571,24 @@ def _cache_dir() -> Path:
     return Path(os.environ.get("DSQ_CACHE_DIR", Path.home() / ".cache" / "dsq"))
 
 
+def _cpu_id() -> str:
+    try:
+        with open("/proc/cpuinfo") as fh:
+            return "".join(sorted({ln for ln in fh if ln.startswith(("model name", "flags"))}))
+    except OSError:
+        import platform
+
+        return platform.machine() + platform.processor()
+
+
 def _build() -> ctypes.CDLL:
     cc = os.environ.get("CC") or shutil.which("gcc") or shutil.which("cc")
     if not cc:
         raise RuntimeError("no C compiler (gcc/cc) on PATH")
     flags = ["-O3", "-march=native", "-ffp-contract=off", "-fno-math-errno", "-fopenmp",
              "-shared", "-fPIC"]
-    key = hashlib.sha256((C_SOURCE + " ".join(flags) + cc).encode()).hexdigest()[:16]
+    # -march=native: the CPU is part of the key (a home directory shared by different nodes)
+    key = hashlib.sha256((C_SOURCE + " ".join(flags) + cc + _cpu_id()).encode()).hexdigest()[:16]
     out = _cache_dir() / f"qadamw_{key}.so"
     if not out.is_file():
         out.parent.mkdir(parents=True, exist_ok=True)
