@@ -1,9 +1,10 @@
 """slurm/pretrain.sbatch and slurm/sweep.sbatch on a real one-node SLURM cluster.
 
-One uninterrupted 2-rank job is the reference; a job stopped by SIGUSR1 (SLURM's warning
-before a time limit) requeues itself and a job that loses a rank to SIGKILL fails and is
-resubmitted; both must end with the reference's losses at every step. The sweep runs three
-recipes as three array tasks, each its own MLflow run in one experiment.
+One uninterrupted 2-rank job is the reference. A second job is stopped by SIGUSR1 (SLURM's
+warning before a time limit) and requeues itself, loses a rank to SIGKILL in its second
+attempt and fails, and is resubmitted after its newest checkpoint was truncated: it must end
+with the reference's losses at every step. The sweep runs three recipes as three array
+tasks, each its own MLflow run in one experiment.
 """
 
 from __future__ import annotations
@@ -123,103 +124,123 @@ def test_pretrain_job_completes_with_summary_and_mlflow_run(reference):
     print(f"\n2-rank job of {STEPS} steps: {reference['seconds']:.0f} s from sbatch to the end")
 
 
-def test_usr1_checkpoints_requeues_and_resumes_with_the_same_losses(slurm, reference, tmp_path,
-                                                                  data_cache):
-    out, db = tmp_path / "run", tmp_path / "mlflow.db"
-    job = submit_2ranks(slurm, tmp_path, train_args(out, data_cache, db))
+@pytest.fixture(scope="module")
+def lifecycle(slurm, reference, tmp_path_factory, data_cache):
+    """One run through everything a long job meets, submitted like a user would:
+
+    1. SIGUSR1 to the batch shell mid-run (what `--signal=B:USR1@120` does before a time
+       limit): the ranks checkpoint, the script requeues, the second attempt resumes;
+    2. SIGKILL to one rank of the second attempt after its second checkpoint: the job fails;
+    3. the newest checkpoint is truncated on purpose, and the same command is resubmitted.
+    One chain rather than three jobs keeps the suite short (each job start costs ~40 s here).
+    """
+    from dsq import checkpoint
+
+    root = tmp_path_factory.mktemp("slurm_lifecycle")
+    out, db = root / "run", root / "mlflow.db"
+    args = train_args(out, data_cache, db)
+    latest = out / "checkpoints" / "latest"
+    rec = {"out": out, "db": db, "root": root}
+
+    # 1. stop signal, checkpoint, requeue, resume
+    job = rec["job"] = submit_2ranks(slurm, root, args)
     watch = Watch(slurm, job)
     wait_for(lambda: steps_logged(out) >= 3 or watch.over(), 600, "3 training steps")
-    assert slurm.state(job) == "RUNNING" and steps_logged(out) < STEPS
-    # what SLURM does before a time limit (--signal=B:USR1@120): signal the batch shell only
+    assert slurm.state(job) == "RUNNING" and steps_logged(out) < STEPS, job_log(root, job)
     slurm.run("scancel", "--signal=USR1", "--batch", str(job))
-    info = slurm.wait_final(job, timeout=900)
-    log = job_log(tmp_path, job)
-    assert info["JobState"] == "COMPLETED" and info["Restarts"] == "1", (info, log[-4000:])
+
+    # 2. the second attempt writes two checkpoints, then loses a rank
+    def resumed_and_checkpointed():
+        tag = latest.read_text().strip() if latest.is_file() else ""
+        return "attempt 2 started" in job_log(root, job) and tag >= "step_00000010"
+
+    wait_for(lambda: resumed_and_checkpointed() or watch.over(), 900,
+             "the requeued attempt's second checkpoint")
+    victims = rank_processes(out)
+    rec["info_before_kill"] = slurm.job(job)
+    assert slurm.state(job) == "RUNNING" and len(victims) == 2, \
+        ("the job ended before the kill", job_log(root, job)[-4000:])
+    t0 = time.time()
+    victims[-1].send_signal(signal.SIGKILL)
+    wait_for(lambda: slurm.state(job) not in ("RUNNING", "COMPLETING"), 300, "the job to end",
+             poll=0.1)
+    rec["seconds_to_fail"] = time.time() - t0
+    rec["info"] = slurm.job(job)
+    rec["log"] = job_log(root, job)
+    wait_for(lambda: not rank_processes(out), 60, "the other rank to be gone", poll=0.5)
+    rec["summary_after_kill"] = (out / "summary.json").exists()
+    rec["killed_at"] = max(read_metrics(out))
+
+    # 3. damage the newest checkpoint, resubmit the same command
+    tag = rec["tag"] = latest.read_text().strip()
+    rec["tag_complete"] = checkpoint.check(out / "checkpoints" / tag) is None
+    rec["previous"] = sorted(p.name for p in (out / "checkpoints").glob("step_*")
+                             if p.name < tag and checkpoint.check(p) is None)
+    victim = rec["victim"] = max((p for p in (out / "checkpoints" / tag).iterdir()
+                                  if p.name != checkpoint.MARKER), key=lambda p: p.stat().st_size)
+    with open(victim, "r+b") as fh:
+        fh.truncate(victim.stat().st_size // 2)
+    job2 = rec["job2"] = submit_2ranks(slurm, root, args, wait=True)
+    rec["info2"] = slurm.job(job2)
+    rec["log2"] = job_log(root, job2)
+    rec["loss"] = read_metrics(out)
+    return rec
+
+
+def test_usr1_checkpoints_requeues_and_resumes(lifecycle):
+    log, out = lifecycle["log"], lifecycle["out"]
+    assert lifecycle["info_before_kill"]["Restarts"] == "1", log[-4000:]
     m = re.search(r"stopped by signal SIGUSR1 at step (\d+)", log)
     assert m, log[-4000:]
     stopped = int(m.group(1))
-    assert 3 <= stopped < STEPS
+    assert 3 <= stopped < 10
     assert f"resumed from {out / 'checkpoints' / f'step_{stopped:08d}'} at step {stopped}" in log
-    got = read_metrics(out)
+    # the requeue delay: from `scontrol requeue` to the second attempt's first line
+    requeued, = stamps(log, "requeued job")
+    started, = stamps(log, r"job \d+ attempt 2 started")
+    delay = started - requeued
+    assert 0 <= delay < 120, delay
+    print(f"\nSIGUSR1: stopped at step {stopped}, requeue delay {delay:.0f} s (cred_expire=5)")
+
+
+def test_killed_rank_fails_the_job_fast_without_requeue(lifecycle):
+    info, log = lifecycle["info"], lifecycle["log"]
+    assert info["JobState"] == "FAILED" and info["ExitCode"] != "0:0", (info, log[-3000:])
+    assert info["Restarts"] == "1" and log.count("requeued job") == 1  # no new requeue
+    assert lifecycle["seconds_to_fail"] < 120
+    assert not lifecycle["summary_after_kill"]
+    assert lifecycle["tag_complete"]  # the last checkpoint survived the kill complete
+    print(f"\nSIGKILL of a rank at step ~{lifecycle['killed_at']}: job FAILED "
+          f"{lifecycle['seconds_to_fail']:.1f} s later")
+
+
+def test_resubmission_skips_a_truncated_checkpoint_and_ends_with_the_reference(
+        lifecycle, reference):
+    log2, out, tag = lifecycle["log2"], lifecycle["out"], lifecycle["tag"]
+    assert lifecycle["info2"]["JobState"] == "COMPLETED", log2[-4000:]
+    assert lifecycle["previous"], "no complete checkpoint before the truncated one"
+    victim = lifecycle["victim"]
+    assert re.search(rf"{tag} is not usable: {re.escape(str(victim))} is truncated", log2), \
+        log2[-4000:]
+    prev = lifecycle["previous"][-1]
+    assert f"resumed from {out / 'checkpoints' / prev} at step {int(prev[5:])}" in log2
+    got = lifecycle["loss"]
     assert sorted(got) == list(range(1, STEPS + 1))
     for step in range(1, STEPS + 1):
         assert got[step] == pytest.approx(reference["loss"][step], abs=1e-6), step
     worst = max(abs(got[s] - reference["loss"][s]) for s in got)
-    # one MLflow run across both attempts, every step once
+    # three attempts, one MLflow run, every step logged once
     from mlflow.tracking import MlflowClient
 
     s = json.loads((out / "summary.json").read_text())
-    client = MlflowClient(f"sqlite:///{db}")
+    client = MlflowClient(f"sqlite:///{lifecycle['db']}")
     runs = client.search_runs([client.get_experiment_by_name("slurm").experiment_id])
     assert [r.info.run_id for r in runs] == [s["mlflow_run_id"]]
     assert runs[0].info.status == "FINISHED"
     steps = [m.step for m in client.get_metric_history(s["mlflow_run_id"], "train/loss")]
     assert sorted(steps) == list(range(1, STEPS + 1))
-    # the requeue delay: from `scontrol requeue` to the second attempt's first line
-    requeued, = stamps(log, "requeued job")
-    started = stamps(log, r"job \d+ attempt 2 started")[0]
-    delay = started - requeued
-    assert 0 <= delay < 120, delay
-    print(f"\nstopped at step {stopped}; requeue delay {delay:.0f} s (cred_expire=5); "
-          f"max |loss - reference| over {STEPS} steps: {worst:.2e}")
-
-
-def test_killed_rank_fails_the_job_and_a_resubmission_resumes(slurm, reference, tmp_path,
-                                                               data_cache):
-    """SIGKILL on one rank: the job fails fast and is not requeued; the last complete
-    checkpoint is intact. Then the newest checkpoint is truncated on purpose: the resubmitted
-    job warns, naming the file, resumes from the previous one and ends with the reference."""
-    from dsq import checkpoint
-
-    out, db = tmp_path / "run", tmp_path / "mlflow.db"
-    args = train_args(out, data_cache, db)
-    job = submit_2ranks(slurm, tmp_path, args)
-    latest = out / "checkpoints" / "latest"
-
-    def second_checkpoint():
-        return latest.is_file() and latest.read_text().strip() >= "step_00000010"
-
-    watch = Watch(slurm, job)
-    wait_for(lambda: second_checkpoint() or watch.over(), 600, "the second checkpoint")
-    victims = rank_processes(out)
-    assert slurm.state(job) == "RUNNING" and len(victims) == 2, "the job ended before the kill"
-    t0 = time.time()
-    victims[-1].send_signal(signal.SIGKILL)
-    wait_for(lambda: slurm.state(job) not in ("RUNNING", "COMPLETING"), 300, "the job to end",
-             poll=0.1)
-    seconds_to_fail = time.time() - t0
-    info = slurm.job(job)
-    log = job_log(tmp_path, job)
-    assert info["JobState"] == "FAILED" and info["ExitCode"] != "0:0", (info, log[-3000:])
-    assert info["Restarts"] == "0" and "requeued" not in log
-    assert seconds_to_fail < 120, seconds_to_fail
-    wait_for(lambda: not rank_processes(out), 60, "the other rank to be gone", poll=0.5)
-    assert not (out / "summary.json").exists()
-    killed_at = max(read_metrics(out))
-
-    tag = latest.read_text().strip()
-    assert checkpoint.check(out / "checkpoints" / tag) is None  # complete, despite the kill
-    tags = sorted(p.name for p in (out / "checkpoints").glob("step_*"))
-    previous = [t for t in tags if t < tag and checkpoint.check(out / "checkpoints" / t) is None]
-    assert previous, tags
-    victim_file = max((p for p in (out / "checkpoints" / tag).iterdir()
-                       if p.name != checkpoint.MARKER), key=lambda p: p.stat().st_size)
-    with open(victim_file, "r+b") as fh:
-        fh.truncate(victim_file.stat().st_size // 2)
-
-    job2 = submit_2ranks(slurm, tmp_path, args, wait=True)
-    log2 = job_log(tmp_path, job2)
-    assert slurm.state(job2) == "COMPLETED", log2[-4000:]
-    assert re.search(rf"{tag} is not usable: .*{re.escape(victim_file.name)} is truncated", log2), \
-        log2[-4000:]
-    start = int(previous[-1].split("_")[1])
-    assert f"resumed from {out / 'checkpoints' / previous[-1]} at step {start}" in log2
-    got = read_metrics(out)
-    assert sorted(got) == list(range(1, STEPS + 1))
-    for step in range(1, STEPS + 1):
-        assert got[step] == pytest.approx(reference["loss"][step], abs=1e-6), step
-    print(f"\nrank SIGKILLed at step ~{killed_at}: job FAILED {seconds_to_fail:.1f} s later; "
-          f"resubmission skipped truncated {tag}, resumed from {previous[-1]}, same losses")
+    print(f"\nresubmission skipped truncated {tag} ({victim.name}), resumed from {prev}; "
+          f"max |loss - uninterrupted| over {STEPS} steps after 2 stops: {worst:.1e}")
 
 
 def test_sweep_runs_one_recipe_per_array_task_into_one_experiment(slurm, tmp_path, data_cache):
