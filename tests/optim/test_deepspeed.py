@@ -6,7 +6,7 @@ One launch of two processes runs every job in order (module fixture ``runs``):
 2. DP=2: ZeRO-2 (and the shard-following variant), a run that saves at step 3, resumes
    from it and from the DP=1 checkpoint resharded to two ranks, ZeRO-1 (round-robin
    gradient order), bf16 with ZeRO-1 (BF16_Optimizer) and ZeRO-2 with 4-bit m;
-3. DP=1: resume from the DP=2 checkpoint resharded to one rank.
+3. DP=1: resume from the DP=2 checkpoints (fp32 ZeRO-2, bf16 ZeRO-1) resharded to one rank.
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ K = 3  # checkpoint step
 def runs(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("ds")
     c1, c2, c21 = str(tmp / "ckpt_dp1"), str(tmp / "ckpt_dp2"), str(tmp / "ckpt_dp2_as_dp1")
+    c3, c31 = str(tmp / "ckpt_bf16_dp2"), str(tmp / "ckpt_bf16_dp2_as_dp1")
     mixed = dict(model="mixed", data="split", clip=1.0)
     jobs = [
         dict(model="exact", stage=0, data="same", dp=1),                      # 0
@@ -37,10 +38,12 @@ def runs(tmp_path_factory):
         dict(mixed, stage=2, dp=2, load=c2, tag="t"),                           # 7
         dict(mixed, stage=2, dp=2, load=c1, tag="t"),                           # 8
         dict(mixed, stage=1, dp=2, round_robin=True),                           # 9
-        dict(mixed, stage=1, dp=2, bf16=True),                                  # 10
+        dict(mixed, stage=1, dp=2, bf16=True, save=c3, save_at=K, tag="t"),    # 10
         dict(mixed, stage=2, dp=2, bf16=True, m_bits=4),                        # 11
         {"reshard": dict(ckpt_dir=c2, tag="t", new_dp=1, out_dir=c21)},         # 12
         dict(mixed, stage=2, dp=1, load=c21, tag="t"),                          # 13
+        {"reshard": dict(ckpt_dir=c3, tag="t", new_dp=1, out_dir=c31)},         # 14
+        dict(mixed, stage=1, dp=1, bf16=True, load=c31, tag="t"),               # 15
     ]
     res = ds_runs.spawn(jobs, str(tmp / "results.pkl"))
     return dict(enumerate(res), tmp=tmp)
@@ -113,6 +116,12 @@ def test_resume_dp1_checkpoint_on_two_ranks(runs):
 def test_resume_dp2_checkpoint_on_one_rank(runs):
     full, resumed = runs[6], runs[13]
     _close(resumed["losses"], full["losses"], 1e-5, range(K, ds_runs.STEPS))
+
+
+def test_resume_bf16_zero1_checkpoint_on_one_rank(runs):
+    """BF16_Optimizer keeps padded partitions in its files: resharded too."""
+    full, resumed = runs[10], runs[15]
+    _close(resumed["losses"], full["losses"], 1e-2, range(K, ds_runs.STEPS))
 
 
 def test_zero1_round_robin_and_bf16(runs):
