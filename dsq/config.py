@@ -65,6 +65,8 @@ class ModelConfig:
 class ParallelConfig:
     tp: int = 1
     """Tensor-parallel size; data-parallel size is world_size / tp."""
+    timeout_s: int = 600
+    """Collective timeout: a rank stuck this long (a hung peer) fails the job instead of hanging."""
 
 
 @dataclass
@@ -255,6 +257,7 @@ def validate(cfg: Config, world_size: Optional[int] = None) -> None:
     _check(m.vocab_size >= 64, f"model.vocab_size={m.vocab_size} is too small: use at least 64")
     _check(0.0 <= m.dropout < 1.0, f"model.dropout={m.dropout} must be in [0, 1)")
     _check(p.tp >= 1, f"parallel.tp={p.tp} must be >= 1")
+    _check(p.timeout_s >= 10, f"parallel.timeout_s={p.timeout_s} must be >= 10 seconds")
     _check(m.num_heads % p.tp == 0,
            f"parallel.tp={p.tp} does not divide model.num_heads={m.num_heads}: "
            f"choose a tp that divides the number of heads")

@@ -166,15 +166,39 @@ class Tracker:
                     self._cv.wait(timeout=delay)
                 delay = min(self.retry_max_s, delay * 2)
 
+    def _store_lock(self):
+        """An exclusive file lock for a SQLite store: MLflow's first-use table set-up is not
+        safe when several jobs (an array of sweeps) open a new database at once."""
+        import contextlib
+        import fcntl
+
+        if not self.uri.startswith("sqlite:///"):
+            return contextlib.nullcontext()
+
+        @contextlib.contextmanager
+        def locked():
+            with open(self.uri[len("sqlite:///"):] + ".lock", "w") as fh:
+                fcntl.flock(fh, fcntl.LOCK_EX)
+                try:
+                    yield
+                finally:
+                    fcntl.flock(fh, fcntl.LOCK_UN)
+
+        return locked()
+
     def _connect(self):
         if self._client is None:
             from mlflow.tracking import MlflowClient
 
-            self._client = MlflowClient(self.uri)
+            with self._store_lock():
+                client = MlflowClient(self.uri)
+                client.search_experiments(max_results=1)  # creates the tables, under the lock
+            self._client = client
         c = self._client
         if self.run_id is None:
-            exp = c.get_experiment_by_name(self.experiment)
-            exp_id = exp.experiment_id if exp else c.create_experiment(self.experiment)
+            with self._store_lock():
+                exp = c.get_experiment_by_name(self.experiment)
+                exp_id = exp.experiment_id if exp else c.create_experiment(self.experiment)
             self.run_id = c.create_run(exp_id, run_name=self.run_name).info.run_id
             self.out_dir.mkdir(parents=True, exist_ok=True)
             self._id_file.write_text(self.run_id)

@@ -128,7 +128,7 @@ class Trainer:
         self.cfg, self.env = cfg, env
         self.out_dir = Path(cfg.train.out_dir).resolve()
         self.ckpt_dir = self.out_dir / "checkpoints"
-        init_distributed(env, cfg.parallel.tp)
+        init_distributed(env, cfg.parallel.tp, timeout_s=cfg.parallel.timeout_s)
         self.dp_rank, self.dp_size = ps.get_data_parallel_rank(), ps.get_data_parallel_world_size()
         self.tp_size = ps.get_tensor_model_parallel_world_size()
         self.dp_group = ps.get_data_parallel_group()
