@@ -120,6 +120,8 @@ def reshard_checkpoint(ckpt_dir, tag: Optional[str], new_dp: int, out_dir=None) 
         raise ValueError(f"{src} has no ZeRO optimizer files: ZeRO-0 checkpoints do not depend "
                          f"on the data-parallel size and need no conversion")
     old_dp = {len(v) for v in zero_files.values()}.pop()
+    if out_dir is not None and Path(out_dir).resolve() == Path(ckpt_dir).resolve():
+        out_dir = None  # in place (with a backup)
     final = (Path(out_dir) if out_dir is not None else Path(ckpt_dir)) / tag
     tmp = final.parent / f".{tag}.reshard"
     shutil.rmtree(tmp, ignore_errors=True)
