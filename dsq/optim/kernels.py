@@ -1,4 +1,4 @@
-"""The element-wise QAdamW update, in two interchangeable implementations.
+"""The element-wise QAdamW update, in interchangeable implementations (kernels).
 
 Three primitives over a *piece* of a flat tensor (a contiguous run of elements whose
 quantized moments live in their own code and scale tensors, see :mod:`dsq.optim.layout`):
