@@ -17,6 +17,7 @@ commands:
   config CONFIG... [key.sub=value ...] [--world-size N]  validate and print the resolved config
   mlflow sync RUN_DIR... [--tracking-uri URI]   upload what a run could not send to MLflow
   report --experiment NAME [--tracking-uri URI] [--out DIR]   the recipes' comparison table + plot
+  ckpt reshard CKPT_DIR --dp N [--tag T] [--out DIR]   convert a ZeRO checkpoint to another DP size
   bench optim|linear|train ...          benchmarks (tables, --json)
 """
 
@@ -143,7 +144,15 @@ def cmd_report(argv: List[str]) -> None:
     print(f"table: {md}\nplot:  {png}\nlogged to MLflow run {run_id}")
 
 
-COMMANDS = {"train": cmd_train, "prepare": cmd_prepare, "eval": cmd_eval, "config": cmd_config,
+def cmd_ckpt(argv: List[str]) -> None:
+    if not argv or argv[0] != "reshard":
+        _fail("usage: dsq ckpt reshard CKPT_DIR --dp N [--tag TAG] [--out DIR]")
+    from dsq.optim.zero import main as reshard_main
+
+    reshard_main(argv[1:])
+
+
+COMMANDS = {"ckpt": cmd_ckpt, "train": cmd_train, "prepare": cmd_prepare, "eval": cmd_eval, "config": cmd_config,
             "mlflow": cmd_mlflow, "report": cmd_report}
 
 

@@ -100,6 +100,11 @@ class OptimConfig:
     """qadamw: elements per scale block, or "tensor" for one scale per parameter."""
     quantize: str = "linear"
     """qadamw: which parameters keep quantized states: linear | linear+embedding | all."""
+    v_domain: str = "linear"
+    """qadamw: quantize v linearly (the study) or its square root (sqrt: finer for small v)."""
+    kernel: str = "auto"
+    """qadamw update kernel: auto (C/OpenMP where a compiler exists, else eager) | cpp | eager |
+    compile (torch.compile, opt-in: slow to compile on CPU)."""
 
 
 @dataclass
@@ -226,7 +231,7 @@ def load_config(paths: Sequence[str] = (), overrides: Sequence[str] = (),
     cfg: Config = OmegaConf.to_object(merged)
     _fill_preset(cfg)
     if cfg.tracking.recipe is None:
-        recipes = [Path(p).stem for p in paths if Path(p).parent.name == "recipes"]
+        recipes = [Path(p).stem for p in paths if "recipes" in Path(p).parent.parts]
         cfg.tracking.recipe = "+".join(recipes) or "baseline"
     validate(cfg, world_size)
     return cfg
@@ -289,6 +294,17 @@ def validate(cfg: Config, world_size: Optional[int] = None) -> None:
            f"in [0, lr]")
     _check(0 <= o.warmup_steps, f"optim.warmup_steps={o.warmup_steps} must be >= 0")
     _check(0 < o.beta1 < 1 and 0 < o.beta2 < 1, "optim.beta1 and optim.beta2 must be in (0, 1)")
+    if o.name == "qadamw":
+        _check(o.m_bits in (4, 8), f"optim.m_bits={o.m_bits} is not supported: use 8 or 4")
+        _check(o.v_bits in (4, 8), f"optim.v_bits={o.v_bits} is not supported: use 8 or 4")
+        _check(o.block_size == "tensor" or (isinstance(o.block_size, int) and o.block_size >= 2
+                                             and o.block_size % 2 == 0),
+               f"optim.block_size={o.block_size!r}: use an even number of elements or \"tensor\"")
+        _check(o.quantize in ("linear", "linear+embedding", "all"),
+               f"optim.quantize={o.quantize!r}: use linear, linear+embedding or all")
+        _check(o.v_domain in ("linear", "sqrt"), f"optim.v_domain={o.v_domain!r}: use linear or sqrt")
+        _check(o.kernel in ("auto", "cpp", "eager", "compile"),
+               f"optim.kernel={o.kernel!r}: use auto, cpp, eager or compile")
     _check(o.grad_clip >= 0, f"optim.grad_clip={o.grad_clip} must be >= 0")
     _check(q.grad_gemms in ("weight", "input", "both"),
            f"quant.grad_gemms={q.grad_gemms!r} is unknown: use weight, input or both")

@@ -62,8 +62,7 @@ def build_optimizer(model: torch.nn.Module, cfg) -> torch.optim.Optimizer:
 
     ``adamw``: ``torch.optim.AdamW`` (foreach). ``qadamw``: :class:`QAdamW` with ``m_bits``,
     ``v_bits``, ``block_size`` and, per group, ``quantize`` from the group's kind and
-    ``cfg.quantize``. Optional fields read when present: ``v_domain`` (linear | sqrt, default
-    linear) and ``kernel`` (auto | cpp | eager | compile, default auto).
+    ``cfg.quantize``, ``v_domain`` (linear | sqrt) and ``kernel`` (auto | cpp | eager | compile).
     """
     groups = param_groups(model, cfg.weight_decay)
     if cfg.name == "adamw":
@@ -77,8 +76,8 @@ def build_optimizer(model: torch.nn.Module, cfg) -> torch.optim.Optimizer:
             g["quantize"] = g["kind"] in QUANTIZE_KINDS[cfg.quantize]
         return QAdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps,
                       weight_decay=cfg.weight_decay, m_bits=cfg.m_bits, v_bits=cfg.v_bits,
-                      block_size=cfg.block_size, v_domain=getattr(cfg, "v_domain", "linear"),
-                      kernel=getattr(cfg, "kernel", "auto"))
+                      block_size=cfg.block_size, v_domain=cfg.v_domain,
+                      kernel=cfg.kernel)
     raise ValueError(f"optim.name={cfg.name!r} is not available")
 
 
