@@ -8,8 +8,9 @@ Rows (each shape ``tokens x in -> out``, the same inputs cast to each row's dtyp
   ``torch.compile`` (with ``--compile``); only when torchao is importable (extra ``bench``);
 * ``dsq simulate``: :func:`dsq.quant.quantized_linear`, W8A8 with G8 on both backward GEMMs
   (``int8:channel``, ``int8:token``, ``int8:token``), bf16, quantize-dequantize + bf16 GEMMs;
-* ``dsq int8``: the same recipe with ``compute: int8`` (integer GEMMs), eager kernels, and
-  ``dsq int8 (fused)`` with the torch.compile kernels (with ``--compile``, the default).
+* ``dsq int8``: the same recipe with ``compute: int8`` (integer GEMMs) and the default C
+  kernels for quantization and rescale; ``dsq int8 (eager)`` with the eager reference kernels,
+  ``dsq int8 (compiled)`` with the torch.compile ones (with ``--compile``, the default).
 
 One timed iteration is ``y = layer(x); y.backward(g)`` with ``x`` requiring grad (a layer inside
 a network computes all three GEMMs) plus the bias gradient. Rows run interleaved, one iteration
@@ -27,13 +28,14 @@ import statistics
 import sys
 import time
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable, List, Optional
 
 import torch
 
 DEFAULT_SHAPES = "768x3072,3072x768,1024x4096"
-RECIPE = dict(weight="int8:channel", activation="int8:token", grad="int8:token", grad_gemms="both")
+RECIPE = {"weight": "int8:channel", "activation": "int8:token", "grad": "int8:token",
+          "grad_gemms": "both"}
 
 
 @dataclass
@@ -41,12 +43,12 @@ class Row:
     name: str
     dtype: torch.dtype
     layer: Callable  # x -> y
-    params: List[torch.Tensor]
-    fused: bool = False
-    """Run with dsq's torch.compile kernels (forward and backward)."""
+    params: list[torch.Tensor]
+    kernel: str = "auto"
+    """dsq's quantization kernels for this row (dsq.quant.fused.set_kernel)."""
 
 
-def parse_shapes(spec: str) -> List[tuple]:
+def parse_shapes(spec: str) -> list[tuple]:
     out = []
     for part in spec.split(","):
         a, b = part.lower().split("x")
@@ -62,13 +64,13 @@ def _linear(n_in, n_out, dtype, w, b):
     return m
 
 
-def _torchao(n_in, n_out, w, b, compile_: bool) -> Optional[Row]:
+def _torchao(n_in, n_out, w, b, compile_: bool) -> Row | None:
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             from torchao.prototype.quantized_training import Int8MixedPrecisionTrainingConfig
             from torchao.quantization import quantize_
-    except Exception:  # not installed, or an incompatible build
+    except Exception:  # noqa: BLE001  (not installed, or an incompatible build)
         return None
     m = _linear(n_in, n_out, torch.bfloat16, w, b)
     quantize_(m, Int8MixedPrecisionTrainingConfig())
@@ -79,17 +81,17 @@ def _torchao(n_in, n_out, w, b, compile_: bool) -> Optional[Row]:
     return Row(name, torch.bfloat16, layer, list(m.parameters()))
 
 
-def _dsq(n_in, n_out, w, b, compute: str, name: str, fused: bool = False) -> Row:
+def _dsq(n_in, n_out, w, b, compute: str, name: str, kernel: str = "auto") -> Row:
     from dsq.quant import LinearQuant, quantized_linear
 
     qc = LinearQuant(**RECIPE, compute=compute)
     wp = torch.nn.Parameter(w.to(torch.bfloat16).clone())
     bp = torch.nn.Parameter(b.to(torch.bfloat16).clone())
     return Row(name, torch.bfloat16, lambda x: quantized_linear(x, wp, qc, bias=bp), [wp, bp],
-               fused)
+               kernel)
 
 
-def build_rows(n_in, n_out, w, b, *, compile_: bool, torchao: bool) -> List[Row]:
+def build_rows(n_in, n_out, w, b, *, compile_: bool, torchao: bool) -> list[Row]:
     rows = []
     for dtype, label in ((torch.float32, "fp32"), (torch.bfloat16, "bf16")):
         m = _linear(n_in, n_out, dtype, w, b)
@@ -100,35 +102,36 @@ def build_rows(n_in, n_out, w, b, *, compile_: bool, torchao: bool) -> List[Row]
             if r is not None:
                 rows.append(r)
     rows.append(_dsq(n_in, n_out, w, b, "simulate", "dsq simulate"))
-    rows.append(_dsq(n_in, n_out, w, b, "int8", "dsq int8"))
+    rows.append(_dsq(n_in, n_out, w, b, "int8", "dsq int8 (eager)", "eager"))
+    rows.append(_dsq(n_in, n_out, w, b, "int8", "dsq int8", "cpp"))
     if compile_:
-        rows.append(_dsq(n_in, n_out, w, b, "int8", "dsq int8 (fused)", fused=True))
+        rows.append(_dsq(n_in, n_out, w, b, "int8", "dsq int8 (compiled)", "compile"))
     return rows
 
 
-class _FusedAs:
-    """Run a block with dsq's fused kernels on or off (both passes: backward runs later)."""
+class _Kernel:
+    """Run a block with dsq's kernel ``name`` (both passes: backward runs after forward)."""
 
-    def __init__(self, on: bool):
-        self.on = on
+    def __init__(self, name: str):
+        self.name = name
 
     def __enter__(self):
         from dsq.quant import fused
 
-        self.prev = fused.fused_enabled()
-        fused.set_fused(self.on)
+        self.prev = fused.kernel()
+        fused.set_kernel(self.name)
 
     def __exit__(self, *exc):
         from dsq.quant import fused
 
-        fused.set_fused(self.prev)
+        fused.set_kernel(self.prev)
 
 
 def _step(row: Row, x, g) -> None:
     for p in row.params:
         p.grad = None
     x.grad = None
-    with _FusedAs(row.fused):
+    with _Kernel(row.kernel):
         row.layer(x).backward(g)
 
 
@@ -141,14 +144,14 @@ def saved_bytes(row: Row, x) -> int:
             sizes[(t.data_ptr(), t.dtype, tuple(t.shape))] = t.numel() * t.element_size()
         return t
 
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), _FusedAs(row.fused):
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), _Kernel(row.kernel):
         y = row.layer(x)
     del y
     return sum(sizes.values())
 
 
 def bench_shape(tokens: int, n_in: int, n_out: int, *, repeats: int, warmup: int,
-                compile_: bool, torchao: bool, seed: int = 0, log=print) -> List[dict]:
+                compile_: bool, torchao: bool, seed: int = 0, log=print) -> list[dict]:
     gen = torch.Generator().manual_seed(seed)
     x = torch.randn(tokens, n_in, generator=gen)
     w = torch.randn(n_out, n_in, generator=gen) / n_in**0.5
@@ -183,7 +186,7 @@ def bench_shape(tokens: int, n_in: int, n_out: int, *, repeats: int, warmup: int
     return out
 
 
-def format_table(rows: List[dict]) -> str:
+def format_table(rows: list[dict]) -> str:
     head = f"| {'layer':<28} | {'shape':<16} | {'ms':>8} | {'vs bf16':>7} | {'GOP/s':>6} | " \
            f"{'saved MiB':>9} |"
     lines = [head, "|" + "|".join("-" * (len(c)) for c in head.split("|")[1:-1]) + "|"]
@@ -194,7 +197,7 @@ def format_table(rows: List[dict]) -> str:
     return "\n".join(lines)
 
 
-def main(argv: List[str]) -> None:
+def main(argv: list[str]) -> None:
     p = argparse.ArgumentParser(prog="dsq bench linear", description=__doc__.split("\n")[0])
     p.add_argument("--tokens", type=int, default=4096, help="rows of X (default 4096)")
     p.add_argument("--shapes", default=DEFAULT_SHAPES,
@@ -202,14 +205,14 @@ def main(argv: List[str]) -> None:
     p.add_argument("--repeats", type=int, default=10, help="timed rounds (median reported)")
     p.add_argument("--warmup", type=int, default=3, help="untimed rounds first")
     p.add_argument("--no-compile", dest="compile", action="store_false",
-                   help="skip the torch.compile rows (dsq int8 fused, torchao compiled)")
+                   help="skip the torch.compile rows (dsq int8 compiled, torchao compiled)")
     p.add_argument("--no-torchao", dest="torchao", action="store_false")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     p.add_argument("--json", default=None, help="write the rows to this JSON file")
     ns = p.parse_args(argv)
     if ns.threads:
         torch.set_num_threads(ns.threads)
-    log = lambda *a: print(*a, file=sys.stderr, flush=True)  # noqa: E731
+    log = lambda *a: print(*a, file=sys.stderr, flush=True)
     log(f"dsq bench linear: torch {torch.__version__}, {torch.get_num_threads()} threads, "
         f"fwd+bwd, median of {ns.repeats} after {ns.warmup} warm-up rounds")
     rows = []

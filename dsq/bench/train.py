@@ -1,7 +1,8 @@
 """``dsq bench train``: end-to-end training throughput, memory and loss of recipes, side by side.
 
 Each recipe is a real ``--nproc``-rank run through ``launch/local.sh`` (the deepspeed launcher),
-the same config, seed and ``--steps`` for all, without checkpoints in between or MLflow; the
+the same config, seed, ``--steps`` and threads per rank (``OMP_NUM_THREADS``, default: cores /
+ranks, so ranks do not oversubscribe the CPU) for all, without checkpoints in between or MLflow; the
 numbers are read back from each run's ``summary.json``: ``tokens_per_s`` (rank 0's mean over
 the steps after the first, so start-up and torch.compile time are left out), ``peak_rss_bytes``
 of every rank, and the final ``val_loss``.
@@ -29,7 +30,6 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Dict, List
 
 ROOT = Path(__file__).resolve().parents[2]
 RECIPES_DIR = ROOT / "configs" / "recipes"
@@ -38,12 +38,12 @@ DEFAULT_RECIPES = ("fp32,bf16,w8a8,w8a8g8-both,w8a8g8-both+qadamw,"
 MODS = ("qadamw", "int8", "fp32", "bf16")
 
 
-def resolve(spec: str, precision: str, fused: bool) -> tuple[List[str], List[str], Dict[str, str]]:
+def resolve(spec: str, precision: str, fused: bool) -> tuple[list[str], list[str], dict[str, str]]:
     """Config files, overrides and environment of recipe ``spec``."""
     base, *mods = spec.split("+")
-    files: List[str] = []
-    overrides: List[str] = []
-    env: Dict[str, str] = {}
+    files: list[str] = []
+    overrides: list[str] = []
+    env: dict[str, str] = {}
     if base in ("fp32", "bf16"):
         files.append(str(RECIPES_DIR / "baseline.yaml"))
         precision = base
@@ -69,7 +69,7 @@ def resolve(spec: str, precision: str, fused: bool) -> tuple[List[str], List[str
     return files, overrides, env
 
 
-def run_recipe(spec: str, ns, base_files: List[str], log) -> dict:
+def run_recipe(spec: str, ns, base_files: list[str], log) -> dict:
     files, overrides, extra_env = resolve(spec, ns.precision, ns.fused)
     out = Path(ns.out).resolve() / spec.replace("+", "_")
     if out.exists():
@@ -83,12 +83,14 @@ def run_recipe(spec: str, ns, base_files: List[str], log) -> dict:
     if ns.cache_dir:
         args.append(f"data.cache_dir={ns.cache_dir}")
     env = {**os.environ, "PYTHON": sys.executable, **extra_env}
+    if ns.threads_per_rank:
+        env["OMP_NUM_THREADS"] = str(ns.threads_per_rank)
     cmd = ["bash", str(ROOT / "launch" / "local.sh"), str(ns.nproc), *args]
     log(f"  {spec}: {' '.join(cmd[2:])}" + "".join(f" [{k}={v}]" for k, v in extra_env.items()))
     t0 = time.perf_counter()
     with open(out / "bench.log", "w") as fh:
         res = subprocess.run(cmd, cwd=ROOT, env=env, stdout=fh, stderr=subprocess.STDOUT,
-                             timeout=ns.timeout)
+                             timeout=ns.timeout, check=False)
     wall = time.perf_counter() - t0
     row = {"recipe": spec, "tokens_per_s": None, "peak_rss_bytes": None, "val_loss": None,
            "wall_s": wall, "out_dir": str(out), "error": None}
@@ -108,7 +110,7 @@ def run_recipe(spec: str, ns, base_files: List[str], log) -> dict:
     return row
 
 
-def compare(rows: List[dict]) -> None:
+def compare(rows: list[dict]) -> None:
     """Add speedup vs the best baseline and the int8 rows' val loss vs their simulation."""
     ok = {r["recipe"]: r for r in rows if r["error"] is None}
     base = max((ok[b]["tokens_per_s"] for b in ("fp32", "bf16") if b in ok), default=None)
@@ -122,7 +124,7 @@ def compare(rows: List[dict]) -> None:
                 r["val_loss_vs_simulated"] = r["val_loss"] / sim["val_loss"] - 1
 
 
-def format_table(rows: List[dict]) -> str:
+def format_table(rows: list[dict]) -> str:
     head = (f"| {'recipe':<28} | {'tokens/s':>9} | {'vs best base':>12} | "
             f"{'peak RSS/rank MiB':>17} | {'val loss':>8} | {'vs sim':>6} |")
     lines = [head, "|" + "|".join("-" * len(c) for c in head.split("|")[1:-1]) + "|"]
@@ -139,7 +141,7 @@ def format_table(rows: List[dict]) -> str:
     return "\n".join(lines)
 
 
-def main(argv: List[str]) -> None:
+def main(argv: list[str]) -> None:
     p = argparse.ArgumentParser(prog="dsq bench train", description=__doc__.split("\n")[0])
     p.add_argument("--preset", default="small", help="model preset (default small); uses "
                    "configs/<preset>.yaml when it exists")
@@ -153,6 +155,9 @@ def main(argv: List[str]) -> None:
                    help="DeepSpeed precision of quantized recipes (default bf16)")
     p.add_argument("--no-fused", dest="fused", action="store_false",
                    help="+int8 runs with eager kernels (no DSQ_QUANT_COMPILE=1)")
+    p.add_argument("--threads-per-rank", type=int, default=None,
+                   help="OMP_NUM_THREADS of every rank, all recipes alike (default: CPU cores / "
+                   "nproc, at least 1; 0 leaves the environment as it is)")
     p.add_argument("--seed", type=int, default=1234)
     p.add_argument("--out", default="runs/bench_train", help="folder of the runs")
     p.add_argument("--cache-dir", default=None, help="data.cache_dir for all runs")
@@ -167,18 +172,22 @@ def main(argv: List[str]) -> None:
         preset_file = ROOT / "configs" / f"{ns.preset}.yaml"
         base_files = [str(preset_file)] if preset_file.is_file() else []
         ns.override.insert(0, f"model.preset={ns.preset}")
+    if ns.threads_per_rank is None:
+        ns.threads_per_rank = max(1, (os.cpu_count() or 1) // ns.nproc)
     specs = [s.strip() for s in ns.recipes.split(",") if s.strip()]
     for s in specs:
         resolve(s, ns.precision, ns.fused)  # fail on a typo before any run starts
-    log = lambda *a: print(*a, file=sys.stderr, flush=True)  # noqa: E731
-    log(f"dsq bench train: {len(specs)} recipes x {ns.steps} steps on {ns.nproc} ranks "
+    log = lambda *a: print(*a, file=sys.stderr, flush=True)
+    log(f"dsq bench train: {len(specs)} recipes x {ns.steps} steps on {ns.nproc} ranks, "
+        f"{ns.threads_per_rank or 'default'} threads each "
         f"({', '.join(base_files) or 'preset ' + ns.preset})")
     rows = [run_recipe(s, ns, base_files, log) for s in specs]
     compare(rows)
     print(format_table(rows))
     if ns.json:
         Path(ns.json).write_text(json.dumps({"rows": rows, "steps": ns.steps,
-                                             "nproc": ns.nproc, "config": base_files},
+                                             "nproc": ns.nproc, "config": base_files,
+                                             "threads_per_rank": ns.threads_per_rank},
                                             indent=2))
     if any(r["error"] for r in rows):
         print("note: failed runs are listed with their error; see bench.log in their out_dir",

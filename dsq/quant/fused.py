@@ -13,18 +13,24 @@ transpose)``                       with ``transpose`` the codes come as ``x^T`` 
 dtype, transpose)``                ``transpose``): the epilogue of a scaled integer GEMM
 =================================  =========================================================
 
-Two implementations with the same arithmetic:
+Three implementations with the same arithmetic, chosen by ``DSQ_QUANT_KERNEL`` (read at the
+first call) or :func:`set_kernel`:
 
-* eager (the default and the reference): :func:`dsq.quant.functional.quantize`, the simulation's
-  own quantizer, so the codes are those of ``compute: simulate`` by construction;
-* fused (opt-in): each kernel through ``torch.compile`` (inductor's C++/OpenMP code on CPU), one
-  pass per quantization (absmax, scale, divide, round, clamp, cast) and one epilogue pass per
-  GEMM instead of five to eight eager passes. Switch it on with ``DSQ_QUANT_COMPILE=1`` in the
-  environment (read at the first call) or :func:`set_fused`. Its codes equal the eager codes
-  (same fp32 division and round-half-even, tested). It is opt-in because compiling costs about
-  5-15 s per kernel and shape class on a 2-core CPU (a training run compiles some 15 graphs:
-  one to three minutes cold, seconds with inductor's on-disk cache warm) and the test suite must
-  not pay that. Stochastic rounding, fp64 inputs and ``check_finite`` always run eager.
+* ``eager`` (the reference): :func:`dsq.quant.functional.quantize`, the simulation's own
+  quantizer, so the codes are those of ``compute: simulate`` by construction; five to eight
+  tensor passes per quantization and three per rescale;
+* ``cpp`` (``auto``, the default, on CPU): C/OpenMP kernels (:mod:`dsq.quant.cpu_kernels`,
+  compiled once in about 2 s and cached): one read of a tensor for all its statistics (row and
+  column absmax, column sums), one read for all its codes, one pass per rescale; bit-identical
+  codes, scales and outputs (tested); falls back to eager where it does not apply (another
+  device or dtype, no compiler);
+* ``compile`` (opt-in): the same kernels as plain tensor code under ``torch.compile``
+  (inductor's C++/OpenMP on CPU, Triton on GPU), also bit-identical on CPU. On the 2-core CPU it
+  costs 5-15 s of compilation per kernel (a training run compiles some 15 graphs: one to three
+  minutes cold), about 155 MB more resident memory per process (dynamo and inductor), and
+  ~0.1 ms of guard checks per call, so it is not the default there.
+
+Stochastic rounding and ``check_finite`` always run eager.
 
 Tensor parallelism: ``reduce`` max-reduces the statistics across ranks (see
 :mod:`dsq.quant.functional`); the fused path then runs as absmax kernel, ``reduce``, codes kernel.
@@ -46,26 +52,44 @@ _FUSED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 # int32 holds K products of |code| <= 128 when K * 2^14 < 2^31; longer reductions are chunked
 _K_CHUNK = 1 << 16
 
-_fused: bool | None = None
+KERNELS = ("auto", "eager", "cpp", "compile")
+_kernel: str | None = None
 _compiled: dict[str, object] = {}
 
 
-def set_fused(on: bool) -> None:
-    """Use the torch.compile kernels (True) or the eager reference (False) from now on."""
-    global _fused
-    _fused = bool(on)
+def set_kernel(name: str | None) -> None:
+    """Use kernel ``name`` (auto | eager | cpp | compile) from now on; None: the environment's
+    ``DSQ_QUANT_KERNEL``."""
+    global _kernel
+    if name is not None and name not in KERNELS:
+        raise ValueError(f"kernel {name!r} is unknown: use one of {', '.join(KERNELS)}")
+    _kernel = name
 
 
-def fused_enabled() -> bool:
-    global _fused
-    if _fused is None:
-        _fused = os.environ.get("DSQ_QUANT_COMPILE", "0").lower() in ("1", "true", "yes", "on")
-    return _fused
+def kernel() -> str:
+    """The configured kernel (``DSQ_QUANT_KERNEL``, default auto)."""
+    global _kernel
+    if _kernel is None:
+        name = os.environ.get("DSQ_QUANT_KERNEL", "auto").strip().lower() or "auto"
+        if name not in KERNELS:
+            raise ValueError(f"DSQ_QUANT_KERNEL={name!r} is unknown: use one of "
+                             f"{', '.join(KERNELS)}")
+        _kernel = name
+    return _kernel
 
 
-def _use_fused(x: Tensor, fmt: QuantFormat, check_finite: bool) -> bool:
-    return (fused_enabled() and fmt.rounding == "nearest" and not check_finite
-            and x.dtype in _FUSED_DTYPES)
+def _impl(x: Tensor, fmt: QuantFormat | None = None, check_finite: bool = False) -> str:
+    """eager | cpp | compile for a quantization of ``x`` (or a rescale to ``x``'s dtype)."""
+    k = kernel()
+    if k == "eager" or check_finite or (fmt is not None and fmt.rounding != "nearest"):
+        return "eager"
+    if k == "compile":
+        return "compile" if x.dtype in _FUSED_DTYPES else "eager"
+    from dsq.quant import cpu_kernels
+
+    if cpu_kernels.supports(x) and cpu_kernels.library() is not None:
+        return "cpp"
+    return "eager"
 
 
 def _rowwise(fmt: QuantFormat) -> QuantFormat:
@@ -84,10 +108,19 @@ def _scale(stat: Tensor, qmax: int) -> Tensor:
     return (stat / qmax).clamp_min(_TINY)
 
 
-def _k_quant_rows(x, qmin: int, qmax: int):
-    xf = x.float()
+def _rows(xf, qmin, qmax):
     s = _scale(xf.abs().amax(-1, keepdim=True), qmax)
     return _codes(xf, s, qmin, qmax), s
+
+
+def _cols(xf, qmin, qmax, transpose: bool):
+    s = _scale(xf.abs().amax(0, keepdim=True), qmax)
+    q = _codes(xf, s, qmin, qmax)
+    return (q.t().contiguous() if transpose else q), s
+
+
+def _k_quant_rows(x, qmin: int, qmax: int):
+    return _rows(x.float(), qmin, qmax)
 
 
 def _k_quant_tensor(x, qmin: int, qmax: int):
@@ -97,15 +130,46 @@ def _k_quant_tensor(x, qmin: int, qmax: int):
 
 
 def _k_quant_cols(x, qmin: int, qmax: int):
-    xf = x.float()
-    s = _scale(xf.abs().amax(0, keepdim=True), qmax)
-    return _codes(xf, s, qmin, qmax), s
+    return _cols(x.float(), qmin, qmax, False)
 
 
 def _k_quant_cols_t(x, qmin: int, qmax: int):
+    return _cols(x.float(), qmin, qmax, True)
+
+
+def _k_quant_cols_sum(x, qmin: int, qmax: int):
     xf = x.float()
-    s = _scale(xf.abs().amax(0, keepdim=True), qmax)
-    return _codes(xf, s, qmin, qmax).t().contiguous(), s
+    return *_cols(xf, qmin, qmax, False), xf.sum(0)
+
+
+def _k_quant_cols_t_sum(x, qmin: int, qmax: int):
+    xf = x.float()
+    return *_cols(xf, qmin, qmax, True), xf.sum(0)
+
+
+def _k_quant_rows_sum(x, qmin: int, qmax: int):
+    xf = x.float()
+    return *_rows(xf, qmin, qmax), xf.sum(0)
+
+
+def _k_quant_rows_cols(x, qmin: int, qmax: int):
+    xf = x.float()
+    return *_rows(xf, qmin, qmax), *_cols(xf, qmin, qmax, False)
+
+
+def _k_quant_rows_cols_t(x, qmin: int, qmax: int):
+    xf = x.float()
+    return *_rows(xf, qmin, qmax), *_cols(xf, qmin, qmax, True)
+
+
+def _k_quant_rows_cols_sum(x, qmin: int, qmax: int):
+    xf = x.float()
+    return *_rows(xf, qmin, qmax), *_cols(xf, qmin, qmax, False), xf.sum(0)
+
+
+def _k_quant_rows_cols_t_sum(x, qmin: int, qmax: int):
+    xf = x.float()
+    return *_rows(xf, qmin, qmax), *_cols(xf, qmin, qmax, True), xf.sum(0)
 
 
 def _k_amax_rows(x):
@@ -143,7 +207,9 @@ def _k_rescale_t(acc, rs, cs, dtype: torch.dtype):
 
 
 _KERNELS = {f.__name__[3:]: f for f in (
-    _k_quant_rows, _k_quant_tensor, _k_quant_cols, _k_quant_cols_t, _k_amax_rows, _k_amax_cols,
+    _k_quant_rows, _k_quant_tensor, _k_quant_cols, _k_quant_cols_t, _k_quant_cols_sum,
+    _k_quant_cols_t_sum, _k_quant_rows_sum, _k_quant_rows_cols, _k_quant_rows_cols_t,
+    _k_quant_rows_cols_sum, _k_quant_rows_cols_t_sum, _k_amax_rows, _k_amax_cols,
     _k_amax_tensor, _k_codes, _k_codes_t, _k_rescale, _k_rescale_bias, _k_rescale_t)}
 
 
@@ -174,7 +240,11 @@ def quantize_rows(x: Tensor, fmt: QuantFormat, reduce: Reduce | None = None, *,
                   check_finite: bool = False, name: str = "tensor") -> tuple[Tensor, Tensor]:
     """2-D ``x`` to int8 codes with one scale per row (``[R, 1]``) or per tensor (0-dim)."""
     _check_int8_format(fmt)
-    if _use_fused(x, fmt, check_finite):
+    impl = _impl(x, fmt, check_finite)
+    if impl == "cpp":
+        return _cpp_quant(x, fmt, rows=True, cols=False, transpose=False, col_sum=False,
+                          reduce=reduce, col_reduce=None)[:2]
+    if impl == "compile":
         return _fused_quant(x, fmt, "tensor" if fmt.granularity == "tensor" else "rows", False,
                             reduce)
     q = quantize(x, fmt, reduce=reduce, check_finite=check_finite, name=name)
@@ -191,7 +261,11 @@ def quantize_cols(x: Tensor, fmt: QuantFormat, reduce: Reduce | None = None, *,
     """
     _check_int8_format(fmt)
     per_tensor = fmt.granularity == "tensor"
-    if _use_fused(x, fmt, check_finite):
+    impl = _impl(x, fmt, check_finite)
+    if impl == "cpp":
+        return _cpp_quant(x, fmt, rows=False, cols=True, transpose=transpose, col_sum=False,
+                          reduce=None, col_reduce=reduce)[2:4]
+    if impl == "compile":
         if per_tensor:
             codes, scale = _fused_quant(x, fmt, "tensor", False, reduce)
             return (codes.t().contiguous() if transpose else codes), scale
@@ -199,6 +273,63 @@ def quantize_cols(x: Tensor, fmt: QuantFormat, reduce: Reduce | None = None, *,
     q = quantize(x.t(), _rowwise(fmt), reduce=reduce, check_finite=check_finite, name=name)
     codes = q.codes.contiguous() if transpose else q.codes.t().contiguous()
     return codes, (q.scale if per_tensor else q.scale.t())
+
+
+def quantize_rows_cols(x: Tensor, fmt: QuantFormat, *, rows: bool = True, cols: bool = True,
+                       transpose: bool = False, col_sum: bool = False,
+                       reduce: Reduce | None = None, col_reduce: Reduce | None = None,
+                       check_finite: bool = False, name: str = "tensor") -> tuple:
+    """Per-row and per-column quantizations of one 2-D ``x`` (and its column sums), each part
+    optional: ``(row_codes, row_scale, col_codes, col_scale, col_sum)``, None for parts not
+    asked for. ``fmt`` is per token/channel. Fused: one kernel reads ``x`` for all parts (when
+    no statistic needs a cross-rank reduction); eager: :func:`quantize_rows`,
+    :func:`quantize_cols` and ``x.sum(0)``. The column sum is fp32 (it is the bias gradient)."""
+    _check_int8_format(fmt)
+    if fmt.granularity == "tensor":
+        raise ValueError(f"{fmt}: quantize_rows_cols is for per-row formats")
+    impl = _impl(x, fmt, check_finite)
+    if impl == "cpp":
+        return _cpp_quant(x, fmt, rows=rows, cols=cols, transpose=transpose, col_sum=col_sum,
+                          reduce=reduce, col_reduce=col_reduce)
+    if impl == "compile" and (rows or cols) and reduce is None and col_reduce is None:
+        kernel = "quant_" + "_".join(p for p, on in (("rows", rows), ("cols", cols),
+                                                      ("t", cols and transpose),
+                                                      ("sum", col_sum)) if on)
+        got = iter(_compiled_kernel(kernel)(x, fmt.qmin, fmt.qmax))
+        rc, rs = (next(got), next(got)) if rows else (None, None)
+        cc, cs = (next(got), next(got)) if cols else (None, None)
+        return rc, rs, cc, cs, (next(got) if col_sum else None)
+    r = quantize_rows(x, fmt, reduce, check_finite=check_finite, name=name) if rows else (
+        None, None)
+    c = quantize_cols(x, fmt, col_reduce, transpose=transpose, check_finite=check_finite,
+                      name=name) if cols else (None, None)
+    return (*r, *c, x.float().sum(0) if col_sum else None)
+
+
+def _cpp_quant(x: Tensor, fmt: QuantFormat, *, rows: bool, cols: bool, transpose: bool,
+               col_sum: bool, reduce: Reduce | None, col_reduce: Reduce | None) -> tuple:
+    """The C kernels: one statistics pass, the (TP) reductions, one codes pass.
+
+    Per-tensor formats give one scale for both the rows' and the columns' codes."""
+    from dsq.quant import cpu_kernels as ck
+
+    per_tensor = fmt.granularity == "tensor"
+    ra, ca, csum, ta = ck.stats(x, rows and not per_tensor, cols and not per_tensor, col_sum,
+                                per_tensor)
+    rs = cs = None
+    if per_tensor:
+        ta = reduce(ta) if reduce is not None and rows else (
+            col_reduce(ta) if col_reduce is not None else ta)
+        rs = cs = ck.to_scale(ta.contiguous(), fmt.qmax)
+    else:
+        if rows:
+            rs = ck.to_scale((reduce(ra) if reduce is not None else ra).contiguous(), fmt.qmax)
+        if cols:
+            cs = ck.to_scale((col_reduce(ca) if col_reduce is not None else ca).contiguous(),
+                             fmt.qmax)
+    qr, qc = ck.codes(x, fmt.qmin, fmt.qmax, rs if rows else None, cs if cols else None,
+                      transpose)
+    return qr, (rs if rows else None), qc, (cs if cols else None), csum
 
 
 # ----------------------------------------------------------------------------- GEMM
@@ -229,7 +360,19 @@ def rescale(acc: Tensor, row_scale: Tensor, col_scale: Tensor, bias: Tensor | No
     """``acc * row_scale * col_scale (+ bias)`` in ``dtype``; ``transpose`` returns its ``.t()``
     contiguous. Scales broadcast (``[M, 1]``, ``[1, N]`` or 0-dim); the product is in fp32
     (fp64 for fp64 scales)."""
-    if (fused_enabled() and dtype in _FUSED_DTYPES and row_scale.dtype == torch.float32
+    impl = _impl(torch.empty(0, 0, dtype=dtype, device=acc.device))
+    if impl == "cpp":
+        from dsq.quant import cpu_kernels as ck
+
+        M, N = acc.shape
+        if (acc.dtype == torch.int32 and acc.is_contiguous()
+                and row_scale.dtype == col_scale.dtype == torch.float32
+                and row_scale.numel() in (1, M) and col_scale.numel() in (1, N)
+                and row_scale.is_contiguous() and col_scale.is_contiguous()
+                and (bias is None or (bias.dtype == dtype and bias.is_contiguous()))):
+            return ck.rescale(acc, row_scale, col_scale, bias, dtype, transpose)
+        impl = "eager"
+    if (impl == "compile" and dtype in _FUSED_DTYPES and row_scale.dtype == torch.float32
             and col_scale.dtype == torch.float32):
         if transpose and bias is None:
             return _compiled_kernel("rescale_t")(acc, row_scale, col_scale, dtype)

@@ -1,19 +1,19 @@
 """``compute: int8``: the quantized linear's GEMMs as integer GEMMs (int8 x int8 -> int32).
 
 A scaled integer GEMM ``C = (sa qa) (sb qb)`` is ``C[m, n] = sa[m] sb[n] sum_k qa[m, k] qb[k, n]``
-only when no scale varies along the reduced dimension ``k``: one ``torch._int_mm`` and one rescale
-(:mod:`dsq.quant.fused`). For the three GEMMs (``X[tokens, in]``, ``W[out, in]``, ``G[tokens, out]``):
+only when no scale varies along the reduced dimension ``k``: one ``torch._int_mm`` and one
+rescale (:mod:`dsq.quant.fused`). With ``X[tokens, in]``, ``W[out, in]``, ``G[tokens, out]``:
 
-============ ================================ ========= ==========================================
-GEMM         integer form                     reduces   scales the recipe's formats give
-============ ================================ ========= ==========================================
-forward      ``Y  = sx sw  (qx  @ qw^T)``      in        X per token/tensor, W per channel/tensor:
-                                                        the recipe's own quantization, unchanged
-input grad   ``dX = sg sw' (qg  @ qw')``       out       G per token/tensor (the recipe's); W per
-                                                        *input column* (or tensor)
-weight grad  ``dW = sg'' sx'' (qg''^T @ qx'')`` tokens   G per *output column*, X per *input
-                                                        column* (or both per tensor)
-============ ================================ ========= ==========================================
+=========== ===================================== ======= ==================================
+GEMM        integer form                          reduces scales
+=========== ===================================== ======= ==================================
+forward     ``Y  = sx sw (qx @ qw^T)``            in      X per token/tensor, W per
+                                                          channel/tensor: the recipe's own
+input grad  ``dX = sg sw' (qg @ qw')``            out     G per token/tensor (the recipe's),
+                                                          W per *input column* (or tensor)
+weight grad ``dW = sg'' sx'' (qg''^T @ qx'')``    tokens  G per *output column*, X per
+                                                          *input column* (or both per tensor)
+=========== ===================================== ======= ==================================
 
 So a per-channel ``W`` is quantized a second time for the input gradient, with one scale per
 input column, from the full-precision weight (same bits and rounding; the parameter itself is
@@ -39,6 +39,11 @@ is requantized per input column in backward, otherwise ``W``'s int8 codes: about
 activation element instead of two (bf16) or four (fp32). The ``dW`` GEMM transposes whichever of
 ``X``/``G`` is smaller so the GEMM's left operand is row-major.
 
+Passes: the forward reads ``X`` twice (statistics, then both its per-token and per-column codes)
+and ``W`` twice; backward reads ``G`` twice for its per-token codes, per-column codes and the
+bias gradient (column sums), ``W`` twice for its per-column codes; each GEMM's int32 result is
+read once by its rescale (+ bias) epilogue. See :mod:`dsq.quant.fused` for the kernels.
+
 Tensor parallelism: ``reduce_x/w/g`` max-reduce the recipe's statistics, ``reduce_xt/wt/gt`` those
 of the per-column quantizations (a per-column statistic reduces over the rows: ``W``'s over
 ``out``, sharded in a column-parallel layer; ``X``'s and ``G``'s over tokens).
@@ -56,7 +61,7 @@ from torch import Tensor
 
 from dsq.quant.format import QuantFormat
 from dsq.quant.functional import QTensor, Reduce, quantize, signal_noise
-from dsq.quant.fused import int_mm, quantize_cols, quantize_rows, rescale
+from dsq.quant.fused import int_mm, quantize_cols, quantize_rows, quantize_rows_cols, rescale
 
 if TYPE_CHECKING:
     from dsq.quant.matmul import LinearQuant
@@ -187,7 +192,26 @@ class _Int8Linear(torch.autograd.Function):
         needs_dx, needs_dw = ctx.needs_input_grad[:2]
         x2 = x.reshape(-1, x.shape[-1])
         n_in, n_out = w.shape[1], w.shape[0]
-        qx = _quant(x2, qc.activation, rx, qc, "activation", capture)
+        cf = qc.check_finite
+        # dW's GEMM transposes the smaller of X[tok, in] and G[tok, out] (row-major left operand)
+        xt = n_in <= n_out
+        saved_x = saved_w = (None, None, None)
+        a = qc.activation
+        if needs_dw and plan.weight_grad is None and a.granularity != "tensor":
+            # X per token for Y and per column for dW, in one pass; only the latter is saved
+            rc, rs, cc, cs, _ = quantize_rows_cols(x2, a, transpose=xt, reduce=rx,
+                                                   col_reduce=rxt, check_finite=cf,
+                                                   name="activation")
+            qx = QTensor(rc, rs, None, a, x.dtype)
+            _record(capture, "activation", x2, qx)
+            saved_x = (cc, cs, None)
+        else:
+            qx = _quant(x2, a, rx, qc, "activation", capture)
+            if needs_dw:
+                if plan.weight_grad is not None:
+                    saved_x = _pack(qx, x2)
+                else:  # per tensor: the forward's codes
+                    saved_x = (qx.codes.t().contiguous() if xt else qx.codes, qx.scale, None)
         qw = _quant(w, qc.weight, rw, qc, "weight", capture)
         if plan.forward is None:
             y2 = rescale(int_mm(qx.codes, qw.codes.t()), qx.scale, _tscale(qw.scale), bias,
@@ -196,19 +220,6 @@ class _Int8Linear(torch.autograd.Function):
             y2 = torch.matmul(_value(qx, x2, x.dtype), _value(qw, w, x.dtype).t())
             if bias is not None:
                 y2 = y2 + bias
-        y = y2.view(*x.shape[:-1], n_out)
-
-        # dW's GEMM transposes the smaller of X[tok, in] and G[tok, out] (row-major left operand)
-        xt = n_in <= n_out
-        saved_x = saved_w = (None, None, None)
-        if needs_dw:
-            if plan.weight_grad is not None:
-                saved_x = _pack(qx, x2)
-            elif qc.activation.granularity == "tensor":
-                saved_x = (qx.codes.t().contiguous() if xt else qx.codes, qx.scale, None)
-            else:
-                saved_x = (*quantize_cols(x2, _col_fmt(qc.activation), rxt, transpose=xt,
-                                          check_finite=qc.check_finite, name="activation"), None)
         if needs_dx:
             if plan.input_grad is not None or qc.weight.granularity == "tensor":
                 saved_w = _pack(qw, w)
@@ -216,7 +227,7 @@ class _Int8Linear(torch.autograd.Function):
                 saved_w = (w, None, None)  # requantized per input column in backward
         ctx.save_for_backward(*saved_x, *saved_w)
         ctx.meta = (qc, plan, reducers, capture, x.shape, w.dtype, xt)
-        return y
+        return y2.view(*x.shape[:-1], n_out)
 
     @staticmethod
     def backward(ctx, g):
@@ -225,43 +236,53 @@ class _Int8Linear(torch.autograd.Function):
         saved = ctx.saved_tensors
         needs_dx, needs_dw, needs_db = ctx.needs_input_grad[:3]
         g2 = g.reshape(-1, g.shape[-1])
-        q_dx = qc.grad is not None and qc.grad_gemms in ("input", "both") and needs_dx
-        q_dw = qc.grad is not None and qc.grad_gemms in ("weight", "both") and needs_dw
-        cache: list[QTensor | None] = []
+        cf, fg = qc.check_finite, qc.grad
+        q_dx = fg is not None and qc.grad_gemms in ("input", "both") and needs_dx
+        q_dw = fg is not None and qc.grad_gemms in ("weight", "both") and needs_dw
+        int8_dw = needs_dw and plan.weight_grad is None
+        # G's quantizations: the recipe's Qg(G) (per token/tensor) for dX and simulated GEMMs,
+        # per column for an integer dW; with the bias gradient, in one pass where possible
+        want_rows = q_dx or (q_dw and (not int8_dw or fg.granularity == "tensor"))
+        want_cols = int8_dw and fg.granularity != "tensor"
+        qg = g_cols = db = None
+        if want_cols:
+            rc, rs, cc, cs, colsum = quantize_rows_cols(
+                g2, fg, rows=want_rows, transpose=not xt, col_sum=needs_db, reduce=rg,
+                col_reduce=rgt, check_finite=cf, name="grad")
+            g_cols = (cc, cs)
+            if want_rows:
+                qg = QTensor(rc, rs, None, fg, g.dtype)
+                _record(capture, "grad", g2, qg)
+            else:  # G's only quantization: record it
+                _record(capture, "grad", g2, QTensor(cc if xt else cc.t(), cs, None, fg,
+                                                     g.dtype))
+            if needs_db:
+                db = colsum.to(g.dtype)
+        elif want_rows:
+            qg = _quant(g2, fg, rg, qc, "grad", capture)
+        if needs_db and db is None:
+            db = g2.sum(0)
 
-        def qg() -> QTensor:  # the recipe's Qg(G), computed once whoever needs it
-            if not cache:
-                cache.append(_quant(g2, qc.grad, rg, qc, "grad", capture))
-            return cache[0]
-
-        dx = dw = db = None
+        dx = dw = None
         if needs_dx:
             if plan.input_grad is None:
                 w_codes, w_scale, _ = saved[3:]
                 if w_codes.dtype != torch.int8:  # per input column, from W itself
                     w_codes, w_scale = quantize_cols(w_codes, _col_fmt(qc.weight), rwt,
-                                                     check_finite=qc.check_finite, name="weight")
+                                                     check_finite=cf, name="weight")
                 else:
                     w_scale = _tscale(w_scale)
-                q = qg()
-                dx = rescale(int_mm(q.codes, w_codes), q.scale, w_scale, None, g.dtype)
+                dx = rescale(int_mm(qg.codes, w_codes), qg.scale, w_scale, None, g.dtype)
             else:
-                gd = _value(qg(), g2, g.dtype) if q_dx else g2
+                gd = _value(qg, g2, g.dtype) if q_dx else g2
                 dx = gd @ _unpack(saved[3:], qc.weight, g.dtype)
             dx = dx.view(x_shape)
         if needs_dw:
-            if plan.weight_grad is None:
+            if int8_dw:
                 x_codes, x_scale, _ = saved[:3]
-                if qc.grad.granularity == "tensor":
-                    q = qg()
-                    g_codes, g_scale = (q.codes if xt else q.codes.t().contiguous()), q.scale
-                else:
-                    g_codes, g_scale = quantize_cols(g2, _col_fmt(qc.grad), rgt, transpose=not xt,
-                                                     check_finite=qc.check_finite, name="grad")
-                    if not cache and capture is not None:  # G's only quantization: record it
-                        codes = g_codes if xt else g_codes.t()
-                        _record(capture, "grad", g2, QTensor(codes, g_scale, None, qc.grad,
-                                                             g.dtype))
+                if g_cols is None:  # per tensor: the same Qg(G) as the input gradient
+                    g_cols = (qg.codes if xt else qg.codes.t().contiguous(), qg.scale)
+                g_codes, g_scale = g_cols
                 if xt:  # dW^T[in, out] = X''^T[in, tok] @ G''[tok, out]
                     dw = rescale(int_mm(x_codes, g_codes), _tscale(x_scale), g_scale, None,
                                  w_dtype, transpose=True)
@@ -269,10 +290,8 @@ class _Int8Linear(torch.autograd.Function):
                     dw = rescale(int_mm(g_codes, x_codes), _tscale(g_scale), x_scale, None,
                                  w_dtype)
             else:
-                gw = _value(qg(), g2, g.dtype) if q_dw else g2
+                gw = _value(qg, g2, g.dtype) if q_dw else g2
                 dw = (gw.t() @ _unpack(saved[:3], qc.activation, g.dtype)).to(w_dtype)
-        if needs_db:
-            db = g2.sum(0)
         return dx, dw, db, None, None, None, None
 
 

@@ -103,7 +103,8 @@ class LinearQuant:
                 f"(grad GEMMs: {self.grad_gemms})")
 
     def int8_plan(self):
-        """Which GEMMs run as integer GEMMs under ``compute: int8`` (:func:`dsq.quant.int8.int8_plan`)."""
+        """Which GEMMs run as integer GEMMs under ``compute: int8``
+        (:func:`dsq.quant.int8.int8_plan`)."""
         from dsq.quant.int8 import int8_plan
 
         return int8_plan(self)

@@ -15,7 +15,14 @@ import pytest
 import torch
 
 from dsq.quant import LinearQuant, QuantFormat, fake_quantize, quantized_linear, sqnr_db
-from dsq.quant.fused import int_mm, quantize_cols, quantize_rows, rescale, set_fused
+from dsq.quant.fused import (
+    int_mm,
+    quantize_cols,
+    quantize_rows,
+    quantize_rows_cols,
+    rescale,
+    set_kernel,
+)
 from dsq.quant.int8 import Int8FallbackWarning, describe_plan, int8_plan
 from tests.dist_utils import spawn
 
@@ -85,10 +92,18 @@ def int_mm_calls(monkeypatch):
     return calls
 
 
+@pytest.fixture(params=["eager", "cpp"])
+def kernel(request):
+    set_kernel(request.param)
+    yield request.param
+    set_kernel(None)
+
+
 @pytest.mark.parametrize("shape", [(IN, OUT), (64, 24)])
 @pytest.mark.parametrize("grad_gemms", ["weight", "input", "both"])
 @pytest.mark.parametrize("fmts", INT8_FORMATS, ids=lambda f: "-".join(f))
-def test_int8_equals_simulation_of_the_same_quantization(fmts, grad_gemms, shape, int_mm_calls):
+def test_int8_equals_simulation_of_the_same_quantization(fmts, grad_gemms, shape, int_mm_calls,
+                                                          kernel):
     qc = LinearQuant(*fmts, grad_gemms=grad_gemms, compute="int8")
     sim = dataclasses.replace(qc, compute="simulate")
     ops = operands(*shape)
@@ -99,7 +114,7 @@ def test_int8_equals_simulation_of_the_same_quantization(fmts, grad_gemms, shape
     ref = matched_reference(qc, *ops)
     for name, a, r in zip(("y", "dx", "dw", "db"), got, ref):
         torch.testing.assert_close(a, r, rtol=1e-5, atol=1e-5 * float(r.abs().max()),
-                                   msg=lambda m: f"{name}: {m}")
+                                   msg=lambda m, name=name: f"{name}: {m}")
     # where the quantization is the recipe's own, int8 equals compute=simulate itself
     want = run(sim, *ops)
     same = {"y": True,
@@ -115,7 +130,7 @@ def test_int8_equals_simulation_of_the_same_quantization(fmts, grad_gemms, shape
             assert float(sqnr_db(r, a)) > {8: 25, 6: 15, 4: 8}[qc.grad.bits], name
 
 
-def test_int8_bf16_close_to_simulation():
+def test_int8_bf16_close_to_simulation(kernel):
     qc = LinearQuant("int8:channel", "int8:token", "int8:token", "both", compute="int8")
     ops = operands()
     ref = matched_reference(qc, *ops)
@@ -135,7 +150,8 @@ def test_int8_bf16_close_to_simulation():
     (("int8:channel", "int8:token", None), "weight", {"input_grad", "weight_grad"}),
     (("int8:channel", "int8:token:stochastic", "int8:token"), "input", {"weight_grad"}),
 ])
-def test_fallback_gemms_are_simulated_and_reported(fmts, grad_gemms, fallback, int_mm_calls):
+def test_fallback_gemms_are_simulated_and_reported(fmts, grad_gemms, fallback, int_mm_calls,
+                                                   kernel):
     qc = LinearQuant(*fmts, grad_gemms=grad_gemms, compute="int8")
     plan = int8_plan(qc)
     assert set(plan.fallbacks()) == fallback
@@ -152,7 +168,7 @@ def test_fallback_gemms_are_simulated_and_reported(fmts, grad_gemms, fallback, i
         torch.testing.assert_close(a, r, rtol=1e-5, atol=1e-5 * float(r.abs().max()))
     msg, any_fallback = describe_plan(qc, ["fc1", "qkv"])
     assert any_fallback and "(fc1, qkv)" in msg
-    for gemm, reason in plan.fallbacks().items():
+    for reason in plan.fallbacks().values():
         assert reason in msg
     assert ("forward Y = X W^T because" in msg) == ("forward" in fallback)
 
@@ -247,7 +263,7 @@ def test_rescale_and_column_quantization():
     assert c.shape == (40, 24) and s.shape == (1, 24) and ct.shape == (24, 40)
     assert torch.equal(ct, c.t()) and torch.equal(s, st)
     torch.testing.assert_close(c * s, fq_cols(x, fmt))
-    r, rs = quantize_rows(x, fmt)
+    _, rs = quantize_rows(x, fmt)
     assert rs.shape == (40, 1)
     acc = torch.randint(-1000, 1000, (40, 24), dtype=torch.int32, generator=g)
     b = torch.randn(24, generator=g)
@@ -258,33 +274,68 @@ def test_rescale_and_column_quantization():
         quantize_rows(x, QuantFormat(8, "token", symmetric=False))
 
 
-@pytest.mark.slow
-def test_fused_kernels_equal_eager():
-    """torch.compile kernels (DSQ_QUANT_COMPILE=1) give the eager codes, scales and outputs."""
+def _kernel_outputs(kernel: str):
+    """Every kernel entry point on a few shapes/dtypes/formats, and whole int8 linears."""
     g = torch.Generator().manual_seed(0)
-    shapes = [(64, 48), (37, 96)]
-    eager = {}
+    exact, sums, linear = [], [], []
+    set_kernel(kernel)
     try:
-        for fused in (False, True):
-            set_fused(fused)
-            out = []
-            for shape in shapes:
-                for dtype in (torch.float32, torch.bfloat16):
-                    x = (torch.randn(*shape, generator=g) * 3).to(dtype)
-                    for fmt in (QuantFormat(8, "token"), QuantFormat(4, "tensor")):
-                        out += [*quantize_rows(x, fmt), *quantize_cols(x, fmt, transpose=True),
-                                *quantize_rows(x, fmt, reduce=lambda t: t * 2)]
-                    acc = torch.randint(-999, 999, shape, dtype=torch.int32, generator=g)
-                    rs, cs = torch.rand(shape[0], 1, generator=g), torch.rand(1, shape[1],
-                                                                             generator=g)
-                    out.append(rescale(acc, rs, cs, torch.randn(shape[1], generator=g),
-                                       dtype, transpose=True))
-            eager[fused] = out
-            g.manual_seed(0)
-        for a, b in zip(eager[False], eager[True]):
-            torch.testing.assert_close(b, a, rtol=1e-6, atol=0)
+        for shape in [(64, 48), (37, 96), (130, 200)]:
+            for dtype in (torch.float32, torch.bfloat16):
+                x = (torch.randn(*shape, generator=g) * 3).to(dtype)
+                x[1, 2] = 0.5 * x[1].abs().max() / 127 * 3  # a tie of round-half-even: 1.5 steps
+                x[3] = 0  # an all-zero row: scale FLT_MIN, codes 0
+                for fmt in (QuantFormat(8, "token"), QuantFormat(4, "tensor"),
+                            QuantFormat(8, "channel")):
+                    exact += [*quantize_rows(x, fmt), *quantize_cols(x, fmt, transpose=True),
+                              *quantize_cols(x, fmt),
+                              *quantize_rows(x, fmt, reduce=lambda t: t.mul_(2))]
+                tok = QuantFormat(8, "token")
+                for rows, cols, tr, sm in [(1, 1, 1, 1), (1, 1, 0, 1), (0, 1, 0, 1),
+                                           (0, 1, 1, 0), (1, 1, 1, 0), (1, 0, 0, 1)]:
+                    parts = quantize_rows_cols(x, tok, rows=bool(rows), cols=bool(cols),
+                                               transpose=bool(tr), col_sum=bool(sm),
+                                               col_reduce=(lambda t: t.mul_(1.5)) if tr else None)
+                    exact += [p for p in parts[:4] if p is not None]
+                    if parts[4] is not None:
+                        sums.append(parts[4])
+                acc = torch.randint(-2**30, 2**30, shape, dtype=torch.int32, generator=g)
+                rs, cs = torch.rand(shape[0], 1, generator=g), torch.rand(1, shape[1], generator=g)
+                b = torch.randn(shape[1], generator=g).to(dtype)
+                for tr in (False, True):
+                    exact += [rescale(acc, rs, cs, b, dtype, transpose=tr),
+                              rescale(acc, rs, cs[0, 0], None, dtype, transpose=tr)]
+        for fmts, shape in ((INT8_FORMATS[0], (IN, OUT)), (INT8_FORMATS[1], (64, 24))):
+            for grad_gemms in ("weight", "both"):
+                qc = LinearQuant(*fmts, grad_gemms=grad_gemms, compute="int8")
+                linear += run(qc, *operands(*shape, dtype=torch.bfloat16))
     finally:
-        set_fused(False)
+        set_kernel(None)
+    return exact, sums, linear
+
+
+def _assert_same_outputs(got, want):
+    exact, sums, linear = got
+    for a, b in zip(want[0], exact, strict=True):
+        assert a.dtype == b.dtype and a.shape == b.shape
+        assert torch.equal(a, b)  # codes, scales and rescaled outputs: bit for bit
+    for a, b in zip(want[1], sums, strict=True):  # column sums: another summation order
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-4)
+    for a, b in zip(want[2], linear, strict=True):  # bias gradients hold those sums
+        torch.testing.assert_close(b, a, rtol=1e-2, atol=1e-2)
+
+
+def test_cpp_kernels_equal_eager():
+    from dsq.quant import cpu_kernels
+
+    assert cpu_kernels.library() is not None, "no C compiler: the cpp kernels are unavailable"
+    _assert_same_outputs(_kernel_outputs("cpp"), _kernel_outputs("eager"))
+
+
+@pytest.mark.slow
+def test_compiled_kernels_equal_eager():
+    """torch.compile kernels (DSQ_QUANT_KERNEL=compile): 1-2 minutes of compilation here."""
+    _assert_same_outputs(_kernel_outputs("compile"), _kernel_outputs("eager"))
 
 
 # ----------------------------------------------------------------------------- TP=2 == TP=1

@@ -1,0 +1,326 @@
+"""C/OpenMP kernels of the integer-GEMM path on CPU (the ``cpp`` kernels of dsq.quant.fused).
+
+Compiled once with the system C compiler (``-O3 -march=native -ffp-contract=off``, about 2 s),
+cached under ``$DSQ_CACHE_DIR`` (default ``~/.cache/dsq``), called through ``ctypes`` (which
+releases the GIL). fp32 and bf16 tensors, 2-D and contiguous.
+
+``stats``
+    One read of ``x[R, C]``: per-row absmax, per-column absmax and column sums (thread-local
+    partial columns, merged), tensor absmax; each output optional.
+``codes``
+    One read of ``x``: int8 codes with per-row scales (``stride 0``: one scale) and/or with
+    per-column scales, the latter optionally written transposed (``[C, R]``, through 64 x 64
+    tiles).
+``rescale``
+    ``out = (float(acc) * rs * cs) + bias`` in fp32 or bf16, optionally transposed.
+
+The arithmetic is that of :func:`dsq.quant.functional.quantize` and of the eager rescale,
+operation for operation: ``s = max(amax / qmax, FLT_MIN)``, ``rint(x / s)`` (round half to
+even), clamp, ``(acc * rs) * cs + bias``, bf16 by round-to-nearest-even; no fused multiply-add.
+So codes and scales equal the eager ones bit for bit (tested); only column sums (the bias
+gradient) add in another order.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import shutil
+import subprocess
+import tempfile
+import threading
+import warnings
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+C_SOURCE = r"""
+#include <stdint.h>
+#include <string.h>
+#include <stdlib.h>
+#include <math.h>
+#include <float.h>
+#include <omp.h>
+
+#define TILE 64
+
+static inline float ld_f32(const void *p, int64_t i) { return ((const float *)p)[i]; }
+static inline float ld_bf16(const void *p, int64_t i) {
+    uint32_t u = ((uint32_t)((const uint16_t *)p)[i]) << 16; float f; memcpy(&f, &u, 4); return f;
+}
+static inline void st_f32(void *p, int64_t i, float f) { ((float *)p)[i] = f; }
+static inline void st_bf16(void *p, int64_t i, float f) {
+    uint32_t u; memcpy(&u, &f, 4);
+    uint16_t h = isnan(f) ? (uint16_t)0x7FC0 : (uint16_t)((u + 0x7FFFu + ((u >> 16) & 1u)) >> 16);
+    ((uint16_t *)p)[i] = h;
+}
+/* NaN-propagating max, as torch.amax */
+static inline float nmax(float m, float a) { return (a > m || a != a) ? a : m; }
+
+static inline int8_t qcode(float v, float qmin, float qmax) {
+    float r = rintf(v);
+    r = r < qmin ? qmin : r;
+    r = r > qmax ? qmax : r;
+    return (int8_t)(r == r ? r : 0.0f);
+}
+
+/* scale = max(stat / qmax, FLT_MIN), NaN kept (in place) */
+void dsq_scale(float *v, int64_t n, float qmax) {
+    for (int64_t i = 0; i < n; i++) {
+        float s = v[i] / qmax;
+        v[i] = s < FLT_MIN ? FLT_MIN : s;
+    }
+}
+
+#define DEFINE(SUF, LD, ST)                                                                  \
+void dsq_stats_##SUF(const void *x, int64_t R, int64_t C, float *ramax, float *camax,        \
+                     float *csum, float *tamax, int nt) {                                    \
+    int want_cols = camax != NULL || csum != NULL;                                           \
+    float *part = NULL;                                                                      \
+    if (want_cols) part = (float *)malloc(sizeof(float) * 2 * C * nt);                        \
+    float tpart[256];                                                                        \
+    if (nt > 256) nt = 256;                                                                  \
+    _Pragma("omp parallel num_threads(nt)")                                                  \
+    {                                                                                        \
+        int t = omp_get_thread_num(), n = omp_get_num_threads();                             \
+        float *pm = want_cols ? part + 2 * C * t : NULL, *ps = pm ? pm + C : NULL;           \
+        if (pm) for (int64_t c = 0; c < C; c++) { pm[c] = 0.0f; ps[c] = 0.0f; }              \
+        float tm = 0.0f;                                                                     \
+        int64_t r0 = R * t / n, r1 = R * (t + 1) / n;                                        \
+        for (int64_t r = r0; r < r1; r++) {                                                  \
+            const int64_t o = r * C;                                                         \
+            float m = 0.0f;                                                                  \
+            if (pm) {                                                                        \
+                for (int64_t c = 0; c < C; c++) {                                            \
+                    float v = LD(x, o + c), a = fabsf(v);                                    \
+                    m = nmax(m, a); pm[c] = nmax(pm[c], a); ps[c] += v;                      \
+                }                                                                            \
+            } else {                                                                         \
+                for (int64_t c = 0; c < C; c++) m = nmax(m, fabsf(LD(x, o + c)));            \
+            }                                                                                \
+            if (ramax) ramax[r] = m;                                                         \
+            tm = nmax(tm, m);                                                                \
+        }                                                                                    \
+        tpart[t] = tm;                                                                       \
+        _Pragma("omp barrier")                                                               \
+        if (want_cols) {                                                                     \
+            int64_t c0 = C * t / n, c1 = C * (t + 1) / n;                                    \
+            for (int64_t c = c0; c < c1; c++) {                                              \
+                float m = 0.0f, s = 0.0f;                                                    \
+                for (int k = 0; k < n; k++) { m = nmax(m, part[2 * C * k + c]);              \
+                                              s += part[2 * C * k + C + c]; }                \
+                if (camax) camax[c] = m;                                                     \
+                if (csum) csum[c] = s;                                                       \
+            }                                                                                \
+        }                                                                                    \
+        _Pragma("omp single")                                                                \
+        if (tamax) { float m = 0.0f; for (int k = 0; k < n; k++) m = nmax(m, tpart[k]);      \
+                     *tamax = m; }                                                           \
+    }                                                                                        \
+    free(part);                                                                              \
+}                                                                                            \
+                                                                                             \
+void dsq_codes_##SUF(const void *x, int64_t R, int64_t C, const float *rs, int64_t rstr,     \
+                     int8_t *qr, const float *cs, int64_t cstr, int8_t *qc, int tc,          \
+                     float qmin, float qmax, int nt) {                                       \
+    int64_t nrt = (R + TILE - 1) / TILE;                                                     \
+    _Pragma("omp parallel num_threads(nt)")                                                  \
+    {                                                                                        \
+        int8_t tile[TILE * TILE];                                                            \
+        _Pragma("omp for schedule(static)")                                                  \
+        for (int64_t rt = 0; rt < nrt; rt++) {                                               \
+            int64_t r0 = rt * TILE, r1 = r0 + TILE < R ? r0 + TILE : R;                      \
+            for (int64_t c0 = 0; c0 < C; c0 += (tc ? TILE : C)) {                            \
+                int64_t c1 = tc ? (c0 + TILE < C ? c0 + TILE : C) : C;                       \
+                for (int64_t r = r0; r < r1; r++) {                                          \
+                    const int64_t o = r * C;                                                 \
+                    if (qr) { const float s = rs[r * rstr];                                  \
+                        for (int64_t c = c0; c < c1; c++) qr[o + c] = qcode(LD(x, o + c) / s, \
+                                                                          qmin, qmax); }     \
+                    if (qc && !tc) {                                                         \
+                        for (int64_t c = c0; c < c1; c++)                                    \
+                            qc[o + c] = qcode(LD(x, o + c) / cs[c * cstr], qmin, qmax); }    \
+                    if (qc && tc) {                                                          \
+                        for (int64_t c = c0; c < c1; c++)                                    \
+                            tile[(c - c0) * TILE + (r - r0)] =                               \
+                                qcode(LD(x, o + c) / cs[c * cstr], qmin, qmax); }            \
+                }                                                                            \
+                if (qc && tc)                                                                \
+                    for (int64_t c = c0; c < c1; c++)                                        \
+                        memcpy(qc + c * R + r0, tile + (c - c0) * TILE, r1 - r0);            \
+            }                                                                                \
+        }                                                                                    \
+    }                                                                                        \
+}                                                                                            \
+                                                                                             \
+void dsq_rescale_##SUF(const int32_t *acc, int64_t M, int64_t N, const float *rs,           \
+                       int64_t rstr, const float *cs, int64_t cstr, const void *bias,        \
+                       void *out, int tr, int nt) {                                          \
+    if (!tr) {                                                                               \
+        _Pragma("omp parallel for num_threads(nt) schedule(static)")                         \
+        for (int64_t m = 0; m < M; m++) {                                                    \
+            const float a = rs[m * rstr];                                                    \
+            const int64_t o = m * N;                                                         \
+            if (bias) for (int64_t n = 0; n < N; n++)                                        \
+                ST(out, o + n, (float)acc[o + n] * a * cs[n * cstr] + LD(bias, n));          \
+            else for (int64_t n = 0; n < N; n++)                                             \
+                ST(out, o + n, (float)acc[o + n] * a * cs[n * cstr]);                        \
+        }                                                                                    \
+        return;                                                                              \
+    }                                                                                        \
+    int64_t nmt = (M + TILE - 1) / TILE;                                                     \
+    _Pragma("omp parallel num_threads(nt)")                                                  \
+    {                                                                                        \
+        float tile[TILE * TILE];                                                             \
+        _Pragma("omp for schedule(static)")                                                  \
+        for (int64_t mt = 0; mt < nmt; mt++) {                                               \
+            int64_t m0 = mt * TILE, m1 = m0 + TILE < M ? m0 + TILE : M;                      \
+            for (int64_t n0 = 0; n0 < N; n0 += TILE) {                                       \
+                int64_t n1 = n0 + TILE < N ? n0 + TILE : N;                                  \
+                for (int64_t m = m0; m < m1; m++) {                                          \
+                    const float a = rs[m * rstr];                                            \
+                    for (int64_t n = n0; n < n1; n++) {                                      \
+                        float y = (float)acc[m * N + n] * a * cs[n * cstr];                  \
+                        if (bias) y = y + LD(bias, n);                                       \
+                        tile[(n - n0) * TILE + (m - m0)] = y;                                \
+                    }                                                                        \
+                }                                                                            \
+                for (int64_t n = n0; n < n1; n++)                                            \
+                    for (int64_t m = m0; m < m1; m++)                                        \
+                        ST(out, n * M + m, tile[(n - n0) * TILE + (m - m0)]);                \
+            }                                                                                \
+        }                                                                                    \
+    }                                                                                        \
+}
+
+DEFINE(f32, ld_f32, st_f32)
+DEFINE(bf16, ld_bf16, st_bf16)
+"""
+
+DTYPES = {torch.float32: "f32", torch.bfloat16: "bf16"}
+
+_LIB = None
+_LIB_ERR: str | None = None
+_LOCK = threading.Lock()
+
+
+def _cache_dir() -> Path:
+    return Path(os.environ.get("DSQ_CACHE_DIR", Path.home() / ".cache" / "dsq"))
+
+
+def _cpu_id() -> str:
+    try:
+        with open("/proc/cpuinfo") as fh:
+            return "".join(sorted({ln for ln in fh if ln.startswith(("model name", "flags"))}))
+    except OSError:
+        import platform
+
+        return platform.machine() + platform.processor()
+
+
+def _build() -> ctypes.CDLL:
+    cc = os.environ.get("CC") or shutil.which("gcc") or shutil.which("cc")
+    if not cc:
+        raise RuntimeError("no C compiler (gcc/cc) on PATH")
+    flags = ["-O3", "-march=native", "-ffp-contract=off", "-fno-math-errno", "-fopenmp",
+             "-shared", "-fPIC"]
+    # -march=native: the CPU is part of the key (a home directory shared by different nodes)
+    key = hashlib.sha256((C_SOURCE + " ".join(flags) + cc + _cpu_id()).encode()).hexdigest()[:16]
+    out = _cache_dir() / f"quant_{key}.so"
+    if not out.is_file():
+        out.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(dir=out.parent) as tmp:
+            src = Path(tmp) / "quant.c"
+            src.write_text(C_SOURCE)
+            so = Path(tmp) / "quant.so"
+            res = subprocess.run([cc, *flags, str(src), "-o", str(so), "-lm"],
+                                 capture_output=True, text=True, check=False)
+            if res.returncode != 0:
+                raise RuntimeError(f"{cc} failed: {res.stderr[-2000:]}")
+            os.replace(so, out)  # atomic: concurrent ranks may build at the same time
+    lib = ctypes.CDLL(str(out))
+    P, L, N, F = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_float
+    lib.dsq_scale.argtypes = [P, L, F]
+    for s in DTYPES.values():
+        getattr(lib, f"dsq_stats_{s}").argtypes = [P, L, L, P, P, P, P, N]
+        getattr(lib, f"dsq_codes_{s}").argtypes = [P, L, L, P, L, P, P, L, P, N, F, F, N]
+        getattr(lib, f"dsq_rescale_{s}").argtypes = [P, L, L, P, L, P, L, P, P, N, N]
+    for name in dir(lib):
+        if name.startswith("dsq_"):
+            getattr(lib, name).restype = None
+    return lib
+
+
+def library() -> ctypes.CDLL | None:
+    """The compiled kernels, built on first use; None (with a warning) if that fails."""
+    global _LIB, _LIB_ERR
+    with _LOCK:
+        if _LIB is None and _LIB_ERR is None:
+            try:
+                _LIB = _build()
+            except Exception as e:  # noqa: BLE001  (no compiler, no OpenMP, read-only cache)
+                _LIB_ERR = str(e)
+                warnings.warn(f"dsq.quant: C kernels unavailable, using the eager ones ({e})",
+                              stacklevel=3)
+        return _LIB
+
+
+def supports(x: Tensor) -> bool:
+    """Whether ``x`` can go to the quantization kernels (CPU, fp32/bf16, 2-D; they take it
+    contiguous)."""
+    return x.device.type == "cpu" and x.dtype in DTYPES and x.dim() == 2
+
+
+def _p(t: Tensor | None) -> int | None:
+    return None if t is None else t.data_ptr()
+
+
+def stats(x: Tensor, rows: bool, cols: bool, col_sum: bool, tensor: bool) -> tuple:
+    """``(row_amax [R, 1], col_amax [1, C], col_sum [C], tensor_amax [])``, None where not asked."""
+    x = x.contiguous()
+    R, C = x.shape
+    f = {"dtype": torch.float32}
+    ra = torch.empty(R, 1, **f) if rows else None
+    ca = torch.empty(1, C, **f) if cols else None
+    cs = torch.empty(C, **f) if col_sum else None
+    ta = torch.empty((), **f) if tensor else None
+    getattr(_LIB, f"dsq_stats_{DTYPES[x.dtype]}")(
+        x.data_ptr(), R, C, _p(ra), _p(ca), _p(cs), _p(ta), torch.get_num_threads())
+    return ra, ca, cs, ta
+
+
+def to_scale(stat: Tensor, qmax: int) -> Tensor:
+    """``max(stat / qmax, FLT_MIN)`` in place (fp32, contiguous)."""
+    _LIB.dsq_scale(stat.data_ptr(), stat.numel(), float(qmax))
+    return stat
+
+
+def codes(x: Tensor, qmin: int, qmax: int, row_scale: Tensor | None = None,
+          col_scale: Tensor | None = None, transpose: bool = False) -> tuple:
+    """Codes of ``x`` with per-row (``[R, 1]`` or 0-dim) and/or per-column (``[1, C]`` or 0-dim)
+    scales: ``(row_codes [R, C], col_codes [R, C] or [C, R])``, None where not asked."""
+    x = x.contiguous()
+    R, C = x.shape
+    qr = torch.empty(R, C, dtype=torch.int8) if row_scale is not None else None
+    qc = (torch.empty((C, R) if transpose else (R, C), dtype=torch.int8)
+          if col_scale is not None else None)
+    rstr = 0 if row_scale is None or row_scale.numel() == 1 else 1
+    cstr = 0 if col_scale is None or col_scale.numel() == 1 else 1
+    getattr(_LIB, f"dsq_codes_{DTYPES[x.dtype]}")(
+        x.data_ptr(), R, C, _p(row_scale), rstr, _p(qr), _p(col_scale), cstr, _p(qc),
+        int(transpose), float(qmin), float(qmax), torch.get_num_threads())
+    return qr, qc
+
+
+def rescale(acc: Tensor, rs: Tensor, cs: Tensor, bias: Tensor | None, dtype: torch.dtype,
+            transpose: bool) -> Tensor:
+    """``(acc * rs * cs + bias)`` in ``dtype`` (fp32/bf16), transposed with ``transpose``."""
+    M, N = acc.shape
+    out = torch.empty((N, M) if transpose else (M, N), dtype=dtype)
+    getattr(_LIB, f"dsq_rescale_{DTYPES[dtype]}")(
+        acc.data_ptr(), M, N, rs.data_ptr(), 0 if rs.numel() == 1 else 1, cs.data_ptr(),
+        0 if cs.numel() == 1 else 1, _p(bias), out.data_ptr(), int(transpose),
+        torch.get_num_threads())
+    return out
