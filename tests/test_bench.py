@@ -31,17 +31,17 @@ def test_bench_linear_json_rows(tmp_path):
 def test_bench_train_recipes_resolve():
     from dsq.bench.train import RECIPES_DIR, resolve
 
-    files, over, env = resolve("w8a8g8-both+qadamw+int8", "bf16", fused=True)
+    files, over, env = resolve("w8a8g8-both+qadamw+int8", "bf16", "compile")
     assert files == [str(RECIPES_DIR / "w8a8g8-both.yaml")]
     assert over == ["optim.name=qadamw", "quant.compute=int8", "deepspeed.precision=bf16"]
-    assert env == {"DSQ_QUANT_COMPILE": "1"}
-    files, over, env = resolve("fp32", "bf16", fused=True)
+    assert env == {"DSQ_QUANT_KERNEL": "compile"}
+    files, over, env = resolve("fp32", "bf16", "compile")
     assert files == [str(RECIPES_DIR / "baseline.yaml")] and over == ["deepspeed.precision=fp32"]
-    assert resolve("w8a8+int8", "bf16", fused=False)[2] == {}
+    assert env == {} and resolve("w8a8+int8", "bf16")[2] == {}
     with pytest.raises(ValueError, match="neither fp32, bf16 nor one of"):
-        resolve("w9a9", "bf16", True)
+        resolve("w9a9", "bf16")
     with pytest.raises(ValueError, match="unknown modifier 'int4'"):
-        resolve("w8a8+int4", "bf16", True)
+        resolve("w8a8+int4", "bf16")
 
 
 def test_bench_train_compare_and_table():

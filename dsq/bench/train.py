@@ -13,7 +13,7 @@ A recipe is written ``BASE[+MOD...]``:
   file in ``configs/recipes/`` (``w8a8``, ``w8a8g8``, ``w8a8g8-both``, ...), run at
   ``--precision`` (default bf16, the faster baseline on this CPU);
 * ``MOD``: ``qadamw`` (8-bit optimizer states, ``optim.name=qadamw``), ``int8``
-  (``quant.compute=int8``; with ``--fused``, the default, also ``DSQ_QUANT_COMPILE=1``),
+  (``quant.compute=int8``, with ``DSQ_QUANT_KERNEL=--kernel`` when not auto),
   ``fp32`` / ``bf16`` (precision).
 
 A run that fails (e.g. an optimizer not available) is listed with its error, not dropped
@@ -38,7 +38,8 @@ DEFAULT_RECIPES = ("fp32,bf16,w8a8,w8a8g8-both,w8a8g8-both+qadamw,"
 MODS = ("qadamw", "int8", "fp32", "bf16")
 
 
-def resolve(spec: str, precision: str, fused: bool) -> tuple[list[str], list[str], dict[str, str]]:
+def resolve(spec: str, precision: str, kernel: str = "auto"
+            ) -> tuple[list[str], list[str], dict[str, str]]:
     """Config files, overrides and environment of recipe ``spec``."""
     base, *mods = spec.split("+")
     files: list[str] = []
@@ -61,8 +62,8 @@ def resolve(spec: str, precision: str, fused: bool) -> tuple[list[str], list[str
             overrides.append("optim.name=qadamw")
         elif m == "int8":
             overrides.append("quant.compute=int8")
-            if fused:
-                env["DSQ_QUANT_COMPILE"] = "1"
+            if kernel != "auto":
+                env["DSQ_QUANT_KERNEL"] = kernel
         else:
             precision = m
     overrides.append(f"deepspeed.precision={precision}")
@@ -70,7 +71,7 @@ def resolve(spec: str, precision: str, fused: bool) -> tuple[list[str], list[str
 
 
 def run_recipe(spec: str, ns, base_files: list[str], log) -> dict:
-    files, overrides, extra_env = resolve(spec, ns.precision, ns.fused)
+    files, overrides, extra_env = resolve(spec, ns.precision, ns.kernel)
     out = Path(ns.out).resolve() / spec.replace("+", "_")
     if out.exists():
         import shutil
@@ -153,8 +154,9 @@ def main(argv: list[str]) -> None:
                    help=f"comma-separated BASE[+MOD...] (default {DEFAULT_RECIPES})")
     p.add_argument("--precision", default="bf16", choices=("fp32", "bf16"),
                    help="DeepSpeed precision of quantized recipes (default bf16)")
-    p.add_argument("--no-fused", dest="fused", action="store_false",
-                   help="+int8 runs with eager kernels (no DSQ_QUANT_COMPILE=1)")
+    p.add_argument("--kernel", default="auto", choices=("auto", "eager", "cpp", "compile"),
+                   help="quantization kernels of +int8 runs (DSQ_QUANT_KERNEL; default auto: "
+                   "the C kernels)")
     p.add_argument("--threads-per-rank", type=int, default=None,
                    help="OMP_NUM_THREADS of every rank, all recipes alike (default: CPU cores / "
                    "nproc, at least 1; 0 leaves the environment as it is)")
@@ -176,7 +178,7 @@ def main(argv: list[str]) -> None:
         ns.threads_per_rank = max(1, (os.cpu_count() or 1) // ns.nproc)
     specs = [s.strip() for s in ns.recipes.split(",") if s.strip()]
     for s in specs:
-        resolve(s, ns.precision, ns.fused)  # fail on a typo before any run starts
+        resolve(s, ns.precision, ns.kernel)  # fail on a typo before any run starts
     log = lambda *a: print(*a, file=sys.stderr, flush=True)
     log(f"dsq bench train: {len(specs)} recipes x {ns.steps} steps on {ns.nproc} ranks, "
         f"{ns.threads_per_rank or 'default'} threads each "
