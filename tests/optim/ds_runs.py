@@ -141,7 +141,7 @@ def run_job(job: dict, mpu: MPU) -> dict:
     cfg = types.SimpleNamespace(name="qadamw", lr=1e-2, beta1=0.9, beta2=0.999, eps=1e-8,
                                 weight_decay=0.1, m_bits=job.get("m_bits", 8),
                                 v_bits=job.get("v_bits", 8), block_size=256, quantize="linear",
-                                kernel=job.get("kernel", "auto"))
+                                v_domain="linear", kernel=job.get("kernel", "auto"))
     opt = build_optimizer(model, cfg)
     engine, _, _, _ = deepspeed.initialize(
         model=model, optimizer=opt, mpu=mpu,

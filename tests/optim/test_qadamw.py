@@ -321,7 +321,7 @@ def test_build_optimizer_quantizes_the_configured_kinds():
                             ("all", {"linear", "embedding", "no_decay"})):
         cfg = types.SimpleNamespace(name="qadamw", lr=1e-3, beta1=0.9, beta2=0.95, eps=1e-8,
                                     weight_decay=0.1, m_bits=4, v_bits=8, block_size=128,
-                                    quantize=quantize)
+                                    quantize=quantize, v_domain="linear", kernel="auto")
         opt = build_optimizer(_Named(), cfg)
         assert isinstance(opt, QAdamW)
         assert {g["kind"] for g in opt.param_groups if g["quantize"]} == kinds
