@@ -43,6 +43,7 @@ Off (the default), nothing is computed.
 from __future__ import annotations
 
 import functools
+import sys
 import warnings
 from collections import defaultdict
 from fnmatch import fnmatch
@@ -214,17 +215,14 @@ def apply_quantization(model: torch.nn.Module, quant_section: Any) -> list[str]:
 
 
 def _report_int8(qc: LinearQuant, names: list[str]) -> None:
-    """Say once (rank 0) which GEMMs run as integer GEMMs and which fall back to simulation."""
-    from dsq.quant.int8 import Int8FallbackWarning, describe_plan
+    """Say once (rank 0, on stderr, whatever the warning filters) which GEMMs run as integer
+    GEMMs and which fall back to simulation."""
+    from dsq.quant.int8 import describe_plan
 
     if dist.is_available() and dist.is_initialized() and dist.get_rank() != 0:
         return
-    kinds = sorted({_kind(n) for n in names})
-    msg, fallback = describe_plan(qc, kinds)
-    if fallback:
-        warnings.warn(msg, Int8FallbackWarning, stacklevel=3)
-    else:
-        print(f"dsq: {msg}", flush=True)
+    msg, fallback = describe_plan(qc, sorted({_kind(n) for n in names}))
+    print(f"dsq: {'warning: ' if fallback else ''}{msg}", file=sys.stderr, flush=True)
 
 
 def set_sqnr_capture(model: torch.nn.Module, on: bool) -> None:

@@ -315,10 +315,12 @@ def codes(x: Tensor, qmin: int, qmax: int, row_scale: Tensor | None = None,
 
 
 def rescale(acc: Tensor, rs: Tensor, cs: Tensor, bias: Tensor | None, dtype: torch.dtype,
-            transpose: bool) -> Tensor:
-    """``(acc * rs * cs + bias)`` in ``dtype`` (fp32/bf16), transposed with ``transpose``."""
+            transpose: bool, out_shape: tuple | None = None) -> Tensor:
+    """``(acc * rs * cs + bias)`` in ``dtype`` (fp32/bf16), transposed with ``transpose``;
+    allocated as ``out_shape`` (same elements) when given."""
     M, N = acc.shape
-    out = torch.empty((N, M) if transpose else (M, N), dtype=dtype)
+    shape = (N, M) if transpose else (out_shape or (M, N))
+    out = torch.empty(shape, dtype=dtype)
     getattr(_LIB, f"dsq_rescale_{DTYPES[dtype]}")(
         acc.data_ptr(), M, N, rs.data_ptr(), 0 if rs.numel() == 1 else 1, cs.data_ptr(),
         0 if cs.numel() == 1 else 1, _p(bias), out.data_ptr(), int(transpose),

@@ -356,22 +356,28 @@ def int_mm(a: Tensor, b: Tensor) -> Tensor:
 
 
 def rescale(acc: Tensor, row_scale: Tensor, col_scale: Tensor, bias: Tensor | None,
-            dtype: torch.dtype, transpose: bool = False) -> Tensor:
+            dtype: torch.dtype, transpose: bool = False,
+            out_shape: tuple[int, ...] | None = None) -> Tensor:
     """``acc * row_scale * col_scale (+ bias)`` in ``dtype``; ``transpose`` returns its ``.t()``
     contiguous. Scales broadcast (``[M, 1]``, ``[1, N]`` or 0-dim); the product is in fp32
-    (fp64 for fp64 scales)."""
+    (fp64 for fp64 scales). ``out_shape`` (``[..., N]``, not with ``transpose``): the result is
+    a fresh tensor of that shape, not a view (callers may modify a layer's output in place)."""
+    M, N = acc.shape
     impl = _impl(torch.empty(0, 0, dtype=dtype, device=acc.device))
     if impl == "cpp":
         from dsq.quant import cpu_kernels as ck
 
-        M, N = acc.shape
         if (acc.dtype == torch.int32 and acc.is_contiguous()
                 and row_scale.dtype == col_scale.dtype == torch.float32
                 and row_scale.numel() in (1, M) and col_scale.numel() in (1, N)
                 and row_scale.is_contiguous() and col_scale.is_contiguous()
                 and (bias is None or (bias.dtype == dtype and bias.is_contiguous()))):
-            return ck.rescale(acc, row_scale, col_scale, bias, dtype, transpose)
+            return ck.rescale(acc, row_scale, col_scale, bias, dtype, transpose, out_shape)
         impl = "eager"
+    if out_shape is not None and not transpose:  # the elementwise ops make a fresh tensor
+        acc = acc.view(out_shape)
+        if row_scale.numel() > 1:
+            row_scale = row_scale.view(*out_shape[:-1], 1)
     if (impl == "compile" and dtype in _FUSED_DTYPES and row_scale.dtype == torch.float32
             and col_scale.dtype == torch.float32):
         if transpose and bias is None:

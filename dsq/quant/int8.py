@@ -66,10 +66,6 @@ from dsq.quant.fused import int_mm, quantize_cols, quantize_rows, quantize_rows_
 if TYPE_CHECKING:
     from dsq.quant.matmul import LinearQuant
 
-class Int8FallbackWarning(UserWarning):
-    """``compute: int8`` simulates some GEMM of the recipe (its formats have no integer form)."""
-
-
 GEMMS = {"forward": "forward Y = X W^T", "input_grad": "input grad dX = G W",
          "weight_grad": "weight grad dW = G^T X"}
 
@@ -213,13 +209,15 @@ class _Int8Linear(torch.autograd.Function):
                 else:  # per tensor: the forward's codes
                     saved_x = (qx.codes.t().contiguous() if xt else qx.codes, qx.scale, None)
         qw = _quant(w, qc.weight, rw, qc, "weight", capture)
+        # a fresh output of x's leading shape, not a view: callers such as megatron's
+        # vocab-parallel cross entropy modify it in place
         if plan.forward is None:
-            y2 = rescale(int_mm(qx.codes, qw.codes.t()), qx.scale, _tscale(qw.scale), bias,
-                         x.dtype)
+            y = rescale(int_mm(qx.codes, qw.codes.t()), qx.scale, _tscale(qw.scale), bias,
+                        x.dtype, out_shape=(*x.shape[:-1], n_out))
         else:
-            y2 = torch.matmul(_value(qx, x2, x.dtype), _value(qw, w, x.dtype).t())
+            y = torch.matmul(_value(qx, x2, x.dtype).view(x.shape), _value(qw, w, x.dtype).t())
             if bias is not None:
-                y2 = y2 + bias
+                y = y + bias
         if needs_dx:
             if plan.input_grad is not None or qc.weight.granularity == "tensor":
                 saved_w = _pack(qw, w)
@@ -227,7 +225,7 @@ class _Int8Linear(torch.autograd.Function):
                 saved_w = (w, None, None)  # requantized per input column in backward
         ctx.save_for_backward(*saved_x, *saved_w)
         ctx.meta = (qc, plan, reducers, capture, x.shape, w.dtype, xt)
-        return y2.view(*x.shape[:-1], n_out)
+        return y
 
     @staticmethod
     def backward(ctx, g):

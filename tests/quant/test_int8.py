@@ -23,7 +23,7 @@ from dsq.quant.fused import (
     rescale,
     set_kernel,
 )
-from dsq.quant.int8 import Int8FallbackWarning, describe_plan, int8_plan
+from dsq.quant.int8 import describe_plan, int8_plan
 from tests.dist_utils import spawn
 
 IN, OUT = 32, 48  # in < out: dW transposes X; the (64, 24) case transposes G
@@ -192,7 +192,7 @@ def test_no_int8_gemm_uses_the_simulation(int_mm_calls):
         assert torch.equal(a, r)
 
 
-def test_apply_quantization_reports_fallbacks_once():
+def test_apply_quantization_reports_fallbacks_once(capsys):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         from dsq.models.quant_layers import _QuantLinearMixin, apply_quantization
@@ -202,18 +202,19 @@ def test_apply_quantization_reports_fallbacks_once():
         pass
 
     model = torch.nn.ModuleDict({"linear_fc1": Fake(), "linear_qkv": Fake()})
-    with pytest.warns(Int8FallbackWarning) as rec:
-        apply_quantization(model, QuantConfig(weight="int8:channel", activation="int8:token",
-                                              grad="int8:token", compute="int8"))
-    assert len(rec) == 1
-    msg = str(rec[0].message)
-    assert "(fc1, qkv)" in msg and "input grad dX = G W because grad is not quantized" in msg
+    apply_quantization(model, QuantConfig(weight="int8:channel", activation="int8:token",
+                                          grad="int8:token", compute="int8"))
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == 1 and err[0].startswith("dsq: warning: quant.compute=int8")
+    assert "(fc1, qkv)" in err[0]
+    assert "input grad dX = G W because grad is not quantized for this GEMM" in err[0]
     assert model["linear_fc1"].qconfig.compute == "int8"
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")  # all three GEMMs integer: no warning
-        apply_quantization(model, QuantConfig(weight="int8:channel", activation="int8:token",
-                                              grad="int8:token", grad_gemms="both",
-                                              compute="int8"))
+    apply_quantization(model, QuantConfig(weight="int8:channel", activation="int8:token",
+                                          grad="int8:token", grad_gemms="both", compute="int8"))
+    err = capsys.readouterr().err  # all three GEMMs integer: said, without "warning"
+    assert err.startswith("dsq: quant.compute=int8") and "simulated" not in err
+    apply_quantization(model, QuantConfig(weight="int8:channel", activation="int8:token"))
+    assert capsys.readouterr().err == ""  # compute=simulate: nothing to say
 
 
 def _saved_bytes(qc, x, w):
@@ -242,6 +243,23 @@ def test_saves_int8_codes_for_backward():
     assert [t.dtype for t in y.grad_fn.saved_tensors if t is not None] == [
         torch.int8, torch.float32, torch.float32]
     assert y.grad_fn.saved_tensors[0].shape == (32, 64)  # X^T: in <= out, dW = (X^T G)^T
+
+
+@pytest.mark.parametrize("kernel_name", ["eager", "cpp"])
+@pytest.mark.parametrize("fmts", [INT8_FORMATS[0], ("int8:channel:asym", "int8:token", None)])
+def test_output_is_not_a_view(kernel_name, fmts):
+    # megatron's vocab-parallel cross entropy edits the LM head's logits in place
+    qc = LinearQuant(*fmts, compute="int8")
+    x, w, b, gy = operands()
+    set_kernel(kernel_name)
+    try:
+        y = quantized_linear(x.requires_grad_(), w.requires_grad_(), qc, bias=b)
+        assert y._base is None and y.shape == (3, 7, OUT)
+        y.mul_(2.0)
+        y.backward(gy)
+    finally:
+        set_kernel(None)
+    assert w.grad is not None and x.grad.shape == x.shape
 
 
 def test_int_mm_long_reduction_does_not_overflow():
@@ -441,3 +459,33 @@ def test_int8_tp2_equals_tp1(tp_results, kind, case):
     # the column-parallel W[out/2, in] per input column spans the shards: its reduction matters
     if kind == "column" and case == "channel-token-both":
         assert r["broken_err"] > 1e-3, r
+
+
+# ----------------------------------------------------------------------------- end to end
+@pytest.mark.slow
+def test_int8_training_tp2_equals_tp1_and_reports(tmp_path, data_cache):
+    """Real 2-rank runs: the same losses at TP=1 and TP=2; the start-up line names fallbacks."""
+    from tests.conftest import launch, read_metrics
+
+    def train(name, *extra):
+        out = tmp_path / name
+        res = launch(2, "configs/tiny.yaml", "configs/recipes/w8a8g8.yaml", "train.steps=4",
+                     "train.eval_every=0", "train.ckpt_every=0", f"train.out_dir={out}",
+                     f"data.cache_dir={data_cache}", "tracking.enabled=false",
+                     "train.progress=false", "quant.compute=int8", *extra)
+        return read_metrics(out), res.stdout + res.stderr
+
+    tp1, log1 = train("tp1")
+    tp2, _ = train("tp2", "parallel.tp=2")
+    both, log3 = train("both", "quant.grad_gemms=both")
+    # TP changes the float summation order (row-parallel partial outputs, dX all-reduce, DP vs
+    # accumulation), and a last-bit change can move a code by one step: compute=simulate shows
+    # the same ~1e-4 loss differences between TP=1 and TP=2 here (the layers themselves match
+    # to 1e-5, and a missing statistics reduction is caught there: test_int8_tp2_equals_tp1)
+    for step in range(1, 5):
+        assert tp2[step] == pytest.approx(tp1[step], abs=3e-4), step
+    # grad_gemms=weight: dX keeps the full-precision G, said once, by rank 0
+    assert log1.count("dsq: warning: quant.compute=int8") == 1
+    assert "input grad dX = G W because grad is not quantized for this GEMM" in log1
+    assert "dsq: quant.compute=int8" in log3 and "dsq: warning" not in log3
+    assert abs(both[4] - tp1[4]) < 0.05  # both recipes train alike over 4 steps
