@@ -33,8 +33,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
 RECIPES_DIR = ROOT / "configs" / "recipes"
-DEFAULT_RECIPES = ("fp32,bf16,w8a8,w8a8g8-both,w8a8g8-both+qadamw,"
-                   "w8a8g8-both+qadamw+int8")
+DEFAULT_RECIPES = ("fp32,bf16,w8a8,w8a8g8,w8a8g8+qadamw,w8a8g8+qadamw+int8,"
+                   "w8a8g8-both+qadamw,w8a8g8-both+qadamw+int8")
 MODS = ("qadamw", "int8", "fp32", "bf16")
 
 

@@ -157,16 +157,16 @@ void dsq_codes_##SUF(const void *x, int64_t R, int64_t C, const float *rs, int64
                                                                                              \
 void dsq_rescale_##SUF(const int32_t *acc, int64_t M, int64_t N, const float *rs,           \
                        int64_t rstr, const float *cs, int64_t cstr, const void *bias,        \
-                       void *out, int tr, int nt) {                                          \
+                       void *out, int64_t ldo, int tr, int nt) {                             \
     if (!tr) {                                                                               \
         _Pragma("omp parallel for num_threads(nt) schedule(static)")                         \
         for (int64_t m = 0; m < M; m++) {                                                    \
             const float a = rs[m * rstr];                                                    \
-            const int64_t o = m * N;                                                         \
+            const int64_t o = m * N, p = m * ldo;                                            \
             if (bias) for (int64_t n = 0; n < N; n++)                                        \
-                ST(out, o + n, (float)acc[o + n] * a * cs[n * cstr] + LD(bias, n));          \
+                ST(out, p + n, (float)acc[o + n] * a * cs[n * cstr] + LD(bias, n));          \
             else for (int64_t n = 0; n < N; n++)                                             \
-                ST(out, o + n, (float)acc[o + n] * a * cs[n * cstr]);                        \
+                ST(out, p + n, (float)acc[o + n] * a * cs[n * cstr]);                        \
         }                                                                                    \
         return;                                                                              \
     }                                                                                        \
@@ -189,7 +189,7 @@ void dsq_rescale_##SUF(const int32_t *acc, int64_t M, int64_t N, const float *rs
                 }                                                                            \
                 for (int64_t n = n0; n < n1; n++)                                            \
                     for (int64_t m = m0; m < m1; m++)                                        \
-                        ST(out, n * M + m, tile[(n - n0) * TILE + (m - m0)]);                \
+                        ST(out, n * ldo + m, tile[(n - n0) * TILE + (m - m0)]);              \
             }                                                                                \
         }                                                                                    \
     }                                                                                        \
@@ -246,7 +246,7 @@ def _build() -> ctypes.CDLL:
     for s in DTYPES.values():
         getattr(lib, f"dsq_stats_{s}").argtypes = [P, L, L, P, P, P, P, N]
         getattr(lib, f"dsq_codes_{s}").argtypes = [P, L, L, P, L, P, P, L, P, N, F, F, N]
-        getattr(lib, f"dsq_rescale_{s}").argtypes = [P, L, L, P, L, P, L, P, P, N, N]
+        getattr(lib, f"dsq_rescale_{s}").argtypes = [P, L, L, P, L, P, L, P, P, L, N, N]
     for name in dir(lib):
         if name.startswith("dsq_"):
             getattr(lib, name).restype = None
@@ -315,14 +315,21 @@ def codes(x: Tensor, qmin: int, qmax: int, row_scale: Tensor | None = None,
 
 
 def rescale(acc: Tensor, rs: Tensor, cs: Tensor, bias: Tensor | None, dtype: torch.dtype,
-            transpose: bool, out_shape: tuple | None = None) -> Tensor:
+            transpose: bool, out_shape: tuple | None = None, out: Tensor | None = None) -> Tensor:
     """``(acc * rs * cs + bias)`` in ``dtype`` (fp32/bf16), transposed with ``transpose``;
-    allocated as ``out_shape`` (same elements) when given."""
+    allocated as ``out_shape`` (same elements) when given, or written into ``out`` (a 2-D view
+    with unit column stride, e.g. a slice of rows, or of columns when transposed)."""
     M, N = acc.shape
-    shape = (N, M) if transpose else (out_shape or (M, N))
-    out = torch.empty(shape, dtype=dtype)
+    if out is None:
+        shape = (N, M) if transpose else (out_shape or (M, N))
+        out = torch.empty(shape, dtype=dtype)
+        ldo = M if transpose else N
+    else:
+        assert out.dtype == dtype and out.stride(-1) == 1 and out.shape == (
+            (N, M) if transpose else (M, N))
+        ldo = out.stride(0)
     getattr(_LIB, f"dsq_rescale_{DTYPES[dtype]}")(
         acc.data_ptr(), M, N, rs.data_ptr(), 0 if rs.numel() == 1 else 1, cs.data_ptr(),
-        0 if cs.numel() == 1 else 1, _p(bias), out.data_ptr(), int(transpose),
+        0 if cs.numel() == 1 else 1, _p(bias), out.data_ptr(), ldo, int(transpose),
         torch.get_num_threads())
     return out

@@ -357,11 +357,12 @@ def int_mm(a: Tensor, b: Tensor) -> Tensor:
 
 def rescale(acc: Tensor, row_scale: Tensor, col_scale: Tensor, bias: Tensor | None,
             dtype: torch.dtype, transpose: bool = False,
-            out_shape: tuple[int, ...] | None = None) -> Tensor:
+            out_shape: tuple[int, ...] | None = None, out: Tensor | None = None) -> Tensor:
     """``acc * row_scale * col_scale (+ bias)`` in ``dtype``; ``transpose`` returns its ``.t()``
     contiguous. Scales broadcast (``[M, 1]``, ``[1, N]`` or 0-dim); the product is in fp32
     (fp64 for fp64 scales). ``out_shape`` (``[..., N]``, not with ``transpose``): the result is
-    a fresh tensor of that shape, not a view (callers may modify a layer's output in place)."""
+    a fresh tensor of that shape, not a view (callers may modify a layer's output in place).
+    ``out``: write into this 2-D view instead (see :func:`scaled_mm`)."""
     M, N = acc.shape
     impl = _impl(torch.empty(0, 0, dtype=dtype, device=acc.device))
     if impl == "cpp":
@@ -371,24 +372,54 @@ def rescale(acc: Tensor, row_scale: Tensor, col_scale: Tensor, bias: Tensor | No
                 and row_scale.dtype == col_scale.dtype == torch.float32
                 and row_scale.numel() in (1, M) and col_scale.numel() in (1, N)
                 and row_scale.is_contiguous() and col_scale.is_contiguous()
-                and (bias is None or (bias.dtype == dtype and bias.is_contiguous()))):
-            return ck.rescale(acc, row_scale, col_scale, bias, dtype, transpose, out_shape)
+                and (bias is None or (bias.dtype == dtype and bias.is_contiguous()))
+                and (out is None or out.stride(-1) == 1)):
+            return ck.rescale(acc, row_scale, col_scale, bias, dtype, transpose, out_shape, out)
         impl = "eager"
-    if out_shape is not None and not transpose:  # the elementwise ops make a fresh tensor
-        acc = acc.view(out_shape)
+    if out_shape is not None and not transpose and out is None:
+        acc = acc.view(out_shape)  # the elementwise ops then make a fresh tensor of that shape
         if row_scale.numel() > 1:
             row_scale = row_scale.view(*out_shape[:-1], 1)
+    y = None
     if (impl == "compile" and dtype in _FUSED_DTYPES and row_scale.dtype == torch.float32
             and col_scale.dtype == torch.float32):
         if transpose and bias is None:
-            return _compiled_kernel("rescale_t")(acc, row_scale, col_scale, dtype)
-        if not transpose:
-            if bias is None:
-                return _compiled_kernel("rescale")(acc, row_scale, col_scale, dtype)
-            return _compiled_kernel("rescale_bias")(acc, row_scale, col_scale, bias, dtype)
-    cdtype = torch.promote_types(row_scale.dtype, col_scale.dtype)
-    y = acc.to(cdtype) * row_scale * col_scale
-    if bias is not None:
-        y = y + bias.to(cdtype)
-    y = y.to(dtype)
-    return y.t().contiguous() if transpose else y
+            y = _compiled_kernel("rescale_t")(acc, row_scale, col_scale, dtype)
+        elif not transpose:
+            y = (_compiled_kernel("rescale")(acc, row_scale, col_scale, dtype) if bias is None
+                 else _compiled_kernel("rescale_bias")(acc, row_scale, col_scale, bias, dtype))
+    if y is None:
+        cdtype = torch.promote_types(row_scale.dtype, col_scale.dtype)
+        y = acc.to(cdtype) * row_scale * col_scale
+        if bias is not None:
+            y = y + bias.to(cdtype)
+        y = y.to(dtype)
+        y = y.t().contiguous() if transpose else y
+    if out is not None:
+        return out.copy_(y)
+    return y
+
+
+_ACC_ELEMENTS = 1 << 22
+"""int32 elements of one integer GEMM's accumulator (16 MiB): larger GEMMs run in row chunks."""
+
+
+def scaled_mm(a: Tensor, b: Tensor, row_scale: Tensor, col_scale: Tensor,
+              bias: Tensor | None, dtype: torch.dtype, *, transpose: bool = False,
+              out_shape: tuple[int, ...] | None = None) -> Tensor:
+    """``rescale(int_mm(a, b), row_scale, col_scale, bias, dtype, transpose, out_shape)``, in
+    chunks of ``a``'s rows so that the int32 accumulator stays within 16 MiB (an LM head's
+    ``tokens x vocab`` int32 result would otherwise be twice its bf16 output, on top of it)."""
+    M, N = a.shape[0], b.shape[1]
+    rows = max(64, _ACC_ELEMENTS // max(N, 1))
+    if M <= rows:
+        return rescale(int_mm(a, b), row_scale, col_scale, bias, dtype, transpose, out_shape)
+    full = torch.empty((N, M) if transpose else (out_shape or (M, N)), dtype=dtype,
+                       device=a.device)
+    out2 = full if transpose else full.view(M, N)
+    for m0 in range(0, M, rows):
+        m1 = min(M, m0 + rows)
+        rs = row_scale[m0:m1] if row_scale.numel() > 1 else row_scale
+        rescale(int_mm(a[m0:m1], b), rs, col_scale, bias, dtype, transpose,
+                out=out2[:, m0:m1] if transpose else out2[m0:m1])
+    return full

@@ -61,7 +61,7 @@ from torch import Tensor
 
 from dsq.quant.format import QuantFormat
 from dsq.quant.functional import QTensor, Reduce, quantize, signal_noise
-from dsq.quant.fused import int_mm, quantize_cols, quantize_rows, quantize_rows_cols, rescale
+from dsq.quant.fused import quantize_cols, quantize_rows, quantize_rows_cols, scaled_mm
 
 if TYPE_CHECKING:
     from dsq.quant.matmul import LinearQuant
@@ -212,8 +212,8 @@ class _Int8Linear(torch.autograd.Function):
         # a fresh output of x's leading shape, not a view: callers such as megatron's
         # vocab-parallel cross entropy modify it in place
         if plan.forward is None:
-            y = rescale(int_mm(qx.codes, qw.codes.t()), qx.scale, _tscale(qw.scale), bias,
-                        x.dtype, out_shape=(*x.shape[:-1], n_out))
+            y = scaled_mm(qx.codes, qw.codes.t(), qx.scale, _tscale(qw.scale), bias, x.dtype,
+                          out_shape=(*x.shape[:-1], n_out))
         else:
             y = torch.matmul(_value(qx, x2, x.dtype).view(x.shape), _value(qw, w, x.dtype).t())
             if bias is not None:
@@ -270,7 +270,7 @@ class _Int8Linear(torch.autograd.Function):
                                                      check_finite=cf, name="weight")
                 else:
                     w_scale = _tscale(w_scale)
-                dx = rescale(int_mm(qg.codes, w_codes), qg.scale, w_scale, None, g.dtype)
+                dx = scaled_mm(qg.codes, w_codes, qg.scale, w_scale, None, g.dtype)
             else:
                 gd = _value(qg, g2, g.dtype) if q_dx else g2
                 dx = gd @ _unpack(saved[3:], qc.weight, g.dtype)
@@ -282,11 +282,10 @@ class _Int8Linear(torch.autograd.Function):
                     g_cols = (qg.codes if xt else qg.codes.t().contiguous(), qg.scale)
                 g_codes, g_scale = g_cols
                 if xt:  # dW^T[in, out] = X''^T[in, tok] @ G''[tok, out]
-                    dw = rescale(int_mm(x_codes, g_codes), _tscale(x_scale), g_scale, None,
-                                 w_dtype, transpose=True)
+                    dw = scaled_mm(x_codes, g_codes, _tscale(x_scale), g_scale, None, w_dtype,
+                                   transpose=True)
                 else:  # dW[out, in] = G''^T[out, tok] @ X''[tok, in]
-                    dw = rescale(int_mm(g_codes, x_codes), _tscale(g_scale), x_scale, None,
-                                 w_dtype)
+                    dw = scaled_mm(g_codes, x_codes, _tscale(g_scale), x_scale, None, w_dtype)
             else:
                 gw = _value(qg, g2, g.dtype) if q_dw else g2
                 dw = (gw.t() @ _unpack(saved[:3], qc.activation, g.dtype)).to(w_dtype)

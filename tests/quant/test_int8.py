@@ -262,6 +262,23 @@ def test_output_is_not_a_view(kernel_name, fmts):
     assert w.grad is not None and x.grad.shape == x.shape
 
 
+def test_large_gemms_run_in_row_chunks(kernel, monkeypatch, int_mm_calls):
+    from dsq.quant import fused
+
+    monkeypatch.setattr(fused, "_ACC_ELEMENTS", 64 * 4)  # chunks of 64 rows
+    g = torch.Generator().manual_seed(1)
+    a = torch.randint(-127, 128, (150, 40), dtype=torch.int8, generator=g)
+    b = torch.randint(-127, 128, (40, 30), dtype=torch.int8, generator=g)
+    rs, cs = torch.rand(150, 1, generator=g), torch.rand(1, 30, generator=g)
+    bias = torch.randn(30, generator=g).bfloat16()
+    ref = rescale(int_mm(a, b), rs, cs, bias, torch.bfloat16, out_shape=(3, 50, 30))
+    n = len(int_mm_calls)
+    out = fused.scaled_mm(a, b, rs, cs, bias, torch.bfloat16, out_shape=(3, 50, 30))
+    assert len(int_mm_calls) - n == 3 and out._base is None and torch.equal(out, ref)
+    ref_t = rescale(int_mm(a, b), rs, cs, None, torch.float32, transpose=True)
+    assert torch.equal(fused.scaled_mm(a, b, rs, cs, None, torch.float32, transpose=True), ref_t)
+
+
 def test_int_mm_long_reduction_does_not_overflow():
     g = torch.Generator().manual_seed(0)
     k = 140_000  # 127 * 127 * k > 2^31
