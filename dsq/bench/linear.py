@@ -73,7 +73,9 @@ def _torchao(n_in, n_out, w, b, compile_: bool) -> Row | None:
     except Exception:  # noqa: BLE001  (not installed, or an incompatible build)
         return None
     m = _linear(n_in, n_out, torch.bfloat16, w, b)
-    quantize_(m, Int8MixedPrecisionTrainingConfig())
+    # module swap: with the default tensor-subclass weight, torch 2.13 does not route
+    # F.linear to torchao's Function and the layer silently runs plain bf16 GEMMs
+    quantize_(m, Int8MixedPrecisionTrainingConfig(module_swap=True))
     name = "torchao int8 MP"
     layer = m
     if compile_:
@@ -135,6 +137,22 @@ def _step(row: Row, x, g) -> None:
         row.layer(x).backward(g)
 
 
+def _int_mm_calls(row: Row, x, g) -> int:
+    calls = []
+    real = torch._int_mm
+
+    def counting(a, b):
+        calls.append(1)
+        return real(a, b)
+
+    torch._int_mm = counting
+    try:
+        _step(row, x, g)
+    finally:
+        torch._int_mm = real
+    return len(calls)
+
+
 def saved_bytes(row: Row, x) -> int:
     params = {p.data_ptr() for p in row.params}
     sizes: dict = {}
@@ -159,6 +177,12 @@ def bench_shape(tokens: int, n_in: int, n_out: int, *, repeats: int, warmup: int
     g = torch.randn(tokens, n_out, generator=gen) / tokens
     rows = build_rows(n_in, n_out, w, b, compile_=compile_, torchao=torchao)
     inputs = {dt: (x.to(dt).requires_grad_(), g.to(dt)) for dt in {r.dtype for r in rows}}
+    for r in [r for r in rows if "int8" in r.name]:  # the integer GEMMs really run
+        n = _int_mm_calls(r, *inputs[r.dtype])
+        if n < 3:
+            log(f"  {r.name}: {n} torch._int_mm calls in forward+backward (expected 3): "
+                f"left out, it does not run int8 GEMMs here")
+            rows.remove(r)
     times = {r.name: [] for r in rows}
     t0 = time.perf_counter()
     for i in range(warmup + repeats):
