@@ -25,8 +25,12 @@ def test_w8a8g8_tp2_equals_tp1_and_reports_sqnr(tmp_path, data_cache):
     tp1 = _run(tmp_path, data_cache, "tp1")
     tp2 = _run(tmp_path, data_cache, "tp2", "parallel.tp=2")
     a, b = read_metrics(tp1), read_metrics(tp2)
+    # fp32 reduction order differs between layouts, and a difference of one ulp can move a
+    # value across a rounding boundary of the 8-bit grid: the same quantized model up to a few
+    # code flips, far below the change of the loss from one step to the next
     for step in range(1, 7):
-        assert b[step] == pytest.approx(a[step], abs=3e-5), step
+        assert b[step] == pytest.approx(a[step], abs=5e-4), step
+    assert min(abs(a[s] - a[s + 1]) for s in range(1, 6)) > 5e-3
     s = json.loads((tp2 / "summary.json").read_text())
     assert s["quantized_layers"] == 2 * 4 + 1  # qkv, proj, fc1, fc2 per layer + LM head
     sq = s["quant_sqnr_db"]
