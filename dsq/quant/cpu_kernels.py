@@ -56,8 +56,14 @@ static inline void st_bf16(void *p, int64_t i, float f) {
     uint16_t h = isnan(f) ? (uint16_t)0x7FC0 : (uint16_t)((u + 0x7FFFu + ((u >> 16) & 1u)) >> 16);
     ((uint16_t *)p)[i] = h;
 }
-/* NaN-propagating max, as torch.amax */
-static inline float nmax(float m, float a) { return (a > m || a != a) ? a : m; }
+/* bit pattern of |x| */
+static inline uint32_t abs_f32(const void *p, int64_t i) {
+    uint32_t u; memcpy(&u, (const float *)p + i, 4); return u & 0x7FFFFFFFu;
+}
+static inline uint32_t abs_bf16(const void *p, int64_t i) {
+    return (((uint32_t)((const uint16_t *)p)[i]) << 16) & 0x7FFFFFFFu;
+}
+static inline float bits_f(uint32_t u) { float f; memcpy(&f, &u, 4); return f; }
 
 static inline int8_t qcode(float v, float qmin, float qmax) {
     float r = rintf(v);
@@ -74,82 +80,105 @@ void dsq_scale(float *v, int64_t n, float qmax) {
     }
 }
 
-#define DEFINE(SUF, LD, ST)                                                                  \
+#define DEFINE(SUF, LD, ABS, ST)                                                                  \
 void dsq_stats_##SUF(const void *x, int64_t R, int64_t C, float *ramax, float *camax,        \
                      float *csum, float *tamax, int nt) {                                    \
+    /* absmax as the maximum of the bit patterns of |x| (unsigned order = float order for   \
+       non-negative floats, and a NaN sorts above inf: NaN propagates as in torch.amax) */    \
     int want_cols = camax != NULL || csum != NULL;                                           \
-    float *part = NULL;                                                                      \
-    if (want_cols) part = (float *)malloc(sizeof(float) * 2 * C * nt);                        \
-    float tpart[256];                                                                        \
     if (nt > 256) nt = 256;                                                                  \
+    uint32_t *pm = NULL; float *ps = NULL;                                                   \
+    if (want_cols) { pm = (uint32_t *)malloc(sizeof(uint32_t) * C * nt);                      \
+                     ps = (float *)malloc(sizeof(float) * C * nt); }                          \
+    uint32_t tpart[256];                                                                     \
     _Pragma("omp parallel num_threads(nt)")                                                  \
     {                                                                                        \
         int t = omp_get_thread_num(), n = omp_get_num_threads();                             \
-        float *pm = want_cols ? part + 2 * C * t : NULL, *ps = pm ? pm + C : NULL;           \
-        if (pm) for (int64_t c = 0; c < C; c++) { pm[c] = 0.0f; ps[c] = 0.0f; }              \
-        float tm = 0.0f;                                                                     \
+        uint32_t *restrict lm = want_cols ? pm + C * t : NULL;                               \
+        float *restrict ls = want_cols ? ps + C * t : NULL;                                  \
+        if (want_cols) for (int64_t c = 0; c < C; c++) { lm[c] = 0; ls[c] = 0.0f; }          \
+        uint32_t tm = 0;                                                                     \
         int64_t r0 = R * t / n, r1 = R * (t + 1) / n;                                        \
         for (int64_t r = r0; r < r1; r++) {                                                  \
             const int64_t o = r * C;                                                         \
-            float m = 0.0f;                                                                  \
-            if (pm) {                                                                        \
+            uint32_t m = 0;                                                                  \
+            if (want_cols) {                                                                 \
                 for (int64_t c = 0; c < C; c++) {                                            \
-                    float v = LD(x, o + c), a = fabsf(v);                                    \
-                    m = nmax(m, a); pm[c] = nmax(pm[c], a); ps[c] += v;                      \
+                    uint32_t a = ABS(x, o + c);                                              \
+                    m = a > m ? a : m;                                                       \
+                    lm[c] = a > lm[c] ? a : lm[c];                                           \
+                    ls[c] += LD(x, o + c);                                                   \
                 }                                                                            \
             } else {                                                                         \
-                for (int64_t c = 0; c < C; c++) m = nmax(m, fabsf(LD(x, o + c)));            \
+                for (int64_t c = 0; c < C; c++) { uint32_t a = ABS(x, o + c);                \
+                                                  m = a > m ? a : m; }                       \
             }                                                                                \
-            if (ramax) ramax[r] = m;                                                         \
-            tm = nmax(tm, m);                                                                \
+            if (ramax) ramax[r] = bits_f(m);                                                 \
+            tm = m > tm ? m : tm;                                                            \
         }                                                                                    \
         tpart[t] = tm;                                                                       \
         _Pragma("omp barrier")                                                               \
         if (want_cols) {                                                                     \
             int64_t c0 = C * t / n, c1 = C * (t + 1) / n;                                    \
             for (int64_t c = c0; c < c1; c++) {                                              \
-                float m = 0.0f, s = 0.0f;                                                    \
-                for (int k = 0; k < n; k++) { m = nmax(m, part[2 * C * k + c]);              \
-                                              s += part[2 * C * k + C + c]; }                \
-                if (camax) camax[c] = m;                                                     \
+                uint32_t m = 0; float s = 0.0f;                                              \
+                for (int k = 0; k < n; k++) { uint32_t a = pm[C * k + c];                    \
+                                              m = a > m ? a : m; s += ps[C * k + c]; }       \
+                if (camax) camax[c] = bits_f(m);                                             \
                 if (csum) csum[c] = s;                                                       \
             }                                                                                \
         }                                                                                    \
         _Pragma("omp single")                                                                \
-        if (tamax) { float m = 0.0f; for (int k = 0; k < n; k++) m = nmax(m, tpart[k]);      \
-                     *tamax = m; }                                                           \
+        if (tamax) { uint32_t m = 0;                                                         \
+                     for (int k = 0; k < n; k++) m = tpart[k] > m ? tpart[k] : m;            \
+                     *tamax = bits_f(m); }                                                   \
     }                                                                                        \
-    free(part);                                                                              \
+    free(pm); free(ps);                                                                      \
 }                                                                                            \
                                                                                              \
 void dsq_codes_##SUF(const void *x, int64_t R, int64_t C, const float *rs, int64_t rstr,     \
                      int8_t *qr, const float *cs, int64_t cstr, int8_t *qc, int tc,          \
                      float qmin, float qmax, int nt) {                                       \
-    int64_t nrt = (R + TILE - 1) / TILE;                                                     \
+    if (!tc) {  /* row by row: each row's codes for both scalings from one read */          \
+        _Pragma("omp parallel for num_threads(nt) schedule(static)")                         \
+        for (int64_t r = 0; r < R; r++) {                                                    \
+            const int64_t o = r * C;                                                         \
+            if (qr) { const float s = rs[r * rstr];                                          \
+                for (int64_t c = 0; c < C; c++)                                              \
+                    qr[o + c] = qcode(LD(x, o + c) / s, qmin, qmax); }                       \
+            if (qc && cstr) {                                                                \
+                for (int64_t c = 0; c < C; c++)                                              \
+                    qc[o + c] = qcode(LD(x, o + c) / cs[c], qmin, qmax);                     \
+            } else if (qc) { const float s = cs[0];                                          \
+                for (int64_t c = 0; c < C; c++)                                              \
+                    qc[o + c] = qcode(LD(x, o + c) / s, qmin, qmax); }                       \
+        }                                                                                    \
+        return;                                                                              \
+    }                                                                                        \
+    int64_t nrt = (R + TILE - 1) / TILE;  /* column codes transposed: 64 x 64 tiles */        \
     _Pragma("omp parallel num_threads(nt)")                                                  \
     {                                                                                        \
         int8_t tile[TILE * TILE];                                                            \
         _Pragma("omp for schedule(static)")                                                  \
         for (int64_t rt = 0; rt < nrt; rt++) {                                               \
             int64_t r0 = rt * TILE, r1 = r0 + TILE < R ? r0 + TILE : R;                      \
-            for (int64_t c0 = 0; c0 < C; c0 += (tc ? TILE : C)) {                            \
-                int64_t c1 = tc ? (c0 + TILE < C ? c0 + TILE : C) : C;                       \
+            for (int64_t r = r0; r < r1; r++) {                                              \
+                const int64_t o = r * C;                                                     \
+                if (qr) { const float s = rs[r * rstr];                                      \
+                    for (int64_t c = 0; c < C; c++)                                          \
+                        qr[o + c] = qcode(LD(x, o + c) / s, qmin, qmax); }                   \
+            }                                                                                \
+            for (int64_t c0 = 0; c0 < C; c0 += TILE) {                                       \
+                int64_t c1 = c0 + TILE < C ? c0 + TILE : C;                                  \
                 for (int64_t r = r0; r < r1; r++) {                                          \
                     const int64_t o = r * C;                                                 \
-                    if (qr) { const float s = rs[r * rstr];                                  \
-                        for (int64_t c = c0; c < c1; c++) qr[o + c] = qcode(LD(x, o + c) / s, \
-                                                                          qmin, qmax); }     \
-                    if (qc && !tc) {                                                         \
-                        for (int64_t c = c0; c < c1; c++)                                    \
-                            qc[o + c] = qcode(LD(x, o + c) / cs[c * cstr], qmin, qmax); }    \
-                    if (qc && tc) {                                                          \
-                        for (int64_t c = c0; c < c1; c++)                                    \
-                            tile[(c - c0) * TILE + (r - r0)] =                               \
-                                qcode(LD(x, o + c) / cs[c * cstr], qmin, qmax); }            \
-                }                                                                            \
-                if (qc && tc)                                                                \
                     for (int64_t c = c0; c < c1; c++)                                        \
-                        memcpy(qc + c * R + r0, tile + (c - c0) * TILE, r1 - r0);            \
+                        tile[(r - r0) * TILE + (c - c0)] =                                   \
+                            qcode(LD(x, o + c) / cs[c * cstr], qmin, qmax);                  \
+                }                                                                            \
+                for (int64_t c = c0; c < c1; c++)                                            \
+                    for (int64_t r = r0; r < r1; r++)                                        \
+                        qc[c * R + r] = tile[(r - r0) * TILE + (c - c0)];                    \
             }                                                                                \
         }                                                                                    \
     }                                                                                        \
@@ -195,8 +224,8 @@ void dsq_rescale_##SUF(const int32_t *acc, int64_t M, int64_t N, const float *rs
     }                                                                                        \
 }
 
-DEFINE(f32, ld_f32, st_f32)
-DEFINE(bf16, ld_bf16, st_bf16)
+DEFINE(f32, ld_f32, abs_f32, st_f32)
+DEFINE(bf16, ld_bf16, abs_bf16, st_bf16)
 """
 
 DTYPES = {torch.float32: "f32", torch.bfloat16: "bf16"}

@@ -412,6 +412,9 @@ def scaled_mm(a: Tensor, b: Tensor, row_scale: Tensor, col_scale: Tensor,
     ``tokens x vocab`` int32 result would otherwise be twice its bf16 output, on top of it)."""
     M, N = a.shape[0], b.shape[1]
     rows = max(64, _ACC_ELEMENTS // max(N, 1))
+    if M > rows:  # equal chunks, not a remainder of a few rows
+        chunks = -(-M // rows)
+        rows = -(-M // chunks)
     if M <= rows:
         return rescale(int_mm(a, b), row_scale, col_scale, bias, dtype, transpose, out_shape)
     full = torch.empty((N, M) if transpose else (out_shape or (M, N)), dtype=dtype,

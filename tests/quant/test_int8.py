@@ -279,6 +279,21 @@ def test_large_gemms_run_in_row_chunks(kernel, monkeypatch, int_mm_calls):
     assert torch.equal(fused.scaled_mm(a, b, rs, cs, None, torch.float32, transpose=True), ref_t)
 
 
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_non_finite_input_stays_non_finite(kernel, bad):
+    # as compute=simulate: the poisoned token's output row is non-finite, never finite
+    qc = LinearQuant("int8:channel", "int8:token", "int8:token", "both", compute="int8")
+    for dtype in (torch.float32, torch.bfloat16):
+        x, w, b, gy = (t.to(dtype) for t in operands())
+        x[0, 1, 2] = bad
+        y, *_ = run(qc, x, w, b, gy)
+        assert not bool(y[0, 1].isfinite().any()) and bool(y[1].isfinite().all())
+        _, s = quantize_rows(x.reshape(-1, IN), QuantFormat(8, "token"))
+        assert not bool(s[1].isfinite().any()) and bool(s[2:].isfinite().all())
+        _, cs = quantize_cols(x.reshape(-1, IN), QuantFormat(8, "token"))
+        assert not bool(cs[0, 2].isfinite()) and int(cs.isfinite().sum()) == IN - 1
+
+
 def test_int_mm_long_reduction_does_not_overflow():
     g = torch.Generator().manual_seed(0)
     k = 140_000  # 127 * 127 * k > 2^31
