@@ -336,8 +336,10 @@ def _cpp_quant(x: Tensor, fmt: QuantFormat, *, rows: bool, cols: bool, transpose
 def int_mm(a: Tensor, b: Tensor) -> Tensor:
     """``a[M, K] @ b[K, N]`` for int8 codes: exact int32 (int64 past ``K = 2^16``) products.
 
-    CPU ``torch._int_mm`` takes any shape. CUDA's needs ``M > 16`` and ``K``, ``N`` multiples
-    of 8: operands are zero-padded there (zeros add nothing to the sums) and the result cut.
+    CPU ``torch._int_mm`` takes any shape and layout (a transposed ``a`` at full speed). CUDA's
+    needs a row-major ``a``, ``M > 16`` and ``K``, ``N`` multiples of 8: operands are made
+    contiguous and zero-padded there (zeros add nothing to the sums), the result cut. (The CUDA
+    path is written to the documented constraints but untested here: no GPU.)
     """
     M, K = a.shape
     N = b.shape[1]
@@ -347,6 +349,7 @@ def int_mm(a: Tensor, b: Tensor) -> Tensor:
             out += int_mm(a[:, k:k + _K_CHUNK], b[k:k + _K_CHUNK])
         return out
     if a.is_cuda:
+        a = a.contiguous()  # cuBLASLt's int8 GEMM wants a row-major left operand
         pm, pk, pn = max(0, 17 - M), -K % 8, -N % 8
         if pm or pk or pn:
             a = torch.nn.functional.pad(a, (0, pk, 0, pm))

@@ -36,8 +36,9 @@ for speed's sake. :func:`describe_plan` is the start-up line naming what falls b
 Saved for backward: for ``dW``, the int8 codes of ``X`` (per column for an integer ``dW``, the
 recipe's per-token codes for a simulated one) and their scales; for ``dX``, ``W`` itself when it
 is requantized per input column in backward, otherwise ``W``'s int8 codes: about one byte per
-activation element instead of two (bf16) or four (fp32). The ``dW`` GEMM transposes whichever of
-``X``/``G`` is smaller so the GEMM's left operand is row-major.
+activation element instead of two (bf16) or four (fp32). All codes keep their tensor's layout:
+the ``dW`` GEMM reads the smaller of ``X``/``G`` through a transposed view (CPU ``_int_mm``
+takes it at full speed; writing transposed codes cost 2 ms more per step at GPT-2 shapes).
 
 Passes: the forward reads ``X`` twice (statistics, then both its per-token and per-column codes)
 and ``W`` twice; backward reads ``G`` twice for its per-token codes, per-column codes and the
@@ -189,13 +190,14 @@ class _Int8Linear(torch.autograd.Function):
         x2 = x.reshape(-1, x.shape[-1])
         n_in, n_out = w.shape[1], w.shape[0]
         cf = qc.check_finite
-        # dW's GEMM transposes the smaller of X[tok, in] and G[tok, out] (row-major left operand)
+        # dW's GEMM reads the smaller of X[tok, in] and G[tok, out] transposed (a view: the
+        # int8 GEMM takes it as fast as a row-major left operand)
         xt = n_in <= n_out
         saved_x = saved_w = (None, None, None)
         a = qc.activation
         if needs_dw and plan.weight_grad is None and a.granularity != "tensor":
             # X per token for Y and per column for dW, in one pass; only the latter is saved
-            rc, rs, cc, cs, _ = quantize_rows_cols(x2, a, transpose=xt, reduce=rx,
+            rc, rs, cc, cs, _ = quantize_rows_cols(x2, a, reduce=rx,
                                                    col_reduce=rxt, check_finite=cf,
                                                    name="activation")
             qx = QTensor(rc, rs, None, a, x.dtype)
@@ -207,7 +209,7 @@ class _Int8Linear(torch.autograd.Function):
                 if plan.weight_grad is not None:
                     saved_x = _pack(qx, x2)
                 else:  # per tensor: the forward's codes
-                    saved_x = (qx.codes.t().contiguous() if xt else qx.codes, qx.scale, None)
+                    saved_x = (qx.codes, qx.scale, None)
         qw = _quant(w, qc.weight, rw, qc, "weight", capture)
         # a fresh output of x's leading shape, not a view: callers such as megatron's
         # vocab-parallel cross entropy modify it in place
@@ -245,15 +247,14 @@ class _Int8Linear(torch.autograd.Function):
         qg = g_cols = db = None
         if want_cols:
             rc, rs, cc, cs, colsum = quantize_rows_cols(
-                g2, fg, rows=want_rows, transpose=not xt, col_sum=needs_db, reduce=rg,
+                g2, fg, rows=want_rows, col_sum=needs_db, reduce=rg,
                 col_reduce=rgt, check_finite=cf, name="grad")
             g_cols = (cc, cs)
             if want_rows:
                 qg = QTensor(rc, rs, None, fg, g.dtype)
                 _record(capture, "grad", g2, qg)
             else:  # G's only quantization: record it
-                _record(capture, "grad", g2, QTensor(cc if xt else cc.t(), cs, None, fg,
-                                                     g.dtype))
+                _record(capture, "grad", g2, QTensor(cc, cs, None, fg, g.dtype))
             if needs_db:
                 db = colsum.to(g.dtype)
         elif want_rows:
@@ -279,13 +280,14 @@ class _Int8Linear(torch.autograd.Function):
             if int8_dw:
                 x_codes, x_scale, _ = saved[:3]
                 if g_cols is None:  # per tensor: the same Qg(G) as the input gradient
-                    g_cols = (qg.codes if xt else qg.codes.t().contiguous(), qg.scale)
+                    g_cols = (qg.codes, qg.scale)
                 g_codes, g_scale = g_cols
                 if xt:  # dW^T[in, out] = X''^T[in, tok] @ G''[tok, out]
-                    dw = scaled_mm(x_codes, g_codes, _tscale(x_scale), g_scale, None, w_dtype,
-                                   transpose=True)
+                    dw = scaled_mm(x_codes.t(), g_codes, _tscale(x_scale), g_scale, None,
+                                   w_dtype, transpose=True)
                 else:  # dW[out, in] = G''^T[out, tok] @ X''[tok, in]
-                    dw = scaled_mm(g_codes, x_codes, _tscale(g_scale), x_scale, None, w_dtype)
+                    dw = scaled_mm(g_codes.t(), x_codes, _tscale(g_scale), x_scale, None,
+                                   w_dtype)
             else:
                 gw = _value(qg, g2, g.dtype) if q_dw else g2
                 dw = (gw.t() @ _unpack(saved[:3], qc.activation, g.dtype)).to(w_dtype)
