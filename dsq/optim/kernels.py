@@ -37,6 +37,10 @@ moment never dequantizes to 0 (which would turn ``m / (sqrt(v) + eps)`` into ``m
 With ``v_domain="sqrt"`` the code quantizes ``sqrt(v)`` instead (same linear quantizer, twice
 the dynamic range in log terms, no extra work since the update needs ``sqrt(v)`` anyway).
 4-bit codes are packed two per byte, element ``2k`` in the low nibble of byte ``k``.
+
+``bits = 32`` (:data:`FP32`) keeps that moment in fp32 (one float per element, no scale) while
+the other is quantized (the study's m8, m4 and v8 settings): the kernels read and write it in
+place with the same operations, and the block maxima are those of the quantized moment only.
 """
 
 from __future__ import annotations
@@ -62,6 +66,10 @@ EAGER_CHUNK = 1 << 17
 """Elements per eager chunk (temporaries of a chunk stay in L2)."""
 
 
+FP32 = 32
+"""``m_bits`` / ``v_bits`` of a moment that is not quantized (stored as fp32)."""
+
+
 def qmax_m(bits: int) -> int:
     return (1 << (bits - 1)) - 1
 
@@ -70,9 +78,15 @@ def qmax_v(bits: int) -> int:
     return (1 << bits) - 1
 
 
+def code_len(n: int, bits: int) -> int:
+    """Storage elements holding ``n`` values of a moment: int8/uint8 codes (4-bit: two per
+    byte) or, for ``bits == 32``, fp32 values."""
+    return (n + 1) // 2 if bits == 4 else n
+
+
 def code_bytes(n: int, bits: int) -> int:
-    """Bytes holding ``n`` codes of ``bits`` bits (4-bit: two per byte)."""
-    return n if bits == 8 else (n + 1) // 2
+    """Bytes holding ``n`` values of a moment of ``bits`` bits (4-bit: two per byte)."""
+    return code_len(n, bits) * (4 if bits == FP32 else 1)
 
 
 class Hyper:
@@ -107,12 +121,22 @@ def _f32(x: float) -> float:
 
 
 class Fmt:
-    """Static description of the moments' formats."""
+    """Static description of the moments' formats (bits 4, 8, or 32 = fp32), with where each
+    moment lives in a state dict: ``m_key`` (``m_codes`` or ``m_fp32``) and its element size
+    ``m_esize``; ``m_q``: m is quantized (has ``m_scales``). Likewise for v. ``v_sqrt`` only
+    applies to a quantized v."""
 
-    __slots__ = ("m_bits", "v_bits", "v_sqrt")
+    __slots__ = ("m_bits", "v_bits", "v_sqrt", "m_q", "v_q", "m_key", "v_key", "m_esize",
+                 "v_esize")
 
     def __init__(self, m_bits: int, v_bits: int, v_sqrt: bool):
-        self.m_bits, self.v_bits, self.v_sqrt = m_bits, v_bits, v_sqrt
+        self.m_bits, self.v_bits = m_bits, v_bits
+        self.m_q, self.v_q = m_bits != FP32, v_bits != FP32
+        self.v_sqrt = bool(v_sqrt) and self.v_q
+        self.m_key = "m_codes" if self.m_q else "m_fp32"
+        self.v_key = "v_codes" if self.v_q else "v_fp32"
+        self.m_esize = 1 if self.m_q else 4
+        self.v_esize = 1 if self.v_q else 4
 
 
 # ============================================================================ eager
@@ -131,7 +155,9 @@ def pack4(nib: torch.Tensor) -> torch.Tensor:
     return nib[..., 0::2] | (nib[..., 1::2] << 4)
 
 
-def _deq_m(codes: torch.Tensor, n: int, bits: int, scale: torch.Tensor) -> torch.Tensor:
+def _deq_m(codes: torch.Tensor, n: int, bits: int, scale) -> torch.Tensor:
+    if bits == FP32:
+        return codes
     if bits == 8:
         q = codes.float()
     else:
@@ -139,7 +165,9 @@ def _deq_m(codes: torch.Tensor, n: int, bits: int, scale: torch.Tensor) -> torch
     return q * scale
 
 
-def _deq_v_raw(codes: torch.Tensor, n: int, bits: int, scale: torch.Tensor) -> torch.Tensor:
+def _deq_v_raw(codes: torch.Tensor, n: int, bits: int, scale) -> torch.Tensor:
+    if bits == FP32:
+        return codes
     q = codes.float() if bits == 8 else unpack4(codes, n).float()
     return q * scale
 
@@ -176,21 +204,33 @@ def _update_param(p, m, r, h: Hyper):
 
 
 def _quant(m, vq, am, av, fmt: Fmt):
-    """Codes of m and of the stored v quantity ``vq`` from block maxima; returns codes, scales."""
-    Qm, Qv = float(qmax_m(fmt.m_bits)), float(qmax_v(fmt.v_bits))
+    """Storage of m and of the stored v quantity ``vq`` from block maxima: codes and scales
+    (an fp32 moment is stored as it is, with scale None and its maximum unused)."""
+    cm, sm = _quant_m(m, am, fmt.m_bits) if fmt.m_q else (m, None)
+    cv, sv = _quant_v(vq, av, fmt.v_bits) if fmt.v_q else (vq, None)
+    return cm, cv, sm, sv
+
+
+def _quant_m(m, am, bits: int):
+    Qm = float(qmax_m(bits))
     am = torch.clamp_min(am, TINY)
-    av = torch.clamp_min(av, TINY)
     qm = torch.clamp(torch.round(m * _div(Qm, am)), -Qm, Qm)
-    qv = torch.clamp(torch.round(vq * _div(Qv, av)), 0.0, Qv)
-    qv = torch.maximum(qv, (vq > 0).float())
-    if fmt.m_bits == 8:
+    if bits == 8:
         cm = qm.to(torch.int8)
     else:
         cm = pack4((qm + 8.0).to(torch.uint8))
+    return cm, _div(am, Qm)
+
+
+def _quant_v(vq, av, bits: int):
+    Qv = float(qmax_v(bits))
+    av = torch.clamp_min(av, TINY)
+    qv = torch.clamp(torch.round(vq * _div(Qv, av)), 0.0, Qv)
+    qv = torch.maximum(qv, (vq > 0).float())
     cv = qv.to(torch.uint8)
-    if fmt.v_bits == 4:
+    if bits == 4:
         cv = pack4(cv)
-    return cm, cv, _div(am, Qm), _div(av, Qv)
+    return cv, _div(av, Qv)
 
 
 class Kernel:
@@ -199,18 +239,19 @@ class Kernel:
 
     def rows_piece(self, pf, gf, st, pc, fmt: Fmt, h: Hyper) -> None:
         a, r, w = pc.start, pc.rows, pc.width
-        lm, lv = code_bytes(w, fmt.m_bits), code_bytes(w, fmt.v_bits)
+        lm, lv = code_len(w, fmt.m_bits), code_len(w, fmt.v_bits)
         self.rows(pf[a:a + r * w].view(r, w), gf[a:a + r * w].view(r, w),
-                  st["m_codes"][pc.cm:pc.cm + r * lm].view(r, lm), st["m_scales"][pc.s:pc.s + r],
-                  st["v_codes"][pc.cv:pc.cv + r * lv].view(r, lv), st["v_scales"][pc.s:pc.s + r],
-                  r, w, fmt, h)
+                  st[fmt.m_key][pc.cm:pc.cm + r * lm].view(r, lm),
+                  st["m_scales"][pc.s:pc.s + r] if fmt.m_q else None,
+                  st[fmt.v_key][pc.cv:pc.cv + r * lv].view(r, lv),
+                  st["v_scales"][pc.s:pc.s + r] if fmt.v_q else None, r, w, fmt, h)
 
     def _split_state(self, st, pc, fmt):
         n = pc.length
-        return (st["m_codes"][pc.cm:pc.cm + code_bytes(n, fmt.m_bits)],
-                st["m_scales"][pc.s:pc.s + 1],
-                st["v_codes"][pc.cv:pc.cv + code_bytes(n, fmt.v_bits)],
-                st["v_scales"][pc.s:pc.s + 1])
+        return (st[fmt.m_key][pc.cm:pc.cm + code_len(n, fmt.m_bits)],
+                st["m_scales"][pc.s:pc.s + 1] if fmt.m_q else None,
+                st[fmt.v_key][pc.cv:pc.cv + code_len(n, fmt.v_bits)],
+                st["v_scales"][pc.s:pc.s + 1] if fmt.v_q else None)
 
     def pass1_piece(self, pf, gf, st, pc, fmt: Fmt, h: Hyper) -> Tuple[float, float]:
         a, n = pc.start, pc.length
@@ -222,6 +263,9 @@ class Kernel:
 
 
 class EagerKernel(Kernel):
+    """PyTorch ops. Tensor-level arguments: ``mc``/``vc`` the moments' storage (codes, or fp32
+    values for a 32-bit moment), ``ms``/``vs`` their scales (None for a 32-bit moment)."""
+
     name = "eager"
 
     def rows(self, p, g, mc, ms, vc, vs, rows: int, width: int, fmt: Fmt, h: Hyper) -> None:
@@ -230,17 +274,20 @@ class EagerKernel(Kernel):
             r1 = min(rows, r0 + step)
             pp, gg = p[r0:r1], g[r0:r1]
             mcc, vcc = mc[r0:r1], vc[r0:r1]
-            s_m, s_v = ms[r0:r1].unsqueeze(1), vs[r0:r1].unsqueeze(1)
+            s_m = ms[r0:r1].unsqueeze(1) if fmt.m_q else None
+            s_v = vs[r0:r1].unsqueeze(1) if fmt.v_q else None
             m, v, r = _moments(gg, mcc, s_m, vcc, s_v, width, fmt, h)
             _update_param(pp, m, r, h)
             vq = r if fmt.v_sqrt else v
-            am = m.abs().amax(dim=1, keepdim=True)
-            av = vq.amax(dim=1, keepdim=True)
+            am = m.abs().amax(dim=1, keepdim=True) if fmt.m_q else None
+            av = vq.amax(dim=1, keepdim=True) if fmt.v_q else None
             cm, cv, sm, sv = _quant(m, vq, am, av, fmt)
             mcc.copy_(cm)
             vcc.copy_(cv)
-            ms[r0:r1].copy_(sm.squeeze(1))
-            vs[r0:r1].copy_(sv.squeeze(1))
+            if fmt.m_q:
+                ms[r0:r1].copy_(sm.squeeze(1))
+            if fmt.v_q:
+                vs[r0:r1].copy_(sv.squeeze(1))
 
     def _chunks(self, n: int):
         # chunk boundaries even, so that 4-bit codes of a chunk start on a byte
@@ -255,8 +302,10 @@ class EagerKernel(Kernel):
                                _cslice(vc, a, b, fmt.v_bits), vs, b - a, fmt, h)
             _update_param(p[a:b], m, r, h)
             vq = r if fmt.v_sqrt else v
-            am = max(am, float(m.abs().max()))
-            av = max(av, float(vq.max()))
+            if fmt.m_q:
+                am = max(am, float(m.abs().max()))
+            if fmt.v_q:
+                av = max(av, float(vq.max()))
         return am, av
 
     def pass2(self, g, mc, ms, vc, vs, n: int, fmt: Fmt, h: Hyper, am: float, av: float) -> None:
@@ -271,12 +320,14 @@ class EagerKernel(Kernel):
             mcc.copy_(cm)
             vcc.copy_(cv)
             new = (sm, sv)
-        ms.copy_(new[0])
-        vs.copy_(new[1])
+        if fmt.m_q:
+            ms.copy_(new[0])
+        if fmt.v_q:
+            vs.copy_(new[1])
 
 
 def _cslice(codes: torch.Tensor, a: int, b: int, bits: int) -> torch.Tensor:
-    if bits == 8:
+    if bits != 4:
         return codes[a:b]
     return codes[a // 2:(b + 1) // 2]
 
@@ -291,7 +342,7 @@ class CompiledKernel(EagerKernel):
         self._fn = {}
 
     def rows(self, p, g, mc, ms, vc, vs, rows, width, fmt, h):
-        key = (fmt.m_bits, fmt.v_bits, fmt.v_sqrt, str(p.device))
+        key = (fmt.m_bits, fmt.v_bits, fmt.v_sqrt, str(p.device))  # one graph per format
         if key not in self._fn:
             self._fn[key] = torch.compile(_rows_functional, dynamic=True)
         t = lambda x: torch.tensor(x, dtype=torch.float32, device=p.device)  # noqa: E731
@@ -303,20 +354,24 @@ class CompiledKernel(EagerKernel):
 def _rows_functional(p, g, mc, ms, vc, vs, width, m_bits, v_bits, v_sqrt, b1, omb1, b2, omb2,
                      decay, step_size, inv_bc2_sqrt, eps):
     fmt = Fmt(m_bits, v_bits, v_sqrt)
-    m = _deq_m(mc, width, m_bits, ms.unsqueeze(1))
+    m = _deq_m(mc, width, m_bits, ms.unsqueeze(1) if fmt.m_q else None)
     m = m * b1 + g * omb1
-    vr = _deq_v_raw(vc, width, v_bits, vs.unsqueeze(1))
-    v = vr * vr if v_sqrt else vr
+    vr = _deq_v_raw(vc, width, v_bits, vs.unsqueeze(1) if fmt.v_q else None)
+    v = vr * vr if fmt.v_sqrt else vr
     v = v * b2 + (g * g) * omb2
     r = torch.sqrt(v)
     d = r * inv_bc2_sqrt + eps
     p.copy_(p * decay - (m * step_size) / d)
-    vq = r if v_sqrt else v
-    cm, cv, sm, sv = _quant(m, vq, m.abs().amax(1, keepdim=True), vq.amax(1, keepdim=True), fmt)
+    vq = r if fmt.v_sqrt else v
+    am = m.abs().amax(1, keepdim=True) if fmt.m_q else None
+    av = vq.amax(1, keepdim=True) if fmt.v_q else None
+    cm, cv, sm, sv = _quant(m, vq, am, av, fmt)
     mc.copy_(cm)
     vc.copy_(cv)
-    ms.copy_(sm.squeeze(1))
-    vs.copy_(sv.squeeze(1))
+    if fmt.m_q:
+        ms.copy_(sm.squeeze(1))
+    if fmt.v_q:
+        vs.copy_(sv.squeeze(1))
 
 
 # ============================================================================ C / OpenMP
@@ -328,6 +383,7 @@ C_SOURCE = r"""
 
 #define TINY 1e-30f
 #define CHUNK 4096
+#define F32 32
 enum { B1, OMB1, B2, OMB2, DECAY, STEP, INVBC2, EPS };
 typedef int64_t i64;
 
@@ -350,10 +406,13 @@ static inline void unpack_v(const uint8_t *restrict c, uint8_t *restrict q, i64 
 
 /* Dequantize, AdamW update of p, fp32 moments to mbuf/vbuf (v or sqrt(v)), and the maxima of
    |m| and of the stored v quantity as float bit patterns (non-negative: integer max == float
-   max, and the loop vectorizes). The operation order is the eager kernel's. */
+   max, and the loop vectorizes). The operation order is the eager kernel's.
+   A moment of 32 bits is fp32 (mf / vf): read from there, written back in place when WF, and
+   it has no maximum (its code arguments are unused). */
 static inline __attribute__((always_inline)) void update(
         float *restrict p, const float *restrict g, const int8_t *restrict qm,
-        const uint8_t *restrict qv, float ms, float vs, i64 n, const int VSQRT, const int UPD,
+        const uint8_t *restrict qv, float *restrict mf, float *restrict vf, float ms, float vs,
+        i64 n, const int MB, const int VB, const int VSQRT, const int UPD, const int WF,
         const float *restrict h, float *restrict mbuf, float *restrict vbuf,
         uint32_t *am_out, uint32_t *av_out) {
     const float b1 = h[B1], omb1 = h[OMB1], b2 = h[B2], omb2 = h[OMB2], decay = h[DECAY];
@@ -361,10 +420,10 @@ static inline __attribute__((always_inline)) void update(
     uint32_t am = 0, av = 0;
     for (i64 i = 0; i < n; i++) {
         float gi = g[i];
-        float m = (float)qm[i] * ms;
+        float m = MB == F32 ? mf[i] : (float)qm[i] * ms;
         float t1 = m * b1, t2 = gi * omb1;
         m = t1 + t2;
-        float vr = (float)qv[i] * vs;
+        float vr = VB == F32 ? vf[i] : (float)qv[i] * vs;
         float v = VSQRT ? vr * vr : vr;
         float gg = gi * gi;
         float t3 = v * b2, t4 = gg * omb2;
@@ -379,33 +438,50 @@ static inline __attribute__((always_inline)) void update(
             p[i] = a - u;
         }
         float vq = VSQRT ? r : v;
-        mbuf[i] = m;
-        vbuf[i] = vq;
-        uint32_t ba = fbits(m) & 0x7fffffffu, bv = fbits(vq);
-        am = ba > am ? ba : am;
-        av = bv > av ? bv : av;
+        if (MB == F32) {
+            if (WF) mf[i] = m;
+        } else {
+            mbuf[i] = m;
+            uint32_t ba = fbits(m) & 0x7fffffffu;
+            am = ba > am ? ba : am;
+        }
+        if (VB == F32) {
+            if (WF) vf[i] = v;
+        } else {
+            vbuf[i] = vq;
+            uint32_t bv = fbits(vq);
+            av = bv > av ? bv : av;
+        }
     }
     *am_out = am;
     *av_out = av;
 }
 
+static inline float qmax_m(const int b) { return b == 8 ? 127.0f : 7.0f; }
+static inline float qmax_v(const int b) { return b == 8 ? 255.0f : 15.0f; }
+
+/* codes of the quantized moments (an fp32 one is skipped) */
 static inline __attribute__((always_inline)) void quantize(
         const float *restrict mbuf, const float *restrict vbuf, i64 n, float am, float av,
         const int MB, const int VB, int8_t *restrict qm, uint8_t *restrict qv) {
-    const float Qm = (float)((1 << (MB - 1)) - 1), Qv = (float)((1 << VB) - 1);
+    const float Qm = qmax_m(MB), Qv = qmax_v(VB);
     am = am > TINY ? am : TINY;
     av = av > TINY ? av : TINY;
     const float im = Qm / am, iv = Qv / av;
     for (i64 i = 0; i < n; i++) {
-        float q = nearbyintf(mbuf[i] * im);
-        q = q < -Qm ? -Qm : q;
-        q = q > Qm ? Qm : q;
-        qm[i] = (int8_t)q;
-        float x = vbuf[i];
-        float w = nearbyintf(x * iv);
-        w = w > Qv ? Qv : w;
-        w = (x > 0.0f && w < 1.0f) ? 1.0f : w;
-        qv[i] = (uint8_t)w;
+        if (MB != F32) {
+            float q = nearbyintf(mbuf[i] * im);
+            q = q < -Qm ? -Qm : q;
+            q = q > Qm ? Qm : q;
+            qm[i] = (int8_t)q;
+        }
+        if (VB != F32) {
+            float x = vbuf[i];
+            float w = nearbyintf(x * iv);
+            w = w > Qv ? Qv : w;
+            w = (x > 0.0f && w < 1.0f) ? 1.0f : w;
+            qv[i] = (uint8_t)w;
+        }
     }
 }
 
@@ -419,146 +495,175 @@ static inline void pack_v(const uint8_t *restrict q, uint8_t *restrict c, i64 n)
     if (n & 1) c[n / 2] = q[n - 1];
 }
 
-/* codes of elements [e0, e0 + n) of a piece (e0 even) as int8/uint8 arrays */
+/* codes of elements [e0, e0 + n) of a piece (e0 even) as int8/uint8 arrays (NULL: fp32) */
 static inline __attribute__((always_inline)) void load_codes(
-        const uint8_t *mc, const uint8_t *vc, i64 e0, i64 n, const int MB, const int VB,
+        const void *mc, const void *vc, i64 e0, i64 n, const int MB, const int VB,
         int8_t *tm, uint8_t *tv, const int8_t **qm, const uint8_t **qv) {
-    if (MB == 8) *qm = (const int8_t *)mc + e0; else { unpack_m(mc + e0 / 2, tm, n); *qm = tm; }
-    if (VB == 8) *qv = vc + e0; else { unpack_v(vc + e0 / 2, tv, n); *qv = tv; }
+    if (MB == 8) *qm = (const int8_t *)mc + e0;
+    else if (MB == 4) { unpack_m((const uint8_t *)mc + e0 / 2, tm, n); *qm = tm; }
+    else *qm = NULL;
+    if (VB == 8) *qv = (const uint8_t *)vc + e0;
+    else if (VB == 4) { unpack_v((const uint8_t *)vc + e0 / 2, tv, n); *qv = tv; }
+    else *qv = NULL;
 }
 static inline __attribute__((always_inline)) void store_codes(
-        uint8_t *mc, uint8_t *vc, i64 e0, i64 n, const int MB, const int VB,
+        void *mc, void *vc, i64 e0, i64 n, const int MB, const int VB,
         const int8_t *qm, const uint8_t *qv) {
-    if (MB == 4) pack_m(qm, mc + e0 / 2, n);
-    if (VB == 4) pack_v(qv, vc + e0 / 2, n);
+    if (MB == 4) pack_m(qm, (uint8_t *)mc + e0 / 2, n);
+    if (VB == 4) pack_v(qv, (uint8_t *)vc + e0 / 2, n);
 }
 
-/* complete blocks: rows x width (width <= 16384, even), one pass per block */
-static inline __attribute__((always_inline)) void rows_impl(
-        float *p, const float *g, uint8_t *mc, float *ms, uint8_t *vc, float *vs, i64 rows,
-        i64 width, const int MB, const int VB, const int VSQRT, const float *h, int nt) {
-    const float Qm = (float)((1 << (MB - 1)) - 1), Qv = (float)((1 << VB) - 1);
-    const i64 mrow = MB == 8 ? width : width / 2, vrow = VB == 8 ? width : width / 2;
-    #pragma omp parallel num_threads(nt)
-    {
-        float mbuf[width], vbuf[width];
-        int8_t tm[width + 1], om[width + 1];
-        uint8_t tv[width + 1], ov[width + 1];
-        #pragma omp for schedule(static)
-        for (i64 r = 0; r < rows; r++) {
-            uint8_t *mcr = mc + r * mrow, *vcr = vc + r * vrow;
-            const int8_t *qm;
-            const uint8_t *qv;
-            load_codes(mcr, vcr, 0, width, MB, VB, tm, tv, &qm, &qv);
-            uint32_t am, av;
-            update(p + r * width, g + r * width, qm, qv, ms[r], vs[r], width, VSQRT, 1, h, mbuf,
-                   vbuf, &am, &av);
-            float fam = bitsf(am), fav = bitsf(av);
-            int8_t *wm = MB == 8 ? (int8_t *)mcr : om;
-            uint8_t *wv = VB == 8 ? vcr : ov;
-            quantize(mbuf, vbuf, width, fam, fav, MB, VB, wm, wv);
-            store_codes(mcr, vcr, 0, width, MB, VB, om, ov);
-            fam = fam > TINY ? fam : TINY;
-            fav = fav > TINY ? fav : TINY;
-            ms[r] = fam / Qm;
-            vs[r] = fav / Qv;
-        }
-    }
+/* storage of a moment from element e0 (even) on: codes (4-bit: two per byte) or fp32 */
+static inline __attribute__((always_inline)) void *at(void *c, i64 e0, const int B) {
+    return B == F32 ? (void *)((float *)c + e0) : (void *)((uint8_t *)c + (B == 4 ? e0 / 2 : e0));
 }
 
-/* one block split over ranks (or too wide), phase 1: update p, local maxima; codes untouched */
-static inline __attribute__((always_inline)) void pass1_impl(
-        float *p, const float *g, const uint8_t *mc, const float *msp, const uint8_t *vc,
-        const float *vsp, i64 n, const int MB, const int VB, const int VSQRT, const float *h,
-        int nt, float *out) {
-    const float ms = *msp, vs = *vsp;
-    uint32_t am = 0, av = 0;
-    i64 nch = (n + CHUNK - 1) / CHUNK;
-    #pragma omp parallel num_threads(nt) reduction(max: am, av)
-    {
-        float mbuf[CHUNK], vbuf[CHUNK];
-        int8_t tm[CHUNK];
-        uint8_t tv[CHUNK];
-        #pragma omp for schedule(static)
-        for (i64 c = 0; c < nch; c++) {
-            i64 e0 = c * CHUNK, len = n - e0 < CHUNK ? n - e0 : CHUNK;
-            const int8_t *qm;
-            const uint8_t *qv;
-            load_codes(mc, vc, e0, len, MB, VB, tm, tv, &qm, &qv);
-            uint32_t a, b;
-            update(p + e0, g + e0, qm, qv, ms, vs, len, VSQRT, 1, h, mbuf, vbuf, &a, &b);
-            am = a > am ? a : am;
-            av = b > av ? b : av;
-        }
-    }
-    out[0] = bitsf(am);
-    out[1] = bitsf(av);
+/* The work of one block / chunk; the OpenMP loops over them are in the specialized functions
+   below (SPECIALIZE), so that the formats are literal constants where the loops are compiled
+   (OpenMP outlines a parallel region before inlining). */
+
+/* complete block r of a rows x width piece (width <= 16384, even): one pass */
+static inline __attribute__((always_inline)) void rows_block(
+        float *p, const float *g, void *mc, float *ms, void *vc, float *vs, i64 r, i64 width,
+        const int MB, const int VB, const int VSQRT, const float *h, float *mbuf, float *vbuf,
+        int8_t *tm, int8_t *om, uint8_t *tv, uint8_t *ov) {
+    const float Qm = qmax_m(MB), Qv = qmax_v(VB);
+    void *mcr = at(mc, r * width, MB), *vcr = at(vc, r * width, VB);
+    const int8_t *qm;
+    const uint8_t *qv;
+    load_codes(mcr, vcr, 0, width, MB, VB, tm, tv, &qm, &qv);
+    uint32_t am, av;
+    update(p + r * width, g + r * width, qm, qv, MB == F32 ? (float *)mcr : NULL,
+           VB == F32 ? (float *)vcr : NULL, MB == F32 ? 0.0f : ms[r], VB == F32 ? 0.0f : vs[r],
+           width, MB, VB, VSQRT, 1, 1, h, mbuf, vbuf, &am, &av);
+    float fam = bitsf(am), fav = bitsf(av);
+    int8_t *wm = MB == 8 ? (int8_t *)mcr : om;
+    uint8_t *wv = VB == 8 ? (uint8_t *)vcr : ov;
+    quantize(mbuf, vbuf, width, fam, fav, MB, VB, wm, wv);
+    store_codes(mcr, vcr, 0, width, MB, VB, om, ov);
+    fam = fam > TINY ? fam : TINY;
+    fav = fav > TINY ? fav : TINY;
+    if (MB != F32) ms[r] = fam / Qm;
+    if (VB != F32) vs[r] = fav / Qv;
 }
 
-/* phase 2: recompute the same moments from the unchanged codes, requantize with global maxima */
-static inline __attribute__((always_inline)) void pass2_impl(
-        const float *g, uint8_t *mc, float *ms, uint8_t *vc, float *vs, i64 n, const int MB,
-        const int VB, const int VSQRT, const float *h, float am, float av, int nt) {
-    const float Qm = (float)((1 << (MB - 1)) - 1), Qv = (float)((1 << VB) - 1);
-    const float ms0 = *ms, vs0 = *vs;
-    i64 nch = (n + CHUNK - 1) / CHUNK;
-    #pragma omp parallel num_threads(nt)
-    {
-        float mbuf[CHUNK], vbuf[CHUNK];
-        int8_t tm[CHUNK], om[CHUNK];
-        uint8_t tv[CHUNK], ov[CHUNK];
-        #pragma omp for schedule(static)
-        for (i64 c = 0; c < nch; c++) {
-            i64 e0 = c * CHUNK, len = n - e0 < CHUNK ? n - e0 : CHUNK;
-            const int8_t *qm;
-            const uint8_t *qv;
-            load_codes(mc, vc, e0, len, MB, VB, tm, tv, &qm, &qv);
-            uint32_t a, b;
-            update(NULL, g + e0, qm, qv, ms0, vs0, len, VSQRT, 0, h, mbuf, vbuf, &a, &b);
-            int8_t *wm = MB == 8 ? (int8_t *)mc + e0 : om;
-            uint8_t *wv = VB == 8 ? vc + e0 : ov;
-            quantize(mbuf, vbuf, len, am, av, MB, VB, wm, wv);
-            store_codes(mc, vc, e0, len, MB, VB, om, ov);
-        }
-    }
-    am = am > TINY ? am : TINY;
-    av = av > TINY ? av : TINY;
-    *ms = am / Qm;
-    *vs = av / Qv;
+/* one block split over ranks (or too wide), phase 1, chunk c: update p, local maxima; the
+   state is left untouched */
+static inline __attribute__((always_inline)) void pass1_chunk(
+        float *p, const float *g, const void *mc, float ms, const void *vc, float vs, i64 n,
+        i64 c, const int MB, const int VB, const int VSQRT, const float *h, float *mbuf,
+        float *vbuf, int8_t *tm, uint8_t *tv, uint32_t *a, uint32_t *b) {
+    i64 e0 = c * CHUNK, len = n - e0 < CHUNK ? n - e0 : CHUNK;
+    const int8_t *qm;
+    const uint8_t *qv;
+    load_codes(mc, vc, e0, len, MB, VB, tm, tv, &qm, &qv);
+    update(p + e0, g + e0, qm, qv, MB == F32 ? (float *)mc + e0 : NULL,
+           VB == F32 ? (float *)vc + e0 : NULL, ms, vs, len, MB, VB, VSQRT, 1, 0, h, mbuf, vbuf,
+           a, b);
+}
+
+/* phase 2, chunk c: recompute the same moments from the unchanged state, requantize with the
+   global maxima (an fp32 moment is written as computed) */
+static inline __attribute__((always_inline)) void pass2_chunk(
+        const float *g, void *mc, float ms, void *vc, float vs, i64 n, i64 c, const int MB,
+        const int VB, const int VSQRT, const float *h, float am, float av, float *mbuf,
+        float *vbuf, int8_t *tm, int8_t *om, uint8_t *tv, uint8_t *ov) {
+    i64 e0 = c * CHUNK, len = n - e0 < CHUNK ? n - e0 : CHUNK;
+    const int8_t *qm;
+    const uint8_t *qv;
+    load_codes(mc, vc, e0, len, MB, VB, tm, tv, &qm, &qv);
+    uint32_t a, b;
+    update(NULL, g + e0, qm, qv, MB == F32 ? (float *)mc + e0 : NULL,
+           VB == F32 ? (float *)vc + e0 : NULL, ms, vs, len, MB, VB, VSQRT, 0, 1, h, mbuf, vbuf,
+           &a, &b);
+    int8_t *wm = MB == 8 ? (int8_t *)mc + e0 : om;
+    uint8_t *wv = VB == 8 ? (uint8_t *)vc + e0 : ov;
+    quantize(mbuf, vbuf, len, am, av, MB, VB, wm, wv);
+    store_codes(mc, vc, e0, len, MB, VB, om, ov);
 }
 
 #define SPECIALIZE(MB, VB, VS)                                                               \
-    static void rows_##MB##_##VB##_##VS(float *p, const float *g, uint8_t *mc, float *ms,     \
-            uint8_t *vc, float *vs, i64 rows, i64 width, const float *h, int nt) {            \
-        rows_impl(p, g, mc, ms, vc, vs, rows, width, MB, VB, VS, h, nt); }                    \
-    static void pass1_##MB##_##VB##_##VS(float *p, const float *g, const uint8_t *mc,         \
-            const float *ms, const uint8_t *vc, const float *vs, i64 n, const float *h,       \
-            int nt, float *o) {                                                               \
-        pass1_impl(p, g, mc, ms, vc, vs, n, MB, VB, VS, h, nt, o); }                          \
-    static void pass2_##MB##_##VB##_##VS(const float *g, uint8_t *mc, float *ms, uint8_t *vc, \
+    static void rows_##MB##_##VB##_##VS(float *p, const float *g, void *mc, float *ms,        \
+            void *vc, float *vs, i64 rows, i64 width, const float *h, int nt) {               \
+        _Pragma("omp parallel num_threads(nt)")                                               \
+        {                                                                                     \
+            float mbuf[width], vbuf[width];                                                   \
+            int8_t tm[width + 1], om[width + 1];                                              \
+            uint8_t tv[width + 1], ov[width + 1];                                             \
+            _Pragma("omp for schedule(static)")                                               \
+            for (i64 r = 0; r < rows; r++)                                                    \
+                rows_block(p, g, mc, ms, vc, vs, r, width, MB, VB, VS, h, mbuf, vbuf, tm, om, \
+                           tv, ov);                                                           \
+        }                                                                                     \
+    }                                                                                         \
+    static void pass1_##MB##_##VB##_##VS(float *p, const float *g, const void *mc,            \
+            const float *msp, const void *vc, const float *vsp, i64 n, const float *h,        \
+            int nt, float *out) {                                                             \
+        const float ms = MB == F32 ? 0.0f : *msp, vs = VB == F32 ? 0.0f : *vsp;               \
+        const i64 nch = (n + CHUNK - 1) / CHUNK;                                              \
+        uint32_t am = 0, av = 0;                                                              \
+        _Pragma("omp parallel num_threads(nt) reduction(max: am, av)")                        \
+        {                                                                                     \
+            float mbuf[CHUNK], vbuf[CHUNK];                                                   \
+            int8_t tm[CHUNK];                                                                 \
+            uint8_t tv[CHUNK];                                                                \
+            _Pragma("omp for schedule(static)")                                               \
+            for (i64 c = 0; c < nch; c++) {                                                   \
+                uint32_t a, b;                                                                \
+                pass1_chunk(p, g, mc, ms, vc, vs, n, c, MB, VB, VS, h, mbuf, vbuf, tm, tv,    \
+                            &a, &b);                                                          \
+                am = a > am ? a : am;                                                         \
+                av = b > av ? b : av;                                                         \
+            }                                                                                 \
+        }                                                                                     \
+        out[0] = bitsf(am);                                                                   \
+        out[1] = bitsf(av);                                                                   \
+    }                                                                                         \
+    static void pass2_##MB##_##VB##_##VS(const float *g, void *mc, float *ms, void *vc,       \
             float *vs, i64 n, const float *h, float am, float av, int nt) {                   \
-        pass2_impl(g, mc, ms, vc, vs, n, MB, VB, VS, h, am, av, nt); }
-SPECIALIZE(8, 8, 0) SPECIALIZE(8, 8, 1) SPECIALIZE(4, 8, 0) SPECIALIZE(4, 8, 1)
-SPECIALIZE(8, 4, 0) SPECIALIZE(8, 4, 1) SPECIALIZE(4, 4, 0) SPECIALIZE(4, 4, 1)
+        const float ms0 = MB == F32 ? 0.0f : *ms, vs0 = VB == F32 ? 0.0f : *vs;               \
+        const i64 nch = (n + CHUNK - 1) / CHUNK;                                              \
+        _Pragma("omp parallel num_threads(nt)")                                               \
+        {                                                                                     \
+            float mbuf[CHUNK], vbuf[CHUNK];                                                   \
+            int8_t tm[CHUNK], om[CHUNK];                                                      \
+            uint8_t tv[CHUNK], ov[CHUNK];                                                     \
+            _Pragma("omp for schedule(static)")                                               \
+            for (i64 c = 0; c < nch; c++)                                                     \
+                pass2_chunk(g, mc, ms0, vc, vs0, n, c, MB, VB, VS, h, am, av, mbuf, vbuf, tm, \
+                            om, tv, ov);                                                      \
+        }                                                                                     \
+        am = am > TINY ? am : TINY;                                                           \
+        av = av > TINY ? av : TINY;                                                           \
+        if (MB != F32) *ms = am / qmax_m(MB);                                                 \
+        if (VB != F32) *vs = av / qmax_v(VB);                                                 \
+    }
+/* (m bits, v bits, sqrt v): 32 = fp32; a fp32 v is never stored as its square root */
+#define FORMATS(X)                                                                           \
+    X(8, 8, 0) X(8, 8, 1) X(4, 8, 0) X(4, 8, 1) X(8, 4, 0) X(8, 4, 1) X(4, 4, 0) X(4, 4, 1)   \
+    X(32, 8, 0) X(32, 8, 1) X(32, 4, 0) X(32, 4, 1) X(8, 32, 0) X(4, 32, 0)
+FORMATS(SPECIALIZE)
 
-#define DISPATCH(F, ...)                                                                     \
-    if (mb == 8 && vb == 8) { if (vsq) F##_8_8_1(__VA_ARGS__); else F##_8_8_0(__VA_ARGS__); } \
-    else if (mb == 4 && vb == 8) { if (vsq) F##_4_8_1(__VA_ARGS__); else F##_4_8_0(__VA_ARGS__); } \
-    else if (mb == 8 && vb == 4) { if (vsq) F##_8_4_1(__VA_ARGS__); else F##_8_4_0(__VA_ARGS__); } \
-    else { if (vsq) F##_4_4_1(__VA_ARGS__); else F##_4_4_0(__VA_ARGS__); }
+#define CASE_ROWS(MB, VB, VS) if (mb == MB && vb == VB && vsq == VS) {                        \
+        rows_##MB##_##VB##_##VS(p, g, mc, ms, vc, vs, rows, width, h, nt); return; }
+#define CASE_PASS1(MB, VB, VS) if (mb == MB && vb == VB && vsq == VS) {                       \
+        pass1_##MB##_##VB##_##VS(p, g, mc, ms, vc, vs, n, h, nt, out); return; }
+#define CASE_PASS2(MB, VB, VS) if (mb == MB && vb == VB && vsq == VS) {                       \
+        pass2_##MB##_##VB##_##VS(g, mc, ms, vc, vs, n, h, am, av, nt); return; }
 
-void dsq_rows(float *p, const float *g, uint8_t *mc, float *ms, uint8_t *vc, float *vs,
-              i64 rows, i64 width, int mb, int vb, int vsq, const float *h, int nt) {
-    DISPATCH(rows, p, g, mc, ms, vc, vs, rows, width, h, nt)
+/* mc / vc: the moment's codes, or its fp32 values (32 bits; then ms / vs are unused) */
+void dsq_rows(float *p, const float *g, void *mc, float *ms, void *vc, float *vs, i64 rows,
+              i64 width, int mb, int vb, int vsq, const float *h, int nt) {
+    FORMATS(CASE_ROWS)
 }
-void dsq_pass1(float *p, const float *g, const uint8_t *mc, const float *ms, const uint8_t *vc,
+void dsq_pass1(float *p, const float *g, const void *mc, const float *ms, const void *vc,
                const float *vs, i64 n, int mb, int vb, int vsq, const float *h, int nt,
                float *out) {
-    DISPATCH(pass1, p, g, mc, ms, vc, vs, n, h, nt, out)
+    FORMATS(CASE_PASS1)
 }
-void dsq_pass2(const float *g, uint8_t *mc, float *ms, uint8_t *vc, float *vs, i64 n, int mb,
-               int vb, int vsq, const float *h, float am, float av, int nt) {
-    DISPATCH(pass2, g, mc, ms, vc, vs, n, h, am, av, nt)
+void dsq_pass2(const float *g, void *mc, float *ms, void *vc, float *vs, i64 n, int mb, int vb,
+               int vsq, const float *h, float am, float av, int nt) {
+    FORMATS(CASE_PASS2)
 }
 """
 
@@ -648,35 +753,41 @@ class CppKernel(Kernel):
         self.lib.dsq_pass2(g, mc, ms, vc, vs, n, fmt.m_bits, fmt.v_bits, int(fmt.v_sqrt),
                            ctypes.addressof(h.as_array()), am, av, torch.get_num_threads())
 
-    # tensors
+    # tensors (a 32-bit moment: its fp32 values, scale None)
     def rows(self, p, g, mc, ms, vc, vs, rows, width, fmt, h):
-        self._rows(p.data_ptr(), g.data_ptr(), mc.data_ptr(), ms.data_ptr(), vc.data_ptr(),
-                   vs.data_ptr(), rows, width, fmt, h)
+        self._rows(p.data_ptr(), g.data_ptr(), mc.data_ptr(), _ptr(ms), vc.data_ptr(),
+                   _ptr(vs), rows, width, fmt, h)
 
     def pass1(self, p, g, mc, ms, vc, vs, n, fmt, h):
-        return self._pass1(p.data_ptr(), g.data_ptr(), mc.data_ptr(), ms.data_ptr(),
-                           vc.data_ptr(), vs.data_ptr(), n, fmt, h)
+        return self._pass1(p.data_ptr(), g.data_ptr(), mc.data_ptr(), _ptr(ms),
+                           vc.data_ptr(), _ptr(vs), n, fmt, h)
 
     def pass2(self, g, mc, ms, vc, vs, n, fmt, h, am, av):
-        self._pass2(g.data_ptr(), mc.data_ptr(), ms.data_ptr(), vc.data_ptr(), vs.data_ptr(), n,
+        self._pass2(g.data_ptr(), mc.data_ptr(), _ptr(ms), vc.data_ptr(), _ptr(vs), n,
                     fmt, h, am, av)
 
     # pieces of a flat tensor's state
     @staticmethod
-    def _ptrs(pf, gf, st, pc):
+    def _ptrs(pf, gf, st, pc, fmt):
         return (pf.data_ptr() + 4 * pc.start, gf.data_ptr() + 4 * pc.start,
-                st["m_codes"].data_ptr() + pc.cm, st["m_scales"].data_ptr() + 4 * pc.s,
-                st["v_codes"].data_ptr() + pc.cv, st["v_scales"].data_ptr() + 4 * pc.s)
+                st[fmt.m_key].data_ptr() + fmt.m_esize * pc.cm,
+                st["m_scales"].data_ptr() + 4 * pc.s if fmt.m_q else None,
+                st[fmt.v_key].data_ptr() + fmt.v_esize * pc.cv,
+                st["v_scales"].data_ptr() + 4 * pc.s if fmt.v_q else None)
 
     def rows_piece(self, pf, gf, st, pc, fmt, h):
-        self._rows(*self._ptrs(pf, gf, st, pc), pc.rows, pc.width, fmt, h)
+        self._rows(*self._ptrs(pf, gf, st, pc, fmt), pc.rows, pc.width, fmt, h)
 
     def pass1_piece(self, pf, gf, st, pc, fmt, h):
-        return self._pass1(*self._ptrs(pf, gf, st, pc), pc.length, fmt, h)
+        return self._pass1(*self._ptrs(pf, gf, st, pc, fmt), pc.length, fmt, h)
 
     def pass2_piece(self, gf, st, pc, fmt, h, am, av):
-        _, g, mc, ms, vc, vs = self._ptrs(gf, gf, st, pc)
+        _, g, mc, ms, vc, vs = self._ptrs(gf, gf, st, pc, fmt)
         self._pass2(g, mc, ms, vc, vs, pc.length, fmt, h, am, av)
+
+
+def _ptr(t: Optional[torch.Tensor]):
+    return None if t is None else t.data_ptr()
 
 
 KERNELS = ("auto", "eager", "cpp", "compile")

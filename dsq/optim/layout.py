@@ -29,6 +29,9 @@ Storage of a flat tensor (``state[p]``): ``m_codes`` (int8, or uint8 with two 4-
 byte), ``v_codes`` (uint8, same packing), ``m_scales`` and ``v_scales`` (fp32, one per block
 piece-row; a block split across ranks has its scale on each of them, identical), and
 ``exp_avg`` / ``exp_avg_sq`` (fp32) for the fp32 pieces. Each piece's codes start on a byte.
+A moment of 32 bits (kept in fp32 while the other is quantized) has instead ``m_fp32`` /
+``v_fp32``: one float per element of the quantized pieces, at the same piece offsets, and no
+scales.
 """
 
 from __future__ import annotations
@@ -37,7 +40,7 @@ from bisect import bisect_right
 from dataclasses import asdict, dataclass, field
 from typing import Dict, List, Sequence, Union
 
-from dsq.optim.kernels import code_bytes
+from dsq.optim.kernels import FP32, code_len
 
 FUSE_MAX = 16384
 """Widest block updated by the one-pass ``rows`` kernel; wider per-tensor blocks are ``split``."""
@@ -69,9 +72,9 @@ class Piece:
     rows: int = 0  # rows: blocks; split: 1
     width: int = 0  # elements per block row
     f_off: int = 0  # fp32: offset in exp_avg / exp_avg_sq
-    cm: int = 0  # offset (bytes/codes) in m_codes
-    cv: int = 0  # offset in v_codes
-    s: int = 0  # offset in m_scales / v_scales
+    cm: int = 0  # offset (elements: bytes of codes, or floats) in m_codes / m_fp32
+    cv: int = 0  # offset in v_codes / v_fp32
+    s: int = 0  # offset in m_scales / v_scales (those of the quantized moments)
     block: int = -1  # global id of the (first) block of the group
     slot: int = -1  # split: index in the exchange buffer, -1 if the block is local
 
@@ -81,9 +84,9 @@ class Layout:
     numel: int
     pieces: List[Piece]
     n_fp32: int
-    m_code_len: int
-    v_code_len: int
-    n_scales: int
+    m_code_len: int  # elements of m_codes (or m_fp32)
+    v_code_len: int  # elements of v_codes (or v_fp32)
+    n_scales: int  # scales per quantized moment
     n_slots: int  # straddling blocks of the whole group (same on every rank); 0: no exchange
     meta: Dict = field(default_factory=dict)
 
@@ -95,7 +98,11 @@ class Layout:
         return any(self.meta.get("quantized", ()))
 
     def state_bytes(self) -> int:
-        return self.m_code_len + self.v_code_len + 8 * self.n_scales + 8 * self.n_fp32
+        mb, vb = self.meta.get("m_bits", 8), self.meta.get("v_bits", 8)
+        scaled = (mb != FP32) + (vb != FP32)
+        return (self.m_code_len * (4 if mb == FP32 else 1)
+                + self.v_code_len * (4 if vb == FP32 else 1)
+                + 4 * scaled * self.n_scales + 8 * self.n_fp32)
 
 
 def _param_blocks(numels, quantized, block):
@@ -156,8 +163,8 @@ def build_layout(numels: Sequence[int], offsets: Sequence[int], quantized: Seque
         else:
             pieces.append(Piece(kind, a - lo, length, rows, width, cm=cm, cv=cv, s=s, block=blk,
                                 slot=slots.get(blk, -1) if kind == "split" else -1))
-        cm += rows * code_bytes(width, m_bits) if kind == "rows" else code_bytes(length, m_bits)
-        cv += rows * code_bytes(width, v_bits) if kind == "rows" else code_bytes(length, v_bits)
+        cm += rows * code_len(width, m_bits) if kind == "rows" else code_len(length, m_bits)
+        cv += rows * code_len(width, v_bits) if kind == "rows" else code_len(length, v_bits)
         s += rows
 
     for n, off, q, (w, base) in zip(numels, offsets, quantized, pb):

@@ -9,8 +9,10 @@ computed in fp32 from the *dequantized* stored moments; the new fp32 moments upd
 parameter and are then requantized (as bitsandbytes and torchao do). m is signed (8 or 4
 bits), v unsigned (8 bits; 4 allowed with a warning), both with one absmax scale per block of
 ``block_size`` elements of a parameter (default 256) or per parameter (``"tensor"``, the
-study's per-tensor quantization). Formats and kernels: :mod:`dsq.optim.kernels`; state layout
-and ZeRO partitions: :mod:`dsq.optim.layout`.
+study's per-tensor quantization). ``m_bits=32`` or ``v_bits=32`` keeps that moment in fp32
+(the study's m8, m4 and v8 settings quantize one moment only); not both: that is
+``torch.optim.AdamW``. Formats and kernels: :mod:`dsq.optim.kernels`; state layout and ZeRO
+partitions: :mod:`dsq.optim.layout`.
 
 Quality notes. The quantizer is linear, as in the study. Two details keep small second
 moments from blowing up ``m / sqrt(v)``: v uses the full unsigned range (no wasted sign bit)
@@ -49,10 +51,12 @@ class QAdamW(torch.optim.Optimizer):
     Args:
         params: parameters or param groups (groups may set any of the options below).
         lr, betas, eps, weight_decay: as ``torch.optim.AdamW``.
-        m_bits: bits of the first moment (signed): 8 or 4.
-        v_bits: bits of the second moment (unsigned): 8, or 4 (warns: unstable with linear v).
+        m_bits: bits of the first moment (signed): 8 or 4, or 32 (fp32, not quantized).
+        v_bits: bits of the second moment (unsigned): 8, or 4 (warns: unstable with linear v),
+            or 32 (fp32). At most one of m_bits and v_bits may be 32.
         block_size: elements per scale (even, <= 16384) or ``"tensor"`` (one per parameter).
-        v_domain: ``"linear"`` (quantize v, the study's choice) or ``"sqrt"`` (quantize sqrt(v)).
+        v_domain: ``"linear"`` (quantize v, the study's choice) or ``"sqrt"`` (quantize sqrt(v);
+            only with a quantized v).
         quantize: False keeps fp32 moments for the group.
         kernel: ``auto`` | ``cpp`` | ``eager`` | ``compile`` (see :func:`kernels.get_kernel`).
     """
@@ -265,13 +269,22 @@ def _is_q(numel: int, group: Dict) -> bool:
     return is_quantized(numel, group["block_size"], group["quantize"])
 
 
+BITS = (4, 8, K.FP32)
+
+
 def _check_group(g: Dict) -> None:
-    if g["m_bits"] not in (4, 8):
-        raise ValueError(f"m_bits={g['m_bits']}: use 8 or 4")
-    if g["v_bits"] not in (4, 8):
-        raise ValueError(f"v_bits={g['v_bits']}: use 8 or 4")
+    if g["m_bits"] not in BITS or isinstance(g["m_bits"], bool):
+        raise ValueError(f"m_bits={g['m_bits']!r}: use 8 or 4, or 32 to keep m in fp32")
+    if g["v_bits"] not in BITS or isinstance(g["v_bits"], bool):
+        raise ValueError(f"v_bits={g['v_bits']!r}: use 8 or 4, or 32 to keep v in fp32")
+    if g["m_bits"] == K.FP32 and g["v_bits"] == K.FP32:
+        raise ValueError("m_bits=32 and v_bits=32 quantize neither moment: use torch.optim.AdamW "
+                         "(optim.name=adamw), or quantize one moment")
     if g["v_domain"] not in ("linear", "sqrt"):
         raise ValueError(f"v_domain={g['v_domain']!r}: use linear or sqrt")
+    if g["v_domain"] == "sqrt" and g["v_bits"] == K.FP32:
+        raise ValueError("v_domain='sqrt' applies to a quantized v: with v_bits=32 use "
+                         "v_domain='linear'")
     check_block(g["block_size"], g["m_bits"], g["v_bits"])
     if g["quantize"] and g["v_bits"] == 4:
         warnings.warn("QAdamW with 4-bit v: the second moment has 16 levels per block; "
@@ -285,19 +298,22 @@ def _init_state(st: Dict, p: torch.Tensor, lay: Layout, fmt: K.Fmt) -> None:
 
 def new_state(lay: Layout, fmt: K.Fmt, p: torch.Tensor) -> Dict:
     """Zero state of the flat tensor ``p`` (step 0). Unquantized tensors get ``torch.optim.AdamW``'s
-    state (``exp_avg``/``exp_avg_sq`` shaped like ``p``); quantized ones codes, scales and the
-    fp32 moments of their fp32 pieces only."""
+    state (``exp_avg``/``exp_avg_sq`` shaped like ``p``); quantized ones codes and scales (or
+    ``m_fp32`` / ``v_fp32`` for a 32-bit moment) and the fp32 moments of their fp32 pieces."""
     st: Dict = {"step": 0}
     dev = p.device
     if not lay.quantized:
         st["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
         st["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
         return st
-    st["m_codes"] = torch.zeros(lay.m_code_len, device=dev,
-                                dtype=torch.int8 if fmt.m_bits == 8 else torch.uint8)
-    st["v_codes"] = torch.zeros(lay.v_code_len, dtype=torch.uint8, device=dev)
-    st["m_scales"] = torch.zeros(lay.n_scales, dtype=torch.float32, device=dev)
-    st["v_scales"] = torch.zeros(lay.n_scales, dtype=torch.float32, device=dev)
+    m_dtype = {8: torch.int8, 4: torch.uint8, K.FP32: torch.float32}[fmt.m_bits]
+    st[fmt.m_key] = torch.zeros(lay.m_code_len, device=dev, dtype=m_dtype)
+    st[fmt.v_key] = torch.zeros(lay.v_code_len, device=dev,
+                                dtype=torch.uint8 if fmt.v_q else torch.float32)
+    if fmt.m_q:
+        st["m_scales"] = torch.zeros(lay.n_scales, dtype=torch.float32, device=dev)
+    if fmt.v_q:
+        st["v_scales"] = torch.zeros(lay.n_scales, dtype=torch.float32, device=dev)
     st["exp_avg"] = torch.zeros(lay.n_fp32, dtype=torch.float32, device=dev)
     st["exp_avg_sq"] = torch.zeros(lay.n_fp32, dtype=torch.float32, device=dev)
     return st
@@ -348,36 +364,59 @@ def dequantize_into(st: Dict, lay: Layout, fmt: K.Fmt, m: torch.Tensor, v: torch
             v[a:a + n] = st["exp_avg_sq"].view(-1)[f:f + n]
             continue
         qm, qv = piece_codes(st, pc, fmt)
-        sm = st["m_scales"][pc.s:pc.s + pc.rows].repeat_interleave(pc.width)[:n] \
-            if pc.kind == "rows" else st["m_scales"][pc.s]
-        sv = st["v_scales"][pc.s:pc.s + pc.rows].repeat_interleave(pc.width)[:n] \
-            if pc.kind == "rows" else st["v_scales"][pc.s]
-        m[a:a + n] = qm.float() * sm
-        r = qv.float() * sv
-        v[a:a + n] = r * r if fmt.v_sqrt else r
+        m[a:a + n] = qm.float() * _piece_scales(st["m_scales"], pc, n) if fmt.m_q else qm
+        if fmt.v_q:
+            r = qv.float() * _piece_scales(st["v_scales"], pc, n)
+            v[a:a + n] = r * r if fmt.v_sqrt else r
+        else:
+            v[a:a + n] = qv
+
+
+def _piece_scales(scales: torch.Tensor, pc, n: int):
+    if pc.kind == "rows":
+        return scales[pc.s:pc.s + pc.rows].repeat_interleave(pc.width)[:n]
+    return scales[pc.s]
 
 
 def piece_codes(st: Dict, pc, fmt: K.Fmt) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Integer codes (m signed, v unsigned) of one quantized piece, one per element."""
+    """Integer codes (m signed, v unsigned; int16) of one quantized piece, one per element; a
+    32-bit moment's fp32 values instead of codes."""
     n = pc.length
     if pc.kind == "rows":
-        lm = pc.rows * K.code_bytes(pc.width, fmt.m_bits)
-        lv = pc.rows * K.code_bytes(pc.width, fmt.v_bits)
+        lm = pc.rows * K.code_len(pc.width, fmt.m_bits)
+        lv = pc.rows * K.code_len(pc.width, fmt.v_bits)
     else:
-        lm, lv = K.code_bytes(n, fmt.m_bits), K.code_bytes(n, fmt.v_bits)
-    cm = st["m_codes"][pc.cm:pc.cm + lm]
-    cv = st["v_codes"][pc.cv:pc.cv + lv]
-    qm = cm.to(torch.int16) if fmt.m_bits == 8 else K.unpack4(cm, n).to(torch.int16) - 8
-    qv = cv.to(torch.int16) if fmt.v_bits == 8 else K.unpack4(cv, n).to(torch.int16)
+        lm, lv = K.code_len(n, fmt.m_bits), K.code_len(n, fmt.v_bits)
+    cm = st[fmt.m_key][pc.cm:pc.cm + lm]
+    cv = st[fmt.v_key][pc.cv:pc.cv + lv]
+    if fmt.m_bits == K.FP32:
+        qm = cm.clone()
+    else:
+        qm = cm.to(torch.int16) if fmt.m_bits == 8 else K.unpack4(cm, n).to(torch.int16) - 8
+    if fmt.v_bits == K.FP32:
+        qv = cv.clone()
+    else:
+        qv = cv.to(torch.int16) if fmt.v_bits == 8 else K.unpack4(cv, n).to(torch.int16)
     return qm, qv
 
 
 def pack_piece_codes(qm: torch.Tensor, qv: torch.Tensor, fmt: K.Fmt):
-    """Inverse of :func:`piece_codes`: storage bytes of one piece."""
-    cm = qm.to(torch.int8) if fmt.m_bits == 8 else K.pack4((qm + 8).to(torch.uint8))
-    cv = qv.to(torch.uint8) if fmt.v_bits == 8 else K.pack4(qv.to(torch.uint8))
+    """Inverse of :func:`piece_codes`: storage of one piece (codes, or fp32 values)."""
+    if fmt.m_bits == K.FP32:
+        cm = qm.float()
+    else:
+        cm = qm.to(torch.int8) if fmt.m_bits == 8 else K.pack4((qm + 8).to(torch.uint8))
+    if fmt.v_bits == K.FP32:
+        cv = qv.float()
+    else:
+        cv = qv.to(torch.uint8) if fmt.v_bits == 8 else K.pack4(qv.to(torch.uint8))
     return cm, cv
 
 
-__all__ = ["QAdamW", "dequantize_into", "fp32_index", "new_state", "pack_piece_codes",
-           "piece_codes"]
+def moment_dtypes(fmt: K.Fmt) -> Tuple[torch.dtype, torch.dtype]:
+    """dtypes of what :func:`piece_codes` returns for m and v."""
+    return (torch.int16 if fmt.m_q else torch.float32, torch.int16 if fmt.v_q else torch.float32)
+
+
+__all__ = ["QAdamW", "dequantize_into", "fp32_index", "moment_dtypes", "new_state",
+           "pack_piece_codes", "piece_codes"]

@@ -32,7 +32,8 @@ import torch
 
 from dsq.optim import kernels as K
 from dsq.optim.layout import layout_from_meta, n_blocks
-from dsq.optim.qadamw import QAdamW, fp32_index, new_state, pack_piece_codes, piece_codes
+from dsq.optim.qadamw import (QAdamW, fp32_index, moment_dtypes, new_state, pack_piece_codes,
+                              piece_codes)
 
 
 # ============================================================================ attach
@@ -282,10 +283,12 @@ def _reshard_elementwise(states: List[Dict], old_size: int, L: int, new_dp: int,
 
 def _reshard_qadamw(states: List[Dict], metas: List[Dict], group: Dict, L: int, new_dp: int,
                     size: int):
-    """Global per-element codes and per-block scales from the old partitions, cut anew."""
+    """Global per-element codes (values of a 32-bit moment) and per-block scales from the old
+    partitions, cut anew."""
     fmt = K.Fmt(group["m_bits"], group["v_bits"], group["v_domain"] == "sqrt")
-    qm = torch.zeros(L, dtype=torch.int16)
-    qv = torch.zeros(L, dtype=torch.int16)
+    dm, dv = moment_dtypes(fmt)  # codes, or the values of a 32-bit (fp32) moment
+    qm = torch.zeros(L, dtype=dm)
+    qv = torch.zeros(L, dtype=dv)
     fm = torch.zeros(L)
     fv = torch.zeros(L)
     nb = n_blocks(metas[0])
@@ -306,8 +309,10 @@ def _reshard_qadamw(states: List[Dict], metas: List[Dict], group: Dict, L: int, 
                 fv[a:a + n] = st["exp_avg_sq"].view(-1)[f:f + n]
                 continue
             qm[a:a + n], qv[a:a + n] = piece_codes(st, pc, fmt)
-            gsm[pc.block:pc.block + pc.rows] = st["m_scales"][pc.s:pc.s + pc.rows]
-            gsv[pc.block:pc.block + pc.rows] = st["v_scales"][pc.s:pc.s + pc.rows]
+            if fmt.m_q:
+                gsm[pc.block:pc.block + pc.rows] = st["m_scales"][pc.s:pc.s + pc.rows]
+            if fmt.v_q:
+                gsv[pc.block:pc.block + pc.rows] = st["v_scales"][pc.s:pc.s + pc.rows]
     out_states, out_metas = [], []
     for r in range(new_dp):
         meta = dict(metas[0], part_start=r * size, part_size=size, dp=new_dp)
@@ -326,10 +331,12 @@ def _reshard_qadamw(states: List[Dict], metas: List[Dict], group: Dict, L: int, 
                 st["exp_avg_sq"].view(-1)[f:f + n] = fv[a:a + n]
                 continue
             cm, cv = pack_piece_codes(qm[a:a + n], qv[a:a + n], fmt)
-            st["m_codes"][pc.cm:pc.cm + cm.numel()] = cm
-            st["v_codes"][pc.cv:pc.cv + cv.numel()] = cv
-            st["m_scales"][pc.s:pc.s + pc.rows] = gsm[pc.block:pc.block + pc.rows]
-            st["v_scales"][pc.s:pc.s + pc.rows] = gsv[pc.block:pc.block + pc.rows]
+            st[fmt.m_key][pc.cm:pc.cm + cm.numel()] = cm
+            st[fmt.v_key][pc.cv:pc.cv + cv.numel()] = cv
+            if fmt.m_q:
+                st["m_scales"][pc.s:pc.s + pc.rows] = gsm[pc.block:pc.block + pc.rows]
+            if fmt.v_q:
+                st["v_scales"][pc.s:pc.s + pc.rows] = gsv[pc.block:pc.block + pc.rows]
         out_states.append(st)
     return out_states, out_metas
 
