@@ -1,12 +1,12 @@
 """DeepSpeed runs of QAdamW on a tiny model, for tests/optim/test_deepspeed.py.
 
 ``spawn(jobs, out)`` starts two CPU processes (gloo) that run the list of ``jobs`` (dicts, see
-:func:`run_job`) one after another and write rank 0's results to ``out`` (a pickle: one
-result per job). A job with ``dp=1`` runs on each process separately (each in its own
-one-rank data-parallel group, given to DeepSpeed through ``mpu``; saving to
-``<save>.rank1`` on the second process); ``dp=2`` jobs use both. ``{"reshard": ...}`` jobs run
-:func:`dsq.optim.reshard_checkpoint` on rank 0 between runs. One launch pays the imports
-(torch, dynamo, DeepSpeed: most of the time) once.
+:func:`run_job`; ``m_bits``, ``v_bits``, ``v_domain`` choose QAdamW's state format) one after
+another and write rank 0's results to ``out`` (a pickle: one result per job). A job with
+``dp=1`` runs on each process separately (each in its own one-rank data-parallel group, given
+to DeepSpeed through ``mpu``; saving to ``<save>.rank1`` on the second process); ``dp=2`` jobs
+use both. ``{"reshard": ...}`` jobs run :func:`dsq.optim.reshard_checkpoint` on rank 0
+between runs. One launch pays the imports (torch, dynamo, DeepSpeed: most of the time) once.
 
 Models: ``exact`` has only bias-free linear weights whose sizes are multiples of the block
 size (every element has quantized moments), ``mixed`` adds weights of other sizes (fp32
@@ -141,7 +141,8 @@ def run_job(job: dict, mpu: MPU) -> dict:
     cfg = types.SimpleNamespace(name="qadamw", lr=1e-2, beta1=0.9, beta2=0.999, eps=1e-8,
                                 weight_decay=0.1, m_bits=job.get("m_bits", 8),
                                 v_bits=job.get("v_bits", 8), block_size=256, quantize="linear",
-                                v_domain="linear", kernel=job.get("kernel", "auto"))
+                                v_domain=job.get("v_domain", "linear"),
+                                kernel=job.get("kernel", "auto"))
     opt = build_optimizer(model, cfg)
     engine, _, _, _ = deepspeed.initialize(
         model=model, optimizer=opt, mpu=mpu,

@@ -5,8 +5,13 @@ One launch of two processes runs every job in order (module fixture ``runs``):
 1. DP=1: references (ZeRO-0) and a ZeRO-2 run that saves a checkpoint at step 3;
 2. DP=2: ZeRO-2 (and the shard-following variant), a run that saves at step 3, resumes
    from it and from the DP=1 checkpoint resharded to two ranks, ZeRO-1 (round-robin
-   gradient order), bf16 with ZeRO-1 (BF16_Optimizer) and ZeRO-2 with 4-bit m;
+   gradient order), bf16 with ZeRO-1 (BF16_Optimizer) and ZeRO-2 with another format
+   (4-bit m, or v in the sqrt domain);
 3. DP=1: resume from the DP=2 checkpoints (fp32 ZeRO-2, bf16 ZeRO-1) resharded to one rank.
+
+The fixture is parametrized over state formats (one launch each): both moments at 8 bits,
+and one moment quantized with the other in fp32 (``m8``: 8-bit m, fp32 v; ``v8``: fp32 m,
+8-bit v), where only one moment has block maxima to exchange.
 """
 
 from __future__ import annotations
@@ -20,10 +25,18 @@ pytestmark = pytest.mark.slow
 
 K = 3  # checkpoint step
 
+# format: (its options, the other format of job 11)
+FORMATS = {
+    "m8v8": (dict(m_bits=8, v_bits=8), dict(m_bits=4)),
+    "m8": (dict(m_bits=8, v_bits=32), dict(m_bits=4)),
+    "v8": (dict(m_bits=32, v_bits=8), dict(v_domain="sqrt")),
+}
 
-@pytest.fixture(scope="module")
-def runs(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("ds")
+
+@pytest.fixture(scope="module", params=list(FORMATS))
+def runs(request, tmp_path_factory):
+    fmt, alt = FORMATS[request.param]
+    tmp = tmp_path_factory.mktemp(f"ds_{request.param}")
     c1, c2, c21 = str(tmp / "ckpt_dp1"), str(tmp / "ckpt_dp2"), str(tmp / "ckpt_dp2_as_dp1")
     c3, c31 = str(tmp / "ckpt_bf16_dp2"), str(tmp / "ckpt_bf16_dp2_as_dp1")
     mixed = dict(model="mixed", data="split", clip=1.0)
@@ -39,14 +52,20 @@ def runs(tmp_path_factory):
         dict(mixed, stage=2, dp=2, load=c1, tag="t"),                           # 8
         dict(mixed, stage=1, dp=2, round_robin=True),                           # 9
         dict(mixed, stage=1, dp=2, bf16=True, save=c3, save_at=K, tag="t"),    # 10
-        dict(mixed, stage=2, dp=2, bf16=True, m_bits=4),                        # 11
+        dict(mixed, stage=2, dp=2, bf16=True, **dict(fmt, **alt)),              # 11
         {"reshard": dict(ckpt_dir=c2, tag="t", new_dp=1, out_dir=c21)},         # 12
         dict(mixed, stage=2, dp=1, load=c21, tag="t"),                          # 13
         {"reshard": dict(ckpt_dir=c3, tag="t", new_dp=1, out_dir=c31)},         # 14
         dict(mixed, stage=1, dp=1, bf16=True, load=c31, tag="t"),               # 15
     ]
+    jobs = [job if "reshard" in job else dict(fmt, **job) for job in jobs]
     res = ds_runs.spawn(jobs, str(tmp / "results.pkl"))
-    return dict(enumerate(res), tmp=tmp)
+    return dict(enumerate(res), tmp=tmp, fmt=fmt)
+
+
+def _quantized_moment(runs) -> int:
+    """Index in (m, v) of a quantized moment of the run's format."""
+    return 1 if runs["fmt"]["m_bits"] == 32 else 0
 
 
 def _close(a: dict, b: dict, rtol: float, steps=None):
@@ -67,8 +86,9 @@ def test_dp2_zero2_equals_dp1_zero0_bit_for_bit(runs):
 
 def test_blocks_following_the_shard_would_fail_that_test(runs):
     ref, bad = runs[0], runs[5]
-    m, _ = ref["states"]["layers.1.weight"]
-    m_bad, _ = bad["states"]["layers.1.weight"]
+    i = _quantized_moment(runs)
+    m = ref["states"]["layers.1.weight"][i]
+    m_bad = bad["states"]["layers.1.weight"][i]
     diff = (m - m_bad).abs()
     assert diff.max() > 1e-3 * m.abs().max()
     assert bad["losses"][ds_runs.STEPS - 1] != ref["losses"][ds_runs.STEPS - 1]
@@ -89,13 +109,17 @@ def test_dp2_matches_dp1_with_split_batches_and_clipping(runs):
 def test_state_bytes_are_the_partition_share(runs):
     dp1 = runs[2]["state_bytes"][0]
     r0, r1 = runs[6]["state_bytes"]
+    # per quantized element: 1 byte per 8-bit moment, 4 per fp32 one; per block: 4 bytes per
+    # quantized moment (m8v8: 2 and 8, m8 and v8: 5 and 4)
+    e = sum(1 if b == 8 else 4 for b in (runs["fmt"]["m_bits"], runs["fmt"]["v_bits"]))
+    s = 4 * sum(b != 32 for b in (runs["fmt"]["m_bits"], runs["fmt"]["v_bits"]))
     # linear group: 5688 elements, 18 blocks (l1: 6, l2: 12), l3/l4 (1080) fp32;
     # rank 0 owns [0, 2844): 2844 quantized elements, blocks 0..11 (11 cut); rank 1 the rest
     # no_decay (135 biases, padded to 136): 68 fp32 elements per rank
-    assert r0 == 2844 * 2 + 12 * 8 + 68 * 8
-    assert r1 == (4608 - 2844) * 2 + 7 * 8 + 1080 * 8 + 68 * 8
-    assert dp1 == 4608 * 2 + 18 * 8 + 1080 * 8 + 136 * 8
-    assert r0 + r1 == dp1 + 8  # the cut block's two scales are held by both ranks
+    assert r0 == 2844 * e + 12 * s + 68 * 8
+    assert r1 == (4608 - 2844) * e + 7 * s + 1080 * 8 + 68 * 8
+    assert dp1 == 4608 * e + 18 * s + 1080 * 8 + 136 * 8
+    assert r0 + r1 == dp1 + s  # the cut block's scales are held by both ranks
 
 
 def test_resume_same_dp_is_bit_exact(runs):
