@@ -93,9 +93,10 @@ class OptimConfig:
     grad_clip: float = 1.0
     """Clip the global gradient norm to this value; 0 disables."""
     m_bits: int = 8
-    """qadamw: bits of the first moment (signed), 4 or 8."""
+    """qadamw: bits of the first moment (signed), 4 or 8; 32 keeps m in fp32."""
     v_bits: int = 8
-    """qadamw: bits of the second moment (unsigned), 8 (4 allowed, with a warning)."""
+    """qadamw: bits of the second moment (unsigned), 8 (4 allowed, with a warning); 32 keeps v
+    in fp32. At most one of m_bits and v_bits may be 32."""
     block_size: Any = 256
     """qadamw: elements per scale block, or "tensor" for one scale per parameter."""
     quantize: str = "linear"
@@ -295,14 +296,22 @@ def validate(cfg: Config, world_size: Optional[int] = None) -> None:
     _check(0 <= o.warmup_steps, f"optim.warmup_steps={o.warmup_steps} must be >= 0")
     _check(0 < o.beta1 < 1 and 0 < o.beta2 < 1, "optim.beta1 and optim.beta2 must be in (0, 1)")
     if o.name == "qadamw":
-        _check(o.m_bits in (4, 8), f"optim.m_bits={o.m_bits} is not supported: use 8 or 4")
-        _check(o.v_bits in (4, 8), f"optim.v_bits={o.v_bits} is not supported: use 8 or 4")
+        _check(o.m_bits in (4, 8, 32),
+               f"optim.m_bits={o.m_bits} is not supported: use 8 or 4, or 32 to keep m in fp32")
+        _check(o.v_bits in (4, 8, 32),
+               f"optim.v_bits={o.v_bits} is not supported: use 8 or 4, or 32 to keep v in fp32")
+        _check(not (o.m_bits == 32 and o.v_bits == 32),
+               "optim.m_bits=32 and optim.v_bits=32 quantize neither moment: use optim.name=adamw "
+               "for fp32 AdamW")
         _check(o.block_size == "tensor" or (isinstance(o.block_size, int) and o.block_size >= 2
                                              and o.block_size % 2 == 0),
                f"optim.block_size={o.block_size!r}: use an even number of elements or \"tensor\"")
         _check(o.quantize in ("linear", "linear+embedding", "all"),
                f"optim.quantize={o.quantize!r}: use linear, linear+embedding or all")
         _check(o.v_domain in ("linear", "sqrt"), f"optim.v_domain={o.v_domain!r}: use linear or sqrt")
+        _check(not (o.v_domain == "sqrt" and o.v_bits == 32),
+               "optim.v_domain=sqrt applies to a quantized v: with optim.v_bits=32 set "
+               "optim.v_domain=linear")
         _check(o.kernel in ("auto", "cpp", "eager", "compile"),
                f"optim.kernel={o.kernel!r}: use auto, cpp, eager or compile")
     _check(o.grad_clip >= 0, f"optim.grad_clip={o.grad_clip} must be >= 0")

@@ -19,10 +19,15 @@ def _fmt(v: Optional[str]) -> str:
 
 
 def _optim_states(p: Dict[str, str]) -> str:
+    """``fp32``, or QAdamW's formats: ``m8/v8 b256``; a moment of 32 bits is fp32
+    (``m8/fp32 v b256``, ``fp32 m/v8 b256``)."""
     if p.get("optim.name") != "qadamw":
         return "fp32"
     block = p.get("optim.block_size", "?")
-    return f"m{p.get('optim.m_bits')}/v{p.get('optim.v_bits')} b{block}"
+    m, v = p.get("optim.m_bits"), p.get("optim.v_bits")
+    m = "fp32 m" if m == "32" else f"m{m}"
+    v = "fp32 v" if v == "32" else f"v{v}"
+    return f"{m}/{v} b{block}"
 
 
 def _last(m: Dict[str, float], *keys: str) -> float:

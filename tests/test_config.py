@@ -71,11 +71,35 @@ def test_layering_order(tmp_path):
     (["deepspeed.precision=bf16", "deepspeed.zero_stage=0"], None, "deepspeed.zero_stage"),
     (["model.preset=huge"], None, "model.preset"),
     (["quant.grad_gemms=sideways"], None, "quant.grad_gemms"),
+    (["optim.name=qadamw", "optim.m_bits=16"], None, "optim.m_bits"),
+    (["optim.name=qadamw", "optim.v_bits=2"], None, "optim.v_bits"),
+    (["optim.name=qadamw", "optim.m_bits=32", "optim.v_bits=32"], None, "optim.name=adamw"),
+    (["optim.name=qadamw", "optim.v_bits=32", "optim.v_domain=sqrt"], None,
+     "optim.v_domain=linear"),
 ])
 def test_bad_values_name_the_key(overrides, world, key):
     with pytest.raises(ConfigError) as e:
         load_config([str(ROOT / "configs/tiny.yaml")], overrides, world_size=world)
     assert key in str(e.value)
+
+
+@pytest.mark.parametrize("recipe, label, bits", [
+    ("m8v8", "m8/v8 b256", (8, 8)), ("m4v8", "m4/v8 b256", (4, 8)),
+    ("m8", "m8/fp32 v b256", (8, 32)), ("m4", "m4/fp32 v b256", (4, 32)),
+    ("v8", "fp32 m/v8 b256", (32, 8)), ("m8v8-tensor", "m8/v8 btensor", (8, 8)),
+])
+def test_optimizer_state_recipes_and_their_report_label(recipe, label, bits):
+    """The study's optimizer-state settings; a 32-bit moment is fp32 (what dsq report shows,
+    from the params as MLflow stores them: strings)."""
+    from dsq.config import flatten, to_dict
+    from dsq.report import _optim_states
+
+    cfg = load_config([str(ROOT / "configs/tiny.yaml"),
+                       str(ROOT / f"configs/recipes/optim/{recipe}.yaml")], world_size=2)
+    assert (cfg.optim.name, cfg.optim.m_bits, cfg.optim.v_bits) == ("qadamw", *bits)
+    params = {k: str(v) for k, v in flatten(to_dict(cfg)).items()}
+    assert _optim_states(params) == label
+    assert _optim_states({"optim.name": "adamw", "optim.m_bits": "8"}) == "fp32"
 
 
 def test_missing_and_broken_files(tmp_path):
