@@ -1,8 +1,9 @@
 """``dsq bench optim``: one optimizer step, side by side, on the same parameters and gradients.
 
 Candidates: torch AdamW (foreach, fused), dsq's QAdamW (8-bit m and v; 4-bit m with 8-bit v;
-4-bit m and v), and, when importable (optional extra ``bench``), bitsandbytes AdamW8bit and
-torchao AdamW8bit / AdamW4bit. Parameters are realistic linear weights (GPT-2 small layer
+4-bit m and v; one moment quantized, the other fp32: ``dsq_m8``, ``dsq_m4``, ``dsq_v8``), and,
+when importable (optional extra ``bench``), bitsandbytes AdamW8bit and torchao AdamW8bit /
+AdamW4bit. Parameters are realistic linear weights (GPT-2 small layer
 shapes, repeated up to ``--params``); gradients are fixed random tensors shared by all
 candidates, each candidate gets its own copy of the initial parameters. Reported: median
 ms per step over ``--repeat`` steps after ``--warmup`` (the first steps allocate state and
@@ -80,6 +81,9 @@ def candidates(kernel: str) -> Dict[str, Callable]:
         "dsq_8bit": q(m_bits=8, v_bits=8),
         "dsq_4bit": q(m_bits=4, v_bits=8),
         "dsq_4bit_v4": q(m_bits=4, v_bits=4),
+        "dsq_m8": q(m_bits=8, v_bits=32),   # one moment quantized, the other fp32
+        "dsq_m4": q(m_bits=4, v_bits=32),
+        "dsq_v8": q(m_bits=32, v_bits=8),
     }
     out["bnb_adamw8bit"] = _lazy("bitsandbytes.optim", "AdamW8bit")
     out["torchao_adamw8bit"] = _lazy("torchao.optim", "AdamW8bit")
