@@ -38,6 +38,7 @@ Tensor parallelism: ``reduce`` max-reduces the statistics across ranks (see
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 
@@ -333,6 +334,33 @@ def _cpp_quant(x: Tensor, fmt: QuantFormat, *, rows: bool, cols: bool, transpose
 
 
 # ----------------------------------------------------------------------------- GEMM
+@contextlib.contextmanager
+def counting_int_gemms():
+    """Record the integer GEMMs run inside the block, ``torch._int_mm`` calls and AMX driver
+    calls alike, as ``(M, K, N)`` in the yielded list (tests and benchmarks use it to check
+    that a path really multiplies integers)."""
+    from dsq.quant import cpu_gemm
+
+    calls: list[tuple[int, int, int]] = []
+    real_mm, real_amx = torch._int_mm, cpu_gemm.scaled_mm
+
+    def mm(a, b, *args, **kwargs):
+        calls.append((a.shape[0], a.shape[1], b.shape[1]))
+        return real_mm(a, b, *args, **kwargs)
+
+    def amx(a, b, *args, **kwargs):
+        y = real_amx(a, b, *args, **kwargs)
+        if y is not None:
+            calls.append((a.shape[0], a.shape[1], b.shape[1]))
+        return y
+
+    torch._int_mm, cpu_gemm.scaled_mm = mm, amx
+    try:
+        yield calls
+    finally:
+        torch._int_mm, cpu_gemm.scaled_mm = real_mm, real_amx
+
+
 def int_mm(a: Tensor, b: Tensor) -> Tensor:
     """``a[M, K] @ b[K, N]`` for int8 codes: exact int32 (int64 past ``K = 2^16``) products.
 
@@ -412,7 +440,18 @@ def scaled_mm(a: Tensor, b: Tensor, row_scale: Tensor, col_scale: Tensor,
               out_shape: tuple[int, ...] | None = None) -> Tensor:
     """``rescale(int_mm(a, b), row_scale, col_scale, bias, dtype, transpose, out_shape)``, in
     chunks of ``a``'s rows so that the int32 accumulator stays within 16 MiB (an LM head's
-    ``tokens x vocab`` int32 result would otherwise be twice its bf16 output, on top of it)."""
+    ``tokens x vocab`` int32 result would otherwise be twice its bf16 output, on top of it).
+
+    With the ``cpp`` kernels on a CPU whose PyTorch can run oneDNN's int8 micro-kernel (AMX or
+    AVX-512 VNNI), the whole product is one call of :func:`dsq.quant.cpu_gemm.scaled_mm`: the
+    rescale is the epilogue of each output tile and no int32 matrix is written."""
+    if _impl(torch.empty(0, 0, dtype=dtype, device=a.device)) == "cpp":
+        from dsq.quant import cpu_gemm
+
+        y = cpu_gemm.scaled_mm(a, b, row_scale, col_scale, bias, dtype, transpose=transpose,
+                               out_shape=out_shape)
+        if y is not None:
+            return y
     M, N = a.shape[0], b.shape[1]
     rows = max(64, _ACC_ELEMENTS // max(N, 1))
     if M > rows:  # equal chunks, not a remainder of a few rows

@@ -36,14 +36,16 @@ for speed's sake. :func:`describe_plan` is the start-up line naming what falls b
 Saved for backward: for ``dW``, the int8 codes of ``X`` (per column for an integer ``dW``, the
 recipe's per-token codes for a simulated one) and their scales; for ``dX``, ``W`` itself when it
 is requantized per input column in backward, otherwise ``W``'s int8 codes: about one byte per
-activation element instead of two (bf16) or four (fp32). All codes keep their tensor's layout:
-the ``dW`` GEMM reads the smaller of ``X``/``G`` through a transposed view (CPU ``_int_mm``
-takes it at full speed; writing transposed codes cost 2 ms more per step at GPT-2 shapes).
+activation element instead of two (bf16) or four (fp32). The ``dW`` GEMM takes the smaller of
+``X``/``G`` as its row-major left operand (``dW^T = X''^T G''`` when ``in <= out``, else
+``dW = G''^T X''``), so that operand's per-column codes are written transposed (``[features,
+tokens]``) by the quantization kernel itself; the other keeps its layout.
 
 Passes: the forward reads ``X`` twice (statistics, then both its per-token and per-column codes)
 and ``W`` twice; backward reads ``G`` twice for its per-token codes, per-column codes and the
-bias gradient (column sums), ``W`` twice for its per-column codes; each GEMM's int32 result is
-read once by its rescale (+ bias) epilogue. See :mod:`dsq.quant.fused` for the kernels.
+bias gradient (column sums), ``W`` twice for its per-column codes. On CPUs with AMX (or AVX-512
+VNNI) each GEMM rescales its output tiles in cache (:mod:`dsq.quant.cpu_gemm`); elsewhere its
+int32 result is read once by a rescale (+ bias) pass. See :mod:`dsq.quant.fused` for the kernels.
 
 Tensor parallelism: ``reduce_x/w/g`` max-reduce the recipe's statistics, ``reduce_xt/wt/gt`` those
 of the per-column quantizations (a per-column statistic reduces over the rows: ``W``'s over
@@ -190,15 +192,15 @@ class _Int8Linear(torch.autograd.Function):
         x2 = x.reshape(-1, x.shape[-1])
         n_in, n_out = w.shape[1], w.shape[0]
         cf = qc.check_finite
-        # dW's GEMM reads the smaller of X[tok, in] and G[tok, out] transposed (a view: the
-        # int8 GEMM takes it as fast as a row-major left operand)
+        # dW's GEMM takes the smaller of X[tok, in] and G[tok, out] as its row-major left
+        # operand: that one's per-column codes are written transposed ([features, tok])
         xt = n_in <= n_out
         saved_x = saved_w = (None, None, None)
         a = qc.activation
         if needs_dw and plan.weight_grad is None and a.granularity != "tensor":
             # X per token for Y and per column for dW, in one pass; only the latter is saved
-            rc, rs, cc, cs, _ = quantize_rows_cols(x2, a, reduce=rx,
-                                                   col_reduce=rxt, check_finite=cf,
+            rc, rs, cc, cs, _ = quantize_rows_cols(x2, a, reduce=rx, col_reduce=rxt,
+                                                   transpose=xt, check_finite=cf,
                                                    name="activation")
             qx = QTensor(rc, rs, None, a, x.dtype)
             _record(capture, "activation", x2, qx)
@@ -247,14 +249,15 @@ class _Int8Linear(torch.autograd.Function):
         qg = g_cols = db = None
         if want_cols:
             rc, rs, cc, cs, colsum = quantize_rows_cols(
-                g2, fg, rows=want_rows, col_sum=needs_db, reduce=rg,
-                col_reduce=rgt, check_finite=cf, name="grad")
+                g2, fg, rows=want_rows, col_sum=needs_db, reduce=rg, col_reduce=rgt,
+                transpose=not xt, check_finite=cf, name="grad")
             g_cols = (cc, cs)
             if want_rows:
                 qg = QTensor(rc, rs, None, fg, g.dtype)
                 _record(capture, "grad", g2, qg)
             else:  # G's only quantization: record it
-                _record(capture, "grad", g2, QTensor(cc, cs, None, fg, g.dtype))
+                _record(capture, "grad", g2,
+                        QTensor(cc if xt else cc.t(), cs, None, fg, g.dtype))
             if needs_db:
                 db = colsum.to(g.dtype)
         elif want_rows:
@@ -282,12 +285,16 @@ class _Int8Linear(torch.autograd.Function):
                 if g_cols is None:  # per tensor: the same Qg(G) as the input gradient
                     g_cols = (qg.codes, qg.scale)
                 g_codes, g_scale = g_cols
+                # per-column codes of the left operand come transposed ([features, tok]);
+                # per-tensor ones are the forward's [tok, features] codes: transposed here
                 if xt:  # dW^T[in, out] = X''^T[in, tok] @ G''[tok, out]
-                    dw = scaled_mm(x_codes.t(), g_codes, _tscale(x_scale), g_scale, None,
+                    xT = (x_codes if qc.activation.granularity != "tensor"
+                          else x_codes.t().contiguous())
+                    dw = scaled_mm(xT, g_codes, _tscale(x_scale), g_scale, None,
                                    w_dtype, transpose=True)
                 else:  # dW[out, in] = G''^T[out, tok] @ X''[tok, in]
-                    dw = scaled_mm(g_codes.t(), x_codes, _tscale(g_scale), x_scale, None,
-                                   w_dtype)
+                    gT = g_codes if fg.granularity != "tensor" else g_codes.t().contiguous()
+                    dw = scaled_mm(gT, x_codes, _tscale(g_scale), x_scale, None, w_dtype)
             else:
                 gw = _value(qg, g2, g.dtype) if q_dw else g2
                 dw = (gw.t() @ _unpack(saved[:3], qc.activation, g.dtype)).to(w_dtype)

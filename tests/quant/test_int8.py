@@ -80,16 +80,12 @@ def matched_reference(qc, x, w, b, gy):
 
 
 @pytest.fixture
-def int_mm_calls(monkeypatch):
-    calls = []
-    real = torch._int_mm
+def int_mm_calls():
+    """Integer GEMMs run (torch._int_mm or the AMX driver), as (M, K, N)."""
+    from dsq.quant.fused import counting_int_gemms
 
-    def counting(a, b):
-        calls.append((tuple(a.shape), tuple(b.shape)))
-        return real(a, b)
-
-    monkeypatch.setattr(torch, "_int_mm", counting)
-    return calls
+    with counting_int_gemms() as calls:
+        yield calls
 
 
 @pytest.fixture(params=["eager", "cpp"])
@@ -242,7 +238,8 @@ def test_saves_int8_codes_for_backward():
     y = quantized_linear(x, w, qc)
     assert [t.dtype for t in y.grad_fn.saved_tensors if t is not None] == [
         torch.int8, torch.float32, torch.float32]
-    assert y.grad_fn.saved_tensors[0].shape == (64, 32)  # X's codes per column, X's layout
+    # X's codes per column, transposed ([in, tok]): the row-major left operand of dW^T = X^T G
+    assert y.grad_fn.saved_tensors[0].shape == (32, 64)
 
 
 @pytest.mark.parametrize("kernel_name", ["eager", "cpp"])
@@ -267,8 +264,9 @@ def test_large_gemms_run_in_row_chunks(kernel, monkeypatch, int_mm_calls):
 
     monkeypatch.setattr(fused, "_ACC_ELEMENTS", 64 * 4)  # chunks of 64 rows
     g = torch.Generator().manual_seed(1)
-    a = torch.randint(-127, 128, (150, 40), dtype=torch.int8, generator=g)
-    b = torch.randint(-127, 128, (40, 30), dtype=torch.int8, generator=g)
+    # K = 42 (not a multiple of 4): torch._int_mm, not the AMX driver, which needs no chunks
+    a = torch.randint(-127, 128, (150, 42), dtype=torch.int8, generator=g)
+    b = torch.randint(-127, 128, (42, 30), dtype=torch.int8, generator=g)
     rs, cs = torch.rand(150, 1, generator=g), torch.rand(1, 30, generator=g)
     bias = torch.randn(30, generator=g).bfloat16()
     ref = rescale(int_mm(a, b), rs, cs, bias, torch.bfloat16, out_shape=(3, 50, 30))

@@ -1,0 +1,139 @@
+"""Scaled int8 GEMMs on CPUs with AMX (or AVX-512 VNNI): oneDNN's micro-kernel plus dsq's epilogue.
+
+``torch._int_mm`` on CPU goes through oneDNN's legacy ``gemm_s8s8s32`` entry point, which does not
+use AMX tiles and writes a full int32 matrix (twice the bytes of a bf16 one) that a second pass
+must rescale. :func:`scaled_mm` instead drives ``at::native::cpublas::brgemm`` (oneDNN's
+batch-reduce GEMM micro-kernel, the one PyTorch's own CPU GEMM templates use) over tiles of the
+output from a small C++ driver (``csrc/amx_gemm.cpp``): ``B`` is packed once into the
+micro-kernel's VNNI layout, each ``64 x 64`` int32 tile is rescaled (``acc * row_scale *
+col_scale + bias``, the arithmetic of :func:`dsq.quant.fused.rescale` operation for operation)
+and written as fp32 or bf16 while it is in cache, so no int32 matrix ever reaches memory.
+
+Measured on the 2-core development CPU (Sapphire Rapids class, AMX), 4096 x 768 -> 3072: about
+2.9 int8 TOP/s against 2.2 TFLOP/s for a bf16 ``torch.mm`` and 0.8 TOP/s for ``torch._int_mm``
+plus its rescale.
+
+Built once with the system C++ compiler against the installed PyTorch headers (about 2 s),
+cached under ``$DSQ_CACHE_DIR`` (default ``~/.cache/dsq``) keyed by source, compiler flags,
+PyTorch version and CPU. Unavailable (and :func:`scaled_mm` returns None, so callers use
+``torch._int_mm``) when there is no compiler, the headers are missing, or PyTorch's oneDNN cannot
+pack int8 operands on this CPU.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import shutil
+import subprocess
+import tempfile
+import threading
+import warnings
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+SOURCE = Path(__file__).with_name("csrc") / "amx_gemm.cpp"
+MAX_K = 1 << 16
+"""Longest reduction: int32 holds K products of |code| <= 128 when K * 2^14 < 2^31."""
+
+_LIB: ctypes.CDLL | None = None
+_ERR: str | None = None
+_LOCK = threading.Lock()
+_OUT = {torch.float32: 0, torch.bfloat16: 1}
+
+
+def _build() -> ctypes.CDLL:
+    from dsq.quant.cpu_kernels import _cache_dir, _cpu_id
+
+    cxx = os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++")
+    if not cxx:
+        raise RuntimeError("no C++ compiler (g++/c++) on PATH")
+    root = Path(torch.__file__).parent
+    inc, lib = root / "include", root / "lib"
+    if not (inc / "ATen" / "native" / "CPUBlas.h").is_file():
+        raise RuntimeError(f"PyTorch headers not found under {inc}")
+    abi = int(getattr(torch._C, "_GLIBCXX_USE_CXX11_ABI", 1))
+    flags = ["-O3", "-march=native", "-ffp-contract=off", "-fopenmp", "-std=c++17", "-shared",
+             "-fPIC", f"-D_GLIBCXX_USE_CXX11_ABI={abi}", f"-I{inc}"]
+    libs = [f"-L{lib}", "-ltorch_cpu", "-lc10", f"-Wl,-rpath,{lib}"]
+    src = SOURCE.read_text()
+    key = hashlib.sha256("\0".join([src, *flags, *libs, cxx, torch.__version__, _cpu_id()])
+                         .encode()).hexdigest()[:16]
+    out = _cache_dir() / f"amx_gemm_{key}.so"
+    if not out.is_file():
+        out.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(dir=out.parent) as tmp:
+            so = Path(tmp) / "amx_gemm.so"
+            res = subprocess.run([cxx, *flags, str(SOURCE), "-o", str(so), *libs],
+                                 capture_output=True, text=True, check=False)
+            if res.returncode != 0:
+                raise RuntimeError(f"{cxx} failed: {res.stderr[-2000:]}")
+            os.replace(so, out)  # atomic: ranks may build at the same time
+    so = ctypes.CDLL(str(out))
+    L, P, I = ctypes.c_int64, ctypes.c_void_p, ctypes.c_int
+    so.dsq_amx_ready.restype = I
+    so.dsq_gemm_s8.restype = None
+    so.dsq_gemm_s8.argtypes = [L, L, L, P, L, P, L, L, P, L, P, L, P, P, L, I, I, I]
+    if not so.dsq_amx_ready():
+        raise RuntimeError("PyTorch's oneDNN cannot pack int8 operands on this CPU")
+    return so
+
+
+def library() -> ctypes.CDLL | None:
+    """The compiled driver, built on first use; None (with one warning) where it cannot be."""
+    global _LIB, _ERR
+    with _LOCK:
+        if _LIB is None and _ERR is None:
+            if os.environ.get("DSQ_AMX_GEMM", "1").strip() in ("0", "false", "no", "off"):
+                _ERR = "disabled by DSQ_AMX_GEMM=0"
+            else:
+                try:
+                    _LIB = _build()
+                except Exception as e:  # noqa: BLE001  (no compiler, no headers, no AMX/VNNI)
+                    _ERR = str(e)
+                    warnings.warn(f"dsq.quant: integer GEMMs use torch._int_mm (the AMX GEMM "
+                                  f"driver is unavailable: {e})", stacklevel=3)
+        return _LIB
+
+
+def available() -> bool:
+    return library() is not None
+
+
+def _scale_ok(s: Tensor, n: int) -> bool:
+    return s.dtype == torch.float32 and s.is_contiguous() and s.numel() in (1, n)
+
+
+def scaled_mm(a: Tensor, b: Tensor, row_scale: Tensor, col_scale: Tensor, bias: Tensor | None,
+              dtype: torch.dtype, transpose: bool = False,
+              out_shape: tuple[int, ...] | None = None) -> Tensor | None:
+    """``(a @ b) * row_scale * col_scale (+ bias)`` in ``dtype`` (``.t()`` of it, contiguous, with
+    ``transpose``), or None when these operands do not fit the driver (then use ``int_mm`` +
+    ``rescale``): ``a[M, K]`` int8 with unit column stride, ``b[K, N]`` int8 row-major or
+    column-major, ``K`` a multiple of 4 up to 65536, fp32 scales of ``M``/``N`` (or 1) elements,
+    ``bias`` of ``dtype``, ``dtype`` fp32 or bf16, CPU tensors."""
+    if a.dim() != 2 or b.dim() != 2 or a.dtype != torch.int8 or b.dtype != torch.int8:
+        return None
+    M, K = a.shape
+    N = b.shape[1]
+    if (a.device.type != "cpu" or b.device.type != "cpu" or dtype not in _OUT
+            or K % 4 or not 0 < K <= MAX_K or M == 0 or N == 0 or b.shape[0] != K
+            or a.stride(1) != 1 or a.stride(0) < K
+            or not (b.stride(1) == 1 or b.stride(0) == 1)
+            or not _scale_ok(row_scale, M) or not _scale_ok(col_scale, N)
+            or (bias is not None and (bias.dtype != dtype or not bias.is_contiguous()
+                                      or bias.numel() != N))):
+        return None
+    lib = library()
+    if lib is None:
+        return None
+    out = torch.empty((N, M) if transpose else (out_shape or (M, N)), dtype=dtype)
+    lib.dsq_gemm_s8(M, N, K, a.data_ptr(), a.stride(0), b.data_ptr(), b.stride(0), b.stride(1),
+                    row_scale.data_ptr(), int(row_scale.numel() > 1), col_scale.data_ptr(),
+                    int(col_scale.numel() > 1), None if bias is None else bias.data_ptr(),
+                    out.data_ptr(), M if transpose else N, _OUT[dtype], int(transpose),
+                    torch.get_num_threads())
+    return out

@@ -1,0 +1,118 @@
+"""The AMX int8 GEMM driver (dsq.quant.cpu_gemm) and the C quantization kernels: bit for bit
+what ``torch._int_mm`` + the rescale and the eager quantizer compute."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from dsq.quant import cpu_gemm, cpu_kernels, fused
+from dsq.quant.format import QuantFormat
+from dsq.quant.functional import quantize
+
+
+def _cpu_flags() -> set[str]:
+    try:
+        with open("/proc/cpuinfo") as fh:
+            for line in fh:
+                if line.startswith("flags"):
+                    return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
+
+
+needs_int8_units = pytest.mark.skipif(
+    not ({"amx_int8", "avx512_vnni"} & _cpu_flags()),
+    reason="this CPU has neither AMX nor AVX-512 VNNI: integer GEMMs use torch._int_mm")
+
+
+def _reference(a, b, rs, cs, bias, dtype, transpose):
+    return fused.rescale(torch._int_mm(a.contiguous(), b.contiguous()), rs, cs, bias, dtype,
+                         transpose=transpose)
+
+
+@needs_int8_units
+def test_driver_is_available_here():
+    assert cpu_gemm.available(), "the AMX/VNNI GEMM driver did not build on this machine"
+
+
+@needs_int8_units
+@pytest.mark.parametrize("M,K,N", [(1, 4, 1), (17, 12, 33), (64, 64, 64), (130, 260, 70),
+                                   (300, 1024, 200), (64, 4096, 48)])
+def test_equals_int_mm_and_rescale(M, K, N):
+    g = torch.Generator().manual_seed(M * K + N)
+    a = torch.randint(-128, 128, (M, K), dtype=torch.int8, generator=g)
+    b = torch.randint(-128, 128, (K, N), dtype=torch.int8, generator=g)
+    bt = b.t().contiguous().t()  # the same matrix, column-major (W^T in the forward)
+    rs, cs = torch.rand(M, 1, generator=g) + 0.01, torch.rand(1, N, generator=g) + 0.01
+    checked = 0
+    for dtype in (torch.float32, torch.bfloat16):
+        bias = torch.randn(N, generator=g).to(dtype)
+        for bb in (b, bt):
+            for tr in (False, True):
+                for r, c, bi in ((rs, cs, bias), (rs, cs, None), (rs[0, 0], cs[0, 0], None)):
+                    got = cpu_gemm.scaled_mm(a, bb, r, c, bi, dtype, transpose=tr)
+                    assert got is not None
+                    want = _reference(a, bb, r, c, bi, dtype, tr)
+                    assert got.shape == want.shape and got.dtype == dtype
+                    assert torch.equal(got, want)  # bit for bit, tails included
+                    checked += 1
+    assert checked == 24
+
+
+@needs_int8_units
+def test_strided_left_operand_and_output_shape():
+    g = torch.Generator().manual_seed(0)
+    big = torch.randint(-128, 128, (40, 100), dtype=torch.int8, generator=g)
+    a = big[:, 8:72]  # lda 100 > K 64
+    b = torch.randint(-128, 128, (64, 24), dtype=torch.int8, generator=g)
+    rs, cs = torch.rand(40, 1, generator=g), torch.rand(1, 24, generator=g)
+    got = cpu_gemm.scaled_mm(a, b, rs, cs, None, torch.float32, out_shape=(4, 10, 24))
+    assert got.shape == (4, 10, 24) and got._base is None
+    assert torch.equal(got.view(40, 24), _reference(a, b, rs, cs, None, torch.float32, False))
+
+
+def test_operands_it_cannot_take_are_left_to_int_mm():
+    a = torch.ones(8, 6, dtype=torch.int8)
+    b = torch.ones(6, 8, dtype=torch.int8)
+    s = torch.ones(())
+    assert cpu_gemm.scaled_mm(a, b, s, s, None, torch.float32) is None  # K % 4
+    a, b = torch.ones(8, 8, dtype=torch.int8), torch.ones(8, 8, dtype=torch.int8)
+    assert cpu_gemm.scaled_mm(a.t(), b, s, s, None, torch.float32) is None  # column-major A
+    assert cpu_gemm.scaled_mm(a, b, s, s, None, torch.float16) is None  # output dtype
+    assert cpu_gemm.scaled_mm(a, b, s, s, torch.ones(8), torch.bfloat16) is None  # bias dtype
+    # and the public entry point still computes them, through torch._int_mm
+    with fused.counting_int_gemms() as calls:
+        y = fused.scaled_mm(a.t(), b, s, s, None, torch.float32)
+    assert calls == [(8, 8, 8)] and torch.equal(y, torch.full((8, 8), 8.0))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_codes_kernel_rounds_ties_like_a_true_division(dtype):
+    """The C codes kernel divides by reciprocal + two exact (fma) corrections: on values at and
+    one ulp around every rounding tie it gives the eager quantizer's codes, bit for bit."""
+    assert cpu_kernels.library() is not None
+    g = torch.Generator().manual_seed(0)
+    R, C = 64, 256
+    scale = torch.exp(torch.randn(R, 1, generator=g) * 3)  # scales over many binades
+    k = torch.randint(-126, 126, (R, C), generator=g).float()
+    x = (k + 0.5) * scale  # ties (where exactly representable), and their neighbours
+    x = torch.where(torch.rand(R, C, generator=g) < 0.3, torch.nextafter(x, x + 1), x)
+    x = torch.where(torch.rand(R, C, generator=g) < 0.3, torch.nextafter(x, x - 1), x)
+    x[:, 0] = 127 * scale[:, 0]  # each row's max: scale = amax / 127 = the row's scale
+    x = x.to(dtype)
+    fmt = QuantFormat(8, "token")
+    fused.set_kernel("cpp")
+    try:
+        rc, rs, cc, cs, _ = fused.quantize_rows_cols(x, fmt)
+        _, _, cct, _, _ = fused.quantize_rows_cols(x, fmt, rows=False, transpose=True)
+    finally:
+        fused.set_kernel(None)
+    want = quantize(x, fmt)
+    assert torch.equal(rs, want.scale) and torch.equal(rc, want.codes)
+    want_c = quantize(x.t(), QuantFormat(8, "channel"))
+    assert torch.equal(cc, want_c.codes.t()) and torch.equal(cct, want_c.codes)
+    assert torch.equal(cs, want_c.scale.t())
+    ties = ((x.float() / rs).frac().abs() == 0.5).sum()
+    assert ties > 50  # the data really holds ties
