@@ -36,6 +36,8 @@ import torch
 from torch import Tensor
 
 SOURCE = Path(__file__).with_name("csrc") / "amx_gemm.cpp"
+PACK_NB = 64
+"""Columns per block of a packed ``B`` (the driver's and the quantization kernels' layout)."""
 MAX_K = 1 << 16
 """Longest reduction: int32 holds K products of |code| <= 128 when K * 2^14 < 2^31."""
 
@@ -77,6 +79,12 @@ def _build() -> ctypes.CDLL:
     so.dsq_amx_ready.restype = I
     so.dsq_gemm_s8.restype = None
     so.dsq_gemm_s8.argtypes = [L, L, L, P, L, P, L, L, P, L, P, L, P, P, L, I, I, I]
+    so.dsq_pack_s8.restype = None
+    so.dsq_pack_s8.argtypes = [L, L, P, L, L, P, I]
+    so.dsq_pack_block_n.restype = L
+    if so.dsq_pack_block_n() != PACK_NB:
+        raise RuntimeError(f"driver packs blocks of {so.dsq_pack_block_n()} columns, the "
+                           f"quantization kernels {PACK_NB}")
     if not so.dsq_amx_ready():
         raise RuntimeError("PyTorch's oneDNN cannot pack int8 operands on this CPU")
     return so
@@ -107,31 +115,59 @@ def _scale_ok(s: Tensor, n: int) -> bool:
     return s.dtype == torch.float32 and s.is_contiguous() and s.numel() in (1, n)
 
 
+def can_take(k: int) -> bool:
+    """Whether a GEMM reducing over ``k`` runs here (so its ``B`` may be packed in advance)."""
+    return k % 4 == 0 and 0 < k <= MAX_K and available()
+
+
+def pack(b: Tensor) -> Tensor:
+    """``b[K, N]`` int8 (any strides with a unit one) as the flat packed ``B`` the driver reads
+    (the layout :func:`dsq.quant.cpu_kernels.codes` writes with ``packed=True``)."""
+    K, N = b.shape
+    if b.stride(1) != 1 and b.stride(0) != 1:
+        b = b.contiguous()
+    out = torch.empty(K * N, dtype=torch.int8)
+    library().dsq_pack_s8(K, N, b.data_ptr(), b.stride(0), b.stride(1), out.data_ptr(),
+                          torch.get_num_threads())
+    return out
+
+
 def scaled_mm(a: Tensor, b: Tensor, row_scale: Tensor, col_scale: Tensor, bias: Tensor | None,
               dtype: torch.dtype, transpose: bool = False,
-              out_shape: tuple[int, ...] | None = None) -> Tensor | None:
+              out_shape: tuple[int, ...] | None = None,
+              b_shape: tuple[int, int] | None = None) -> Tensor | None:
     """``(a @ b) * row_scale * col_scale (+ bias)`` in ``dtype`` (``.t()`` of it, contiguous, with
     ``transpose``), or None when these operands do not fit the driver (then use ``int_mm`` +
     ``rescale``): ``a[M, K]`` int8 with unit column stride, ``b[K, N]`` int8 row-major or
-    column-major, ``K`` a multiple of 4 up to 65536, fp32 scales of ``M``/``N`` (or 1) elements,
-    ``bias`` of ``dtype``, ``dtype`` fp32 or bf16, CPU tensors."""
-    if a.dim() != 2 or b.dim() != 2 or a.dtype != torch.int8 or b.dtype != torch.int8:
+    column-major (or, with ``b_shape=(K, N)``, already packed: see :func:`pack`), ``K`` a
+    multiple of 4 up to 65536, fp32 scales of ``M``/``N`` (or 1) elements, ``bias`` of
+    ``dtype``, ``dtype`` fp32 or bf16, CPU tensors."""
+    packed = b_shape is not None
+    if a.dim() != 2 or b.dim() != (1 if packed else 2) or a.dtype != torch.int8 \
+            or b.dtype != torch.int8:
         return None
     M, K = a.shape
-    N = b.shape[1]
+    N = b_shape[1] if packed else b.shape[1]
     if (a.device.type != "cpu" or b.device.type != "cpu" or dtype not in _OUT
-            or K % 4 or not 0 < K <= MAX_K or M == 0 or N == 0 or b.shape[0] != K
+            or K % 4 or not 0 < K <= MAX_K or M == 0 or N == 0
+            or (b_shape[0] if packed else b.shape[0]) != K
             or a.stride(1) != 1 or a.stride(0) < K
-            or not (b.stride(1) == 1 or b.stride(0) == 1)
+            or (packed and (b.numel() != K * N or not b.is_contiguous()))
+            or (not packed and not (b.stride(1) == 1 or b.stride(0) == 1))
             or not _scale_ok(row_scale, M) or not _scale_ok(col_scale, N)
             or (bias is not None and (bias.dtype != dtype or not bias.is_contiguous()
                                       or bias.numel() != N))):
+        if packed:
+            raise ValueError("a packed B operand that the AMX GEMM driver cannot take")
         return None
     lib = library()
     if lib is None:
+        if packed:
+            raise RuntimeError("a packed B operand but no AMX GEMM driver")
         return None
     out = torch.empty((N, M) if transpose else (out_shape or (M, N)), dtype=dtype)
-    lib.dsq_gemm_s8(M, N, K, a.data_ptr(), a.stride(0), b.data_ptr(), b.stride(0), b.stride(1),
+    sbk, sbn = (0, 0) if packed else (b.stride(0), b.stride(1))
+    lib.dsq_gemm_s8(M, N, K, a.data_ptr(), a.stride(0), b.data_ptr(), sbk, sbn,
                     row_scale.data_ptr(), int(row_scale.numel() > 1), col_scale.data_ptr(),
                     int(col_scale.numel() > 1), None if bias is None else bias.data_ptr(),
                     out.data_ptr(), M if transpose else N, _OUT[dtype], int(transpose),

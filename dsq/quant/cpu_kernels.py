@@ -48,6 +48,31 @@ C_SOURCE = r"""
 #endif
 
 #define TILE 64
+#define PACK_NB 64  /* columns per block of the AMX GEMM driver's packed B (csrc/amx_gemm.cpp) */
+
+/* offset of element (r, c) of an R x C matrix packed as the GEMM driver's B (K = R, N = C):
+   blocks of PACK_NB columns, block b at b * PACK_NB * R, VNNI inside ([R / 4][width][4]) */
+static inline int64_t packed_at(int64_t r, int64_t c, int64_t R, int64_t C) {
+    const int64_t b = c / PACK_NB, w = C - b * PACK_NB < PACK_NB ? C - b * PACK_NB : PACK_NB;
+    return b * PACK_NB * R + (r / 4) * w * 4 + (c - b * PACK_NB) * 4 + (r % 4);
+}
+
+/* 4 rows of 16 codes (src, 16 apart) -> 64 bytes, 4 per column (the VNNI layout) */
+static inline void interleave4(const int8_t *src, int8_t *dst) {
+#if defined(__SSE2__)
+    __m128i a0 = _mm_loadu_si128((const __m128i *)src), a1 = _mm_loadu_si128((const __m128i *)(src + 16));
+    __m128i a2 = _mm_loadu_si128((const __m128i *)(src + 32)), a3 = _mm_loadu_si128((const __m128i *)(src + 48));
+    __m128i t0 = _mm_unpacklo_epi8(a0, a1), t1 = _mm_unpackhi_epi8(a0, a1);
+    __m128i t2 = _mm_unpacklo_epi8(a2, a3), t3 = _mm_unpackhi_epi8(a2, a3);
+    _mm_storeu_si128((__m128i *)dst, _mm_unpacklo_epi16(t0, t2));
+    _mm_storeu_si128((__m128i *)(dst + 16), _mm_unpackhi_epi16(t0, t2));
+    _mm_storeu_si128((__m128i *)(dst + 32), _mm_unpacklo_epi16(t1, t3));
+    _mm_storeu_si128((__m128i *)(dst + 48), _mm_unpackhi_epi16(t1, t3));
+#else
+    for (int j = 0; j < 16; j++)
+        for (int r = 0; r < 4; r++) dst[4 * j + r] = src[16 * r + j];
+#endif
+}
 
 /* dst[j * ldd + i] = src[i * 16 + j] for a 16 x 16 block of bytes (a row of src: 16 codes of
    one input row; a row of dst: 16 consecutive rows of one column) */
@@ -171,11 +196,14 @@ static void codes_tiles_##SUF(const void *x, int64_t R, int64_t C, const float *
                         else _mm_storeu_si128((__m128i *)(qc + o), q);                       \
                     }                                                                        \
                 }                                                                            \
-                if (qc && tc) {                                                              \
+                if (qc && tc == 1) {                                                         \
                     if (nr == 16) transpose16(tile, qc + c0 * R + r0, R);                    \
                     else for (int64_t j = 0; j < 16; j++)                                    \
                         for (int64_t i = 0; i < nr; i++)                                     \
                             qc[(c0 + j) * R + r0 + i] = tile[16 * i + j];                    \
+                } else if (qc && tc == 2) { /* R % 4 == 0: groups of 4 rows */               \
+                    for (int64_t i = 0; i < nr; i += 4)                                      \
+                        interleave4(tile + 16 * i, qc + packed_at(r0 + i, c0, R, C));        \
                 }                                                                            \
             }                                                                                \
         }                                                                                    \
@@ -251,6 +279,18 @@ void dsq_codes_##SUF(const void *x, int64_t R, int64_t C, const float *rs, int64
                      float qmin, float qmax, int nt) {                                       \
     if (DSQ_AVX512 && C % 16 == 0) {                                                         \
         TILES(SUF)(x, R, C, rs, rstr, qr, cs, cstr, qc, tc, qmin, qmax, nt);                 \
+        return;                                                                              \
+    }                                                                                        \
+    if (tc == 2) {  /* column codes in the GEMM driver's packed layout */                  \
+        _Pragma("omp parallel for num_threads(nt) schedule(static)")                         \
+        for (int64_t r = 0; r < R; r++) {                                                    \
+            const int64_t o = r * C;                                                         \
+            if (qr) { const float s = rs[r * rstr];                                          \
+                for (int64_t c = 0; c < C; c++)                                              \
+                    qr[o + c] = qcode(LD(x, o + c) / s, qmin, qmax); }                       \
+            for (int64_t c = 0; c < C; c++)                                                  \
+                qc[packed_at(r, c, R, C)] = qcode(LD(x, o + c) / cs[c * cstr], qmin, qmax);  \
+        }                                                                                    \
         return;                                                                              \
     }                                                                                        \
     if (!tc) {  /* row by row: each row's codes for both scalings from one read */          \
@@ -447,19 +487,24 @@ def to_scale(stat: Tensor, qmax: int) -> Tensor:
 
 
 def codes(x: Tensor, qmin: int, qmax: int, row_scale: Tensor | None = None,
-          col_scale: Tensor | None = None, transpose: bool = False) -> tuple:
+          col_scale: Tensor | None = None, transpose: bool = False,
+          packed: bool = False) -> tuple:
     """Codes of ``x`` with per-row (``[R, 1]`` or 0-dim) and/or per-column (``[1, C]`` or 0-dim)
-    scales: ``(row_codes [R, C], col_codes [R, C] or [C, R])``, None where not asked."""
+    scales: ``(row_codes [R, C], col_codes [R, C] or [C, R])``, None where not asked. With
+    ``packed`` the column codes come as the flat ``[R * C]`` B operand of the AMX GEMM driver
+    (:mod:`dsq.quant.cpu_gemm`, ``K = R``; ``R`` a multiple of 4)."""
     x = x.contiguous()
     R, C = x.shape
+    if packed and (transpose or R % 4):
+        raise ValueError("packed column codes need R % 4 == 0 and no transpose")
     qr = torch.empty(R, C, dtype=torch.int8) if row_scale is not None else None
-    qc = (torch.empty((C, R) if transpose else (R, C), dtype=torch.int8)
+    qc = (torch.empty(R * C if packed else ((C, R) if transpose else (R, C)), dtype=torch.int8)
           if col_scale is not None else None)
     rstr = 0 if row_scale is None or row_scale.numel() == 1 else 1
     cstr = 0 if col_scale is None or col_scale.numel() == 1 else 1
     getattr(_LIB, f"dsq_codes_{DTYPES[x.dtype]}")(
         x.data_ptr(), R, C, _p(row_scale), rstr, _p(qr), _p(col_scale), cstr, _p(qc),
-        int(transpose), float(qmin), float(qmax), torch.get_num_threads())
+        2 if packed else int(transpose), float(qmin), float(qmax), torch.get_num_threads())
     return qr, qc
 
 

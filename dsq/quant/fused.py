@@ -252,20 +252,33 @@ def quantize_rows(x: Tensor, fmt: QuantFormat, reduce: Reduce | None = None, *,
     return q.codes, q.scale
 
 
+def can_pack(x: Tensor, fmt: QuantFormat, check_finite: bool = False) -> bool:
+    """Whether the per-column codes of ``x[R, C]`` can be written as the packed ``B`` operand of
+    the AMX GEMM driver (``K = R``): the ``cpp`` kernels apply and the driver runs here."""
+    from dsq.quant import cpu_gemm
+
+    return (x.dim() == 2 and _impl(x, fmt, check_finite) == "cpp"
+            and cpu_gemm.can_take(x.shape[0]))
+
+
 def quantize_cols(x: Tensor, fmt: QuantFormat, reduce: Reduce | None = None, *,
-                  transpose: bool = False, check_finite: bool = False,
+                  transpose: bool = False, pack: bool = False, check_finite: bool = False,
                   name: str = "tensor") -> tuple[Tensor, Tensor]:
     """2-D ``x`` to int8 codes with one scale per column (``[1, C]``) or per tensor (0-dim).
 
     ``fmt``'s granularity says per tensor or not (channel/token both mean: per column here).
-    The codes are ``[R, C]`` contiguous, or ``[C, R]`` contiguous (``x^T``) with ``transpose``.
+    The codes are ``[R, C]`` contiguous, or ``[C, R]`` contiguous (``x^T``) with ``transpose``,
+    or with ``pack`` (only where :func:`can_pack`) the flat ``B`` operand of
+    :func:`dsq.quant.cpu_gemm.scaled_mm` for ``x`` as ``B[K=R, N=C]``.
     """
     _check_int8_format(fmt)
     per_tensor = fmt.granularity == "tensor"
     impl = _impl(x, fmt, check_finite)
+    if pack and not can_pack(x, fmt, check_finite):
+        raise ValueError("packed column codes need the cpp kernels and the AMX GEMM driver")
     if impl == "cpp":
         return _cpp_quant(x, fmt, rows=False, cols=True, transpose=transpose, col_sum=False,
-                          reduce=None, col_reduce=reduce)[2:4]
+                          reduce=None, col_reduce=reduce, pack=pack)[2:4]
     if impl == "compile":
         if per_tensor:
             codes, scale = _fused_quant(x, fmt, "tensor", False, reduce)
@@ -277,21 +290,24 @@ def quantize_cols(x: Tensor, fmt: QuantFormat, reduce: Reduce | None = None, *,
 
 
 def quantize_rows_cols(x: Tensor, fmt: QuantFormat, *, rows: bool = True, cols: bool = True,
-                       transpose: bool = False, col_sum: bool = False,
+                       transpose: bool = False, pack: bool = False, col_sum: bool = False,
                        reduce: Reduce | None = None, col_reduce: Reduce | None = None,
                        check_finite: bool = False, name: str = "tensor") -> tuple:
     """Per-row and per-column quantizations of one 2-D ``x`` (and its column sums), each part
     optional: ``(row_codes, row_scale, col_codes, col_scale, col_sum)``, None for parts not
     asked for. ``fmt`` is per token/channel. Fused: one kernel reads ``x`` for all parts (when
     no statistic needs a cross-rank reduction); eager: :func:`quantize_rows`,
-    :func:`quantize_cols` and ``x.sum(0)``. The column sum is fp32 (it is the bias gradient)."""
+    :func:`quantize_cols` and ``x.sum(0)``. The column sum is fp32 (it is the bias gradient).
+    Column codes: ``transpose`` and ``pack`` as in :func:`quantize_cols`."""
     _check_int8_format(fmt)
     if fmt.granularity == "tensor":
         raise ValueError(f"{fmt}: quantize_rows_cols is for per-row formats")
     impl = _impl(x, fmt, check_finite)
+    if pack and not (cols and can_pack(x, fmt, check_finite)):
+        raise ValueError("packed column codes need the cpp kernels and the AMX GEMM driver")
     if impl == "cpp":
         return _cpp_quant(x, fmt, rows=rows, cols=cols, transpose=transpose, col_sum=col_sum,
-                          reduce=reduce, col_reduce=col_reduce)
+                          reduce=reduce, col_reduce=col_reduce, pack=pack)
     if impl == "compile" and (rows or cols) and reduce is None and col_reduce is None:
         kernel = "quant_" + "_".join(p for p, on in (("rows", rows), ("cols", cols),
                                                       ("t", cols and transpose),
@@ -308,7 +324,8 @@ def quantize_rows_cols(x: Tensor, fmt: QuantFormat, *, rows: bool = True, cols: 
 
 
 def _cpp_quant(x: Tensor, fmt: QuantFormat, *, rows: bool, cols: bool, transpose: bool,
-               col_sum: bool, reduce: Reduce | None, col_reduce: Reduce | None) -> tuple:
+               col_sum: bool, reduce: Reduce | None, col_reduce: Reduce | None,
+               pack: bool = False) -> tuple:
     """The C kernels: one statistics pass, the (TP) reductions, one codes pass.
 
     Per-tensor formats give one scale for both the rows' and the columns' codes."""
@@ -329,7 +346,7 @@ def _cpp_quant(x: Tensor, fmt: QuantFormat, *, rows: bool, cols: bool, transpose
             cs = ck.to_scale((col_reduce(ca) if col_reduce is not None else ca).contiguous(),
                              fmt.qmax)
     qr, qc = ck.codes(x, fmt.qmin, fmt.qmax, rs if rows else None, cs if cols else None,
-                      transpose)
+                      transpose, packed=pack)
     return qr, (rs if rows else None), qc, (cs if cols else None), csum
 
 
@@ -351,7 +368,8 @@ def counting_int_gemms():
     def amx(a, b, *args, **kwargs):
         y = real_amx(a, b, *args, **kwargs)
         if y is not None:
-            calls.append((a.shape[0], a.shape[1], b.shape[1]))
+            n = kwargs["b_shape"][1] if kwargs.get("b_shape") else b.shape[1]
+            calls.append((a.shape[0], a.shape[1], n))
         return y
 
     torch._int_mm, cpu_gemm.scaled_mm = mm, amx
@@ -437,19 +455,21 @@ _ACC_ELEMENTS = 1 << 22
 
 def scaled_mm(a: Tensor, b: Tensor, row_scale: Tensor, col_scale: Tensor,
               bias: Tensor | None, dtype: torch.dtype, *, transpose: bool = False,
-              out_shape: tuple[int, ...] | None = None) -> Tensor:
+              out_shape: tuple[int, ...] | None = None,
+              b_shape: tuple[int, int] | None = None) -> Tensor:
     """``rescale(int_mm(a, b), row_scale, col_scale, bias, dtype, transpose, out_shape)``, in
     chunks of ``a``'s rows so that the int32 accumulator stays within 16 MiB (an LM head's
     ``tokens x vocab`` int32 result would otherwise be twice its bf16 output, on top of it).
 
     With the ``cpp`` kernels on a CPU whose PyTorch can run oneDNN's int8 micro-kernel (AMX or
     AVX-512 VNNI), the whole product is one call of :func:`dsq.quant.cpu_gemm.scaled_mm`: the
-    rescale is the epilogue of each output tile and no int32 matrix is written."""
-    if _impl(torch.empty(0, 0, dtype=dtype, device=a.device)) == "cpp":
+    rescale is the epilogue of each output tile and no int32 matrix is written. ``b_shape``:
+    ``b`` is such a GEMM's packed ``B[K, N]`` (see :func:`quantize_cols`)."""
+    if b_shape is not None or _impl(torch.empty(0, 0, dtype=dtype, device=a.device)) == "cpp":
         from dsq.quant import cpu_gemm
 
         y = cpu_gemm.scaled_mm(a, b, row_scale, col_scale, bias, dtype, transpose=transpose,
-                               out_shape=out_shape)
+                               out_shape=out_shape, b_shape=b_shape)
         if y is not None:
             return y
     M, N = a.shape[0], b.shape[1]

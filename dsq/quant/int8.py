@@ -64,7 +64,13 @@ from torch import Tensor
 
 from dsq.quant.format import QuantFormat
 from dsq.quant.functional import QTensor, Reduce, quantize, signal_noise
-from dsq.quant.fused import quantize_cols, quantize_rows, quantize_rows_cols, scaled_mm
+from dsq.quant.fused import (
+    can_pack,
+    quantize_cols,
+    quantize_rows,
+    quantize_rows_cols,
+    scaled_mm,
+)
 
 if TYPE_CHECKING:
     from dsq.quant.matmul import LinearQuant
@@ -197,11 +203,14 @@ class _Int8Linear(torch.autograd.Function):
         xt = n_in <= n_out
         saved_x = saved_w = (None, None, None)
         a = qc.activation
+        x_packed = False
         if needs_dw and plan.weight_grad is None and a.granularity != "tensor":
             # X per token for Y and per column for dW, in one pass; only the latter is saved
+            # (as dW's packed B operand when X is the right-hand side and the driver runs)
+            x_packed = not xt and can_pack(x2, a, cf)
             rc, rs, cc, cs, _ = quantize_rows_cols(x2, a, reduce=rx, col_reduce=rxt,
-                                                   transpose=xt, check_finite=cf,
-                                                   name="activation")
+                                                   transpose=xt, pack=x_packed,
+                                                   check_finite=cf, name="activation")
             qx = QTensor(rc, rs, None, a, x.dtype)
             _record(capture, "activation", x2, qx)
             saved_x = (cc, cs, None)
@@ -228,12 +237,12 @@ class _Int8Linear(torch.autograd.Function):
             else:
                 saved_w = (w, None, None)  # requantized per input column in backward
         ctx.save_for_backward(*saved_x, *saved_w)
-        ctx.meta = (qc, plan, reducers, capture, x.shape, w.dtype, xt)
+        ctx.meta = (qc, plan, reducers, capture, x.shape, w.dtype, xt, x_packed)
         return y
 
     @staticmethod
     def backward(ctx, g):
-        qc, plan, reducers, capture, x_shape, w_dtype, xt = ctx.meta
+        qc, plan, reducers, capture, x_shape, w_dtype, xt, x_packed = ctx.meta
         _, _, rg, _, rwt, rgt = reducers
         saved = ctx.saved_tensors
         needs_dx, needs_dw, needs_db = ctx.needs_input_grad[:3]
@@ -247,10 +256,13 @@ class _Int8Linear(torch.autograd.Function):
         want_rows = q_dx or (q_dw and (not int8_dw or fg.granularity == "tensor"))
         want_cols = int8_dw and fg.granularity != "tensor"
         qg = g_cols = db = None
+        # G as dW's right-hand side: packed for the driver, unless its codes are recorded
+        g_packed = (want_cols and xt and (want_rows or capture is None)
+                    and can_pack(g2, fg, cf))
         if want_cols:
             rc, rs, cc, cs, colsum = quantize_rows_cols(
                 g2, fg, rows=want_rows, col_sum=needs_db, reduce=rg, col_reduce=rgt,
-                transpose=not xt, check_finite=cf, name="grad")
+                transpose=not xt, pack=g_packed, check_finite=cf, name="grad")
             g_cols = (cc, cs)
             if want_rows:
                 qg = QTensor(rc, rs, None, fg, g.dtype)
@@ -269,12 +281,17 @@ class _Int8Linear(torch.autograd.Function):
         if needs_dx:
             if plan.input_grad is None:
                 w_codes, w_scale, _ = saved[3:]
+                w_shape = None
                 if w_codes.dtype != torch.int8:  # per input column, from W itself
-                    w_codes, w_scale = quantize_cols(w_codes, _col_fmt(qc.weight), rwt,
+                    fw = _col_fmt(qc.weight)
+                    if can_pack(w_codes, fw, cf):
+                        w_shape = tuple(w_codes.shape)
+                    w_codes, w_scale = quantize_cols(w_codes, fw, rwt, pack=w_shape is not None,
                                                      check_finite=cf, name="weight")
                 else:
                     w_scale = _tscale(w_scale)
-                dx = scaled_mm(qg.codes, w_codes, qg.scale, w_scale, None, g.dtype)
+                dx = scaled_mm(qg.codes, w_codes, qg.scale, w_scale, None, g.dtype,
+                               b_shape=w_shape)
             else:
                 gd = _value(qg, g2, g.dtype) if q_dx else g2
                 dx = gd @ _unpack(saved[3:], qc.weight, g.dtype)
@@ -291,10 +308,12 @@ class _Int8Linear(torch.autograd.Function):
                     xT = (x_codes if qc.activation.granularity != "tensor"
                           else x_codes.t().contiguous())
                     dw = scaled_mm(xT, g_codes, _tscale(x_scale), g_scale, None,
-                                   w_dtype, transpose=True)
+                                   w_dtype, transpose=True,
+                                   b_shape=tuple(g2.shape) if g_packed else None)
                 else:  # dW[out, in] = G''^T[out, tok] @ X''[tok, in]
                     gT = g_codes if fg.granularity != "tensor" else g_codes.t().contiguous()
-                    dw = scaled_mm(gT, x_codes, _tscale(g_scale), x_scale, None, w_dtype)
+                    dw = scaled_mm(gT, x_codes, _tscale(g_scale), x_scale, None, w_dtype,
+                                   b_shape=(g2.shape[0], x_shape[-1]) if x_packed else None)
             else:
                 gw = _value(qg, g2, g.dtype) if q_dw else g2
                 dw = (gw.t() @ _unpack(saved[:3], qc.activation, g.dtype)).to(w_dtype)

@@ -50,19 +50,57 @@ struct Buf {  // a per-thread scratch buffer that only grows (no allocation per 
   ~Buf() { std::free(p); }
 };
 
+// r[k] <- column k of the 16 x 16 matrix whose rows are r[0..15]
+inline void transpose16x16(__m512 r[16]) {
+  __m512 t[16];
+  for (int i = 0; i < 8; i++) {
+    t[2 * i] = _mm512_unpacklo_ps(r[2 * i], r[2 * i + 1]);
+    t[2 * i + 1] = _mm512_unpackhi_ps(r[2 * i], r[2 * i + 1]);
+  }
+  for (int i = 0; i < 4; i++) {  // r[4g + c], lane L: column 4L + c of rows 4g..4g+3
+    r[4 * i + 0] = _mm512_shuffle_ps(t[4 * i + 0], t[4 * i + 2], _MM_SHUFFLE(1, 0, 1, 0));
+    r[4 * i + 1] = _mm512_shuffle_ps(t[4 * i + 0], t[4 * i + 2], _MM_SHUFFLE(3, 2, 3, 2));
+    r[4 * i + 2] = _mm512_shuffle_ps(t[4 * i + 1], t[4 * i + 3], _MM_SHUFFLE(1, 0, 1, 0));
+    r[4 * i + 3] = _mm512_shuffle_ps(t[4 * i + 1], t[4 * i + 3], _MM_SHUFFLE(3, 2, 3, 2));
+  }
+  for (int c = 0; c < 4; c++) {
+    const __m512 ab_lo = _mm512_shuffle_f32x4(r[c], r[4 + c], 0x44);
+    const __m512 ab_hi = _mm512_shuffle_f32x4(r[c], r[4 + c], 0xEE);
+    const __m512 cd_lo = _mm512_shuffle_f32x4(r[8 + c], r[12 + c], 0x44);
+    const __m512 cd_hi = _mm512_shuffle_f32x4(r[8 + c], r[12 + c], 0xEE);
+    t[c + 0] = _mm512_shuffle_f32x4(ab_lo, cd_lo, 0x88);
+    t[c + 4] = _mm512_shuffle_f32x4(ab_lo, cd_lo, 0xDD);
+    t[c + 8] = _mm512_shuffle_f32x4(ab_hi, cd_hi, 0x88);
+    t[c + 12] = _mm512_shuffle_f32x4(ab_hi, cd_hi, 0xDD);
+  }
+  for (int i = 0; i < 16; i++) r[i] = t[i];
+}
+
 // Pack columns [n0, n0 + nb) of B (element (k, n) at B[k * sk + n * sn]) into the VNNI layout
 // the micro-kernel reads: dst[((k / 4) * nb + j) * 4 + k % 4].
 void pack_block(const int8_t* B, int64_t sk, int64_t sn, int64_t K, int64_t n0, int64_t nb,
                 int8_t* dst) {
   const int64_t K4 = K / 4;
-  if (sk == 1) {  // B^T row-major: each column's 4 consecutive k are one 32-bit word
-    for (int64_t j = 0; j < nb; j++) {
+  if (sk == 1) {  // B^T row-major: each column's 4 consecutive k are one 32-bit word, so
+    // packing is a transpose of 32-bit words, 16 x 16 at a time in registers
+    uint32_t* d = reinterpret_cast<uint32_t*>(dst);
+    const int64_t nb16 = nb / 16 * 16, k16 = K4 / 16 * 16;
+    for (int64_t j0 = 0; j0 < nb16; j0 += 16) {
+      for (int64_t q0 = 0; q0 < k16; q0 += 16) {
+        __m512 r[16];
+        for (int i = 0; i < 16; i++)
+          r[i] = _mm512_castsi512_ps(_mm512_loadu_si512(B + (n0 + j0 + i) * sn + 4 * q0));
+        transpose16x16(r);
+        for (int q = 0; q < 16; q++)
+          _mm512_storeu_si512(d + (q0 + q) * nb + j0, _mm512_castps_si512(r[q]));
+      }
+    }
+    for (int64_t j = 0; j < nb; j++) {  // the rest, a word at a time
       const int8_t* col = B + (n0 + j) * sn;
-      uint32_t* d = reinterpret_cast<uint32_t*>(dst) + j;
-      for (int64_t k4 = 0; k4 < K4; k4++) {
+      for (int64_t k4 = (j < nb16 ? k16 : 0); k4 < K4; k4++) {
         uint32_t w;
         std::memcpy(&w, col + 4 * k4, 4);
-        d[k4 * nb] = w;
+        d[k4 * nb + j] = w;
       }
     }
     return;
@@ -127,32 +165,6 @@ inline __m512 ld16(const void* p, int64_t i, int bf16, __mmask16 k) {
   if (!bf16) return _mm512_maskz_loadu_ps(k, static_cast<const float*>(p) + i);
   const __m256i h = _mm256_maskz_loadu_epi16(k, static_cast<const uint16_t*>(p) + i);
   return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
-}
-
-// r[k] <- column k of the 16 x 16 matrix whose rows are r[0..15]
-inline void transpose16x16(__m512 r[16]) {
-  __m512 t[16];
-  for (int i = 0; i < 8; i++) {
-    t[2 * i] = _mm512_unpacklo_ps(r[2 * i], r[2 * i + 1]);
-    t[2 * i + 1] = _mm512_unpackhi_ps(r[2 * i], r[2 * i + 1]);
-  }
-  for (int i = 0; i < 4; i++) {  // r[4g + c], lane L: column 4L + c of rows 4g..4g+3
-    r[4 * i + 0] = _mm512_shuffle_ps(t[4 * i + 0], t[4 * i + 2], _MM_SHUFFLE(1, 0, 1, 0));
-    r[4 * i + 1] = _mm512_shuffle_ps(t[4 * i + 0], t[4 * i + 2], _MM_SHUFFLE(3, 2, 3, 2));
-    r[4 * i + 2] = _mm512_shuffle_ps(t[4 * i + 1], t[4 * i + 3], _MM_SHUFFLE(1, 0, 1, 0));
-    r[4 * i + 3] = _mm512_shuffle_ps(t[4 * i + 1], t[4 * i + 3], _MM_SHUFFLE(3, 2, 3, 2));
-  }
-  for (int c = 0; c < 4; c++) {
-    const __m512 ab_lo = _mm512_shuffle_f32x4(r[c], r[4 + c], 0x44);
-    const __m512 ab_hi = _mm512_shuffle_f32x4(r[c], r[4 + c], 0xEE);
-    const __m512 cd_lo = _mm512_shuffle_f32x4(r[8 + c], r[12 + c], 0x44);
-    const __m512 cd_hi = _mm512_shuffle_f32x4(r[8 + c], r[12 + c], 0xEE);
-    t[c + 0] = _mm512_shuffle_f32x4(ab_lo, cd_lo, 0x88);
-    t[c + 4] = _mm512_shuffle_f32x4(ab_lo, cd_lo, 0xDD);
-    t[c + 8] = _mm512_shuffle_f32x4(ab_hi, cd_hi, 0x88);
-    t[c + 12] = _mm512_shuffle_f32x4(ab_hi, cd_hi, 0xDD);
-  }
-  for (int i = 0; i < 16; i++) r[i] = t[i];
 }
 
 // out tile = C * rs * cs (+ bias): the arithmetic of dsq's rescale, operation for operation
@@ -224,19 +236,39 @@ thread_local Buf pack_buf;
 
 extern "C" {
 
+int64_t dsq_pack_block_n() { return NB; }
+
+// B[K, N] (element (k, n) at B[k * sbk + n * sbn]) into the driver's layout: blocks of NB
+// columns, block b at dst + b * NB * K, VNNI inside ([K / 4][width][4])
+void dsq_pack_s8(int64_t K, int64_t N, const int8_t* B, int64_t sbk, int64_t sbn, int8_t* dst,
+                 int nt) {
+  const int64_t nnb = (N + NB - 1) / NB;
+#pragma omp parallel for num_threads(nt) schedule(static)
+  for (int64_t b = 0; b < nnb; b++) {
+    const int64_t n0 = b * NB, nb = std::min(NB, N - n0);
+    pack_block(B, sbk, sbn, K, n0, nb, dst + b * NB * K);
+  }
+}
+
 int dsq_amx_ready() { return at::native::cpublas::could_pack(c10::ScalarType::Char) ? 1 : 0; }
 
 // out (M x N, or N x M with tr) = (A @ B) * rs * cs (+ bias). K % 4 == 0, K <= 65536.
+// B with sbk == sbn == 0: B is already packed (dsq_pack_s8's layout, e.g. written so by the
+// quantization kernel).
 void dsq_gemm_s8(int64_t M, int64_t N, int64_t K, const int8_t* A, int64_t lda, const int8_t* B,
                  int64_t sbk, int64_t sbn, const float* rs, int64_t rstr, const float* cs,
                  int64_t cstr, const void* bias, void* out, int64_t ldo, int bf16, int tr,
                  int nt) {
   const int64_t nnb = (N + NB - 1) / NB;
-  int8_t* Bp = static_cast<int8_t*>(pack_buf.get(static_cast<size_t>(nnb * NB * K)));
+  const int8_t* Bp = B;
+  if (sbk || sbn) {
+    int8_t* buf = static_cast<int8_t*>(pack_buf.get(static_cast<size_t>(nnb * NB * K)));
 #pragma omp parallel for num_threads(nt) schedule(static)
-  for (int64_t b = 0; b < nnb; b++) {
-    const int64_t n0 = b * NB, nb = std::min(NB, N - n0);
-    pack_block(B, sbk, sbn, K, n0, nb, Bp + b * NB * K);
+    for (int64_t b = 0; b < nnb; b++) {
+      const int64_t n0 = b * NB, nb = std::min(NB, N - n0);
+      pack_block(B, sbk, sbn, K, n0, nb, buf + b * NB * K);
+    }
+    Bp = buf;
   }
   // panels of B that stay in L2 while a thread's rows stream through them
   int64_t pn = std::max<int64_t>(1, (1 << 20) / std::max<int64_t>(1, K * NB));
