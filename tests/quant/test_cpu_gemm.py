@@ -116,3 +116,35 @@ def test_codes_kernel_rounds_ties_like_a_true_division(dtype):
     assert torch.equal(cs, want_c.scale.t())
     ties = ((x.float() / rs).frac().abs() == 0.5).sum()
     assert ties > 50  # the data really holds ties
+
+
+@needs_int8_units
+@pytest.mark.parametrize("R,C", [(64, 48), (36, 200), (4, 16), (128, 130)])
+def test_codes_written_packed_are_the_drivers_layout(R, C):
+    """Column codes written straight into the driver's packed B layout (the tile path for
+    C % 16 == 0, the element-wise one otherwise) equal packing the row-major codes, and the
+    GEMM on them equals the GEMM on the unpacked matrix."""
+    g = torch.Generator().manual_seed(R + C)
+    x = torch.randn(R, C, generator=g).bfloat16()
+    fmt = QuantFormat(8, "token")
+    fused.set_kernel("cpp")
+    try:
+        assert fused.can_pack(x, fmt)
+        _, _, cc, cs, _ = fused.quantize_rows_cols(x, fmt, rows=False)
+        _, _, cp, cs2, _ = fused.quantize_rows_cols(x, fmt, rows=False, pack=True)
+        wc, _ = fused.quantize_cols(x, fmt, pack=True)
+    finally:
+        fused.set_kernel(None)
+    assert cp.shape == (R * C,) and torch.equal(cs, cs2)
+    assert torch.equal(cp, cpu_gemm.pack(cc)) and torch.equal(wc, cp)
+    a = torch.randint(-128, 128, (24, R), dtype=torch.int8, generator=g)
+    rs = torch.rand(24, 1, generator=g)
+    got = fused.scaled_mm(a, cp, rs, cs, None, torch.float32, b_shape=(R, C))
+    assert torch.equal(got, _reference(a, cc, rs, cs, None, torch.float32, False))
+
+
+def test_packing_needs_the_driver():
+    x = torch.randn(6, 16)  # R % 4 != 0: the driver cannot reduce over 6
+    assert not fused.can_pack(x, QuantFormat(8, "token"))
+    with pytest.raises(ValueError, match="packed"):
+        fused.quantize_cols(x, QuantFormat(8, "token"), pack=True)
