@@ -63,7 +63,7 @@ import torch
 from torch import Tensor
 
 from dsq.quant.format import QuantFormat
-from dsq.quant.functional import QTensor, Reduce, quantize, signal_noise
+from dsq.quant.functional import QTensor, Reduce, quantize, signal_noise_q
 from dsq.quant.fused import (
     can_pack,
     quantize_cols,
@@ -153,7 +153,7 @@ def _tscale(s: Tensor | None) -> Tensor | None:
 
 def _record(capture, name: str, x: Tensor, q: QTensor) -> None:
     if capture is not None:
-        terms = signal_noise(x, q.dequantize(torch.float32))
+        terms = signal_noise_q(x, q)
         capture[name] = capture[name] + terms if name in capture else terms
 
 

@@ -261,8 +261,11 @@ void dsq_gemm_s8(int64_t M, int64_t N, int64_t K, const int8_t* A, int64_t lda, 
                  int nt) {
   const int64_t nnb = (N + NB - 1) / NB;
   const int8_t* Bp = B;
+  Buf once;  // a large B (one not packed in advance: rare) gets a buffer of its own
+  const size_t pbytes = static_cast<size_t>(nnb * NB * K);
   if (sbk || sbn) {
-    int8_t* buf = static_cast<int8_t*>(pack_buf.get(static_cast<size_t>(nnb * NB * K)));
+    int8_t* buf = static_cast<int8_t*>(pbytes <= (4u << 20) ? pack_buf.get(pbytes)
+                                                             : once.get(pbytes));
 #pragma omp parallel for num_threads(nt) schedule(static)
     for (int64_t b = 0; b < nnb; b++) {
       const int64_t n0 = b * NB, nb = std::min(NB, N - n0);
