@@ -170,11 +170,12 @@ static void codes_tiles_##SUF(const void *x, int64_t R, int64_t C, const float *
                               int64_t rstr, int8_t *qr, const float *cs, int64_t cstr,       \
                               int8_t *qc, int tc, float qmin, float qmax, int nt) {          \
     const __m512 vmin = _mm512_set1_ps(qmin), vmax = _mm512_set1_ps(qmax);                   \
-    /* bands of 64 rows: a transposed band writes whole 64-byte lines of qc's rows */        \
-    const int64_t nb = (R + 63) / 64;                                                        \
+    /* bands of 64 rows when transposing (a band writes whole 64-byte lines of qc's rows),  \
+       else of 4 (few concurrent read streams for the prefetchers; one VNNI group) */        \
+    const int64_t bh = tc == 1 ? 64 : 4, nb = (R + bh - 1) / bh;                             \
     _Pragma("omp parallel for num_threads(nt) schedule(static)")                             \
     for (int64_t bi = 0; bi < nb; bi++) {                                                    \
-        const int64_t b0 = bi * 64, b1 = b0 + 64 < R ? b0 + 64 : R;                          \
+        const int64_t b0 = bi * bh, b1 = b0 + bh < R ? b0 + bh : R;                          \
         int8_t tile[256] __attribute__((aligned(64)));                                       \
         for (int64_t c0 = 0; c0 < C; c0 += 16) {                                             \
             const __m512 sc = !qc ? vmax : cstr ? _mm512_loadu_ps(cs + c0)                   \

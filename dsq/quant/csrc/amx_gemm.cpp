@@ -151,14 +151,24 @@ void pack_block(const int8_t* B, int64_t sk, int64_t sn, int64_t K, int64_t n0, 
   }
 }
 
-// 16 floats to bf16, round to nearest even, NaN -> 0x7FC0 (as the scalar to_bf16)
-inline __m256i bf16x16(__m512 y) {
+// 16 floats to bf16, round to nearest even, NaN -> 0x7FC0 (as the scalar to_bf16 and PyTorch)
+inline __m256i bf16x16_exact(__m512 y) {
   const __m512i u = _mm512_castps_si512(y);
   const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
   __m512i r = _mm512_srli_epi32(_mm512_add_epi32(_mm512_add_epi32(u, _mm512_set1_epi32(0x7FFF)), lsb), 16);
   const __mmask16 nan = _mm512_cmp_ps_mask(y, y, _CMP_UNORD_Q);
   r = _mm512_mask_mov_epi32(r, nan, _mm512_set1_epi32(0x7FC0));
   return _mm512_cvtepi32_epi16(r);
+}
+
+inline __m256i bf16x16(__m512 y) {
+#if defined(__AVX512BF16__)
+  // the BF16 unit rounds to nearest even too, but flushes denormals and keeps NaN payloads:
+  // those (rare) vectors take the exact path
+  if (_mm512_fpclass_ps_mask(y, 0x01 | 0x20 | 0x80) == 0)
+    return reinterpret_cast<__m256i>(_mm512_cvtneps_pbh(y));
+#endif
+  return bf16x16_exact(y);
 }
 
 inline __m512 ld16(const void* p, int64_t i, int bf16, __mmask16 k) {
@@ -277,14 +287,17 @@ void dsq_gemm_s8(int64_t M, int64_t N, int64_t K, const int8_t* A, int64_t lda, 
   int64_t pn = std::max<int64_t>(1, (1 << 20) / std::max<int64_t>(1, K * NB));
   pn = std::min(pn, nnb);
   const int64_t nmb = (M + MB - 1) / MB;
+  // threads split the rows when B is the smaller operand (each thread reads all of B), the
+  // columns when A is (each reads all of A): the larger operand is read from memory once
+  const bool split_n = N > M && nnb > 1;
 #pragma omp parallel num_threads(nt)
   {
     alignas(64) int32_t C[MB * NB];
     const int t = omp_get_thread_num(), T = omp_get_num_threads();
-    // rows split evenly over threads (in units of MB), all columns per thread
-    const int64_t mb0 = nmb * t / T, mb1 = nmb * (t + 1) / T;
-    for (int64_t p0 = 0; p0 < nnb; p0 += pn) {
-      const int64_t p1 = std::min(nnb, p0 + pn);
+    const int64_t mb0 = split_n ? 0 : nmb * t / T, mb1 = split_n ? nmb : nmb * (t + 1) / T;
+    const int64_t nb0 = split_n ? nnb * t / T : 0, nb1 = split_n ? nnb * (t + 1) / T : nnb;
+    for (int64_t p0 = nb0; p0 < nb1; p0 += pn) {
+      const int64_t p1 = std::min(nb1, p0 + pn);
       for (int64_t mi = mb0; mi < mb1; mi++) {
         const int64_t m0 = mi * MB, mb = std::min(MB, M - m0);
         for (int64_t b = p0; b < p1; b++) {
