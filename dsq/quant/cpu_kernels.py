@@ -213,8 +213,28 @@ static void codes_tiles_##SUF(const void *x, int64_t R, int64_t C, const float *
 DEFINE_TILES(f32, v16_f32)
 DEFINE_TILES(bf16, v16_bf16)
 #define TILES(SUF) codes_tiles_##SUF
+/* one row of the statistics pass, 16 columns at a time (C % 16 == 0): |x| bit patterns'
+   maximum into lm (per column) and the row's, x into ls (per column) */
+#define DEFINE_STATS_ROW(SUF, V)                                                             \
+static inline uint32_t stats_row_##SUF(const void *x, int64_t o, int64_t C, uint32_t *lm,    \
+                                       float *ls) {                                          \
+    const __m512i absm = _mm512_set1_epi32(0x7FFFFFFF);                                      \
+    __m512i m = _mm512_setzero_si512();                                                      \
+    for (int64_t c = 0; c < C; c += 16) {                                                    \
+        const __m512 v = V(x, o + c);                                                        \
+        const __m512i a = _mm512_and_si512(_mm512_castps_si512(v), absm);                    \
+        m = _mm512_max_epu32(m, a);                                                          \
+        if (lm) _mm512_storeu_si512(lm + c, _mm512_max_epu32(_mm512_loadu_si512(lm + c), a)); \
+        if (ls) _mm512_storeu_ps(ls + c, _mm512_add_ps(_mm512_loadu_ps(ls + c), v));         \
+    }                                                                                        \
+    return _mm512_reduce_max_epu32(m);                                                       \
+}
+DEFINE_STATS_ROW(f32, v16_f32)
+DEFINE_STATS_ROW(bf16, v16_bf16)
+#define STATS_ROW(SUF) stats_row_##SUF
 #else
 #define DSQ_AVX512 0
+#define STATS_ROW(SUF) ((uint32_t (*)(const void *, int64_t, int64_t, uint32_t *, float *))0)
 #define TILES(SUF) ((void (*)(const void *, int64_t, int64_t, const float *, int64_t, int8_t *, \
                               const float *, int64_t, int8_t *, int, float, float, int))0)
 #endif
@@ -241,7 +261,9 @@ void dsq_stats_##SUF(const void *x, int64_t R, int64_t C, float *ramax, float *c
         for (int64_t r = r0; r < r1; r++) {                                                  \
             const int64_t o = r * C;                                                         \
             uint32_t m = 0;                                                                  \
-            if (want_cols) {                                                                 \
+            if (DSQ_AVX512 && C % 16 == 0) {                                                 \
+                m = STATS_ROW(SUF)(x, o, C, camax ? lm : NULL, csum ? ls : NULL);            \
+            } else if (want_cols) {                                                          \
                 for (int64_t c = 0; c < C; c++) {                                            \
                     uint32_t a = ABS(x, o + c);                                              \
                     m = a > m ? a : m;                                                       \
