@@ -164,6 +164,10 @@ def main(argv: Optional[List[str]] = None) -> None:
         print(USAGE)
         sys.exit(0 if argv else 2)
     cmd = argv[0]
+    if cmd in ("train", "eval", "bench"):
+        from dsq.runtime import tune_allocator
+
+        tune_allocator()
     if cmd == "bench":
         from dsq.bench import main as bench_main
 
