@@ -64,6 +64,13 @@ static inline void interleave4(const int8_t *src, int8_t *dst) {
     __m128i a2 = _mm_loadu_si128((const __m128i *)(src + 32)), a3 = _mm_loadu_si128((const __m128i *)(src + 48));
     __m128i t0 = _mm_unpacklo_epi8(a0, a1), t1 = _mm_unpackhi_epi8(a0, a1);
     __m128i t2 = _mm_unpacklo_epi8(a2, a3), t3 = _mm_unpackhi_epi8(a2, a3);
+    if (((uintptr_t)dst & 63) == 0) {  /* a whole cache line: stream it (no read for ownership) */
+        _mm_stream_si128((__m128i *)dst, _mm_unpacklo_epi16(t0, t2));
+        _mm_stream_si128((__m128i *)(dst + 16), _mm_unpackhi_epi16(t0, t2));
+        _mm_stream_si128((__m128i *)(dst + 32), _mm_unpacklo_epi16(t1, t3));
+        _mm_stream_si128((__m128i *)(dst + 48), _mm_unpackhi_epi16(t1, t3));
+        return;
+    }
     _mm_storeu_si128((__m128i *)dst, _mm_unpacklo_epi16(t0, t2));
     _mm_storeu_si128((__m128i *)(dst + 16), _mm_unpackhi_epi16(t0, t2));
     _mm_storeu_si128((__m128i *)(dst + 32), _mm_unpacklo_epi16(t1, t3));
@@ -173,7 +180,9 @@ static void codes_tiles_##SUF(const void *x, int64_t R, int64_t C, const float *
     /* bands of 64 rows when transposing (a band writes whole 64-byte lines of qc's rows),  \
        else of 4 (few concurrent read streams for the prefetchers; one VNNI group) */        \
     const int64_t bh = tc == 1 ? 64 : 4, nb = (R + bh - 1) / bh;                             \
-    _Pragma("omp parallel for num_threads(nt) schedule(static)")                             \
+    _Pragma("omp parallel num_threads(nt)")                                                  \
+    {                                                                                        \
+    _Pragma("omp for schedule(static)")                                                      \
     for (int64_t bi = 0; bi < nb; bi++) {                                                    \
         const int64_t b0 = bi * bh, b1 = b0 + bh < R ? b0 + bh : R;                          \
         int8_t tile[256] __attribute__((aligned(64)));                                       \
@@ -208,6 +217,8 @@ static void codes_tiles_##SUF(const void *x, int64_t R, int64_t C, const float *
                 }                                                                            \
             }                                                                                \
         }                                                                                    \
+    }                                                                                        \
+    _mm_sfence();  /* packed lines are streamed: visible before the GEMM reads them */      \
     }                                                                                        \
 }
 DEFINE_TILES(f32, v16_f32)
