@@ -181,23 +181,44 @@ inline __m512 ld16(const void* p, int64_t i, int bf16, __mmask16 k) {
 // ((float(acc) * rs) * cs + bias, no fused multiply-add), 16 columns at a time
 void epilogue(const int32_t* C, int64_t mb, int64_t nb, int64_t m0, int64_t n0,
               const float* rs, int64_t rstr, const float* cs, int64_t cstr, const void* bias,
-              void* out, int64_t ldo, int bf16, int tr) {
+              void* out, int64_t ldo, int bf16, int tr, bool stream) {
   if (!tr) {
-    for (int64_t j = 0; j < nb; j += 16) {
-      const __mmask16 k = nb - j >= 16 ? static_cast<__mmask16>(0xFFFF)
-                                       : static_cast<__mmask16>((1u << (nb - j)) - 1);
-      const __m512 s = cstr ? _mm512_maskz_loadu_ps(k, cs + n0 + j) : _mm512_set1_ps(cs[0]);
-      const __m512 b = bias ? ld16(bias, n0 + j, bf16, k) : _mm512_setzero_ps();
-      for (int64_t i = 0; i < mb; i++) {
-        const __m512 a = _mm512_set1_ps(rs[(m0 + i) * rstr]);
-        const __m512 c = _mm512_cvtepi32_ps(_mm512_maskz_loadu_epi32(k, C + i * NB + j));
-        __m512 y = _mm512_mul_ps(_mm512_mul_ps(c, a), s);
-        if (bias) y = _mm512_add_ps(y, b);
-        const int64_t o = (m0 + i) * ldo + n0 + j;
-        if (bf16)
-          _mm256_mask_storeu_epi16(static_cast<uint16_t*>(out) + o, k, bf16x16(y));
-        else
-          _mm512_mask_storeu_ps(static_cast<float*>(out) + o, k, y);
+    // row by row: a full 64-column tile row is 2 (bf16) or 4 (fp32) whole cache lines, which a
+    // large output streams to memory (no read for ownership) when they are aligned
+    const int64_t esz = bf16 ? 2 : 4;
+    const bool nt = stream && nb == NB &&
+                    (reinterpret_cast<uintptr_t>(out) + (m0 * ldo + n0) * esz) % 64 == 0 &&
+                    (ldo * esz) % 64 == 0;
+    __m512 s[NB / 16], b[NB / 16];
+    __mmask16 km[NB / 16];
+    for (int64_t q = 0; q * 16 < nb; q++) {
+      const int64_t j = 16 * q;
+      km[q] = nb - j >= 16 ? static_cast<__mmask16>(0xFFFF)
+                           : static_cast<__mmask16>((1u << (nb - j)) - 1);
+      s[q] = cstr ? _mm512_maskz_loadu_ps(km[q], cs + n0 + j) : _mm512_set1_ps(cs[0]);
+      b[q] = bias ? ld16(bias, n0 + j, bf16, km[q]) : _mm512_setzero_ps();
+    }
+    for (int64_t i = 0; i < mb; i++) {
+      const __m512 a = _mm512_set1_ps(rs[(m0 + i) * rstr]);
+      const int64_t o = (m0 + i) * ldo + n0;
+      for (int64_t q = 0; q * 16 < nb; q++) {
+        const int64_t j = 16 * q;
+        const __m512 c = _mm512_cvtepi32_ps(_mm512_maskz_loadu_epi32(km[q], C + i * NB + j));
+        __m512 y = _mm512_mul_ps(_mm512_mul_ps(c, a), s[q]);
+        if (bias) y = _mm512_add_ps(y, b[q]);
+        if (bf16) {
+          uint16_t* p = static_cast<uint16_t*>(out) + o + j;
+          if (nt)
+            _mm256_stream_si256(reinterpret_cast<__m256i*>(p), bf16x16(y));
+          else
+            _mm256_mask_storeu_epi16(p, km[q], bf16x16(y));
+        } else {
+          float* p = static_cast<float*>(out) + o + j;
+          if (nt)
+            _mm512_stream_ps(p, y);
+          else
+            _mm512_mask_storeu_ps(p, km[q], y);
+        }
       }
     }
     return;
@@ -290,6 +311,8 @@ void dsq_gemm_s8(int64_t M, int64_t N, int64_t K, const int8_t* A, int64_t lda, 
   // threads split the rows when B is the smaller operand (each thread reads all of B), the
   // columns when A is (each reads all of A): the larger operand is read from memory once
   const bool split_n = N > M && nnb > 1;
+  // outputs much larger than the caches go to memory without a read for ownership
+  const bool stream = M * N * (bf16 ? 2 : 4) >= (16 << 20);
 #pragma omp parallel num_threads(nt)
   {
     alignas(64) int32_t C[MB * NB];
@@ -306,11 +329,12 @@ void dsq_gemm_s8(int64_t M, int64_t N, int64_t K, const int8_t* A, int64_t lda, 
                                       reinterpret_cast<const signed char*>(A + m0 * lda),
                                       reinterpret_cast<const signed char*>(Bp + b * NB * K), C,
                                       true);
-          epilogue(C, mb, nb, m0, n0, rs, rstr, cs, cstr, bias, out, ldo, bf16, tr);
+          epilogue(C, mb, nb, m0, n0, rs, rstr, cs, cstr, bias, out, ldo, bf16, tr, stream);
         }
       }
     }
     at::native::cpublas::brgemm_release(true);
+    if (stream) _mm_sfence();  // the streamed lines, before anyone reads the output
   }
 }
 
