@@ -292,6 +292,12 @@ class Trainer:
     # ------------------------------------------------------------------ loop
     def train(self) -> Dict:
         cfg = self.cfg.train
+        done = self.out_dir / "summary.json"
+        if self.step >= cfg.steps and done.is_file():
+            # the same command again after the run finished (a requeue, a rerun): keep its results
+            self.log(f"nothing to do: {self.out_dir} finished at step {self.step} (train.steps="
+                     f"{cfg.steps}); raise train.steps to train on, or use a new train.out_dir")
+            return json.loads(done.read_text())
         tokens_per_step = cfg.global_batch * self.cfg.model.seq_len
         bar = None
         if self.env.is_main and cfg.progress:

@@ -154,6 +154,12 @@ def test_kill_and_resume_continues_exactly(ref, tmp_path):
     assert [r.info.run_id for r in runs] == [s["mlflow_run_id"]]
     steps = [m.step for m in client.get_metric_history(s["mlflow_run_id"], "train/loss")]
     assert sorted(steps) == list(range(1, STEPS + 1)), (killed_at, start)
+    # the same command once more (a late requeue, a rerun): nothing to train, results kept
+    before = (out / "summary.json").read_text()
+    res = launch(2, *args)
+    assert "nothing to do" in res.stdout and (out / "summary.json").read_text() == before
+    steps = [m.step for m in client.get_metric_history(s["mlflow_run_id"], "train/loss")]
+    assert sorted(steps) == list(range(1, STEPS + 1))
 
 
 def test_bf16_trains_close_to_fp32(ref, tmp_path):
