@@ -315,26 +315,18 @@ void dsq_codes_##SUF(const void *x, int64_t R, int64_t C, const float *rs, int64
         TILES(SUF)(x, R, C, rs, rstr, qr, cs, cstr, qc, tc, qmin, qmax, nt);                 \
         return;                                                                              \
     }                                                                                        \
-    if (tc == 2) {  /* column codes in the GEMM driver's packed layout */                  \
+    if (tc != 1) {  /* row by row: each row's codes for both scalings from one read */      \
         _Pragma("omp parallel for num_threads(nt) schedule(static)")                         \
         for (int64_t r = 0; r < R; r++) {                                                    \
             const int64_t o = r * C;                                                         \
             if (qr) { const float s = rs[r * rstr];                                          \
                 for (int64_t c = 0; c < C; c++)                                              \
                     qr[o + c] = qcode(LD(x, o + c) / s, qmin, qmax); }                       \
-            for (int64_t c = 0; c < C; c++)                                                  \
-                qc[packed_at(r, c, R, C)] = qcode(LD(x, o + c) / cs[c * cstr], qmin, qmax);  \
-        }                                                                                    \
-        return;                                                                              \
-    }                                                                                        \
-    if (!tc) {  /* row by row: each row's codes for both scalings from one read */          \
-        _Pragma("omp parallel for num_threads(nt) schedule(static)")                         \
-        for (int64_t r = 0; r < R; r++) {                                                    \
-            const int64_t o = r * C;                                                         \
-            if (qr) { const float s = rs[r * rstr];                                          \
+            if (qc && tc == 2) {  /* the GEMM driver's packed layout */                      \
                 for (int64_t c = 0; c < C; c++)                                              \
-                    qr[o + c] = qcode(LD(x, o + c) / s, qmin, qmax); }                       \
-            if (qc && cstr) {                                                                \
+                    qc[packed_at(r, c, R, C)] = qcode(LD(x, o + c) / cs[c * cstr],           \
+                                                      qmin, qmax);                           \
+            } else if (qc && cstr) {                                                         \
                 for (int64_t c = 0; c < C; c++)                                              \
                     qc[o + c] = qcode(LD(x, o + c) / cs[c], qmin, qmax);                     \
             } else if (qc) { const float s = cs[0];                                          \
