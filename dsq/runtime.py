@@ -10,7 +10,9 @@ and a few ms per int8 linear layer, by how much depends on what ran before. dsq 
 * sets ``THP_MEM_ALLOC_ENABLE=1`` (PyTorch's CPU allocator then asks for transparent huge pages
   for tensors of 2 MiB and more: one fault per 2 MiB instead of 512), and
 * fixes glibc's mmap threshold at 32 MiB and keeps freed memory for reuse (``mallopt``:
-  ``M_MMAP_THRESHOLD``, ``M_TRIM_THRESHOLD`` 1 GiB, ``M_TOP_PAD`` 64 MiB).
+  ``M_MMAP_THRESHOLD``, ``M_TRIM_THRESHOLD`` 1 GiB, ``M_TOP_PAD`` 64 MiB), in at most two
+  arenas (``M_ARENA_MAX``: each allocating thread, communication threads included, would
+  otherwise keep an arena of freed memory of its own).
 
 Every recipe of a run or benchmark gets the same settings. ``DSQ_MALLOC_TUNING=0`` leaves the
 allocator alone (e.g. when jemalloc or tcmalloc is preloaded); an explicitly set
@@ -23,7 +25,7 @@ import ctypes
 import ctypes.util
 import os
 
-_M_TRIM_THRESHOLD, _M_TOP_PAD, _M_MMAP_THRESHOLD = -1, -2, -3
+_M_TRIM_THRESHOLD, _M_TOP_PAD, _M_MMAP_THRESHOLD, _M_ARENA_MAX = -1, -2, -3, -8
 _done = False
 
 
@@ -45,7 +47,8 @@ def tune_allocator() -> bool:
     ok = True
     for param, env, value in ((_M_MMAP_THRESHOLD, "MALLOC_MMAP_THRESHOLD_", 32 << 20),
                               (_M_TRIM_THRESHOLD, "MALLOC_TRIM_THRESHOLD_", 1 << 30),
-                              (_M_TOP_PAD, "MALLOC_TOP_PAD_", 64 << 20)):
+                              (_M_TOP_PAD, "MALLOC_TOP_PAD_", 64 << 20),
+                              (_M_ARENA_MAX, "MALLOC_ARENA_MAX", 2)):
         if env not in os.environ:
             ok = bool(mallopt(param, value)) and ok
     return ok
