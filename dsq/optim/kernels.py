@@ -46,15 +46,10 @@ place with the same operations, and the block maxima are those of the quantized 
 from __future__ import annotations
 
 import ctypes
-import hashlib
 import os
-import shutil
 import struct
-import subprocess
-import tempfile
 import threading
 import warnings
-from pathlib import Path
 from typing import Optional, Tuple
 
 import torch
@@ -672,41 +667,10 @@ _LIB_ERR: Optional[str] = None
 _LOCK = threading.Lock()
 
 
-def _cache_dir() -> Path:
-    return Path(os.environ.get("DSQ_CACHE_DIR", Path.home() / ".cache" / "dsq"))
-
-
-def _cpu_id() -> str:
-    try:
-        with open("/proc/cpuinfo") as fh:
-            return "".join(sorted({ln for ln in fh if ln.startswith(("model name", "flags"))}))
-    except OSError:
-        import platform
-
-        return platform.machine() + platform.processor()
-
-
 def _build() -> ctypes.CDLL:
-    cc = os.environ.get("CC") or shutil.which("gcc") or shutil.which("cc")
-    if not cc:
-        raise RuntimeError("no C compiler (gcc/cc) on PATH")
-    flags = ["-O3", "-march=native", "-ffp-contract=off", "-fno-math-errno", "-fopenmp",
-             "-shared", "-fPIC"]
-    # -march=native: the CPU is part of the key (a home directory shared by different nodes)
-    key = hashlib.sha256((C_SOURCE + " ".join(flags) + cc + _cpu_id()).encode()).hexdigest()[:16]
-    out = _cache_dir() / f"qadamw_{key}.so"
-    if not out.is_file():
-        out.parent.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryDirectory(dir=out.parent) as tmp:
-            src = Path(tmp) / "qadamw.c"
-            src.write_text(C_SOURCE)
-            so = Path(tmp) / "qadamw.so"
-            res = subprocess.run([cc, *flags, str(src), "-o", str(so), "-lm"],
-                                 capture_output=True, text=True)
-            if res.returncode != 0:
-                raise RuntimeError(f"{cc} failed: {res.stderr[-2000:]}")
-            os.replace(so, out)  # atomic: concurrent ranks may build at the same time
-    lib = ctypes.CDLL(str(out))
+    from dsq.native import build
+
+    lib = build("qadamw", C_SOURCE)
     P, L, N, F = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_float
     lib.dsq_rows.argtypes = [P, P, P, P, P, P, L, L, N, N, N, P, N]
     lib.dsq_pass1.argtypes = [P, P, P, P, P, P, L, N, N, N, P, N, P]

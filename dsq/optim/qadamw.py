@@ -389,28 +389,30 @@ def piece_codes(st: Dict, pc, fmt: K.Fmt) -> Tuple[torch.Tensor, torch.Tensor]:
         lm, lv = K.code_len(n, fmt.m_bits), K.code_len(n, fmt.v_bits)
     cm = st[fmt.m_key][pc.cm:pc.cm + lm]
     cv = st[fmt.v_key][pc.cv:pc.cv + lv]
-    if fmt.m_bits == K.FP32:
-        qm = cm.clone()
-    else:
-        qm = cm.to(torch.int16) if fmt.m_bits == 8 else K.unpack4(cm, n).to(torch.int16) - 8
-    if fmt.v_bits == K.FP32:
-        qv = cv.clone()
-    else:
-        qv = cv.to(torch.int16) if fmt.v_bits == 8 else K.unpack4(cv, n).to(torch.int16)
-    return qm, qv
+    return _decode(cm, n, fmt.m_bits, 8), _decode(cv, n, fmt.v_bits, 0)
 
 
 def pack_piece_codes(qm: torch.Tensor, qv: torch.Tensor, fmt: K.Fmt):
     """Inverse of :func:`piece_codes`: storage of one piece (codes, or fp32 values)."""
-    if fmt.m_bits == K.FP32:
-        cm = qm.float()
-    else:
-        cm = qm.to(torch.int8) if fmt.m_bits == 8 else K.pack4((qm + 8).to(torch.uint8))
-    if fmt.v_bits == K.FP32:
-        cv = qv.float()
-    else:
-        cv = qv.to(torch.uint8) if fmt.v_bits == 8 else K.pack4(qv.to(torch.uint8))
-    return cm, cv
+    return _encode(qm, fmt.m_bits, 8, torch.int8), _encode(qv, fmt.v_bits, 0, torch.uint8)
+
+
+def _decode(stored: torch.Tensor, n: int, bits: int, offset: int) -> torch.Tensor:
+    """One moment's storage as int16 codes (4-bit codes are kept as ``code + offset``), or a
+    copy of its fp32 values."""
+    if bits == K.FP32:
+        return stored.clone()
+    if bits == 8:
+        return stored.to(torch.int16)
+    return K.unpack4(stored, n).to(torch.int16) - offset
+
+
+def _encode(q: torch.Tensor, bits: int, offset: int, dtype8: torch.dtype) -> torch.Tensor:
+    if bits == K.FP32:
+        return q.float()
+    if bits == 8:
+        return q.to(dtype8)
+    return K.pack4((q + offset).to(torch.uint8))
 
 
 def moment_dtypes(fmt: K.Fmt) -> Tuple[torch.dtype, torch.dtype]:

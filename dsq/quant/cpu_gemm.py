@@ -23,11 +23,7 @@ pack int8 operands on this CPU.
 from __future__ import annotations
 
 import ctypes
-import hashlib
 import os
-import shutil
-import subprocess
-import tempfile
 import threading
 import warnings
 from pathlib import Path
@@ -48,11 +44,8 @@ _OUT = {torch.float32: 0, torch.bfloat16: 1}
 
 
 def _build() -> ctypes.CDLL:
-    from dsq.quant.cpu_kernels import _cache_dir, _cpu_id
+    from dsq.native import build
 
-    cxx = os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++")
-    if not cxx:
-        raise RuntimeError("no C++ compiler (g++/c++) on PATH")
     root = Path(torch.__file__).parent
     inc, lib = root / "include", root / "lib"
     if not (inc / "ATen" / "native" / "CPUBlas.h").is_file():
@@ -61,20 +54,8 @@ def _build() -> ctypes.CDLL:
     flags = ["-O3", "-march=native", "-ffp-contract=off", "-fopenmp", "-std=c++17", "-shared",
              "-fPIC", f"-D_GLIBCXX_USE_CXX11_ABI={abi}", f"-I{inc}"]
     libs = [f"-L{lib}", "-ltorch_cpu", "-lc10", f"-Wl,-rpath,{lib}"]
-    src = SOURCE.read_text()
-    key = hashlib.sha256("\0".join([src, *flags, *libs, cxx, torch.__version__, _cpu_id()])
-                         .encode()).hexdigest()[:16]
-    out = _cache_dir() / f"amx_gemm_{key}.so"
-    if not out.is_file():
-        out.parent.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryDirectory(dir=out.parent) as tmp:
-            so = Path(tmp) / "amx_gemm.so"
-            res = subprocess.run([cxx, *flags, str(SOURCE), "-o", str(so), *libs],
-                                 capture_output=True, text=True, check=False)
-            if res.returncode != 0:
-                raise RuntimeError(f"{cxx} failed: {res.stderr[-2000:]}")
-            os.replace(so, out)  # atomic: ranks may build at the same time
-    so = ctypes.CDLL(str(out))
+    so = build("amx_gemm", SOURCE.read_text(), cxx=True, flags=flags, libs=libs,
+               key=torch.__version__)
     L, P, I = ctypes.c_int64, ctypes.c_void_p, ctypes.c_int
     so.dsq_amx_ready.restype = I
     so.dsq_gemm_s8.restype = None

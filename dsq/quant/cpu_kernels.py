@@ -24,14 +24,8 @@ gradient) add in another order.
 from __future__ import annotations
 
 import ctypes
-import hashlib
-import os
-import shutil
-import subprocess
-import tempfile
 import threading
 import warnings
-from pathlib import Path
 
 import torch
 from torch import Tensor
@@ -421,41 +415,10 @@ _LIB_ERR: str | None = None
 _LOCK = threading.Lock()
 
 
-def _cache_dir() -> Path:
-    return Path(os.environ.get("DSQ_CACHE_DIR", Path.home() / ".cache" / "dsq"))
-
-
-def _cpu_id() -> str:
-    try:
-        with open("/proc/cpuinfo") as fh:
-            return "".join(sorted({ln for ln in fh if ln.startswith(("model name", "flags"))}))
-    except OSError:
-        import platform
-
-        return platform.machine() + platform.processor()
-
-
 def _build() -> ctypes.CDLL:
-    cc = os.environ.get("CC") or shutil.which("gcc") or shutil.which("cc")
-    if not cc:
-        raise RuntimeError("no C compiler (gcc/cc) on PATH")
-    flags = ["-O3", "-march=native", "-ffp-contract=off", "-fno-math-errno", "-fopenmp",
-             "-shared", "-fPIC"]
-    # -march=native: the CPU is part of the key (a home directory shared by different nodes)
-    key = hashlib.sha256((C_SOURCE + " ".join(flags) + cc + _cpu_id()).encode()).hexdigest()[:16]
-    out = _cache_dir() / f"quant_{key}.so"
-    if not out.is_file():
-        out.parent.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryDirectory(dir=out.parent) as tmp:
-            src = Path(tmp) / "quant.c"
-            src.write_text(C_SOURCE)
-            so = Path(tmp) / "quant.so"
-            res = subprocess.run([cc, *flags, str(src), "-o", str(so), "-lm"],
-                                 capture_output=True, text=True, check=False)
-            if res.returncode != 0:
-                raise RuntimeError(f"{cc} failed: {res.stderr[-2000:]}")
-            os.replace(so, out)  # atomic: concurrent ranks may build at the same time
-    lib = ctypes.CDLL(str(out))
+    from dsq.native import build
+
+    lib = build("quant", C_SOURCE)
     P, L, N, F = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_float
     lib.dsq_scale.argtypes = [P, L, F]
     for s in DTYPES.values():

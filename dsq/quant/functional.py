@@ -163,37 +163,36 @@ _SQNR_CHUNK = 1 << 14
 an LM head's gradient (so measuring SQNR does not raise a run's peak memory)."""
 
 
-def _row_chunks(n_rows: int, n_cols: int):
-    step = max(1, _SQNR_CHUNK // max(1, n_cols))
-    return ((i, min(n_rows, i + step)) for i in range(0, n_rows, step))
+def _chunked_terms(x2: Tensor, hat_rows) -> Tensor:
+    """``[sum x^2, sum (x - x_hat)^2]`` over 2-D ``x2``, ``hat_rows(i, j)`` giving rows ``i:j`` of
+    ``x_hat`` in fp32, a chunk of rows at a time."""
+    acc = torch.zeros(2, dtype=torch.float32, device=x2.device)
+    step = max(1, _SQNR_CHUNK // max(1, x2.shape[1]))
+    for i in range(0, x2.shape[0], step):
+        j = min(x2.shape[0], i + step)
+        a = x2[i:j].float()
+        acc += torch.stack([a.square().sum(), (a - hat_rows(i, j)).square().sum()])
+    return acc
 
 
 def signal_noise(x: Tensor, x_hat: Tensor) -> Tensor:
     """``[sum x^2, sum (x - x_hat)^2]`` in fp32: SQNR terms that add up across shards and calls."""
     x2 = x.detach().reshape(-1, x.shape[-1] if x.dim() else 1)
     h2 = x_hat.detach().reshape(x2.shape)
-    acc = torch.zeros(2, dtype=torch.float32, device=x.device)
-    for i, j in _row_chunks(*x2.shape):
-        a = x2[i:j].float()
-        acc += torch.stack([a.square().sum(), (a - h2[i:j].float()).square().sum()])
-    return acc
+    return _chunked_terms(x2, lambda i, j: h2[i:j].float())
 
 
 def signal_noise_q(x: Tensor, q: QTensor) -> Tensor:
     """:func:`signal_noise` of ``x`` and ``q.dequantize()``, dequantizing a chunk of rows at a time
     (``x`` and ``q.codes`` 2-D, scales per row, per column or per tensor, or grouped per row)."""
-    R, C = q.codes.shape
-    acc = torch.zeros(2, dtype=torch.float32, device=x.device)
+    R = q.codes.shape[0]
 
     def rows(t: Tensor | None, i: int, j: int) -> Tensor | None:
         return t[i:j] if t is not None and t.dim() > 0 and t.shape[0] == R and R > 1 else t
 
-    for i, j in _row_chunks(R, C):
-        part = QTensor(q.codes[i:j], rows(q.scale, i, j), rows(q.zero_point, i, j), q.fmt,
-                       q.dtype).dequantize(torch.float32)
-        a = x[i:j].detach().float()
-        acc += torch.stack([a.square().sum(), (a - part).square().sum()])
-    return acc
+    return _chunked_terms(x.detach(), lambda i, j: QTensor(
+        q.codes[i:j], rows(q.scale, i, j), rows(q.zero_point, i, j), q.fmt,
+        q.dtype).dequantize(torch.float32))
 
 
 def sqnr_db(x: Tensor, x_hat: Tensor) -> Tensor:
