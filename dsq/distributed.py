@@ -12,6 +12,7 @@ import json
 import os
 import socket
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Optional
 
 import torch
@@ -45,6 +46,27 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+SHM_DIR = Path("/dev/shm")
+
+
+def release_shm_names(rank: int) -> None:
+    """Unlink this rank's ``/dev/shm`` segment of DeepSpeed's CPU all-reduce op.
+
+    On CPUs DeepSpeed builds ``deepspeed_shm_comm`` and, at start-up, maps one ~66 MB
+    shared-memory segment per rank (``deepspeed_allreduce_buffer_<uid>_<addr>_<port>_<rank>``)
+    that every peer opens by name. It never unlinks them, so each CPU run would leave its
+    segments in ``/dev/shm``, i.e. in RAM, after it exits (a machine running many jobs fills
+    up). Once all ranks have mapped their peers' segments the names are not needed: the
+    mappings stay valid, and the memory is returned when the last rank exits.
+    """
+    port = os.environ.get("MASTER_PORT", "")
+    for path in SHM_DIR.glob(f"deepspeed_allreduce_buffer_{os.getuid()}_*_{port}_{rank}"):
+        try:
+            path.unlink()
+        except OSError:
+            pass
+
+
 def init_distributed(env: DistEnv, tp: int, timeout_s: int = 600) -> None:
     """Start the default process group and megatron-core's tensor/data-parallel groups."""
     import datetime
@@ -65,6 +87,9 @@ def init_distributed(env: DistEnv, tp: int, timeout_s: int = 600) -> None:
     if not dist.is_initialized():
         deepspeed.init_distributed(dist_backend="nccl" if cuda else "gloo",
                                    timeout=datetime.timedelta(seconds=timeout_s))
+        if not cuda:
+            dist.barrier()  # every rank has mapped its peers' all-reduce segments
+            release_shm_names(env.rank)
     from megatron.core import parallel_state
 
     if not parallel_state.model_parallel_is_initialized():

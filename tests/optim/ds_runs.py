@@ -221,6 +221,10 @@ def _entry(rank: int, world: int, port: int, jobs: list, out: str) -> None:
                       WORLD_SIZE=str(world), LOCAL_RANK=str(rank))
     torch.set_num_threads(1)
     deepspeed.init_distributed(dist_backend="gloo", verbose=False)
+    from dsq.distributed import release_shm_names
+
+    dist.barrier()
+    release_shm_names(rank)  # DeepSpeed's CPU all-reduce segment: gone when the ranks exit
     singles = [dist.new_group([r]) for r in range(world)]
     mpu1 = MPU(singles[rank], singles[rank])
     mpu2 = MPU(dist.new_group(list(range(world))), singles[rank])
