@@ -32,6 +32,7 @@ with warnings.catch_warnings():
     from megatron.core.fusions.fused_bias_dropout import get_bias_dropout_add
 
 from dsq.models.attention import SDPAttention
+from dsq.models.loss import vocab_parallel_cross_entropy
 
 from dsq.models.quant_layers import QuantColumnParallelLinear, QuantRowParallelLinear
 
@@ -125,6 +126,17 @@ def _tp_size() -> int:
     return 1
 
 
+class DsqGPTModel(GPTModel):
+    """megatron-core's ``GPTModel`` with dsq's chunked vocab-parallel cross entropy
+    (:mod:`dsq.models.loss`: no fp32 copy of the logits; the same loss to fp32 rounding)."""
+
+    def compute_language_model_loss(self, labels, logits):
+        pgs = getattr(self, "pg_collection", None)
+        group = getattr(pgs, "tp", None)
+        labels = labels.transpose(0, 1).contiguous()  # [b, s] -> [s, b], as the logits
+        return vocab_parallel_cross_entropy(logits, labels, group).transpose(0, 1).contiguous()
+
+
 def build_gpt(model_cfg, precision: str = "fp32", seed: Optional[int] = None) -> GPTModel:
     """Build the GPT of ``model_cfg`` on this rank's tensor-parallel shard.
 
@@ -134,7 +146,7 @@ def build_gpt(model_cfg, precision: str = "fp32", seed: Optional[int] = None) ->
     if seed is not None:
         torch.manual_seed(seed)
     config = transformer_config(model_cfg, precision)
-    return GPTModel(
+    return DsqGPTModel(
         config=config,
         transformer_layer_spec=layer_spec(),
         vocab_size=model_cfg.vocab_size,
