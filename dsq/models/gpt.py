@@ -134,7 +134,9 @@ class DsqGPTModel(GPTModel):
         pgs = getattr(self, "pg_collection", None)
         group = getattr(pgs, "tp", None)
         labels = labels.transpose(0, 1).contiguous()  # [b, s] -> [s, b], as the logits
-        return vocab_parallel_cross_entropy(logits, labels, group).transpose(0, 1).contiguous()
+        # the logits exist only for this loss: their storage takes the gradient
+        loss = vocab_parallel_cross_entropy(logits, labels, group, overwrite_logits=True)
+        return loss.transpose(0, 1).contiguous()
 
 
 def build_gpt(model_cfg, precision: str = "fp32", seed: Optional[int] = None) -> GPTModel:

@@ -42,8 +42,10 @@ def _tp(group):
 
 class _ChunkedVocabParallelCE(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, logits: Tensor, target: Tensor, group) -> Tensor:
+    def forward(ctx, logits: Tensor, target: Tensor, group, overwrite: bool) -> Tensor:
         group, rank = _tp(group)
+        # the gradient may take the logits' place only when they are an intermediate result
+        ctx.overwrite = bool(overwrite) and logits.grad_fn is not None and logits.is_contiguous()
         vocab = logits.shape[-1]
         x = logits.reshape(-1, vocab)
         t = target.reshape(-1)
@@ -81,7 +83,10 @@ class _ChunkedVocabParallelCE(torch.autograd.Function):
         vocab = logits.shape[-1]
         x = logits.reshape(-1, vocab)
         g = grad_loss.reshape(-1).float()
-        grad = torch.empty_like(x, memory_format=torch.contiguous_format)
+        if ctx.overwrite and x.data_ptr() == logits.data_ptr():
+            grad = x.detach()  # each chunk is read before it is written
+        else:
+            grad = torch.empty_like(x, memory_format=torch.contiguous_format)
         rows = torch.arange(x.shape[0], device=x.device)
         n = x.shape[0]
         step = _rows(vocab)
@@ -92,11 +97,19 @@ class _ChunkedVocabParallelCE(torch.autograd.Function):
             p.copy_(x[sl]).sub_(top[sl].unsqueeze(1)).sub_(log_sum[sl].unsqueeze(1)).exp_()
             p[rows[:p.shape[0]], idx[sl]] -= local_target[sl].to(p.dtype)
             grad[sl] = p.mul_(g[sl].unsqueeze(1))
-        return grad.view(logits.shape), None, None
+        return grad.view(logits.shape), None, None, None
 
 
-def vocab_parallel_cross_entropy(logits: Tensor, target: Tensor, group=None) -> Tensor:
+def vocab_parallel_cross_entropy(logits: Tensor, target: Tensor, group=None, *,
+                                 overwrite_logits: bool = False) -> Tensor:
     """Per-token loss of ``logits[..., vocab/tp]`` (this rank's vocabulary shard) at ``target``
     (global token ids, shape ``logits.shape[:-1]``), fp32. ``group``: the tensor-parallel group
-    (default: megatron-core's, or none when model parallelism is not initialised)."""
-    return _ChunkedVocabParallelCE.apply(logits, target, group)
+    (default: megatron-core's, or none when model parallelism is not initialised).
+
+    ``overwrite_logits``: backward writes the gradient into the logits' storage instead of a
+    new tensor of their size (a language model's logits are dead by then; megatron-core's own
+    cross entropy likewise works in place on fp32 logits). It saves a ``tokens x vocab``
+    allocation per step, and applies only when the logits are a contiguous intermediate
+    result (never a leaf tensor); do not set it when the logits are used elsewhere.
+    """
+    return _ChunkedVocabParallelCE.apply(logits, target, group, overwrite_logits)

@@ -134,3 +134,28 @@ def test_model_uses_it(results):
     assert name == "DsqGPTModel"
     assert loss.shape == want.shape == (2, 16)
     _close(loss, want, 1e-6)
+
+
+def test_overwrite_logits_puts_the_same_gradient_in_their_storage():
+    from dsq.models.loss import vocab_parallel_cross_entropy as ce
+
+    logits, target, weight = _data()
+    for dtype in (torch.float32, torch.bfloat16):
+        ref_loss, ref_grad = _reference(logits.to(dtype).float() * 2, target, weight)
+        x = logits.to(dtype).clone().requires_grad_()
+        y = x * 2  # an intermediate result, as a model's logits are
+        seen = {}
+        y.register_hook(lambda g: seen.update(grad=g.clone(), ptr=g.data_ptr()))
+        loss = ce(y, target, overwrite_logits=True)
+        (loss * weight).sum().backward()
+        assert seen["ptr"] == y.data_ptr()  # the gradient lives where the logits were
+        assert not seen["grad"].requires_grad
+        tol = 1e-6 if dtype == torch.float32 else 2 ** -7
+        _close(seen["grad"], ref_grad, tol)
+        _close(x.grad, 2 * ref_grad, tol)
+        _close(loss, ref_loss, 1e-6)
+    # a leaf tensor is never overwritten
+    x = logits.clone().requires_grad_()
+    (ce(x, target, overwrite_logits=True) * weight).sum().backward()
+    assert torch.equal(x.detach(), logits)
+    _close(x.grad, _reference(logits, target, weight)[1], 1e-6)
