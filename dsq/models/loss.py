@@ -9,10 +9,10 @@ the gradient and its cast back). On a CPU those passes, and the page faults of t
 This function computes the same loss in one pass over the logits, in chunks of rows small
 enough to stay in cache: per row the max and the sum of ``exp(x - max)``; the tensor-parallel
 ranks combine theirs (all-reduce max, then sum), and the loss is
-``log(sum) - (logit[target] - max)``. Backward keeps the logits in their own dtype plus two fp32
-numbers per row, recomputes ``softmax - onehot`` chunk by chunk and writes the gradient in the logits'
-dtype. Arithmetic is fp32 throughout, as in megatron-core; the two agree to fp32 rounding
-(tested at TP=1 and TP=2).
+``log(sum) - (logit[target] - max)``. Backward keeps the logits in their own dtype plus two
+fp32 numbers per row, recomputes ``softmax - onehot`` chunk by chunk and writes the gradient in
+the logits' dtype (over the logits themselves with ``overwrite_logits``). Arithmetic is fp32
+throughout, as in megatron-core; the two agree to fp32 rounding (tested at TP=1 and TP=2).
 """
 
 from __future__ import annotations
