@@ -57,8 +57,10 @@ def release_shm_names(rank: int) -> None:
     that every peer opens by name. It never unlinks them, so each CPU run would leave its
     segments in ``/dev/shm``, i.e. in RAM, after it exits (a machine running many jobs fills
     up). Once all ranks have mapped their peers' segments the names are not needed: the
-    mappings stay valid, and the memory is returned when the last rank exits.
+    mappings stay valid, and the memory is returned when the last rank exits. Collective: every
+    rank of the default group calls it (a barrier first, so all have mapped their peers').
     """
+    dist.barrier()
     port = os.environ.get("MASTER_PORT", "")
     for path in SHM_DIR.glob(f"deepspeed_allreduce_buffer_{os.getuid()}_*_{port}_{rank}"):
         try:
@@ -88,7 +90,6 @@ def init_distributed(env: DistEnv, tp: int, timeout_s: int = 600) -> None:
         deepspeed.init_distributed(dist_backend="nccl" if cuda else "gloo",
                                    timeout=datetime.timedelta(seconds=timeout_s))
         if not cuda:
-            dist.barrier()  # every rank has mapped its peers' all-reduce segments
             release_shm_names(env.rank)
     from megatron.core import parallel_state
 

@@ -35,3 +35,24 @@ def _entry(rank: int, fn, world_size: int, port: int, args: tuple) -> None:
 
 def spawn(fn, *args, world_size: int = 2) -> None:
     mp.spawn(_entry, args=(fn, world_size, free_port(), args), nprocs=world_size, join=True)
+
+
+def megatron_tp_groups(rank: int, world: int):
+    """Initialise megatron-core with all ranks in one tensor-parallel group; returns
+    ``(solo, tp)``: this rank's own one-rank group (a TP=1 reference in the same process) and
+    the tensor-parallel group."""
+    from megatron.core import parallel_state
+
+    parallel_state.initialize_model_parallel(tensor_model_parallel_size=world)
+    solo = [dist.new_group([i]) for i in range(world)][rank]
+    return solo, parallel_state.get_tensor_model_parallel_group()
+
+
+def gather(t: torch.Tensor, group, dim: int) -> torch.Tensor:
+    """``t``'s shards over ``group`` concatenated along ``dim`` (detached)."""
+    n = group.size()
+    if n == 1:
+        return t.detach()
+    parts = [torch.empty_like(t) for _ in range(n)]
+    dist.all_gather(parts, t.detach().contiguous(), group=group)
+    return torch.cat(parts, dim)

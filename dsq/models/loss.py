@@ -24,8 +24,16 @@ from torch import Tensor
 CHUNK_BYTES = 1 << 20  # fp32 working set of one chunk: fits in L2
 
 
-def _rows(vocab: int) -> int:
-    return max(1, CHUNK_BYTES // (4 * vocab))
+def _fp32_chunks(x: Tensor):
+    """Cache-sized chunks of 2-D ``x``'s rows, each copied into one reused fp32 buffer:
+    ``(rows, chunk)`` pairs."""
+    n, vocab = x.shape
+    step = max(1, CHUNK_BYTES // (4 * vocab))
+    buf = torch.empty(min(step, n), vocab, dtype=torch.float32, device=x.device)
+    for i in range(0, n, step):
+        chunk = buf[:min(step, n - i)]
+        chunk.copy_(x[i:i + step])
+        yield slice(i, i + step), chunk
 
 
 def _tp(group):
@@ -57,15 +65,11 @@ class _ChunkedVocabParallelCE(torch.autograd.Function):
         n = x.shape[0]
         top = torch.empty(n, dtype=torch.float32, device=x.device)  # row max
         sums = torch.empty(n, dtype=torch.float32, device=x.device)  # sum of exp(x - max)
-        step = _rows(vocab)
-        buf = torch.empty(min(step, n), vocab, dtype=torch.float32, device=x.device)
-        for i in range(0, n, step):
-            c = buf[:min(step, n - i)]
-            c.copy_(x[i:i + step])
+        for sl, c in _fp32_chunks(x):
             m = c.amax(dim=1)
             m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
-            top[i:i + step] = m
-            sums[i:i + step] = c.sub_(m.unsqueeze(1)).exp_().sum(dim=1)
+            top[sl] = m
+            sums[sl] = c.sub_(m.unsqueeze(1)).exp_().sum(dim=1)
         if group is not None:  # rescale every rank's sum to the global max, then add them up
             local = top.clone()
             dist.all_reduce(top, op=dist.ReduceOp.MAX, group=group)
@@ -88,13 +92,8 @@ class _ChunkedVocabParallelCE(torch.autograd.Function):
         else:
             grad = torch.empty_like(x, memory_format=torch.contiguous_format)
         rows = torch.arange(x.shape[0], device=x.device)
-        n = x.shape[0]
-        step = _rows(vocab)
-        buf = torch.empty(min(step, n), vocab, dtype=torch.float32, device=x.device)
-        for i in range(0, n, step):
-            sl = slice(i, i + step)
-            p = buf[:min(step, n - i)]
-            p.copy_(x[sl]).sub_(top[sl].unsqueeze(1)).sub_(log_sum[sl].unsqueeze(1)).exp_()
+        for sl, p in _fp32_chunks(x):
+            p.sub_(top[sl].unsqueeze(1)).sub_(log_sum[sl].unsqueeze(1)).exp_()
             p[rows[:p.shape[0]], idx[sl]] -= local_target[sl].to(p.dtype)
             grad[sl] = p.mul_(g[sl].unsqueeze(1))
         return grad.view(logits.shape), None, None, None

@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from tests.dist_utils import spawn
+from tests.dist_utils import gather, megatron_tp_groups, spawn
 
 S, B, V = 37, 3, 128  # 111 rows: chunks of 5 rows leave a tail of 1
 
@@ -47,9 +47,7 @@ def _worker(rank, world, path):
 
         from dsq.models import loss as dsq_loss
         from dsq.models.gpt import build_gpt
-    parallel_state.initialize_model_parallel(tensor_model_parallel_size=2)
-    solo = [torch.distributed.new_group([i]) for i in range(world)][rank]
-    tp2 = parallel_state.get_tensor_model_parallel_group()
+    solo, tp2 = megatron_tp_groups(rank, world)
     dsq_loss.CHUNK_BYTES = 4 * (V // 2) * 5  # 5 rows per chunk at TP=2, 2-3 at TP=1
     logits, target, weight = _data()
     out = {"ref": _reference(logits, target, weight)}
@@ -62,9 +60,7 @@ def _worker(rank, world, path):
             got = _run(lambda a, t: dsq_loss.vocab_parallel_cross_entropy(a, t, tp2), shard,
                        target, weight)
             want = _run(megatron_ce, shard, target, weight)
-            gather = [torch.empty_like(got[1]) for _ in range(2)]
-            torch.distributed.all_gather(gather, got[1].contiguous(), group=tp2)
-            out[f"tp2/{dtype}"] = (got[0], torch.cat(gather, -1), got[1].dtype)
+            out[f"tp2/{dtype}"] = (got[0], gather(got[1], tp2, -1), got[1].dtype)
             out[f"megatron-tp2/{dtype}"] = (want[0], want[1])
             out[f"shard-grad/{dtype}"] = (got[1], want[1])
         # the model's loss is the cross entropy of its own logits

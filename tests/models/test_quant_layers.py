@@ -16,7 +16,7 @@ import torch
 
 from dsq.config import QuantConfig
 from dsq.quant import LinearQuant, quantized_linear
-from tests.dist_utils import spawn
+from tests.dist_utils import gather as _gather, megatron_tp_groups, spawn
 
 with warnings.catch_warnings():
     warnings.simplefilter("ignore")
@@ -43,15 +43,6 @@ TP_TOL = 1e-5  # fp32 re-association of 32- and 48-term partial sums: ~1e-7 rela
 
 
 # ----------------------------------------------------------------------------- worker
-def _gather(t, group, dim):
-    n = group.size()
-    if n == 1:
-        return t.detach()
-    parts = [torch.empty_like(t) for _ in range(n)]
-    torch.distributed.all_gather(parts, t.detach().contiguous(), group=group)
-    return torch.cat(parts, dim)
-
-
 def _data(kind):
     g = torch.Generator().manual_seed(0 if kind == "column" else 1)
     return {"w": torch.randn(OUT, IN, generator=g) * 0.05, "b": torch.randn(OUT, generator=g),
@@ -103,9 +94,7 @@ def _worker(rank, world, path):
         from megatron.core import parallel_state
         from megatron.core.tensor_parallel.layers import ColumnParallelLinear, RowParallelLinear
         from megatron.core.transformer.transformer_config import TransformerConfig
-    parallel_state.initialize_model_parallel(tensor_model_parallel_size=2)
-    solo = [torch.distributed.new_group([i]) for i in range(world)][rank]
-    tp2 = parallel_state.get_tensor_model_parallel_group()
+    solo, tp2 = megatron_tp_groups(rank, world)
     config = TransformerConfig(num_layers=1, hidden_size=IN, num_attention_heads=2,
                                use_cpu_initialization=True, perform_initialization=True,
                                gradient_accumulation_fusion=False)

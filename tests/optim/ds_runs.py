@@ -223,7 +223,6 @@ def _entry(rank: int, world: int, port: int, jobs: list, out: str) -> None:
     deepspeed.init_distributed(dist_backend="gloo", verbose=False)
     from dsq.distributed import release_shm_names
 
-    dist.barrier()
     release_shm_names(rank)  # DeepSpeed's CPU all-reduce segment: gone when the ranks exit
     singles = [dist.new_group([r]) for r in range(world)]
     mpu1 = MPU(singles[rank], singles[rank])

@@ -404,11 +404,9 @@ def _tp_worker(rank, world, path):
         from megatron.core.transformer.transformer_config import TransformerConfig
 
         from dsq.models.quant_layers import QuantColumnParallelLinear, QuantRowParallelLinear
-    from tests.models.test_quant_layers import _gather
+    from tests.dist_utils import gather as _gather, megatron_tp_groups
 
-    parallel_state.initialize_model_parallel(tensor_model_parallel_size=2)
-    solo = [torch.distributed.new_group([i]) for i in range(world)][rank]
-    tp2 = parallel_state.get_tensor_model_parallel_group()
+    solo, tp2 = megatron_tp_groups(rank, world)
     config = TransformerConfig(num_layers=1, hidden_size=TIN, num_attention_heads=2,
                                use_cpu_initialization=True, perform_initialization=True,
                                gradient_accumulation_fusion=False)
