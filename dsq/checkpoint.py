@@ -22,6 +22,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from dsq.distributed import barrier
+
 MARKER = "dsq_complete.json"
 LATEST = "latest"
 TAG_RE = re.compile(r"^step_(\d{8})$")
@@ -66,14 +68,14 @@ def save(engine, root: Path, step: int, client_state: Dict, keep: int, extra_fil
     if rank == 0:
         for name, text in (extra_files or {}).items():
             (root / tag / name).write_text(text)
-    dist.barrier()
+    barrier()
     if rank == 0:
         files = {str(p.relative_to(root / tag)): p.stat().st_size
                  for p in sorted((root / tag).rglob("*")) if p.is_file() and p.name != MARKER}
         _fsync_write(root / tag / MARKER, json.dumps({"step": step, "files": files}, indent=1))
         _fsync_write(root / LATEST, tag)
         _prune(root, keep)
-    dist.barrier()
+    barrier()
     return tag
 
 

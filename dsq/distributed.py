@@ -2,8 +2,20 @@
 
 Launchers: ``deepspeed`` and ``torchrun`` set RANK / WORLD_SIZE / LOCAL_RANK /
 MASTER_ADDR / MASTER_PORT; under ``srun`` they are derived from SLURM's variables; with no
-launcher, ``dsq train`` runs as a single process. The backend is NCCL when CUDA is
-available and gloo otherwise.
+launcher, ``dsq train`` runs as a single process.
+
+Process groups: on CUDA the default group is PyTorch's multi-device backend
+``cpu:gloo,cuda:nccl`` (:func:`backend_for`): device tensors (gradients, the model's
+tensor-parallel statistics) travel over NCCL, host values over gloo. On CPU it is gloo.
+megatron-core's groups inherit it.
+
+Host-side collectives (losses, stop flags, byte counts, error messages, small objects) go
+through the helpers at the end of this module (:func:`all_reduce_host`, :func:`all_reduce_mean`,
+:func:`all_reduce_max`, :func:`broadcast_object`, :func:`gather_ints`, :func:`bcast_error`,
+:func:`barrier`): each puts its tensor on :func:`host_device` of the group, the CPU when the
+group has a CPU backend and the current CUDA device otherwise, so they work on every backend.
+Nothing else in ``dsq`` calls ``torch.distributed`` collectives, except reductions of device
+tensors inside the model and the optimizer (tested by ``tests/test_architecture.py``).
 """
 
 from __future__ import annotations
@@ -13,7 +25,7 @@ import os
 import socket
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import Any, List, Optional, Sequence
 
 import torch
 import torch.distributed as dist
@@ -60,13 +72,22 @@ def release_shm_names(rank: int) -> None:
     mappings stay valid, and the memory is returned when the last rank exits. Collective: every
     rank of the default group calls it (a barrier first, so all have mapped their peers').
     """
-    dist.barrier()
+    barrier()
     port = os.environ.get("MASTER_PORT", "")
     for path in SHM_DIR.glob(f"deepspeed_allreduce_buffer_{os.getuid()}_*_{port}_{rank}"):
         try:
             path.unlink()
         except OSError:
             pass
+
+
+def backend_for(cuda: bool) -> str:
+    """The default group's backend: gloo on CPU; on CUDA, NCCL for device tensors and gloo for
+    host tensors (``DSQ_DIST_BACKEND`` overrides, e.g. ``nccl`` alone)."""
+    override = os.environ.get("DSQ_DIST_BACKEND", "").strip()
+    if override:
+        return override
+    return "cpu:gloo,cuda:nccl" if cuda else "gloo"
 
 
 def init_distributed(env: DistEnv, tp: int, timeout_s: int = 600) -> None:
@@ -83,11 +104,12 @@ def init_distributed(env: DistEnv, tp: int, timeout_s: int = 600) -> None:
                       LOCAL_RANK=str(env.local_rank))
     cuda = torch.cuda.is_available()
     if cuda:
+        # NCCL communicators and object collectives use the current device: one GPU per rank
         torch.cuda.set_device(env.local_rank % torch.cuda.device_count())
     import deepspeed
 
     if not dist.is_initialized():
-        deepspeed.init_distributed(dist_backend="nccl" if cuda else "gloo",
+        deepspeed.init_distributed(dist_backend=backend_for(cuda),
                                    timeout=datetime.timedelta(seconds=timeout_s))
         if not cuda:
             release_shm_names(env.rank)
@@ -182,18 +204,6 @@ def initialize_engine(cfg, model, optimizer, lr_scheduler, dp_size: int):
     return engine, optimizer, lr_scheduler, ds_cfg
 
 
-def all_reduce_mean(value: float, group=None) -> float:
-    t = torch.tensor([value], dtype=torch.float64)
-    dist.all_reduce(t, group=group)
-    return float(t.item()) / dist.get_world_size(group=group)
-
-
-def gather_ints(value: int) -> list:
-    out = [None] * dist.get_world_size()
-    dist.all_gather_object(out, int(value))
-    return out
-
-
 def dumps(obj) -> str:
     return json.dumps(obj, indent=2, sort_keys=True)
 
@@ -204,8 +214,61 @@ def device() -> torch.device:
     return torch.device("cpu")
 
 
+# ----------------------------------------------------------------------------- host collectives
+_OPS = {"sum": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX, "min": dist.ReduceOp.MIN}
+
+
+def host_device(group=None) -> torch.device:
+    """Where a host value travels for a collective over ``group``: the CPU when the group has a
+    CPU backend (gloo, or ``cpu:gloo`` in a multi-device backend), else the current CUDA device
+    (an NCCL-only group)."""
+    config = str(dist.get_backend_config(group)).lower()
+    if config in ("gloo", "mpi") or "cpu:" in config:
+        return torch.device("cpu")
+    return torch.device("cuda", torch.cuda.current_device())
+
+
+def all_reduce_host(values: Sequence[float], op: str = "sum", group=None) -> List[float]:
+    """Reduce a few host numbers (fp64) over ``group`` (default: all ranks); every rank gets
+    the result as Python floats."""
+    t = torch.tensor(list(values), dtype=torch.float64, device=host_device(group))
+    dist.all_reduce(t, op=_OPS[op], group=group)
+    return [float(v) for v in t.tolist()]
+
+
+def all_reduce_mean(value: float, group=None) -> float:
+    """Mean of one number over ``group``."""
+    return all_reduce_host([value], "sum", group)[0] / dist.get_world_size(group=group)
+
+
+def all_reduce_max(value: float, group=None) -> float:
+    """Maximum of one number over ``group``."""
+    return all_reduce_host([value], "max", group)[0]
+
+
+def broadcast_object(obj: Any, src: int = 0, group=None) -> Any:
+    """Rank ``src``'s picklable ``obj`` on every rank (object collectives pick the group's CPU
+    backend when it has one; on NCCL alone they need the current CUDA device set, which
+    :func:`init_distributed` does)."""
+    box = [obj]
+    dist.broadcast_object_list(box, src=src, group=group)
+    return box[0]
+
+
+def gather_ints(value: int, group=None) -> List[int]:
+    """Every rank's ``value``, in rank order, on every rank."""
+    out = [0] * dist.get_world_size(group=group)
+    t = torch.tensor([int(value)], dtype=torch.int64, device=host_device(group))
+    parts = [torch.empty_like(t) for _ in out]
+    dist.all_gather(parts, t, group=group)
+    return [int(p.item()) for p in parts]
+
+
 def bcast_error(msg: Optional[str]) -> Optional[str]:
     """Rank 0's error message (or None) on every rank, so all ranks fail together."""
-    box = [msg]
-    dist.broadcast_object_list(box, src=0)
-    return box[0]
+    return broadcast_object(msg, src=0)
+
+
+def barrier(group=None) -> None:
+    """Wait for every rank of ``group``."""
+    dist.barrier(group=group)

@@ -12,7 +12,6 @@ from pathlib import Path
 from typing import Dict, List, Optional
 
 import torch
-import torch.distributed as dist
 
 from dsq import checkpoint
 from dsq.config import Config, flatten, to_dict, to_yaml
@@ -21,8 +20,12 @@ from dsq.data.prepare import DataError, load_manifest, prepare
 from dsq.models.quant_layers import collect_sqnr, set_sqnr_capture
 from dsq.distributed import (
     DistEnv,
+    all_reduce_host,
+    all_reduce_max,
     all_reduce_mean,
+    barrier,
     bcast_error,
+    broadcast_object,
     device,
     dumps,
     gather_ints,
@@ -86,9 +89,7 @@ class StopRequest:
         self.signum = signum
 
     def agreed(self) -> int:
-        flag = torch.tensor([self.signum], dtype=torch.int64)
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        return int(flag.item())
+        return int(all_reduce_max(self.signum))
 
     def restore(self) -> None:
         for sig, handler in self._previous.items():
@@ -116,6 +117,11 @@ def run_provenance() -> Dict[str, str]:
 
 def peak_rss_bytes() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def peak_gpu_bytes(dev: torch.device) -> int:
+    """Peak bytes allocated by PyTorch on ``dev`` (0 off CUDA)."""
+    return int(torch.cuda.max_memory_allocated(dev)) if dev.type == "cuda" else 0
 
 
 class Trainer:
@@ -146,9 +152,7 @@ class Trainer:
         err = bcast_error(err)
         if err:
             raise DataError(err)
-        box = [prepared]
-        dist.broadcast_object_list(box, src=0)
-        self.data_dir = Path(box[0])
+        self.data_dir = Path(broadcast_object(prepared))
         L = cfg.model.seq_len
         self.train_data = TokenBlocks(self.data_dir, "train", L)
         self.val_data = TokenBlocks(self.data_dir, "val", L)
@@ -172,15 +176,13 @@ class Trainer:
             self.out_dir.mkdir(parents=True, exist_ok=True)
             (self.out_dir / "config.yaml").write_text(to_yaml(cfg))
             (self.out_dir / "ds_config.json").write_text(dumps(self.ds_config))
-        dist.barrier()
+        barrier()
         self.step = 0
-        tag = checkpoint.find_resume(self.ckpt_dir) if env.is_main else None
-        box = [tag]
-        dist.broadcast_object_list(box, src=0)
-        if box[0] is not None:
-            state = checkpoint.load(self.engine, self.ckpt_dir, box[0])
+        tag = broadcast_object(checkpoint.find_resume(self.ckpt_dir) if env.is_main else None)
+        if tag is not None:
+            state = checkpoint.load(self.engine, self.ckpt_dir, tag)
             self.step = int(state["step"])
-            self.log(f"resumed from {self.ckpt_dir / box[0]} at step {self.step}")
+            self.log(f"resumed from {self.ckpt_dir / tag} at step {self.step}")
         self.tracker = Tracker.from_config(cfg, self.out_dir, enabled=env.is_main)
         self._sysmon = None
         if env.is_main:
@@ -243,15 +245,15 @@ class Trainer:
         """One optimizer step over the global batch; returns the mean loss over all ranks."""
         cfg = self.cfg.train
         micro = self.schedule.micro_batches(self.step, self.dp_rank, self.dp_size, cfg.micro_batch)
-        total = 0.0
+        total = torch.zeros((), dtype=torch.float64, device=self.device)
         for idx in micro:
             ids, pos, labels = self._batch(idx, self.train_data)
             loss = self.engine(ids, pos, None, labels=labels).float().mean()
             self.engine.backward(loss)
             self.engine.step()
-            total += loss.item()
+            total += loss.detach()
         self.step += 1
-        return all_reduce_mean(total / len(micro))
+        return all_reduce_mean(total.item() / len(micro))  # one device sync per step
 
     @torch.no_grad()
     def evaluate(self, indices: Optional[List[int]] = None, data: Optional[TokenBlocks] = None
@@ -262,15 +264,17 @@ class Trainer:
         mine = indices[self.dp_rank::self.dp_size]
         mb = self.cfg.train.micro_batch
         self.engine.eval()
-        acc = torch.zeros(2, dtype=torch.float64)
+        total = torch.zeros((), dtype=torch.float64, device=self.device)
+        count = 0
         for i in range(0, len(mine), mb):
             ids, pos, labels = self._batch(mine[i:i + mb], data)
             losses = self.engine(ids, pos, None, labels=labels).float()
-            acc += torch.tensor([losses.sum().item(), losses.numel()], dtype=torch.float64)
+            total += losses.double().sum()
+            count += losses.numel()
         self.engine.train()
-        dist.all_reduce(acc, group=self.dp_group)
-        loss = float(acc[0] / acc[1])
-        return {"loss": loss, "ppl": math.exp(min(loss, 50.0)), "tokens": int(acc[1])}
+        loss_sum, count = all_reduce_host([total.item(), count], "sum", group=self.dp_group)
+        loss = loss_sum / count
+        return {"loss": loss, "ppl": math.exp(min(loss, 50.0)), "tokens": int(count)}
 
     def lr(self) -> float:
         return float(self.engine.get_lr()[0])
@@ -359,11 +363,15 @@ class Trainer:
         return self._summary(loss, val, _tokens_per_s(tokens_per_step, times))
 
     def _resource_metrics(self) -> Dict[str, float]:
-        """Peak memory and optimizer state bytes, max over ranks (collective: all ranks call)."""
+        """Peak memory (host, and GPU on CUDA) and optimizer state bytes, max over ranks
+        (collective: all ranks call)."""
         opt = getattr(self.engine.optimizer, "optimizer", self.engine.optimizer)
-        vals = torch.tensor([peak_rss_bytes(), self._state_bytes(opt)], dtype=torch.float64)
-        dist.all_reduce(vals, op=dist.ReduceOp.MAX)
-        return {"mem/peak_rss_bytes": float(vals[0]), "optim/state_bytes": float(vals[1])}
+        rss, gpu, state = all_reduce_host(
+            [peak_rss_bytes(), peak_gpu_bytes(self.device), self._state_bytes(opt)], "max")
+        out = {"mem/peak_rss_bytes": rss, "optim/state_bytes": state}
+        if self.device.type == "cuda":
+            out["mem/peak_gpu_bytes"] = gpu
+        return out
 
     def _log_step(self, metrics: Dict[str, float]) -> None:
         with open(self.out_dir / "metrics.jsonl", "a") as fh:
@@ -381,6 +389,7 @@ class Trainer:
         opt = getattr(self.engine.optimizer, "optimizer", self.engine.optimizer)
         state_bytes = gather_ints(self._state_bytes(opt))
         rss = gather_ints(peak_rss_bytes())
+        gpu = gather_ints(peak_gpu_bytes(self.device))
         if self.env.is_main and self.tracker.enabled and self.tracker.run_id is None:
             self.tracker.flush(5.0)  # the run id comes with the first contact
         summary = {
@@ -394,6 +403,8 @@ class Trainer:
             "params": self.params,
             "optimizer_state_bytes": state_bytes,
             "peak_rss_bytes": rss,
+            "peak_gpu_bytes": gpu,
+            "device": self.device.type,
             "world_size": self.env.world_size,
             "tp": self.tp_size,
             "dp": self.dp_size,
@@ -408,6 +419,7 @@ class Trainer:
             path.write_text(json.dumps(summary, indent=2))
             self.tracker.log_metrics({
                 "summary/tokens_per_s": tokens_per_s, "summary/peak_rss_bytes": max(rss),
+                **({"summary/peak_gpu_bytes": max(gpu)} if self.device.type == "cuda" else {}),
                 "summary/optimizer_state_bytes": max(state_bytes),
                 "summary/optimizer_state_bytes_per_param": sum(state_bytes) / self.params,
                 "summary/train_loss": loss, "summary/val_loss": val["loss"],

@@ -1,7 +1,7 @@
 """Run a test function on N local processes joined by a gloo process group.
 
-``spawn(fn, *args, world_size=2)`` starts ``world_size`` processes (torch.multiprocessing,
-spawn start method), initialises ``gloo`` on a free port, calls ``fn(rank, world_size, *args)``
+``spawn(fn, *args, world_size=2, backend="gloo")`` starts ``world_size`` processes
+(torch.multiprocessing, spawn start method), initialises ``backend`` on a free port, calls ``fn(rank, world_size, *args)``
 and destroys the group. ``fn`` must be a module-level (picklable) function; an exception in any
 rank fails the call with that rank's traceback. Workers use one thread each: the tests run on
 small CPU machines.
@@ -23,18 +23,19 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def _entry(rank: int, fn, world_size: int, port: int, args: tuple) -> None:
+def _entry(rank: int, fn, world_size: int, port: int, args: tuple, backend: str = "gloo") -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=world_size)
+    dist.init_process_group(backend, rank=rank, world_size=world_size)
     try:
         fn(rank, world_size, *args)
     finally:
         dist.destroy_process_group()
 
 
-def spawn(fn, *args, world_size: int = 2) -> None:
-    mp.spawn(_entry, args=(fn, world_size, free_port(), args), nprocs=world_size, join=True)
+def spawn(fn, *args, world_size: int = 2, backend: str = "gloo") -> None:
+    mp.spawn(_entry, args=(fn, world_size, free_port(), args, backend), nprocs=world_size,
+             join=True)
 
 
 def megatron_tp_groups(rank: int, world: int):
