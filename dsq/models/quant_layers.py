@@ -222,6 +222,11 @@ def _report_int8(qc: LinearQuant, names: list[str]) -> None:
     if dist.is_available() and dist.is_initialized() and dist.get_rank() != 0:
         return
     msg, fallback = describe_plan(qc, sorted({_kind(n) for n in names}))
+    from dsq.quant.fused import engine
+
+    where = engine("cuda" if torch.cuda.is_available() else "cpu")
+    if where:
+        msg += f"; {where}"
     print(f"dsq: {'warning: ' if fallback else ''}{msg}", file=sys.stderr, flush=True)
 
 

@@ -79,10 +79,27 @@ def kernel() -> str:
     return _kernel
 
 
+def has_triton() -> bool:
+    """Whether ``torch.compile`` can generate GPU kernels here (Triton is installed)."""
+    try:
+        from torch.utils._triton import has_triton as _has_triton
+
+        return bool(_has_triton())
+    except Exception:  # an old or stripped PyTorch
+        return False
+
+
 def _impl(x: Tensor, fmt: QuantFormat | None = None, check_finite: bool = False) -> str:
-    """eager | cpp | compile for a quantization of ``x`` (or a rescale to ``x``'s dtype)."""
+    """eager | cpp | compile for a quantization of ``x`` (or a rescale to ``x``'s dtype).
+
+    Off the CPU (CUDA) ``auto`` means ``compile`` (Triton kernels) where Triton is installed,
+    else eager; the CPU native kernels are never built or loaded for a device tensor."""
     k = kernel()
     if k == "eager" or check_finite or (fmt is not None and fmt.rounding != "nearest"):
+        return "eager"
+    if x.device.type != "cpu":
+        if k in ("auto", "compile") and x.dtype in _FUSED_DTYPES and has_triton():
+            return "compile"
         return "eager"
     if k == "compile":
         return "compile" if x.dtype in _FUSED_DTYPES else "eager"
@@ -214,11 +231,39 @@ _KERNELS = {f.__name__[3:]: f for f in (
     _k_amax_tensor, _k_codes, _k_codes_t, _k_rescale, _k_rescale_bias, _k_rescale_t)}
 
 
+_compile_failed: str | None = None
+
+
 def _compiled_kernel(name: str):
+    """Kernel ``name`` under ``torch.compile``; if compiling fails (no working compiler or
+    Triton), warns once and runs the same tensor code eagerly from then on (same arithmetic)."""
+    if _compile_failed is not None:
+        return _KERNELS[name]
     fn = _compiled.get(name)
     if fn is None:
-        fn = _compiled[name] = torch.compile(_KERNELS[name], fullgraph=True, dynamic=True)
+        fn = _compiled[name] = _guarded(name, torch.compile(_KERNELS[name], fullgraph=True,
+                                                            dynamic=True))
     return fn
+
+
+def _guarded(name: str, compiled):
+    def run(*args):
+        global _compile_failed
+        if _compile_failed is not None:
+            return _KERNELS[name](*args)
+        try:
+            return compiled(*args)
+        except torch.OutOfMemoryError:
+            raise
+        except Exception as e:  # inductor/Triton build errors surface at the first call
+            _compile_failed = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+            import warnings
+
+            warnings.warn(f"dsq.quant: torch.compile kernels unavailable ({_compile_failed}); "
+                          f"running them eagerly", stacklevel=2)
+            return _KERNELS[name](*args)
+
+    return run
 
 
 # ----------------------------------------------------------------------------- quantization
@@ -384,8 +429,7 @@ def int_mm(a: Tensor, b: Tensor) -> Tensor:
 
     CPU ``torch._int_mm`` takes any shape and layout (a transposed ``a`` at full speed). CUDA's
     needs a row-major ``a``, ``M > 16`` and ``K``, ``N`` multiples of 8: operands are made
-    contiguous and zero-padded there (zeros add nothing to the sums), the result cut. (The CUDA
-    path is written to the documented constraints but untested here: no GPU.)
+    contiguous and zero-padded there (:func:`cuda_operands`), the result cut.
     """
     M, K = a.shape
     N = b.shape[1]
@@ -395,13 +439,35 @@ def int_mm(a: Tensor, b: Tensor) -> Tensor:
             out += int_mm(a[:, k:k + _K_CHUNK], b[k:k + _K_CHUNK])
         return out
     if a.is_cuda:
-        a = a.contiguous()  # cuBLASLt's int8 GEMM wants a row-major left operand
-        pm, pk, pn = max(0, 17 - M), -K % 8, -N % 8
-        if pm or pk or pn:
-            a = torch.nn.functional.pad(a, (0, pk, 0, pm))
-            b = torch.nn.functional.pad(b, (0, pn, 0, pk))
-            return torch._int_mm(a, b)[:M, :N]
+        a, b = cuda_operands(a, b)
+        return torch._int_mm(a, b)[:M, :N]
     return torch._int_mm(a, b)
+
+
+def cuda_operands(a: Tensor, b: Tensor) -> tuple[Tensor, Tensor]:
+    """``a[M, K]``, ``b[K, N]`` as CUDA's ``torch._int_mm`` takes them: ``a`` row-major,
+    ``M > 16``, ``K`` and ``N`` multiples of 8, zero-padded where a shape falls short (zero
+    rows and columns add nothing to the products; the caller cuts the result to ``[M, N]``).
+    Device-agnostic, so its arithmetic is tested on the CPU too."""
+    M, K = a.shape
+    N = b.shape[1]
+    pm, pk, pn = max(0, 17 - M), -K % 8, -N % 8
+    a = a.contiguous()
+    if pm or pk or pn:
+        a = torch.nn.functional.pad(a, (0, pk, 0, pm))
+        b = torch.nn.functional.pad(b, (0, pn, 0, pk))
+    return a, b
+
+
+def engine(device_type: str) -> str:
+    """The kernels that run the integer path on ``device_type`` (for the start-up line)."""
+    if device_type == "cuda":
+        quant = ("torch.compile (Triton)" if kernel() in ("auto", "compile") and has_triton()
+                 else "eager PyTorch")
+        return (f"on CUDA: torch._int_mm (cuBLASLt int8, int32 accumulation; operands "
+                f"zero-padded to M > 16 and K, N multiples of 8 where a shape needs it), "
+                f"quantization and rescale kernels: {quant}")
+    return ""
 
 
 def rescale(acc: Tensor, row_scale: Tensor, col_scale: Tensor, bias: Tensor | None,
