@@ -93,7 +93,10 @@ def _dsq(n_in, n_out, w, b, compute: str, name: str, kernel: str = "auto") -> Ro
                kernel)
 
 
-def build_rows(n_in, n_out, w, b, *, compile_: bool, torchao: bool) -> list[Row]:
+def build_rows(n_in, n_out, w, b, *, compile_: bool, torchao: bool,
+               device: str = "cpu") -> list[Row]:
+    """The rows of one shape. On CUDA ``dsq int8`` runs the default (Triton-compiled) kernels
+    and ``dsq int8 (eager)`` the reference ones; on the CPU ``dsq int8`` runs the C kernels."""
     rows = []
     for dtype, label in ((torch.float32, "fp32"), (torch.bfloat16, "bf16")):
         m = _linear(n_in, n_out, dtype, w, b)
@@ -105,10 +108,18 @@ def build_rows(n_in, n_out, w, b, *, compile_: bool, torchao: bool) -> list[Row]
                 rows.append(r)
     rows.append(_dsq(n_in, n_out, w, b, "simulate", "dsq simulate"))
     rows.append(_dsq(n_in, n_out, w, b, "int8", "dsq int8 (eager)", "eager"))
+    if device == "cuda":
+        rows.append(_dsq(n_in, n_out, w, b, "int8", "dsq int8", "auto"))
+        return rows
     rows.append(_dsq(n_in, n_out, w, b, "int8", "dsq int8", "cpp"))
     if compile_:
         rows.append(_dsq(n_in, n_out, w, b, "int8", "dsq int8 (compiled)", "compile"))
     return rows
+
+
+def _sync(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
 
 
 class _Kernel:
@@ -162,13 +173,15 @@ def saved_bytes(row: Row, x) -> int:
 
 
 def bench_shape(tokens: int, n_in: int, n_out: int, *, repeats: int, warmup: int,
-                compile_: bool, torchao: bool, seed: int = 0, log=print) -> list[dict]:
+                compile_: bool, torchao: bool, seed: int = 0, log=print,
+                device: str = "cpu") -> list[dict]:
     gen = torch.Generator().manual_seed(seed)
-    x = torch.randn(tokens, n_in, generator=gen)
-    w = torch.randn(n_out, n_in, generator=gen) / n_in**0.5
-    b = torch.randn(n_out, generator=gen) * 0.1
-    g = torch.randn(tokens, n_out, generator=gen) / tokens
-    rows = build_rows(n_in, n_out, w, b, compile_=compile_, torchao=torchao)
+    x = torch.randn(tokens, n_in, generator=gen).to(device)
+    w = torch.randn(n_out, n_in, generator=gen).to(device) / n_in**0.5
+    b = torch.randn(n_out, generator=gen).to(device) * 0.1
+    g = torch.randn(tokens, n_out, generator=gen).to(device) / tokens
+    with torch.device(device):
+        rows = build_rows(n_in, n_out, w, b, compile_=compile_, torchao=torchao, device=device)
     inputs = {dt: (x.to(dt).requires_grad_(), g.to(dt)) for dt in {r.dtype for r in rows}}
     for r in [r for r in rows if "int8" in r.name]:  # the integer GEMMs really run
         n = _int_mm_calls(r, *inputs[r.dtype])
@@ -181,8 +194,10 @@ def bench_shape(tokens: int, n_in: int, n_out: int, *, repeats: int, warmup: int
     for i in range(warmup + repeats):
         for r in rows:
             xi, gi = inputs[r.dtype]
+            _sync(device)
             s = time.perf_counter()
             _step(r, xi, gi)
+            _sync(device)
             if i >= warmup:
                 times[r.name].append(time.perf_counter() - s)
         if i == warmup - 1:
@@ -195,7 +210,7 @@ def bench_shape(tokens: int, n_in: int, n_out: int, *, repeats: int, warmup: int
     for r in rows:
         out.append({
             "name": r.name, "shape": f"{tokens}x{n_in}->{n_out}",
-            "tokens": tokens, "in": n_in, "out": n_out, "ms": ms[r.name],
+            "tokens": tokens, "in": n_in, "out": n_out, "ms": ms[r.name], "device": device,
             "speedup_vs_bf16": bf16 / ms[r.name] if bf16 else None,
             "gop_s": flops / ms[r.name] / 1e6,
             "saved_MiB": saved_bytes(r, inputs[r.dtype][0]) / 2**20,
@@ -226,18 +241,33 @@ def main(argv: list[str]) -> None:
     p.add_argument("--no-torchao", dest="torchao", action="store_false")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     p.add_argument("--json", default=None, help="write the rows to this JSON file")
+    p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"),
+                   help="auto: cuda when a GPU is visible, else cpu")
     ns = p.parse_args(argv)
+    device = resolve_device(ns.device)
     if ns.threads:
         torch.set_num_threads(ns.threads)
     log = lambda *a: print(*a, file=sys.stderr, flush=True)
-    log(f"dsq bench linear: torch {torch.__version__}, {torch.get_num_threads()} threads, "
+    where = (torch.cuda.get_device_name() if device == "cuda"
+             else f"{torch.get_num_threads()} CPU threads")
+    log(f"dsq bench linear: torch {torch.__version__}, {where}, "
         f"fwd+bwd, median of {ns.repeats} after {ns.warmup} warm-up rounds")
     rows = []
     for n_in, n_out in parse_shapes(ns.shapes):
         rows += bench_shape(ns.tokens, n_in, n_out, repeats=ns.repeats, warmup=ns.warmup,
-                            compile_=ns.compile, torchao=ns.torchao, log=log)
+                            compile_=ns.compile, torchao=ns.torchao, log=log, device=device)
     print(format_table(rows))
     if ns.json:
         with open(ns.json, "w") as fh:
-            json.dump({"rows": rows, "torch": torch.__version__,
+            json.dump({"rows": rows, "torch": torch.__version__, "device": where,
                        "threads": torch.get_num_threads()}, fh, indent=2)
+
+
+def resolve_device(name: str) -> str:
+    """``auto`` -> cuda when a GPU is visible, else cpu; ``cuda`` without one is an error."""
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda" and not torch.cuda.is_available():
+        print("dsq: error: --device cuda but no CUDA device is visible", file=sys.stderr)
+        sys.exit(2)
+    return name

@@ -100,7 +100,7 @@ def _lazy(module: str, cls: str) -> Callable:
 
 
 def build(make: Callable, params, grads, warmup: int):
-    ps = [torch.nn.Parameter(p.clone()) for p in params]
+    ps = [torch.nn.Parameter(p.clone()) for p in params]  # on the device of ``params``
     for p, g in zip(ps, grads):
         p.grad = g
     opt = make(ps)
@@ -109,15 +109,20 @@ def build(make: Callable, params, grads, warmup: int):
     return opt, ps
 
 
-def timed_step(opt) -> float:
+def timed_step(opt, cuda: bool = False) -> float:
+    if cuda:
+        torch.cuda.synchronize()
     t = time.perf_counter()
     opt.step()
+    if cuda:
+        torch.cuda.synchronize()
     return time.perf_counter() - t
 
 
 def run(n_params: int, warmup: int, repeat: int, only: Optional[List[str]], kernel: str,
-        log=print) -> List[Dict]:
+        log=print, device: str = "cpu") -> List[Dict]:
     params, grads = make_params(n_params)
+    params, grads = [p.to(device) for p in params], [g.to(device) for g in grads]
     n = sum(p.numel() for p in params)
     built = {}
     for name, make in candidates(kernel).items():
@@ -134,11 +139,11 @@ def run(n_params: int, warmup: int, repeat: int, only: Optional[List[str]], kern
     times: Dict[str, List[float]] = {name: [] for name in built}
     for _ in range(repeat):
         for name, (opt, _) in built.items():
-            times[name].append(timed_step(opt))
+            times[name].append(timed_step(opt, device == "cuda"))
     rows = []
     for name, (opt, ps) in built.items():
         ms = statistics.median(times[name]) * 1e3
-        row = {"name": name, "ms_per_step": ms, "params_per_s": n / (ms / 1e3),
+        row = {"name": name, "device": device, "ms_per_step": ms, "params_per_s": n / (ms / 1e3),
                "state_bytes_per_param": state_bytes(opt) / n, "params": n}
         if not all(torch.isfinite(p).all() for p in ps):
             row["note"] = "non-finite parameters"
@@ -169,14 +174,21 @@ def main(argv: Optional[List[str]] = None) -> None:
     ap.add_argument("--kernel", default="auto", help="QAdamW kernel: auto|cpp|eager|compile")
     ap.add_argument("--only", nargs="*", help="names of the candidates to run")
     ap.add_argument("--json", help="write the rows to this file")
+    ap.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"),
+                    help="auto: cuda when a GPU is visible, else cpu")
     args = ap.parse_args(argv)
+    from dsq.bench.linear import resolve_device
+
+    device = resolve_device(args.device)
     if args.threads:
         torch.set_num_threads(args.threads)
+    where = (torch.cuda.get_device_name() if device == "cuda"
+             else f"{torch.get_num_threads()} threads")
     print(f"optimizer step over {int(args.params) / 1e6:.0f}M fp32 parameters, "
-          f"{torch.get_num_threads()} threads, median of {args.repeat} after {args.warmup} "
+          f"{where}, median of {args.repeat} after {args.warmup} "
           f"warm-up steps", file=sys.stderr)
     rows = run(int(args.params), args.warmup, args.repeat, args.only, args.kernel,
-               log=lambda s: print(s, file=sys.stderr))
+               log=lambda s: print(s, file=sys.stderr), device=device)
     print(table(rows))
     if args.json:
         with open(args.json, "w") as fh:

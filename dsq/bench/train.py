@@ -5,7 +5,8 @@ the same config, seed, ``--steps`` and threads per rank (``OMP_NUM_THREADS``, de
 ranks, so ranks do not oversubscribe the CPU) for all, without checkpoints in between or MLflow; the
 numbers are read back from each run's ``summary.json``: ``tokens_per_s`` (rank 0's mean over
 the steps after the first, so start-up and torch.compile time are left out), ``peak_rss_bytes``
-of every rank, and the final ``val_loss``.
+of every rank (on GPUs ``peak_gpu_bytes``, PyTorch's peak allocation), and the final
+``val_loss``.
 
 A recipe is written ``BASE[+MOD...]``:
 
@@ -104,6 +105,7 @@ def run_recipe(spec: str, ns, base_files: list[str], log) -> dict:
         return row
     s = json.loads(summary.read_text())
     row.update(tokens_per_s=s["tokens_per_s"], peak_rss_bytes=s["peak_rss_bytes"],
+               peak_gpu_bytes=s.get("peak_gpu_bytes"), device=s.get("device", "cpu"),
                val_loss=s["val_loss"], train_loss=s["train_loss"],
                optimizer_state_bytes=s.get("optimizer_state_bytes"))
     log(f"  {spec}: {s['tokens_per_s']:,.0f} tokens/s, val loss {s['val_loss']:.4f} "
@@ -126,14 +128,17 @@ def compare(rows: list[dict]) -> None:
 
 
 def format_table(rows: list[dict]) -> str:
+    gpu = any(r.get("device") == "cuda" for r in rows)
+    mem = "peak GPU/rank MiB" if gpu else "peak RSS/rank MiB"
     head = (f"| {'recipe':<28} | {'tokens/s':>9} | {'vs best base':>12} | "
-            f"{'peak RSS/rank MiB':>17} | {'val loss':>8} | {'vs sim':>6} |")
+            f"{mem:>17} | {'val loss':>8} | {'vs sim':>6} |")
     lines = [head, "|" + "|".join("-" * len(c) for c in head.split("|")[1:-1]) + "|"]
     for r in rows:
         if r["error"]:
             lines.append(f"| {r['recipe']:<28} | {'failed: ' + r['error']}")
             continue
-        rss = "/".join(f"{b / 2**20:.0f}" for b in r["peak_rss_bytes"])
+        peaks = r["peak_gpu_bytes"] if gpu and r.get("peak_gpu_bytes") else r["peak_rss_bytes"]
+        rss = "/".join(f"{b / 2**20:.0f}" for b in peaks)
         sp = f"{r['speedup_vs_best_baseline']:.2f}x" if r["speedup_vs_best_baseline"] else "-"
         vs = (f"{100 * r['val_loss_vs_simulated']:+.1f}%"
               if r["val_loss_vs_simulated"] is not None else "")
