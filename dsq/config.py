@@ -136,6 +136,11 @@ class DataConfig:
     train: List[str] = field(default_factory=lambda: [str(DEFAULT_CORPUS / "train")])
     """Text files or folders, .jsonl/.json or .parquet files, or a Hub dataset name."""
     val: List[str] = field(default_factory=lambda: [str(DEFAULT_CORPUS / "val")])
+    """Validation text, as ``train``; empty (``[]``) with ``val_fraction`` > 0."""
+    val_fraction: float = 0.0
+    """Hold out this fraction of the training documents (a seeded random split, the same on
+    every machine) as the validation set, for corpora without one (OpenWebText); needs
+    ``data.val: []``."""
     text_field: str = "text"
     """Column holding the text in JSON lines / Parquet / Hub data."""
     tokenizer: Optional[str] = None
@@ -320,7 +325,13 @@ def validate(cfg: Config, world_size: Optional[int] = None) -> None:
     _check(q.compute in ("simulate", "int8"),
            f"quant.compute={q.compute!r} is unknown: use simulate or int8")
     _check(bool(cfg.data.train), "data.train is empty: give at least one file or folder")
-    _check(bool(cfg.data.val), "data.val is empty: give at least one file or folder")
+    d = cfg.data
+    _check(0.0 <= d.val_fraction < 0.5, f"data.val_fraction={d.val_fraction} must be in [0, 0.5)")
+    _check(not (d.val_fraction > 0 and d.val),
+           "data.val and data.val_fraction are both set: give data.val: [] to hold out "
+           "data.val_fraction of the training documents, or data.val_fraction=0")
+    _check(bool(d.val) or d.val_fraction > 0,
+           "data.val is empty: give at least one file or folder, or a data.val_fraction > 0")
     if world_size is not None:
         _check(world_size % p.tp == 0,
                f"parallel.tp={p.tp} does not divide the world size {world_size}: "

@@ -146,3 +146,33 @@ def test_bad_config_cli_fails_fast_and_writes_nothing(tmp_path):
     assert res.returncode == 2 and "missing.txt" in res.stderr and "does not exist" in res.stderr
     assert not out.exists()
     assert not list(Path(tmp_path / "cache").glob("*/manifest.json"))
+
+
+def test_the_study_setup_for_32_ranks():
+    from dsq.distributed import deepspeed_config
+
+    owt = str(ROOT / "configs/gpt2-small-owt.yaml")
+    cfg = load_config([owt, str(ROOT / "configs/recipes/w8a8g8.yaml")], world_size=32)
+    m, t, o = cfg.model, cfg.train, cfg.optim
+    assert (m.num_layers, m.hidden_size, m.num_heads, m.seq_len, m.dropout) == (
+        12, 768, 12, 1024, 0.1)
+    assert t.global_batch * m.seq_len == 524_288 and t.steps == 300_000
+    assert (o.lr, o.warmup_steps, o.min_lr, o.weight_decay, o.grad_clip) == (
+        6e-4, 1000, 0.0, 0.1, 1.0)
+    assert cfg.deepspeed.precision == "bf16" and cfg.data.val == []
+    assert cfg.data.val_fraction == 0.0005 and cfg.data.train == ["Skylion007/openwebtext"]
+    ds = deepspeed_config(cfg, dp_size=32)
+    assert ds["gradient_accumulation_steps"] == 1 and ds["train_batch_size"] == 512
+    assert deepspeed_config(load_config([owt], ["parallel.tp=2"], world_size=32), 16)[
+        "gradient_accumulation_steps"] == 2
+    with pytest.raises(ConfigError, match="train.global_batch=512"):
+        load_config([owt], world_size=24)
+
+
+def test_val_fraction_and_val_are_exclusive():
+    with pytest.raises(ConfigError, match="data.val and data.val_fraction"):
+        load_config([], ["data.val_fraction=0.01"])
+    with pytest.raises(ConfigError, match="data.val is empty"):
+        load_config([], ["data.val=[]"])
+    with pytest.raises(ConfigError, match="data.val_fraction=0.7"):
+        load_config([], ["data.val=[]", "data.val_fraction=0.7"])

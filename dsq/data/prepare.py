@@ -138,6 +138,20 @@ def _check_utf8(path: Path) -> None:
                         f"convert it to UTF-8") from e
 
 
+HOLD_OUT_SEED = 1234
+"""Seed of the ``data.val_fraction`` split (part of the data, not of the run: fixed)."""
+
+
+def hold_out(docs, fraction: float):
+    """``(train, val)``: a seeded random ``fraction`` of ``docs`` (at least one) as validation."""
+    if len(docs) < 2:
+        raise DataError(f"data.val_fraction={fraction} needs at least 2 training documents, "
+                        f"found {len(docs)}: give data.val instead")
+    n_val = min(len(docs) - 1, max(1, round(fraction * len(docs))))
+    split = docs.train_test_split(test_size=n_val, seed=HOLD_OUT_SEED, shuffle=True)
+    return split["train"], split["test"]
+
+
 # --------------------------------------------------------------------------- tokenizer
 def train_tokenizer(docs, vocab_size: int) -> bytes:
     """A BPE sentencepiece model with byte fallback; ids: 0 <unk>, 1 </s> (document end)."""
@@ -176,6 +190,7 @@ def data_fingerprint(data_cfg, vocab_size: int) -> str:
         "version": FORMAT_VERSION,
         "train": _fingerprint_sources(list(data_cfg.train)),
         "val": _fingerprint_sources(list(data_cfg.val)),
+        "val_fraction": getattr(data_cfg, "val_fraction", 0.0) or None,
         "text_field": data_cfg.text_field,
         "vocab_size": vocab_size,
         "tokenizer": _fingerprint_sources([tok]) if tok else None,
@@ -203,7 +218,12 @@ def prepare(data_cfg, vocab_size: int, log=print) -> Path:
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
         train_docs = load_documents(list(data_cfg.train), data_cfg.text_field, "train")
-        val_docs = load_documents(list(data_cfg.val), data_cfg.text_field, "validation")
+        if getattr(data_cfg, "val_fraction", 0.0) > 0:
+            train_docs, val_docs = hold_out(train_docs, data_cfg.val_fraction)
+            log(f"data: held out {len(val_docs)} of {len(train_docs) + len(val_docs)} "
+                f"documents for validation (data.val_fraction={data_cfg.val_fraction})")
+        else:
+            val_docs = load_documents(list(data_cfg.val), data_cfg.text_field, "validation")
         if data_cfg.tokenizer:
             tok_path = Path(os.path.expanduser(data_cfg.tokenizer))
             if not tok_path.is_file():

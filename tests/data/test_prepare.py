@@ -117,3 +117,25 @@ def test_eval_indices():
     assert eval_indices(10, 64) == list(range(10))
     idx = eval_indices(1000, 8)
     assert len(idx) == 8 and idx[0] == 0 and idx[-1] == 999
+
+
+def test_val_fraction_holds_out_a_seeded_random_split(tmp_path):
+    (tmp_path / "tr").mkdir()
+    texts = [f"Document {i}: " + TEXT[: 200 + 37 * i] for i in range(40)]
+    for i, t in enumerate(texts):
+        (tmp_path / "tr" / f"{i:02d}.txt").write_text(t)
+    runs = []
+    for sub in ("a", "b"):
+        cfg = load_config([], [f"data.train={json.dumps([str(tmp_path / 'tr')])}", "data.val=[]",
+                               "data.val_fraction=0.1", f"data.cache_dir={tmp_path / sub}",
+                               "model.vocab_size=300"])
+        out = prepare(cfg.data, cfg.model.vocab_size, log=lambda *a: None)
+        manifest = json.loads((out / "manifest.json").read_text())
+        assert manifest["documents"] == {"train": 36, "val": 4}
+        sp = spm.SentencePieceProcessor(model_file=str(out / "tokenizer.model"))
+        val = np.fromfile(out / "val.bin", dtype=manifest["dtype"])
+        docs = np.split(val, np.where(val == sp.eos_id())[0] + 1)[:-1]
+        heads = sorted(sp.decode(d[:-1].tolist()).split(":")[0] for d in docs)
+        runs.append((out.name, heads, (out / "train.bin").read_bytes()))
+    assert runs[0] == runs[1]  # the same split and stream on every machine
+    assert runs[0][1] != [f"Document {i}" for i in range(36, 40)]  # random, not the tail
