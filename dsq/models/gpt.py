@@ -147,6 +147,12 @@ def build_gpt(model_cfg, precision: str = "fp32", seed: Optional[int] = None) ->
     """
     if seed is not None:
         torch.manual_seed(seed)
+        if torch.cuda.is_available():
+            # megatron's tensor-parallel CUDA RNG streams (dropout inside TP regions, sequence
+            # parallelism) must exist before a forward forks them, as in Megatron-LM
+            from megatron.core import tensor_parallel
+
+            tensor_parallel.model_parallel_cuda_manual_seed(seed)
     config = transformer_config(model_cfg, precision)
     return DsqGPTModel(
         config=config,
