@@ -1,4 +1,4 @@
-"""Scaled int8 GEMMs on CPUs with AMX (or AVX-512 VNNI): oneDNN's micro-kernel plus dsq's epilogue.
+"""Scaled int8 GEMMs on CPUs with AMX-INT8: oneDNN's micro-kernel plus dsq's epilogue.
 
 ``torch._int_mm`` on CPU goes through oneDNN's legacy ``gemm_s8s8s32`` entry point, which does not
 use AMX tiles and writes a full int32 matrix (twice the bytes of a bf16 one) that a second pass
@@ -17,7 +17,8 @@ Built once with the system C++ compiler against the installed PyTorch headers (a
 cached under ``$DSQ_CACHE_DIR`` (default ``~/.cache/dsq``) keyed by source, compiler flags,
 PyTorch version and CPU. Unavailable (and :func:`scaled_mm` returns None, so callers use
 ``torch._int_mm``) when there is no compiler, the headers are missing, or PyTorch's oneDNN cannot
-pack int8 operands on this CPU.
+pack int8 operands on this CPU: its int8 micro-kernel packs only for AMX, so on CPUs without
+AMX-INT8 (AMD, Intel before Sapphire Rapids, AVX-512 VNNI included) the driver is not even built.
 """
 
 from __future__ import annotations
@@ -78,14 +79,30 @@ def library() -> ctypes.CDLL | None:
         if _LIB is None and _ERR is None:
             if os.environ.get("DSQ_AMX_GEMM", "1").strip() in ("0", "false", "no", "off"):
                 _ERR = "disabled by DSQ_AMX_GEMM=0"
+            elif not has_amx_int8():
+                _ERR = "this CPU has no AMX-INT8"
+                warnings.warn(f"dsq.quant: integer GEMMs use torch._int_mm ({_ERR}, which "
+                              f"oneDNN's int8 micro-kernel needs)", stacklevel=3)
             else:
                 try:
                     _LIB = _build()
-                except Exception as e:  # noqa: BLE001  (no compiler, no headers, no AMX/VNNI)
+                except Exception as e:  # noqa: BLE001  (no compiler, no headers)
                     _ERR = str(e)
                     warnings.warn(f"dsq.quant: integer GEMMs use torch._int_mm (the AMX GEMM "
                                   f"driver is unavailable: {e})", stacklevel=3)
         return _LIB
+
+
+def has_amx_int8() -> bool:
+    """Whether the CPU (``/proc/cpuinfo`` flags) has AMX-INT8 tiles."""
+    try:
+        with open("/proc/cpuinfo") as fh:
+            for line in fh:
+                if line.startswith("flags"):
+                    return "amx_int8" in line.split(":", 1)[1].split()
+    except OSError:
+        pass
+    return False
 
 
 def available() -> bool:

@@ -527,8 +527,8 @@ def scaled_mm(a: Tensor, b: Tensor, row_scale: Tensor, col_scale: Tensor,
     chunks of ``a``'s rows so that the int32 accumulator stays within 16 MiB (an LM head's
     ``tokens x vocab`` int32 result would otherwise be twice its bf16 output, on top of it).
 
-    With the ``cpp`` kernels on a CPU whose PyTorch can run oneDNN's int8 micro-kernel (AMX or
-    AVX-512 VNNI), the whole product is one call of :func:`dsq.quant.cpu_gemm.scaled_mm`: the
+    With the ``cpp`` kernels on a CPU whose PyTorch can run oneDNN's int8 micro-kernel
+    (AMX-INT8), the whole product is one call of :func:`dsq.quant.cpu_gemm.scaled_mm`: the
     rescale is the epilogue of each output tile and no int32 matrix is written. ``b_shape``:
     ``b`` is such a GEMM's packed ``B[K, N]`` (see :func:`quantize_cols`)."""
     if b_shape is not None or _impl(torch.empty(0, 0, dtype=dtype, device=a.device)) == "cpp":

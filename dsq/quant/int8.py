@@ -43,8 +43,8 @@ tokens]``) by the quantization kernel itself; the other keeps its layout.
 
 Passes: the forward reads ``X`` twice (statistics, then both its per-token and per-column codes)
 and ``W`` twice; backward reads ``G`` twice for its per-token codes, per-column codes and the
-bias gradient (column sums), ``W`` twice for its per-column codes. On CPUs with AMX (or AVX-512
-VNNI) each GEMM rescales its output tiles in cache (:mod:`dsq.quant.cpu_gemm`); elsewhere its
+bias gradient (column sums), ``W`` twice for its per-column codes. On CPUs with AMX-INT8 each
+GEMM rescales its output tiles in cache (:mod:`dsq.quant.cpu_gemm`); elsewhere its
 int32 result is read once by a rescale (+ bias) pass. See :mod:`dsq.quant.fused` for the kernels.
 
 Tensor parallelism: ``reduce_x/w/g`` max-reduce the recipe's statistics, ``reduce_xt/wt/gt`` those

@@ -5,6 +5,7 @@ from __future__ import annotations
 import types
 import warnings
 
+import numpy as np
 import pytest
 import torch
 
@@ -66,9 +67,11 @@ def test_dequantized_state_error_is_half_a_step(m_bits, v_bits, v_domain):
     """After one step from zero moments, m = (1-b1) g and v = (1-b2) g^2 exactly in fp32; the
     stored ones are within half a quantization step of them (per block), and v is never 0.
     A 32-bit moment is stored exactly."""
-    torch.manual_seed(0)
+    # numpy's generator: the same gradients on every CPU (torch.randn's vectorized fill
+    # differs between AVX2 and AVX-512 builds of the same sampler)
+    g = torch.from_numpy(np.random.default_rng(0).standard_normal((4, 256), dtype=np.float32))
+    g = g * torch.tensor([1e-4, 1e-2, 1.0, 1e3]).unsqueeze(1)
     p = torch.zeros(4 * 256)
-    g = torch.randn(4, 256) * torch.tensor([1e-4, 1e-2, 1.0, 1e3]).unsqueeze(1)
     opt = _opt([p], m_bits=m_bits, v_bits=v_bits, v_domain=v_domain, lr=1e-3)
     _step(opt, [p], [g.reshape(-1)])
     m_hat, v_hat = (t.view(4, 256) for t in opt.dequantized(p))
@@ -88,14 +91,13 @@ def test_dequantized_state_error_is_half_a_step(m_bits, v_bits, v_domain):
     assert ((m_hat - m).abs() <= 0.5001 * sm).all()
     if v_bits == 32:
         pass
-    elif v_domain == "linear":
-        sv = v.amax(1, keepdim=True) / qv
-        err = (v_hat - v).abs()
-        assert ((err <= 0.5001 * sv) | (v_hat == sv)).all()  # or raised to one step
     else:
-        su = v.sqrt().amax(1, keepdim=True) / qv
-        err = (v_hat.sqrt() - v.sqrt()).abs()
-        assert ((err <= 0.5001 * su) | (v_hat.sqrt() == su)).all()
+        # within half a step, or (a v that would round to code 0) raised to exactly one step
+        x, x_hat = (v, v_hat) if v_domain == "linear" else (v.sqrt(), v_hat.sqrt())
+        step = x.amax(1, keepdim=True) / qv
+        raised = (x_hat - x).abs() > 0.5001 * step
+        one_step = (x_hat - step).abs() <= 1e-6 * step  # the stored scale, to float rounding
+        assert (~raised | (one_step & (x < 0.5001 * step))).all()
     if m_bits != 32:
         # relative error of the block as a whole: 8-bit m ~ 40 dB, 4-bit m ~ 18 dB
         snr = 10 * torch.log10(m.pow(2).sum() / (m_hat - m).pow(2).sum())

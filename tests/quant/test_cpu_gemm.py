@@ -23,8 +23,9 @@ def _cpu_flags() -> set[str]:
 
 
 needs_int8_units = pytest.mark.skipif(
-    not ({"amx_int8", "avx512_vnni"} & _cpu_flags()),
-    reason="this CPU has neither AMX nor AVX-512 VNNI: integer GEMMs use torch._int_mm")
+    "amx_int8" not in _cpu_flags(),
+    reason="this CPU has no AMX-INT8 (oneDNN's int8 micro-kernel packs only for AMX): "
+           "integer GEMMs use torch._int_mm")
 
 
 def _reference(a, b, rs, cs, bias, dtype, transpose):
@@ -34,7 +35,19 @@ def _reference(a, b, rs, cs, bias, dtype, transpose):
 
 @needs_int8_units
 def test_driver_is_available_here():
-    assert cpu_gemm.available(), "the AMX/VNNI GEMM driver did not build on this machine"
+    assert cpu_gemm.available(), "the AMX GEMM driver did not build on this machine"
+
+
+@pytest.mark.skipif("amx_int8" in _cpu_flags(), reason="this CPU has AMX-INT8")
+def test_without_amx_the_driver_is_not_built_and_says_why_in_one_line(monkeypatch):
+    monkeypatch.setattr(cpu_gemm, "_LIB", None)
+    monkeypatch.setattr(cpu_gemm, "_ERR", None)
+    monkeypatch.setattr(cpu_gemm, "_build", lambda: pytest.fail("built without AMX"))
+    with pytest.warns(UserWarning) as record:
+        assert not cpu_gemm.available()
+    assert len(record) == 1 and "\n" not in str(record[0].message)
+    assert "AMX-INT8" in str(record[0].message) and "torch._int_mm" in str(record[0].message)
+    assert not cpu_gemm.can_take(64)
 
 
 @needs_int8_units
