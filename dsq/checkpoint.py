@@ -14,6 +14,7 @@ import os
 import random
 import re
 import shutil
+import time
 import warnings
 from pathlib import Path
 from typing import Dict, List, Optional, Tuple
@@ -111,22 +112,47 @@ def check(tag_dir: Path) -> Optional[str]:
     return None
 
 
-def find_resume(root: Path) -> Optional[str]:
-    """The tag to resume from: ``latest`` if complete, else the newest complete one."""
+def find_resume(root: Path, repair: bool = False, warn=None) -> Optional[str]:
+    """The tag to resume from: ``latest`` if complete, else the newest complete one.
+
+    With ``repair`` (only by the run directory's lock holder: a tag being written by a live run
+    looks invalid too), every invalid tag newer than the one returned is moved aside as
+    ``<tag>.invalid-<time>`` (renamed, never deleted) with a warning, and ``latest`` is
+    re-pointed at the tag returned (removed when there is none), so the run saves those steps
+    again and readers of ``latest`` never meet the bad one. ``warn(message)`` reports each bad
+    tag (default: ``warnings.warn``)."""
+    warn = warn or (lambda m: warnings.warn(m, stacklevel=3))
     latest = root / LATEST
     wanted = latest.read_text().strip() if latest.is_file() else None
-    if wanted:
+    found, bad = None, []
+    if wanted and (root / wanted).is_dir():
         problem = check(root / wanted)
         if problem is None:
-            return wanted
-        warnings.warn(f"checkpoint {wanted} is not usable: {problem}; falling back to the "
-                      f"previous complete checkpoint", stacklevel=2)
-    for _, tag in _tags(root):
-        if tag != wanted and check(root / tag) is None:
-            return tag
-        if tag != wanted:
-            warnings.warn(f"skipping incomplete checkpoint {tag}: {check(root / tag)}", stacklevel=2)
-    return None
+            found = wanted
+        else:
+            bad.append((wanted, problem))
+    if found is None:
+        for _, tag in _tags(root):
+            if tag == wanted:
+                continue
+            problem = check(root / tag)
+            if problem is None:
+                found = tag
+                break
+            bad.append((tag, problem))
+    for tag, problem in bad:
+        if repair:
+            aside = root / f"{tag}.invalid-{time.strftime('%Y%m%d-%H%M%S')}"
+            (root / tag).rename(aside)
+            warn(f"checkpoint {root / tag} is not usable ({problem}): moved aside to {aside.name}")
+        else:
+            warn(f"checkpoint {root / tag} is not usable ({problem}); skipping it")
+    if repair and wanted != found:
+        if found is not None:
+            _fsync_write(latest, found)
+        elif latest.is_file():
+            latest.unlink()
+    return found
 
 
 def load(engine, root: Path, tag: str) -> Dict:

@@ -53,9 +53,11 @@ def cmd_train(argv: List[str]) -> None:
     cfg = _load(argv, world_size=env.world_size)
     from dsq.train import PREEMPTED_EXIT_CODE, Preempted, run
 
+    from dsq.rundir import RunDirError
+
     try:
         run(cfg, env)
-    except DataError as e:
+    except (DataError, RunDirError) as e:
         _fail(str(e))
     except Preempted:
         shutdown()
@@ -164,6 +166,9 @@ def main(argv: Optional[List[str]] = None) -> None:
         print(USAGE)
         sys.exit(0 if argv else 2)
     cmd = argv[0]
+    from dsq.runtime import use_env_extensions_dir
+
+    use_env_extensions_dir()
     if cmd in ("train", "eval", "bench"):
         from dsq.runtime import tune_allocator
 

@@ -167,6 +167,9 @@ class TrainConfig:
     seed: int = 1234
     progress: bool = True
     """Show a progress bar on rank 0."""
+    reshard: str = "off"
+    """Resuming a ZeRO checkpoint written by another data-parallel size: off (stop and say how
+    to convert it) | auto (convert it in place first, the original kept beside it)."""
 
 
 @dataclass
@@ -294,6 +297,7 @@ def validate(cfg: Config, world_size: Optional[int] = None) -> None:
     _check(m.vocab_size % p.tp == 0,
            f"parallel.tp={p.tp} does not divide model.vocab_size={m.vocab_size}: "
            f"choose a vocab size that is a multiple of tp")
+    _check(t.reshard in ("off", "auto"), f"train.reshard={t.reshard!r}: use off or auto")
     _check(t.keep_ckpts >= 1, f"train.keep_ckpts={t.keep_ckpts} must be >= 1")
     _check(o.name in ("adamw", "qadamw"), f"optim.name={o.name!r} is unknown: use adamw or qadamw")
     _check(o.lr > 0 and 0 <= o.min_lr <= o.lr, f"optim.lr={o.lr} must be > 0 and optim.min_lr "

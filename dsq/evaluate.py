@@ -8,7 +8,9 @@ concatenation is the exact inverse.
 
 from __future__ import annotations
 
+import json
 import math
+import sys
 from pathlib import Path
 from typing import Dict, List, Optional
 
@@ -33,9 +35,26 @@ def resolve_checkpoint(path: str) -> Path:
             raise EvalError(f"checkpoint {p} is incomplete: {problem}")
         return p
     root = p / "checkpoints" if (p / "checkpoints").is_dir() else p
-    tag = checkpoint.find_resume(root)
+    notes = []
+    summary = p / "summary.json"
+    if summary.is_file():  # a finished run: the checkpoint its results describe
+        try:
+            step = int(json.loads(summary.read_text())["final_step"])
+        except (ValueError, KeyError, TypeError):
+            step = None
+        if step is not None:
+            named = root / checkpoint.tag_for(step)
+            problem = checkpoint.check(named) if named.is_dir() else f"{named} does not exist"
+            if problem is None:
+                return named
+            notes.append(f"summary.json names step {step}, but {problem}")
+    tag = checkpoint.find_resume(root, warn=notes.append)
     if tag is None:
-        raise EvalError(f"no complete checkpoint under {root}")
+        raise EvalError(f"no complete checkpoint under {root}" +
+                        (f" ({'; '.join(notes)})" if notes else ""))
+    if notes:
+        print(f"dsq: note: evaluating {tag}, the newest complete checkpoint: "
+              f"{'; '.join(notes)}", file=sys.stderr)
     return root / tag
 
 

@@ -7,9 +7,10 @@ import math
 import os
 import resource
 import signal
+import sys
 import time
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Tuple
 
 import torch
 
@@ -18,6 +19,8 @@ from dsq.config import Config, flatten, to_dict, to_yaml
 from dsq.data.dataset import GlobalSchedule, TokenBlocks, eval_indices
 from dsq.data.prepare import DataError, load_manifest, prepare
 from dsq.models.quant_layers import collect_sqnr, set_sqnr_capture
+from dsq.rundir import RunDirError, RunLock, check_resume, saved_dp
+from dsq.runtime import clear_stale_build_locks
 from dsq.distributed import (
     DistEnv,
     all_reduce_host,
@@ -115,6 +118,10 @@ def run_provenance() -> Dict[str, str]:
             "versions.megatron_core": megatron.core.__version__}
 
 
+def _warn(msg: str) -> None:
+    print(f"dsq: warning: {msg}", file=sys.stderr, flush=True)
+
+
 def peak_rss_bytes() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
@@ -134,6 +141,10 @@ class Trainer:
         self.cfg, self.env = cfg, env
         self.out_dir = Path(cfg.train.out_dir).resolve()
         self.ckpt_dir = self.out_dir / "checkpoints"
+        # stop signals first: one during a native build or data preparation ends in a clean stop
+        self.stop = StopRequest()
+        self.lock: Optional[RunLock] = None
+        clear_stale_build_locks()
         init_distributed(env, cfg.parallel.tp, timeout_s=cfg.parallel.timeout_s)
         self.dp_rank, self.dp_size = ps.get_data_parallel_rank(), ps.get_data_parallel_world_size()
         self.tp_size = ps.get_tensor_model_parallel_world_size()
@@ -141,6 +152,18 @@ class Trainer:
         self.device = device()
         self._state_bytes = optimizer_state_bytes
         self.log = print if env.is_main else (lambda *a, **k: None)
+
+        # the run directory: one writer, and a resume this config can make, before any write
+        verdict, err = (None, []), None
+        if env.is_main:
+            try:
+                verdict = self._claim_run_dir()
+            except RunDirError as e:
+                err = str(e)
+        err = bcast_error(err)
+        if err:
+            raise RunDirError(err)
+        self.resume_tag, self.config_changes = broadcast_object(verdict)
 
         # data: rank 0 prepares, the others wait for its verdict
         prepared, err = None, None
@@ -176,9 +199,10 @@ class Trainer:
             self.out_dir.mkdir(parents=True, exist_ok=True)
             (self.out_dir / "config.yaml").write_text(to_yaml(cfg))
             (self.out_dir / "ds_config.json").write_text(dumps(self.ds_config))
+            self._record_changes()
         barrier()
         self.step = 0
-        tag = broadcast_object(checkpoint.find_resume(self.ckpt_dir) if env.is_main else None)
+        tag = self.resume_tag
         if tag is not None:
             state = checkpoint.load(self.engine, self.ckpt_dir, tag)
             self.step = int(state["step"])
@@ -188,10 +212,54 @@ class Trainer:
         if env.is_main:
             self._start_tracking()
         self.sqnr: Dict[str, float] = {}
-        self.stop = StopRequest()
         self.log(f"model: {cfg.model.preset} {self.params / 1e6:.2f}M parameters, "
                  f"tp={self.tp_size} dp={self.dp_size} zero={cfg.deepspeed.zero_stage} "
                  f"{cfg.deepspeed.precision}; quantized linears: {len(self.quantized)}")
+
+    def _claim_run_dir(self) -> Tuple[Optional[str], List]:
+        """Rank 0: lock the run directory, repair its checkpoints, check that the newest valid
+        one can resume under this config (resharding it with ``train.reshard: auto``).
+        Returns ``(tag to resume or None, allowed config changes)``."""
+        from omegaconf import OmegaConf
+
+        self.lock = RunLock(self.out_dir)
+        self.lock.acquire()
+        if self.lock.stale:
+            _warn(f"took over the lock of {self.out_dir} left by {self.lock.stale} (no longer "
+                  f"running)")
+        tag = checkpoint.find_resume(self.ckpt_dir, repair=True, warn=_warn)
+        if tag is None:
+            return None, []
+        tag_dir = self.ckpt_dir / tag
+        saved = flatten(OmegaConf.to_container(OmegaConf.load(tag_dir / "config.yaml")))
+        changes = check_resume(saved, flatten(to_dict(self.cfg)), tag_dir)
+        old_dp = saved_dp(tag_dir)
+        if self.cfg.deepspeed.zero_stage > 0 and old_dp and old_dp != self.dp_size:
+            if self.cfg.train.reshard != "auto":
+                raise RunDirError(
+                    f"checkpoint {tag_dir} was written by {old_dp} data-parallel ranks and this "
+                    f"run has {self.dp_size}: convert it first with `dsq ckpt reshard "
+                    f"{self.ckpt_dir} --dp {self.dp_size}` (or set train.reshard=auto), or "
+                    f"launch {old_dp * self.tp_size} ranks")
+            from dsq.optim.zero import reshard_checkpoint
+
+            reshard_checkpoint(self.ckpt_dir, tag, self.dp_size)
+            self.log(f"resharded {tag_dir} from dp={old_dp} to dp={self.dp_size} "
+                     f"(original kept as {tag}.dp{old_dp})")
+            changes.append(("layout.dp", old_dp, self.dp_size))
+        return tag, changes
+
+    def _record_changes(self) -> None:
+        """Log the allowed config changes of this resume and append them to
+        ``config_changes.jsonl`` (MLflow gets them as the tag ``dsq.config_changes``)."""
+        if not self.config_changes:
+            return
+        text = ", ".join(f"{k} {a} -> {b}" for k, a, b in self.config_changes)
+        self.log(f"resuming {self.resume_tag} with changed settings: {text}")
+        with open(self.out_dir / "config_changes.jsonl", "a") as fh:
+            fh.write(json.dumps({"resume_from": self.resume_tag, "time": time.time(),
+                                 "changes": [[k, a, b] for k, a, b in self.config_changes]},
+                                default=str) + "\n")
 
     def _start_tracking(self) -> None:
         cfg, t = self.cfg, self.tracker
@@ -203,6 +271,9 @@ class Trainer:
                     "dsq.layout": f"tp{self.tp_size}xdp{self.dp_size}",
                     "dsq.zero_stage": cfg.deepspeed.zero_stage, "dsq.preset": cfg.model.preset,
                     "dsq.slurm_job_id": os.environ.get("SLURM_JOB_ID", "none")})
+        if (self.out_dir / "config_changes.jsonl").is_file():
+            t.set_tags({"dsq.config_changes": (self.out_dir / "config_changes.jsonl").read_text()
+                        [-5000:]})
         t.log_artifact(self.out_dir / "config.yaml")
         t.log_artifact(self.out_dir / "ds_config.json")
         if cfg.tracking.system_metrics and t.enabled and t.flush(5.0) and t.run_id:
@@ -434,6 +505,8 @@ class Trainer:
     def close(self, status: str = "FINISHED") -> None:
         if getattr(self, "stop", None) is not None:
             self.stop.restore()
+        if getattr(self, "lock", None) is not None:
+            self.lock.release()
         if getattr(self, "_sysmon", None) is not None:
             self._sysmon.finish()
         if self.env.is_main and getattr(self, "tracker", None) is not None:

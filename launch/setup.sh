@@ -19,4 +19,12 @@ if ! .venv/bin/python -c "import torch" 2>/dev/null; then
   "${PIP[@]}" "${TORCH_SPEC:-torch==2.13.0}"
 fi
 "${PIP[@]}" -e ".${EXTRAS}"
+# DeepSpeed's CPU communication op, built once into this environment (dsq points
+# TORCH_EXTENSIONS_DIR at .venv/torch_extensions), so no run pays for or races on the build
+TORCH_EXTENSIONS_DIR="$PWD/.venv/torch_extensions" .venv/bin/python -c "
+import torch
+if not torch.cuda.is_available():
+    from deepspeed.comm.torch import build_shm_op
+    build_shm_op()" > /dev/null 2>&1 \
+  || echo "note: DeepSpeed's CPU communication op did not build now; the first run builds it" >&2
 .venv/bin/python -c "import torch, deepspeed, megatron.core, dsq; print(f'dsq ready: torch {torch.__version__}, deepspeed {deepspeed.__version__}, megatron-core {megatron.core.__version__}')" 2>/dev/null

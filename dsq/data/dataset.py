@@ -16,7 +16,14 @@ class TokenBlocks:
 
     def __init__(self, prepared: Path, split: str, seq_len: int):
         manifest = load_manifest(prepared)
-        self.tokens = np.memmap(Path(prepared) / f"{split}.bin", dtype=manifest["dtype"], mode="r")
+        path = Path(prepared) / f"{split}.bin"
+        expected = manifest["tokens"][split] * np.dtype(manifest["dtype"]).itemsize
+        size = path.stat().st_size if path.is_file() else -1
+        if size != expected:  # every rank checks its view of the file (node-local caches too)
+            raise DataError(f"prepared data {path} has {max(size, 0):,} bytes, its manifest "
+                            f"promises {expected:,}: the file was truncated or replaced; delete "
+                            f"{Path(prepared)} to prepare it again")
+        self.tokens = np.memmap(path, dtype=manifest["dtype"], mode="r")
         self.seq_len = seq_len
         self.n_blocks = max(0, (len(self.tokens) - 1) // seq_len)
         if self.n_blocks == 0:

@@ -22,8 +22,9 @@ import json
 import os
 import shutil
 import tempfile
+import time
 from pathlib import Path
-from typing import Dict, Iterator, List, Tuple
+from typing import Dict, Iterator, List, Optional, Tuple
 
 import numpy as np
 
@@ -190,11 +191,12 @@ def data_fingerprint(data_cfg, vocab_size: int) -> str:
         "version": FORMAT_VERSION,
         "train": _fingerprint_sources(list(data_cfg.train)),
         "val": _fingerprint_sources(list(data_cfg.val)),
-        "val_fraction": getattr(data_cfg, "val_fraction", 0.0) or None,
         "text_field": data_cfg.text_field,
         "vocab_size": vocab_size,
         "tokenizer": _fingerprint_sources([tok]) if tok else None,
     }
+    if getattr(data_cfg, "val_fraction", 0.0):
+        key["val_fraction"] = data_cfg.val_fraction
     return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -211,13 +213,26 @@ def prepare(data_cfg, vocab_size: int, log=print) -> Path:
     import sentencepiece as spm
 
     out = prepared_dir(data_cfg, vocab_size)
+    damaged = None
     if is_prepared(out):
-        log(f"data: using prepared {out}")
-        return out
+        damaged = verify(out)
+        if damaged is None:
+            log(f"data: using prepared {out}")
+            return out
+        aside = out.with_name(f"{out.name}.damaged-{time.strftime('%Y%m%d-%H%M%S')}")
+        os.replace(out, aside)
+        log(f"dsq: warning: prepared data {out} is damaged ({damaged}): moved aside to "
+            f"{aside.name}, preparing it again from the sources")
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
-        train_docs = load_documents(list(data_cfg.train), data_cfg.text_field, "train")
+        try:
+            train_docs = load_documents(list(data_cfg.train), data_cfg.text_field, "train")
+        except DataError as e:
+            if damaged:
+                raise DataError(f"prepared data {out} was damaged ({damaged}) and cannot be "
+                                f"prepared again: {e}") from e
+            raise
         if getattr(data_cfg, "val_fraction", 0.0) > 0:
             train_docs, val_docs = hold_out(train_docs, data_cfg.val_fraction)
             log(f"data: held out {len(val_docs)} of {len(train_docs) + len(val_docs)} "
@@ -245,8 +260,10 @@ def prepare(data_cfg, vocab_size: int, log=print) -> Path:
             ids = encode(docs, sp).astype(dtype)
             ids.tofile(tmp / f"{split}.bin")
             counts[split] = int(ids.size)
+        splits = {split: split_record(tmp / f"{split}.bin") for split in counts}
         manifest = {
             "format_version": FORMAT_VERSION,
+            "splits": splits,
             "fingerprint": out.name,
             "dtype": np.dtype(dtype).name,
             "tokens": counts,
@@ -272,3 +289,50 @@ def prepare(data_cfg, vocab_size: int, log=print) -> Path:
 
 def load_manifest(path: Path) -> Dict:
     return json.loads((Path(path) / "manifest.json").read_text())
+
+
+# --------------------------------------------------------------------------- verification
+SAMPLE_WINDOWS, SAMPLE_BYTES = 64, 1 << 16
+
+
+def sampled_sha256(path: Path) -> str:
+    """SHA-256 of the size and of up to 64 evenly spaced 64 KiB windows of a file (the whole
+    file when smaller than that): a few MiB read whatever the file's size, so every run can
+    afford it at start."""
+    size = path.stat().st_size
+    h = hashlib.sha256(str(size).encode())
+    with open(path, "rb") as fh:
+        if size <= SAMPLE_WINDOWS * SAMPLE_BYTES:
+            h.update(fh.read())
+        else:
+            span = size - SAMPLE_BYTES  # first window at 0, last one ends at the file's end
+            for i in range(SAMPLE_WINDOWS):
+                fh.seek(span * i // (SAMPLE_WINDOWS - 1))
+                h.update(fh.read(SAMPLE_BYTES))
+    return h.hexdigest()
+
+
+def split_record(path: Path) -> Dict:
+    return {"bytes": path.stat().st_size, "sha256_sampled": sampled_sha256(path)}
+
+
+def verify(path: Path) -> Optional[str]:
+    """None when the prepared directory's token files match its manifest (sizes, token counts
+    and sampled hashes), else what does not."""
+    try:
+        manifest = load_manifest(path)
+    except (OSError, ValueError) as e:
+        return f"manifest.json is unreadable ({type(e).__name__})"
+    itemsize = np.dtype(manifest.get("dtype", "uint16")).itemsize
+    for split, tokens in manifest.get("tokens", {}).items():
+        f = Path(path) / f"{split}.bin"
+        if not f.is_file():
+            return f"{f.name} is missing"
+        size = f.stat().st_size
+        if size != tokens * itemsize:
+            return (f"{f.name} has {size:,} bytes, the manifest's {tokens:,} tokens need "
+                    f"{tokens * itemsize:,}")
+        rec = manifest.get("splits", {}).get(split)
+        if rec and rec.get("sha256_sampled") and sampled_sha256(f) != rec["sha256_sampled"]:
+            return f"{f.name}'s content differs from what was prepared"
+    return None

@@ -1,0 +1,175 @@
+"""A run directory's guards: one writer at a time, and resume compatibility.
+
+:class:`RunLock` is an exclusive ``fcntl`` lock on ``<out_dir>/.dsq.lock``, taken by rank 0 for
+the run's whole life; the file names its holder (host, pid, start time, SLURM job). A second
+``dsq train`` (or a second sbatch job) on the same ``train.out_dir`` stops at once with a
+message naming the holder. The kernel releases the lock when its process dies, however it
+dies; a lock file whose recorded holder is a dead process on this host is reported as stale
+and taken over (file systems without working ``flock`` across hosts are not protected against
+two hosts).
+
+:func:`resume_changes` compares the config a checkpoint was written with against the new one:
+keys whose change would make the resumed run a different experiment (model shape,
+vocabulary, quantization recipe, data, seed, batch, optimizer state format, precision,
+parallel layout) stop the run with a message listing them; the others (steps, evaluation
+and checkpoint cadence, tracking, learning-rate schedule, ...) are allowed and recorded.
+Both run before anything in the run directory is written.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import socket
+import time
+from pathlib import Path
+from typing import Dict, List, Optional, Tuple
+
+LOCK_NAME = ".dsq.lock"
+
+# Flattened config keys (a trailing dot: every key of the section) that a resumed run may not
+# change; the others may.
+FROZEN = (
+    "model.", "quant.", "data.train", "data.val", "data.val_fraction", "data.text_field",
+    "data.tokenizer",
+    "train.seed", "train.global_batch", "train.micro_batch", "parallel.tp",
+    "deepspeed.zero_stage", "deepspeed.precision",
+    "optim.name", "optim.m_bits", "optim.v_bits", "optim.block_size", "optim.quantize",
+    "optim.v_domain",
+)
+WHY = {
+    "model.": "the model", "quant.": "the quantization recipe", "data.": "the data",
+    "train.seed": "the data order and initialisation",
+    "train.global_batch": "the data schedule", "train.micro_batch": "the data schedule",
+    "parallel.tp": "the checkpoint's tensor-parallel shards",
+    "deepspeed.": "the checkpoint's format", "optim.": "the optimizer state's format",
+}
+
+
+class RunDirError(RuntimeError):
+    """The run directory is in use, or cannot be resumed with this config; the message says
+    what and how to go on."""
+
+
+class RunLock:
+    """Exclusive lock of one run directory (see the module docstring)."""
+
+    def __init__(self, out_dir: Path):
+        self.path = Path(out_dir) / LOCK_NAME
+        self._fh = None
+
+    def acquire(self) -> None:
+        """Take the lock or raise :class:`RunDirError` naming the holder."""
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fh = open(self.path, "a+")
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            fh.seek(0)
+            holder = _describe(fh.read())
+            fh.close()
+            raise RunDirError(f"train.out_dir={self.path.parent} is in use by {holder}: wait for "
+                              f"that run to end or stop it, or give this run another "
+                              f"train.out_dir")
+        fh.seek(0)
+        stale = _stale_holder(fh.read())
+        fh.seek(0)
+        fh.truncate()
+        fh.write(json.dumps(holder_record()))
+        fh.flush()
+        self._fh = fh
+        self.stale = stale
+
+    def release(self) -> None:
+        if self._fh is not None:
+            try:
+                self._fh.seek(0)
+                self._fh.truncate()
+                fcntl.flock(self._fh, fcntl.LOCK_UN)
+            finally:
+                self._fh.close()
+                self._fh = None
+
+
+def holder_record() -> Dict:
+    return {"host": socket.gethostname(), "pid": os.getpid(), "started": time.time(),
+            "slurm_job_id": os.environ.get("SLURM_JOB_ID")}
+
+
+def _describe(text: str) -> str:
+    try:
+        h = json.loads(text)
+    except ValueError:
+        return "another process"
+    when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(h.get("started", 0)))
+    job = f", SLURM job {h['slurm_job_id']}" if h.get("slurm_job_id") else ""
+    return f"pid {h.get('pid')} on host {h.get('host')} (since {when}{job})"
+
+
+def _stale_holder(text: str) -> Optional[str]:
+    """The recorded holder when it is a dead process of this host (its lock died with it)."""
+    try:
+        h = json.loads(text)
+    except ValueError:
+        return None
+    if h.get("host") == socket.gethostname() and not _alive(int(h.get("pid", 0))):
+        return _describe(text)
+    return None
+
+
+def _alive(pid: int) -> bool:
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+# ----------------------------------------------------------------------------- compatibility
+def _frozen(key: str) -> bool:
+    return any(key.startswith(p) if p.endswith(".") else key == p for p in FROZEN)
+
+
+def _why(key: str) -> str:
+    for prefix, what in WHY.items():
+        if key.startswith(prefix):
+            return what
+    return "the run"
+
+
+def resume_changes(saved: Dict, new: Dict) -> Tuple[List[str], List[Tuple[str, object, object]]]:
+    """``(refused, allowed)`` differences between two flattened configs: refused ones as
+    ``"key: old -> new (changes ...)"`` lines, allowed ones as ``(key, old, new)``."""
+    refused, allowed = [], []
+    for key in sorted(set(saved) | set(new)):
+        old, cur = saved.get(key), new.get(key)
+        if old == cur:
+            continue
+        if _frozen(key):
+            refused.append(f"{key}: {old} -> {cur} (changes {_why(key)})")
+        else:
+            allowed.append((key, old, cur))
+    return refused, allowed
+
+
+def check_resume(saved: Dict, new: Dict, ckpt: Path) -> List[Tuple[str, object, object]]:
+    """Raise :class:`RunDirError` listing the changes that cannot resume; return the allowed
+    ones."""
+    refused, allowed = resume_changes(saved, new)
+    if refused:
+        lines = "\n  ".join(refused)
+        raise RunDirError(f"cannot resume {ckpt} with this config; these settings differ from "
+                          f"the ones it was trained with:\n  {lines}\nrestore them, or start a "
+                          f"new run with another train.out_dir")
+    return allowed
+
+
+def saved_dp(tag_dir: Path) -> Optional[int]:
+    """Data-parallel size a ZeRO-1/2 checkpoint was partitioned for (None: not partitioned)."""
+    n = len(list(tag_dir.glob("zero_pp_rank_*_mp_rank_00_optim_states.pt")))
+    return n or None
