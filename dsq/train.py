@@ -133,6 +133,15 @@ def peak_gpu_bytes(dev: torch.device) -> int:
 
 class Trainer:
     def __init__(self, cfg: Config, env: DistEnv):
+        self.lock: Optional[RunLock] = None
+        try:
+            self._setup(cfg, env)
+        except BaseException:
+            if self.lock is not None:  # a refused or failed start leaves no holder record
+                self.lock.release()
+            raise
+
+    def _setup(self, cfg: Config, env: DistEnv) -> None:
         from megatron.core import parallel_state as ps
 
         from dsq.models.gpt import build_gpt, count_params
@@ -143,7 +152,6 @@ class Trainer:
         self.ckpt_dir = self.out_dir / "checkpoints"
         # stop signals first: one during a native build or data preparation ends in a clean stop
         self.stop = StopRequest()
-        self.lock: Optional[RunLock] = None
         clear_stale_build_locks()
         init_distributed(env, cfg.parallel.tp, timeout_s=cfg.parallel.timeout_s)
         self.dp_rank, self.dp_size = ps.get_data_parallel_rank(), ps.get_data_parallel_world_size()

@@ -145,3 +145,25 @@ def test_stale_build_locks_are_cleared_live_ones_kept(tmp_path):
     assert removed == [old / "lock"] and not (old / "lock").exists()
     assert (fresh / "lock").exists() and (busy / "lock").exists()
     assert len(said) == 1 and "old_op" in said[0] and "killed half-way" in said[0]
+
+
+def test_damaged_data_whose_sources_cannot_be_read_is_one_clear_error(tmp_path, monkeypatch):
+    from dsq.data import prepare as P
+
+    (tmp_path / "tr.txt").write_text("To be, or not to be, that is the question. " * 200)
+    cfg = load_config([], [f"data.train=[{tmp_path / 'tr.txt'}]",
+                           f"data.val=[{tmp_path / 'tr.txt'}]", "model.vocab_size=300",
+                           f"data.cache_dir={tmp_path / 'cache'}"])
+    out = P.prepare(cfg.data, 300, log=lambda *a: None)
+    (out / "val.bin").write_bytes(b"\0")
+
+    def gone(*a, **k):
+        raise P.DataError("data 'user/corpus' is neither an existing file or folder nor a Hub "
+                          "dataset that could be loaded")
+
+    monkeypatch.setattr(P, "load_documents", gone)
+    said = []
+    with pytest.raises(P.DataError, match=r"was damaged \(val.bin has 1 bytes.*cannot be "
+                                          r"prepared again: data 'user/corpus'"):
+        P.prepare(cfg.data, 300, log=said.append)
+    assert "moved aside" in said[0] and not out.exists()
