@@ -172,19 +172,17 @@ def export(path: str, out_dir: str, weights: str = "quantized",
     """Export the checkpoint at ``path`` into the new directory ``out_dir``; returns the
     contents of ``dsq_export.json``. Raises :class:`ExportError` (or
     :class:`dsq.evaluate.EvalError`) with one message on any problem."""
-    require_transformers()
     if weights not in WEIGHTS:
         raise ExportError(f"--weights {weights!r}: use one of {', '.join(WEIGHTS)}")
     out = Path(out_dir)
     if out.exists():
         raise ExportError(f"{out_dir} already exists: give a new directory")
-    from safetensors.torch import save_file
-
     from dsq import hf_tokenizer
     from dsq.distributed import shutdown
     from dsq.evaluate import load_model, load_tokenizer, resolve_checkpoint
 
     tag_dir = resolve_checkpoint(path)
+    require_transformers()
     sp = load_tokenizer(tag_dir)
     try:
         tok, special = hf_tokenizer.build((tag_dir / "tokenizer.model").read_bytes())
@@ -221,6 +219,8 @@ def export(path: str, out_dir: str, weights: str = "quantized",
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
+        from safetensors.torch import save_file
+
         hf_config.save_pretrained(tmp)
         save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
         from transformers import GenerationConfig
