@@ -131,11 +131,12 @@ def gpt2_state_dict(model, weights: str = "quantized") -> Dict[str, torch.Tensor
            "transformer.ln_f.bias": sd["decoder.final_layernorm.bias"]}
     for i in range(c.num_layers):
         p, h = f"decoder.layers.{i}", f"transformer.h.{i}"
+        qkv = f"{p}.self_attention.linear_qkv"
         out.update({
             f"{h}.ln_1.weight": sd[f"{p}.input_layernorm.weight"],
             f"{h}.ln_1.bias": sd[f"{p}.input_layernorm.bias"],
-            f"{h}.attn.c_attn.weight": _qkv_to_c_attn(w(f"{p}.self_attention.linear_qkv"), heads).t(),
-            f"{h}.attn.c_attn.bias": _qkv_to_c_attn(sd[f"{p}.self_attention.linear_qkv.bias"], heads),
+            f"{h}.attn.c_attn.weight": _qkv_to_c_attn(w(qkv), heads).t(),
+            f"{h}.attn.c_attn.bias": _qkv_to_c_attn(sd[f"{qkv}.bias"], heads),
             f"{h}.attn.c_proj.weight": w(f"{p}.self_attention.linear_proj").t(),
             f"{h}.attn.c_proj.bias": sd[f"{p}.self_attention.linear_proj.bias"],
             f"{h}.ln_2.weight": sd[f"{p}.pre_mlp_layernorm.weight"],

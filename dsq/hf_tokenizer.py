@@ -45,7 +45,8 @@ PROBES = [
     "Ünïcödé: naïve café, Œuvre, ﬁne ligature, full-width ＡＢＣ１２３",
     "日本語のテキスト、中文文本，한국어 텍스트", "emoji 🙂🚀 and ZWJ 👩‍👩‍👧",
     "literal meta \u2581 and \u2581\u2581 symbols", "control </s> and <unk> as text",
-    "<0x0A> byte-piece text", "combining e\u0301 and a\u030a", "    indented code:\n        return x\n",
+    "<0x0A> byte-piece text", "combining e\u0301 and a\u030a",
+    "    indented code:\n        return x\n",
     "KING HENRY.\nO, for a Muse of fire, that would ascend\nThe brightest heaven of invention!\n",
 ]
 """Texts with the hard cases (whitespace runs, newlines, tabs, non-ASCII, special-token text)."""
@@ -192,7 +193,8 @@ def verify(tok, sp, texts: Iterable[str], encode=None) -> Optional[str]:
                     f"sentencepiece {want[at:at + 5]}")
         back = tok.decode(want, skip_special_tokens=False)
         if back != sp.decode(want):
-            return f"decoding {text[:80]!r} gives {back[:80]!r}, sentencepiece {sp.decode(want)[:80]!r}"
+            return (f"decoding {text[:80]!r} gives {back[:80]!r}, sentencepiece "
+                    f"{sp.decode(want)[:80]!r}")
     return None
 
 

@@ -224,9 +224,10 @@ def test_eval_loads_weights_strictly(runs, tmp_path):
     ck = _copy_with_config(runs / "tp2", tmp_path / "ck")
     shards = sorted(ck.glob("mp_rank_*_model_states.pt"))
     ref = {k: v for k, v in _full_reference().items()}
-    for i, (edit, match) in enumerate(((lambda m: m.pop("decoder.final_layernorm.bias"), "final_layernorm.bias"),
-                        (lambda m: m.__setitem__("decoder.extra.weight", torch.zeros(2)),
-                         "decoder.extra.weight"))):
+    cases = ((lambda m: m.pop("decoder.final_layernorm.bias"), "final_layernorm.bias"),
+             (lambda m: m.__setitem__("decoder.extra.weight", torch.zeros(2)),
+              "decoder.extra.weight"))
+    for i, (edit, match) in enumerate(cases):
         for f in shards:
             state = torch.load(f, weights_only=False)
             edit(state["module"])
