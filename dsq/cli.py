@@ -14,6 +14,8 @@ commands:
   train CONFIG... [key.sub=value ...]   pre-train (under deepspeed/torchrun/srun, or one process)
   prepare CONFIG... [key.sub=value ...] tokenize and pack the data of a config
   eval RUN_OR_CHECKPOINT --data PATH... [--json OUT]   loss and perplexity of a checkpoint
+  export RUN_OR_CHECKPOINT OUT_DIR [--weights quantized|trained]   as a transformers GPT-2 model
+  generate RUN_OR_CHECKPOINT --prompt TEXT [--max-new-tokens N --temperature T --top-k K --seed S]
   config CONFIG... [key.sub=value ...] [--world-size N]  validate and print the resolved config
   mlflow sync RUN_DIR... [--tracking-uri URI]   upload what a run could not send to MLflow
   report --experiment NAME [--tracking-uri URI] [--out DIR]   the recipes' comparison table + plot
@@ -109,6 +111,49 @@ def cmd_eval(argv: List[str]) -> None:
             json.dump(result, fh, indent=2)
 
 
+def cmd_export(argv: List[str]) -> None:
+    p = argparse.ArgumentParser(prog="dsq export", description="Write a checkpoint as a Hugging "
+                                "Face transformers model directory (GPT-2 architecture)")
+    p.add_argument("checkpoint", help="run directory, its checkpoints/ folder, or one checkpoint")
+    p.add_argument("out_dir", help="new directory to create")
+    p.add_argument("--weights", choices=["quantized", "trained"], default="quantized",
+                   help="for weight-quantizing recipes: the quantized-dequantized weights the run "
+                        "computed with (default: the model that was trained and evaluated) or "
+                        "the full-precision master weights")
+    ns = p.parse_args(argv)
+    from dsq.evaluate import EvalError
+    from dsq.export import export
+
+    try:
+        info = export(ns.checkpoint, ns.out_dir, ns.weights)
+    except EvalError as e:
+        _fail(str(e))
+    print(f"exported {info['checkpoint']} -> {ns.out_dir} ({info['architecture']}, "
+          f"{info['weights']} weights)")
+
+
+def cmd_generate(argv: List[str]) -> None:
+    p = argparse.ArgumentParser(prog="dsq generate", description="Continue a prompt with a "
+                                "checkpoint (the run's quantization applied, as in dsq eval)")
+    p.add_argument("checkpoint", help="run directory, its checkpoints/ folder, or one checkpoint")
+    p.add_argument("--prompt", required=True)
+    p.add_argument("--max-new-tokens", type=int, default=50)
+    p.add_argument("--temperature", type=float, default=1.0, help="0: greedy")
+    p.add_argument("--top-k", type=int, default=None)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="auto", help="auto (GPU if any), cpu, cuda, cuda:N")
+    ns = p.parse_args(argv)
+    from dsq.evaluate import EvalError
+    from dsq.generate import generate
+
+    try:
+        out = generate(ns.checkpoint, ns.prompt, ns.max_new_tokens, ns.temperature, ns.top_k,
+                       ns.seed, ns.device)
+    except EvalError as e:
+        _fail(str(e))
+    print(out["text"])
+
+
 def cmd_mlflow(argv: List[str]) -> None:
     p = argparse.ArgumentParser(prog="dsq mlflow")
     sub = p.add_subparsers(dest="what", required=True)
@@ -155,6 +200,7 @@ def cmd_ckpt(argv: List[str]) -> None:
 
 
 COMMANDS = {"ckpt": cmd_ckpt, "train": cmd_train, "prepare": cmd_prepare, "eval": cmd_eval, "config": cmd_config,
+            "export": cmd_export, "generate": cmd_generate,
             "mlflow": cmd_mlflow, "report": cmd_report}
 
 
@@ -169,7 +215,7 @@ def main(argv: Optional[List[str]] = None) -> None:
     from dsq.runtime import use_env_extensions_dir
 
     use_env_extensions_dir()
-    if cmd in ("train", "eval", "bench"):
+    if cmd in ("train", "eval", "bench", "generate", "export"):
         from dsq.runtime import tune_allocator
 
         tune_allocator()

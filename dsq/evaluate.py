@@ -58,15 +58,46 @@ def resolve_checkpoint(path: str) -> Path:
     return root / tag
 
 
+def _read_shard(f: Path) -> Dict:
+    try:
+        state = torch.load(f, map_location="cpu", weights_only=False)
+    except Exception as e:  # truncated, overwritten, not a torch file: one message
+        first = str(e).splitlines()[0] if str(e) else ""
+        raise EvalError(f"checkpoint file {f} is corrupt: {type(e).__name__}: {first}") from None
+    if not isinstance(state, dict) or not isinstance(state.get("module"), dict):
+        raise EvalError(f"checkpoint file {f} holds no model state ('module')")
+    return state["module"]
+
+
 def merged_state_dict(tag_dir: Path, reference: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+    """The full (TP=1) state dict of ``reference``'s keys from the shards in ``tag_dir``, strictly.
+
+    Every key of ``reference`` must be in the checkpoint and every checkpoint key in
+    ``reference``, else :class:`EvalError` names the key. ``*._extra_state`` entries are
+    megatron's per-module extra state (Transformer Engine keeps fp8 metadata there; dsq's
+    torch linears keep None): one the checkpoint lacks takes the model's own value, and a
+    checkpoint entry the model does not have is an error only when it holds state (not None).
+    """
     files = sorted(tag_dir.glob("mp_rank_*_model_states.pt"))
     if not files:
         raise EvalError(f"{tag_dir} holds no mp_rank_*_model_states.pt files")
-    shards = [torch.load(f, map_location="cpu", weights_only=False)["module"] for f in files]
+    shards = [_read_shard(f) for f in files]
+    for f, s in zip(files[1:], shards[1:]):
+        if set(s) != set(shards[0]):
+            diff = sorted(set(s) ^ set(shards[0]))
+            raise EvalError(f"tensor-parallel shards of {tag_dir} hold different tensors "
+                            f"({f.name} vs {files[0].name}: {diff[:3]})")
+    unexpected = [k for k in shards[0] if k not in reference
+                  and not (k.endswith("_extra_state") and shards[0][k] is None)]
+    if unexpected:
+        raise EvalError(f"checkpoint {tag_dir} has tensors the model does not: "
+                        f"{', '.join(map(repr, unexpected[:5]))}: it was written by a different "
+                        f"model configuration (its config.yaml does not match its weights)")
     out = {}
     for key, ref in reference.items():
         if key not in shards[0]:
             if key.endswith("_extra_state"):
+                out[key] = ref
                 continue
             raise EvalError(f"checkpoint {tag_dir} has no tensor {key!r}: it was written by a "
                             f"different model configuration")
@@ -75,45 +106,78 @@ def merged_state_dict(tag_dir: Path, reference: Dict[str, torch.Tensor]) -> Dict
             out[key] = parts[0]
             continue
         dims = [d for d in range(ref.ndim) if parts[0].shape[d] != ref.shape[d]]
-        if len(dims) != 1:
-            raise EvalError(f"cannot merge shards of {key!r}: {tuple(parts[0].shape)} vs "
-                            f"{tuple(ref.shape)}")
-        out[key] = torch.cat(parts, dim=dims[0])
+        merged = torch.cat(parts, dim=dims[0]) if len(dims) == 1 else None
+        if merged is None or merged.shape != ref.shape:
+            raise EvalError(f"cannot merge the {len(parts)} shards of {key!r} "
+                            f"({tuple(parts[0].shape)} each) into the model's {tuple(ref.shape)}")
+        out[key] = merged
     return out
 
 
-def evaluate_checkpoint(path: str, data: List[str], max_seqs: Optional[int] = None) -> Dict:
-    import sentencepiece as spm
+def load_model(path: str, quantize: bool = True, device: str = "cpu"):
+    """``(model, cfg, tag_dir)``: the complete checkpoint at ``path`` as a TP=1 dsq GPT in eval
+    mode on ``device``, weights loaded strictly (:func:`merged_state_dict`), the run's
+    quantization applied when ``quantize`` (the model that was trained and evaluated).
 
-    from dsq.config import load_config
-    from dsq.data.prepare import load_documents
-    from dsq.distributed import DistEnv, init_distributed, shutdown
+    Initialises a one-process megatron/torch.distributed group; call
+    :func:`dsq.distributed.shutdown` when done."""
+    from dsq.config import ConfigError, load_config
+    from dsq.distributed import DistEnv, init_distributed
     from dsq.models.gpt import build_gpt
 
     tag_dir = resolve_checkpoint(path)
-    cfg = load_config([str(tag_dir / "config.yaml")], ["parallel.tp=1"])
-    sp = spm.SentencePieceProcessor(model_file=str(tag_dir / "tokenizer.model"))
-    docs = load_documents(list(data))
-    ids = []
-    for text in docs["text"]:
-        ids.extend(sp.encode(text))
-        ids.append(sp.eos_id())
-    L = cfg.model.seq_len
-    n = (len(ids) - 1) // L
-    if n < 1:
-        raise EvalError(f"{data} has {len(ids)} tokens, fewer than one window of {L + 1}")
-    if max_seqs:
-        n = min(n, max_seqs)
-    tokens = torch.from_numpy(np.asarray(ids[: n * L + 1], dtype=np.int64))
-    init_distributed(DistEnv(0, 1, 0), tp=1)
+    if not (tag_dir / "config.yaml").is_file():
+        raise EvalError(f"checkpoint {tag_dir} has no config.yaml")
     try:
-        model = build_gpt(cfg.model, "fp32", seed=0)
-        sd = merged_state_dict(tag_dir, model.state_dict())
-        model.load_state_dict(sd, strict=False)
+        cfg = load_config([str(tag_dir / "config.yaml")], ["parallel.tp=1"])
+    except ConfigError as e:
+        raise EvalError(f"checkpoint {tag_dir}: config.yaml: {e}") from None
+    init_distributed(DistEnv(0, 1, 0), tp=1)
+    model = build_gpt(cfg.model, "fp32", seed=0)
+    sd = merged_state_dict(tag_dir, model.state_dict())
+    model.load_state_dict(sd, strict=True)
+    if quantize:
         from dsq.models.quant_layers import apply_quantization
 
-        apply_quantization(model, cfg.quant)  # evaluate the model that was trained
-        model.eval()
+        apply_quantization(model, cfg.quant)
+    model.eval()
+    return model.to(device), cfg, tag_dir
+
+
+def load_tokenizer(tag_dir: Path):
+    """The run's sentencepiece model saved with the checkpoint."""
+    import sentencepiece as spm
+
+    f = tag_dir / "tokenizer.model"
+    if not f.is_file():
+        raise EvalError(f"checkpoint {tag_dir} has no tokenizer.model")
+    try:
+        return spm.SentencePieceProcessor(model_file=str(f))
+    except Exception as e:
+        raise EvalError(f"{f} is not a sentencepiece model: {str(e).splitlines()[0]}") from None
+
+
+def evaluate_checkpoint(path: str, data: List[str], max_seqs: Optional[int] = None) -> Dict:
+    from dsq.data.prepare import load_documents
+    from dsq.distributed import shutdown
+
+    tag_dir = resolve_checkpoint(path)
+    sp = load_tokenizer(tag_dir)
+    docs = load_documents(list(data))
+    enc = _encoder(sp)
+    ids = []
+    for text in docs["text"]:
+        ids.extend(enc(text))
+        ids.append(sp.eos_id())
+    try:
+        model, cfg, tag_dir = load_model(str(tag_dir))
+        L = cfg.model.seq_len
+        n = (len(ids) - 1) // L
+        if n < 1:
+            raise EvalError(f"{data} has {len(ids)} tokens, fewer than one window of {L + 1}")
+        if max_seqs:
+            n = min(n, max_seqs)
+        tokens = torch.from_numpy(np.asarray(ids[: n * L + 1], dtype=np.int64))
         total, count = 0.0, 0
         bs = max(1, cfg.train.micro_batch)
         pos = torch.arange(L).unsqueeze(0)
@@ -129,3 +193,10 @@ def evaluate_checkpoint(path: str, data: List[str], max_seqs: Optional[int] = No
     loss = total / count
     return {"loss": loss, "ppl": math.exp(min(loss, 50.0)), "tokens": count,
             "checkpoint": str(tag_dir)}
+
+
+def _encoder(sp):
+    """dsq's text encoder for ``sp`` (the same one ``dsq prepare`` uses)."""
+    from dsq.hf_tokenizer import dsq_encoder
+
+    return dsq_encoder(sp)
