@@ -64,20 +64,19 @@ def merged_state_dict(tag_dir: Path, reference: Dict[str, torch.Tensor]) -> Dict
 
 
 def evaluate_checkpoint(path: str, data: List[str], max_seqs: Optional[int] = None) -> Dict:
-    import sentencepiece as spm
-
     from dsq.config import load_config
+    from dsq.data import tokenizer
     from dsq.data.prepare import load_documents
     from dsq.distributed import DistEnv, init_distributed, shutdown
     from dsq.models.gpt import build_gpt
 
     tag_dir = resolve_checkpoint(path)
     cfg = load_config([str(tag_dir / "config.yaml")], ["parallel.tp=1"])
-    sp = spm.SentencePieceProcessor(model_file=str(tag_dir / "tokenizer.model"))
+    sp = tokenizer.load((tag_dir / "tokenizer.model").read_bytes(), str(tag_dir / "tokenizer.model"))
     docs = load_documents(list(data))
     ids = []
     for text in docs["text"]:
-        ids.extend(sp.encode(text))
+        ids.extend(tokenizer.encode(sp, text))
         ids.append(sp.eos_id())
     L = cfg.model.seq_len
     n = (len(ids) - 1) // L
