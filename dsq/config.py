@@ -158,6 +158,14 @@ class TrainConfig:
     keep_ckpts: int = 2
     """Complete checkpoints kept on disk (older ones are deleted)."""
     log_every: int = 1
+    """Steps between MLflow metric logs, and between progress lines when stderr is not a
+    terminal (SLURM logs; a terminal shows a progress bar)."""
+    spike_factor: float = 1.25
+    """Loss-spike guard: a step whose training loss exceeds this factor x the median of the
+    previous train.spike_window steps prints a warning and logs train/loss_spike (the ratio)
+    to MLflow; summary.json lists the steps under loss_spikes. 0 disables."""
+    spike_window: int = 20
+    """Steps whose median loss the spike guard compares with."""
     out_dir: str = "runs/tiny"
     seed: int = 1234
     progress: bool = True
@@ -371,6 +379,9 @@ def validate(cfg: Config, world_size: Optional[int] = None) -> None:
     _check(t.eval_every >= 0 and t.ckpt_every >= 0 and t.log_every >= 1,
            "train.eval_every and train.ckpt_every must be >= 0 (0 = only at the end), "
            "train.log_every >= 1")
+    _check(t.spike_factor == 0 or t.spike_factor > 1,
+           f"train.spike_factor={t.spike_factor} must be > 1 (or 0 to disable the spike guard)")
+    _check(t.spike_window >= 2, f"train.spike_window={t.spike_window} must be >= 2")
     _check(t.eval_samples >= 1, f"train.eval_samples={t.eval_samples} must be >= 1")
     _check(m.vocab_size % p.tp == 0,
            f"parallel.tp={p.tp} does not divide model.vocab_size={m.vocab_size}: "
@@ -466,3 +477,37 @@ def section_names() -> List[str]:
 
 def resolve_path(p: str) -> str:
     return os.path.abspath(os.path.expanduser(p))
+
+
+def _writable_dir_problem(path: str) -> Optional[str]:
+    """Why ``path`` cannot be a directory dsq writes to, or None. Creates nothing that stays:
+    the nearest existing ancestor must be a directory in which a file can be created."""
+    p = Path(resolve_path(path))
+    if p.exists() and not p.is_dir():
+        return f"{p} exists and is not a directory"
+    anc = p
+    while not anc.exists():
+        anc = anc.parent
+    if not anc.is_dir():
+        return f"{anc} is a file, not a directory"
+    import tempfile
+
+    try:
+        with tempfile.TemporaryFile(dir=anc, prefix=".dsq-write-check-"):
+            pass
+    except OSError as e:
+        return f"{anc} is not writable ({e.strerror or type(e).__name__})"
+    return None
+
+
+def check_paths(cfg: Config, data: bool = True) -> None:
+    """``train.out_dir`` (and ``data.cache_dir``) can be written, checked before data preparation
+    and before any rank starts; :class:`ConfigError` names the key and the fix."""
+    keys = [("train.out_dir", cfg.train.out_dir)]
+    if data:
+        keys.append(("data.cache_dir", cfg.data.cache_dir))
+    for key, value in keys:
+        problem = _writable_dir_problem(value)
+        if problem:
+            raise ConfigError(f"{key}={value!r} cannot be written: {problem}: set {key} to a "
+                              f"directory you can write to")
