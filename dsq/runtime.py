@@ -1,5 +1,11 @@
-"""Process-level settings of the host memory allocator, applied by ``dsq train``, ``dsq eval``
-and ``dsq bench`` before the first large allocation.
+"""Process-level settings: the host memory allocator, torch threads per rank, library logging.
+
+Threads (:func:`set_threads_per_rank`, ``dsq train``): cores / ranks per node unless
+``OMP_NUM_THREADS`` is set. Logging (:func:`quiet_libraries`): DeepSpeed's, MLflow's and
+alembic's INFO lines are hidden unless ``DSQ_LOG_LEVEL`` (or ``--verbose``) asks for them.
+
+The allocator settings are applied by ``dsq train``, ``dsq eval`` and ``dsq bench`` before the
+first large allocation.
 
 A training step allocates and frees tens of megabytes of activations, codes and gradients. With
 glibc's defaults, tensors above a moving mmap threshold are fresh ``mmap``s that page-fault in
@@ -52,3 +58,94 @@ def tune_allocator() -> bool:
         if env not in os.environ:
             ok = bool(mallopt(param, value)) and ok
     return ok
+
+
+# ----------------------------------------------------------------------------- threads
+def cores_available() -> int:
+    """CPU cores this process may run on (its affinity mask: SLURM's, taskset's, or all)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
+def ranks_per_node(env=None) -> int:
+    """Ranks sharing this node: ``LOCAL_WORLD_SIZE`` (torchrun), ``DSQ_NPROC_PER_NODE``,
+    SLURM's tasks per node, else the world size (one node), else 1."""
+    e = os.environ if env is None else env
+    for key in ("LOCAL_WORLD_SIZE", "DSQ_NPROC_PER_NODE", "SLURM_NTASKS_PER_NODE"):
+        v = e.get(key, "").split("(")[0]
+        if v.isdigit() and int(v) > 0:
+            return int(v)
+    v = e.get("WORLD_SIZE", "1")
+    return int(v) if v.isdigit() and int(v) > 0 else 1
+
+
+def set_threads_per_rank() -> int:
+    """Torch intra-op threads = cores / ranks per node (at least 1), so N ranks on one node do
+    not each start a thread per core and oversubscribe it. An explicit ``OMP_NUM_THREADS``
+    wins (and is what torch already uses). Returns the thread count in effect."""
+    import torch
+
+    if os.environ.get("OMP_NUM_THREADS", "").strip():
+        return torch.get_num_threads()
+    n = max(1, cores_available() // ranks_per_node())
+    os.environ["OMP_NUM_THREADS"] = str(n)  # for processes this one starts (compile workers)
+    torch.set_num_threads(n)
+    return n
+
+
+# ----------------------------------------------------------------------------- logging
+def log_level() -> int:
+    """dsq's level for library logging: ``DSQ_LOG_LEVEL`` (a name or number), WARNING by
+    default; ``--verbose`` sets it to INFO."""
+    import logging
+
+    v = os.environ.get("DSQ_LOG_LEVEL", "WARNING").strip().upper()
+    if v.isdigit():
+        return int(v)
+    return getattr(logging, v, logging.WARNING) if isinstance(getattr(logging, v, None), int) \
+        else logging.WARNING
+
+
+def quiet_libraries() -> None:
+    """Hide the INFO lines of DeepSpeed, MLflow (database set-up, system metrics) and alembic
+    unless ``DSQ_LOG_LEVEL`` is INFO or lower; also the shm op's build message on CPU ranks."""
+    import logging
+
+    level = log_level()
+    verbose = level <= logging.INFO
+    os.environ.setdefault("MLFLOW_LOGGING_LEVEL", logging.getLevelName(max(level, logging.DEBUG)))
+    for name in ("mlflow", "alembic", "DeepSpeed", "deepspeed", "datasets"):
+        logging.getLogger(name).setLevel(level)
+    if not verbose:
+        if not _cuda_present():  # DeepSpeed's "unable to detect" warning becomes an INFO line
+            os.environ.setdefault("DS_ACCELERATOR", "cpu")
+        try:
+            import contextlib
+            import io
+
+            import importlib
+
+            # the module itself: ``deepspeed.comm.torch`` as an attribute is PyTorch
+            ds_torch = importlib.import_module("deepspeed.comm.torch")
+
+            build = ds_torch.build_shm_op
+            if not getattr(build, "_dsq_quiet", False):
+                def quiet_build():
+                    with contextlib.redirect_stdout(io.StringIO()):
+                        return build()
+
+                quiet_build._dsq_quiet = True
+                ds_torch.build_shm_op = quiet_build
+        except Exception:  # another DeepSpeed layout: its message stays
+            pass
+
+
+def _cuda_present() -> bool:
+    try:
+        import torch
+
+        return torch.cuda.is_available()
+    except Exception:
+        return False
