@@ -81,10 +81,13 @@ def normalize_uri(uri: str) -> str:
     return uri
 
 
-def ui_command(uri: str) -> str:
+def ui_command(uri: str, experiment_id: Optional[str] = None) -> str:
+    """How to look at a store; with an experiment id, the link opens it in MLflow 3's model-
+    training view (the UI's GenAI/Model training switch is global and starts on GenAI)."""
+    page = f"/#/experiments/{experiment_id}?workflowType=machine_learning" if experiment_id else ""
     if uri.startswith(("http://", "https://")):
-        return f"open {uri} in a browser"
-    return f"mlflow ui --backend-store-uri {uri}   (then open http://127.0.0.1:5000)"
+        return f"open {uri.rstrip('/')}{page} in a browser"
+    return f"mlflow ui --backend-store-uri {uri}   (then open http://127.0.0.1:5000{page})"
 
 
 def _fast_fail_http() -> None:
@@ -108,6 +111,7 @@ class Tracker:
         self.run_id: Optional[str] = (self._id_file.read_text().strip()
                                       if self._id_file.is_file() else None)
         self.start_ms = process_start_ms()
+        self.experiment_id: Optional[str] = None
         self._ops: Deque[Tuple[str, tuple]] = collections.deque()
         self._cv = threading.Condition()
         self._client = None
@@ -251,12 +255,14 @@ class Tracker:
                     for k, v in EXPERIMENT_KIND.items():
                         if k not in exp.tags:  # made by an older dsq, or by hand
                             c.set_experiment_tag(exp_id, k, v)
+            self.experiment_id = exp_id
             self.run_id = c.create_run(exp_id, start_time=self.start_ms, run_name=self.run_name,
                                        tags=run_source_tags()).info.run_id
             self.out_dir.mkdir(parents=True, exist_ok=True)
             self._id_file.write_text(self.run_id)
         if self._logged_until is None:
             run = c.get_run(self.run_id)
+            self.experiment_id = run.info.experiment_id
             if run.info.status != "RUNNING":
                 c.update_run(self.run_id, status="RUNNING")
             self._logged_until = {key: max((m.step for m in c.get_metric_history(self.run_id, key)),

@@ -466,5 +466,5 @@ def run(cfg: Config, env: DistEnv) -> Dict:
         print(f"results: {trainer.out_dir / 'summary.json'}")
         if cfg.tracking.enabled:
             print(f"MLflow: experiment '{cfg.tracking.experiment}', run {summary['mlflow_run_id']}"
-                  f" in {uri}\n  view it: {ui_command(uri)}")
+                  f" in {uri}\n  view it: {ui_command(uri, trainer.tracker.experiment_id)}")
     return summary
