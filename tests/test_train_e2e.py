@@ -293,3 +293,28 @@ def test_readme_first_command_is_smooth_and_quiet(data_cache, tmp_path):
     assert bar and len(final) == 4, text[-3000:]
     assert len(other) <= 10, "\n".join(other)
     assert not any("INFO" in ln or "Traceback" in ln for ln in other), "\n".join(other)
+
+
+def test_ctrl_c_checkpoints_and_exits_130_without_traceback(ref, tmp_path):
+    """Ctrl-C in a terminal: SIGINT to the launcher's whole process group. Every rank
+    checkpoints at the same step boundary, as on SIGTERM, and the run exits 130 quietly."""
+    out = tmp_path / "run"
+    args = base_args(out, ref["cache"], tmp_path / "db.db", "train.ckpt_every=0")
+    env = {**os.environ, "PYTHON": sys.executable, "PYTHONWARNINGS": "ignore"}
+    env.pop("DSQ_LOG_LEVEL", None)
+    proc = subprocess.Popen(["bash", str(ROOT / "launch/local.sh"), "2", *args], cwd=ROOT,
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None:
+        if (out / "metrics.jsonl").exists() and len(read_metrics(out)) >= 3:
+            break
+        time.sleep(0.02)
+    os.killpg(proc.pid, signal.SIGINT)
+    log, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 130, log[-3000:]
+    assert "Traceback" not in log and "KeyboardInterrupt" not in log, log[-3000:]
+    assert "stopped by signal SIGINT" in log
+    stopped = max(read_metrics(out))
+    assert 3 <= stopped < STEPS
+    assert (out / "checkpoints" / "latest").read_text().strip() == f"step_{stopped:08d}"
