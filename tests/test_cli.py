@@ -69,6 +69,17 @@ def test_unwritable_out_dir_is_one_error_before_anything_runs(tmp_path):
     assert "spawned" not in res.stdout + res.stderr and "deepspeed" not in res.stdout.lower()
 
 
+def test_corrupt_tokenizer_is_one_line_and_exit_2(tmp_path):
+    bad = tmp_path / "bad.model"
+    bad.write_text("not a model\n")
+    res = dsq("prepare", "configs/tiny.yaml", f"data.tokenizer={bad}",
+              f"data.cache_dir={tmp_path / 'cache'}", check=False, timeout=120)
+    err = [ln for ln in res.stderr.splitlines() if ln.strip()]
+    assert res.returncode == 2 and len(err) == 1, res.stderr
+    assert err[0].startswith(f"dsq: error: data.tokenizer='{bad}' is not a sentencepiece model")
+    assert "INTERNAL" not in err[0] and not (tmp_path / "cache").exists()
+
+
 def test_spike_guard_flags_only_spikes():
     g = SpikeGuard(factor=1.25, window=10)
     losses = [7.6, 7.5, 7.3, 7.1, 6.9, 6.7, 6.5, 6.4, 6.3, 6.35, 9.56, 6.3, 6.2]

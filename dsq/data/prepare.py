@@ -203,10 +203,10 @@ def prepare(data_cfg, vocab_size: int, log=print) -> Path:
     if is_prepared(out):
         log(f"data: using prepared {out}")
         return out
+    model_bytes = read_tokenizer(data_cfg.tokenizer) if data_cfg.tokenizer else None
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
-        model_bytes = read_tokenizer(data_cfg.tokenizer) if data_cfg.tokenizer else None
         train_docs = load_documents(list(data_cfg.train), data_cfg.text_field, "train")
         val_docs = load_documents(list(data_cfg.val), data_cfg.text_field, "validation")
         if model_bytes is None:

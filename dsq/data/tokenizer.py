@@ -67,9 +67,9 @@ def load(model_bytes: bytes, name: str = "tokenizer"):
 
     try:
         sp = spm.SentencePieceProcessor(model_proto=model_bytes)
-    except (RuntimeError, TypeError, ValueError) as e:
-        first = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise TokenizerError(f"{name} is not a sentencepiece model ({first})") from None
+    except (RuntimeError, TypeError, ValueError):
+        raise TokenizerError(f"{name} is not a sentencepiece model (its bytes do not parse as "
+                             f"one)") from None
     if sp.vocab_size() <= 0:
         raise TokenizerError(f"{name} is not a sentencepiece model (no pieces)")
     return sp
