@@ -104,8 +104,8 @@ def log_level() -> int:
     v = os.environ.get("DSQ_LOG_LEVEL", "WARNING").strip().upper()
     if v.isdigit():
         return int(v)
-    return getattr(logging, v, logging.WARNING) if isinstance(getattr(logging, v, None), int) \
-        else logging.WARNING
+    level = logging.getLevelName(v)  # the number of a known name, else a string
+    return level if isinstance(level, int) else logging.WARNING
 
 
 def quiet_libraries() -> None:
