@@ -1,14 +1,21 @@
-"""``dsq`` command line: train, prepare, eval, config."""
+"""``dsq`` command line: train, prepare, eval, config, mlflow, report, ckpt, bench.
+
+Every subcommand answers ``--help``; ``dsq --version`` prints the version. Errors a user can
+fix print one ``dsq: error: ...`` line and exit 2; Ctrl-C exits 130 without a traceback
+(``dsq train`` checkpoints first, as on SIGTERM). ``--verbose`` (or ``DSQ_LOG_LEVEL=INFO``)
+shows the libraries' INFO logging, hidden by default.
+"""
 
 from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
 import warnings
 from typing import List, Optional, Tuple
 
-USAGE = """dsq <command> ...
+USAGE = """dsq <command> ... [--verbose]     (dsq <command> --help, dsq --version)
 
 commands:
   train CONFIG... [key.sub=value ...]   pre-train (under deepspeed/torchrun/srun, or one process)
@@ -22,6 +29,9 @@ commands:
   ckpt reshard CKPT_DIR --dp N [--tag T] [--out DIR]   convert a ZeRO checkpoint to another DP size
   bench optim|linear|train ...          benchmarks (tables, --json)
 """
+
+
+INTERRUPTED_EXIT_CODE = 130  # 128 + SIGINT, the shell's code for Ctrl-C
 
 
 def split_args(args: List[str]) -> Tuple[List[str], List[str]]:
@@ -47,12 +57,52 @@ def _load(args: List[str], world_size: Optional[int] = None):
         _fail(str(e))
 
 
+CONFIG_HELP = ("CONFIG... are YAML files (configs/), applied in order; key.sub=value overrides "
+               "come after them (e.g. train.steps=100 data.train=/path/to/texts). "
+               "Every key: dsq/config.py, or `dsq config configs/tiny.yaml`.")
+
+
+def _config_parser(cmd: str, description: str) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog=f"dsq {cmd}", description=description, epilog=CONFIG_HELP,
+                                usage=f"dsq {cmd} CONFIG... [key.sub=value ...] [options]")
+    p.add_argument("args", nargs="*", metavar="CONFIG|key=value", help=argparse.SUPPRESS)
+    p.add_argument("--verbose", action="store_true",
+                   help="show the launcher's and libraries' INFO logging (or DSQ_LOG_LEVEL=INFO)")
+    return p
+
+
+def _parse_config_args(cmd: str, description: str, argv: List[str], **extra):
+    p = _config_parser(cmd, description)
+    for flag, kw in extra.items():
+        p.add_argument(flag, **kw)
+    ns = p.parse_args(argv)
+    if not ns.args:
+        p.print_usage(sys.stderr)
+        print(f"dsq {cmd}: error: give at least one config file, e.g. dsq {cmd} "
+              f"configs/tiny.yaml", file=sys.stderr)
+        sys.exit(2)
+    if ns.verbose:
+        os.environ["DSQ_LOG_LEVEL"] = "INFO"
+    return ns
+
+
 def cmd_train(argv: List[str]) -> None:
+    ns = _parse_config_args("train", "Pre-train a GPT (one process, or one rank under deepspeed/"
+                            "torchrun/srun: launch/local.sh, slurm/pretrain.sbatch).", argv)
+    from dsq.runtime import quiet_libraries, set_threads_per_rank
+
+    quiet_libraries()
+    from dsq.config import ConfigError, check_paths
     from dsq.data.prepare import DataError
     from dsq.distributed import env_from_launcher, shutdown
 
     env = env_from_launcher()
-    cfg = _load(argv, world_size=env.world_size)
+    cfg = _load(ns.args, world_size=env.world_size)
+    try:
+        check_paths(cfg)
+    except ConfigError as e:
+        _fail(str(e))
+    set_threads_per_rank()
     from dsq.train import PREEMPTED_EXIT_CODE, Preempted, run
 
     from dsq.rundir import RunDirError
@@ -61,31 +111,48 @@ def cmd_train(argv: List[str]) -> None:
         run(cfg, env)
     except (DataError, RunDirError) as e:
         _fail(str(e))
-    except Preempted:
+    except Preempted as e:
         shutdown()
-        sys.exit(PREEMPTED_EXIT_CODE)
+        sys.exit(INTERRUPTED_EXIT_CODE if e.signum == signal.SIGINT else PREEMPTED_EXIT_CODE)
     finally:
         shutdown()
 
 
 def cmd_prepare(argv: List[str]) -> None:
+    ns = _parse_config_args("prepare", "Tokenize and pack the data of a config (data.*, "
+                            "model.vocab_size) into data.cache_dir; prints the folder.", argv)
+    from dsq.runtime import quiet_libraries
+
+    quiet_libraries()
+    from dsq.config import ConfigError, check_paths
     from dsq.data.prepare import DataError, prepare
 
-    cfg = _load(argv)
+    cfg = _load(ns.args)
     try:
+        check_paths(cfg)
         path = prepare(cfg.data, cfg.model.vocab_size)
-    except DataError as e:
+    except (DataError, ConfigError) as e:
         _fail(str(e))
     print(path)
 
 
 def cmd_config(argv: List[str]) -> None:
-    p = argparse.ArgumentParser(prog="dsq config")
-    p.add_argument("--world-size", type=int, default=None)
-    ns, rest = p.parse_known_args(argv)
-    from dsq.config import to_yaml
+    ns = _parse_config_args(
+        "config", "Validate a config and print it resolved (YAML).", argv,
+        **{"--world-size": dict(type=int, default=None,
+                                help="also check the parallel layout for this many ranks"),
+           "--check-paths": dict(action="store_true",
+                                 help="also check that train.out_dir and data.cache_dir can be "
+                                      "written (launch/local.sh does)")})
+    from dsq.config import ConfigError, check_paths, to_yaml
 
-    print(to_yaml(_load(rest, world_size=ns.world_size)), end="")
+    cfg = _load(ns.args, world_size=ns.world_size)
+    if ns.check_paths:
+        try:
+            check_paths(cfg)
+        except ConfigError as e:
+            _fail(str(e))
+    print(to_yaml(cfg), end="")
 
 
 def cmd_eval(argv: List[str]) -> None:
@@ -192,6 +259,11 @@ def cmd_report(argv: List[str]) -> None:
 
 
 def cmd_ckpt(argv: List[str]) -> None:
+    if argv and argv[0] in ("-h", "--help"):
+        print("usage: dsq ckpt reshard CKPT_DIR --dp N [--tag TAG] [--out DIR]\n\n"
+              "Convert a ZeRO checkpoint to another data-parallel size "
+              "(dsq ckpt reshard --help for the options).")
+        sys.exit(0)
     if not argv or argv[0] != "reshard":
         _fail("usage: dsq ckpt reshard CKPT_DIR --dp N [--tag TAG] [--out DIR]")
     from dsq.optim.zero import main as reshard_main
@@ -208,24 +280,37 @@ def main(argv: Optional[List[str]] = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
     warnings.filterwarnings("ignore", category=UserWarning, module=r"megatron\..*")
     warnings.filterwarnings("ignore", category=FutureWarning, module=r"torch\.distributed\..*")
+    if argv and argv[0] == "--version":
+        import dsq
+
+        print(f"dsq {dsq.__version__}")
+        sys.exit(0)
     if not argv or argv[0] in ("-h", "--help"):
-        print(USAGE)
+        print(USAGE, file=sys.stdout if argv else sys.stderr)
         sys.exit(0 if argv else 2)
     cmd = argv[0]
     from dsq.runtime import use_env_extensions_dir
 
     use_env_extensions_dir()
-    if cmd in ("train", "eval", "bench", "generate", "export"):
-        from dsq.runtime import tune_allocator
-
-        tune_allocator()
-    if cmd == "bench":
-        from dsq.bench import main as bench_main
-
-        return bench_main(argv[1:])
-    if cmd not in COMMANDS:
+    if "--verbose" in argv and cmd not in ("train", "prepare", "config"):
+        argv.remove("--verbose")
+        os.environ["DSQ_LOG_LEVEL"] = "INFO"
+    if cmd not in COMMANDS and cmd != "bench":
         _fail(f"unknown command {cmd!r}\n{USAGE}")
-    COMMANDS[cmd](argv[1:])
+    try:
+        if cmd in ("train", "eval", "bench", "generate", "export"):
+            from dsq.runtime import tune_allocator
+
+            tune_allocator()
+        if cmd == "bench":
+            from dsq.bench import main as bench_main
+
+            return bench_main(argv[1:])
+        COMMANDS[cmd](argv[1:])
+    except KeyboardInterrupt:  # Ctrl-C outside the training loop (which checkpoints first)
+        if int(os.environ.get("RANK", "0")) == 0:
+            print("\ndsq: interrupted", file=sys.stderr)
+        sys.exit(INTERRUPTED_EXIT_CODE)
 
 
 if __name__ == "__main__":

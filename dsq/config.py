@@ -10,7 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from dataclasses import dataclass, field, fields
+from dataclasses import MISSING, dataclass, field, fields
 from pathlib import Path
 from typing import Any, List, Optional, Sequence
 
@@ -163,6 +163,14 @@ class TrainConfig:
     keep_ckpts: int = 2
     """Complete checkpoints kept on disk (older ones are deleted)."""
     log_every: int = 1
+    """Steps between MLflow metric logs, and between progress lines when stderr is not a
+    terminal (SLURM logs; a terminal shows a progress bar)."""
+    spike_factor: float = 1.25
+    """Loss-spike guard: a step whose training loss exceeds this factor x the median of the
+    previous train.spike_window steps prints a warning and logs train/loss_spike (the ratio)
+    to MLflow; summary.json lists the steps under loss_spikes. 0 disables."""
+    spike_window: int = 20
+    """Steps whose median loss the spike guard compares with."""
     out_dir: str = "runs/tiny"
     seed: int = 1234
     progress: bool = True
@@ -206,9 +214,97 @@ def _short(e: OmegaConfBaseException) -> str:
     return str(e).splitlines()[0]
 
 
+def _schema_fields() -> dict:
+    """``{"section.key": dataclass field}`` of every config key (``field.type`` resolved)."""
+    import typing
+
+    out = {}
+    for sec_name, sec_type in typing.get_type_hints(Config).items():
+        hints = typing.get_type_hints(sec_type)
+        for f in fields(sec_type):
+            out[f"{sec_name}.{f.name}"] = _Field(f, hints[f.name])
+    return out
+
+
+class _Field:
+    """A dataclass field with its annotation resolved (``from __future__ import annotations``)."""
+
+    def __init__(self, f, tp):
+        self.name, self.default, self.type = f.name, f.default, tp
+
+
+def _is_list(tp) -> bool:
+    return getattr(tp, "__origin__", None) in (list, List)
+
+
+def _type_and_example(key: str):
+    """(expected type in words, an example override) of a key, for error messages."""
+    f = _schema_fields().get(key)
+    if f is None:
+        return None, None
+    tp = f.type
+    if _is_list(tp):
+        return "a list of strings (or one string)", f"{key}=/path/to/texts or {key}=[a,b]"
+    if getattr(tp, "__origin__", None) is not None:  # Optional[X]
+        tp = next(a for a in tp.__args__ if a is not type(None))
+    default = f.default if f.default is not MISSING else None
+    names = {int: "an integer", float: "a number", bool: "true or false", str: "a string"}
+    if tp in names:
+        example = default if default is not None else {int: 1024, float: 0.5, bool: "true",
+                                                      str: "name"}[tp]
+        if isinstance(example, bool):
+            example = str(example).lower()
+        return names[tp], f"{key}={example}"
+    return None, None
+
+
+def _wrap_scalars(layer, origin: str):
+    """One plain value for a list-valued key (``data.train=/path``) becomes a one-item list."""
+    for key, f in _schema_fields().items():
+        if not _is_list(f.type):
+            continue
+        sec, name = key.split(".")
+        node = layer.get(sec) if OmegaConf.is_dict(layer) else None
+        if not OmegaConf.is_dict(node) or name not in node:
+            continue
+        value = node[name]
+        if OmegaConf.is_dict(value):
+            raise ConfigError(f"{origin}: {key}={OmegaConf.to_container(value)!r} is not a list "
+                              f"of strings (or one string): give e.g. {key}=/path/to/texts or "
+                              f"{key}=[a,b]")
+        if value is not None and not OmegaConf.is_list(value):
+            node[name] = [value]
+    return layer
+
+
+def _merge_error(origin: str, e: OmegaConfBaseException, layer) -> ConfigError:
+    """OmegaConf's error rewritten to name the key, the expected type and an example."""
+    from omegaconf.errors import ConfigKeyError
+
+    key = getattr(e, "full_key", None) or "?"
+    if isinstance(e, ConfigKeyError) or key not in _schema_fields():
+        return ConfigError(f"{origin}: key '{key}' is not a config key: fix its name (see the "
+                           f"fields of dsq/config.py, or `dsq config` for every key)")
+    expected, example = _type_and_example(key)
+    try:
+        got = OmegaConf.select(layer, key)
+    except OmegaConfBaseException:
+        got = None
+    got = OmegaConf.to_container(got) if OmegaConf.is_config(got) else got
+    if expected is None:
+        return ConfigError(f"{origin}: key '{key}': {_short(e)}. Fix the value (see the fields "
+                           f"of dsq/config.py).")
+    return ConfigError(f"{origin}: {key}={got!r} is not {expected}: give e.g. {example}")
+
+
 def load_config(paths: Sequence[str] = (), overrides: Sequence[str] = (),
                 world_size: Optional[int] = None) -> Config:
-    """Layer YAML files and ``a.b=c`` overrides over the schema, fill the preset, validate."""
+    """Layer YAML files and ``a.b=c`` overrides over the schema, fill the preset, validate.
+
+    A list-valued key (``data.train``, ``data.val``, ``quant.layers``, ``quant.exclude``) also
+    takes one plain value, in YAML and on the command line: ``data.train=/path`` is
+    ``data.train=[/path]``.
+    """
     schema = OmegaConf.structured(Config)
     layers = []
     for p in paths:
@@ -232,11 +328,9 @@ def load_config(paths: Sequence[str] = (), overrides: Sequence[str] = (),
     merged = schema
     for origin, layer in layers:
         try:
-            merged = OmegaConf.merge(merged, layer)
+            merged = OmegaConf.merge(merged, _wrap_scalars(layer, origin))
         except OmegaConfBaseException as e:
-            key = getattr(e, "full_key", None) or "?"
-            raise ConfigError(f"{origin}: key '{key}': {_short(e)}. "
-                              f"Fix the key's name or value (see the fields of dsq/config.py).")
+            raise _merge_error(origin, e, layer) from None
     cfg: Config = OmegaConf.to_object(merged)
     _fill_preset(cfg)
     if cfg.tracking.recipe is None:
@@ -293,6 +387,9 @@ def validate(cfg: Config, world_size: Optional[int] = None) -> None:
     _check(t.eval_every >= 0 and t.ckpt_every >= 0 and t.log_every >= 1,
            "train.eval_every and train.ckpt_every must be >= 0 (0 = only at the end), "
            "train.log_every >= 1")
+    _check(t.spike_factor == 0 or t.spike_factor > 1,
+           f"train.spike_factor={t.spike_factor} must be > 1 (or 0 to disable the spike guard)")
+    _check(t.spike_window >= 2, f"train.spike_window={t.spike_window} must be >= 2")
     _check(t.eval_samples >= 1, f"train.eval_samples={t.eval_samples} must be >= 1")
     _check(m.vocab_size % p.tp == 0,
            f"parallel.tp={p.tp} does not divide model.vocab_size={m.vocab_size}: "
@@ -395,3 +492,37 @@ def section_names() -> List[str]:
 
 def resolve_path(p: str) -> str:
     return os.path.abspath(os.path.expanduser(p))
+
+
+def _writable_dir_problem(path: str) -> Optional[str]:
+    """Why ``path`` cannot be a directory dsq writes to, or None. Creates nothing that stays:
+    the nearest existing ancestor must be a directory in which a file can be created."""
+    p = Path(resolve_path(path))
+    if p.exists() and not p.is_dir():
+        return f"{p} exists and is not a directory"
+    anc = p
+    while not anc.exists():
+        anc = anc.parent
+    if not anc.is_dir():
+        return f"{anc} is a file, not a directory"
+    import tempfile
+
+    try:
+        with tempfile.TemporaryFile(dir=anc, prefix=".dsq-write-check-"):
+            pass
+    except OSError as e:
+        return f"{anc} is not writable ({e.strerror or type(e).__name__})"
+    return None
+
+
+def check_paths(cfg: Config, data: bool = True) -> None:
+    """``train.out_dir`` (and ``data.cache_dir``) can be written, checked before data preparation
+    and before any rank starts; :class:`ConfigError` names the key and the fix."""
+    keys = [("train.out_dir", cfg.train.out_dir)]
+    if data:
+        keys.append(("data.cache_dir", cfg.data.cache_dir))
+    for key, value in keys:
+        problem = _writable_dir_problem(value)
+        if problem:
+            raise ConfigError(f"{key}={value!r} cannot be written: {problem}: set {key} to a "
+                              f"directory you can write to")

@@ -65,16 +65,11 @@ def _proto(model_bytes: bytes):
 
 
 def dsq_encoder(sp) -> Callable[[str], List[int]]:
-    """The function dsq encodes text with: ``dsq.data.tokenizer.encode`` if present, else
-    ``sp.encode``."""
-    try:
-        from dsq.data import tokenizer as dsq_tok  # the lossless tokenizer, where it exists
+    """The function dsq encodes text with (:func:`dsq.data.tokenizer.encode`, as ``dsq prepare``
+    does)."""
+    from dsq.data import tokenizer as dsq_tok
 
-        if hasattr(dsq_tok, "encode"):
-            return lambda text: list(dsq_tok.encode(sp, text))
-    except ImportError:
-        pass
-    return lambda text: list(sp.encode(text))
+    return lambda text: list(dsq_tok.encode(sp, text))
 
 
 def _literal_meta_as_bytes(sp, enc) -> bool:

@@ -1,6 +1,11 @@
-"""Process-level settings: the host memory allocator, and where native extensions are built.
+"""Process-level settings: the host memory allocator, torch threads per rank, library logging,
+and where native extensions are built.
 
-**Extensions.** DeepSpeed compiles its CPU communication op on first use through PyTorch's
+Threads (:func:`set_threads_per_rank`, ``dsq train``): cores / ranks per node unless
+``OMP_NUM_THREADS`` is set. Logging (:func:`quiet_libraries`): DeepSpeed's, MLflow's and
+alembic's INFO lines are hidden unless ``DSQ_LOG_LEVEL`` (or ``--verbose``) asks for them.
+
+Extensions: DeepSpeed compiles its CPU communication op on first use through PyTorch's
 extension builder, under ``$TORCH_EXTENSIONS_DIR`` (default ``~/.cache/torch_extensions``), with
 a ``lock`` file held while it builds. :func:`use_env_extensions_dir` (every ``dsq`` command)
 points that at ``<venv>/torch_extensions`` unless the user set it, so environments that share a
@@ -9,8 +14,8 @@ build killed half-way leaves its ``lock`` behind and every later build would wai
 :func:`clear_stale_build_locks` (run before the process group starts) removes a lock that is
 older than a build takes and that no live process is building under, and says so.
 
-**Allocator.** Applied by ``dsq train``, ``dsq eval`` and ``dsq bench`` before the first large
-allocation.
+The allocator settings are applied by ``dsq train``, ``dsq eval`` and ``dsq bench`` before the
+first large allocation.
 
 A training step allocates and frees tens of megabytes of activations, codes and gradients. With
 glibc's defaults, tensors above a moving mmap threshold are fresh ``mmap``s that page-fault in
@@ -137,3 +142,94 @@ def clear_stale_build_locks(roots: Optional[List[Path]] = None, stale_s: float =
             log(f"removed the stale build lock {lock} ({age / 60:.0f} min old, no build running"
                 f" there): a build of {lock.parent.name} was killed half-way; it is rebuilt now")
     return removed
+
+
+# ----------------------------------------------------------------------------- threads
+def cores_available() -> int:
+    """CPU cores this process may run on (its affinity mask: SLURM's, taskset's, or all)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
+def ranks_per_node(env=None) -> int:
+    """Ranks sharing this node: ``LOCAL_WORLD_SIZE`` (torchrun), ``DSQ_NPROC_PER_NODE``,
+    SLURM's tasks per node, else the world size (one node), else 1."""
+    e = os.environ if env is None else env
+    for key in ("LOCAL_WORLD_SIZE", "DSQ_NPROC_PER_NODE", "SLURM_NTASKS_PER_NODE"):
+        v = e.get(key, "").split("(")[0]
+        if v.isdigit() and int(v) > 0:
+            return int(v)
+    v = e.get("WORLD_SIZE", "1")
+    return int(v) if v.isdigit() and int(v) > 0 else 1
+
+
+def set_threads_per_rank() -> int:
+    """Torch intra-op threads = cores / ranks per node (at least 1), so N ranks on one node do
+    not each start a thread per core and oversubscribe it. An explicit ``OMP_NUM_THREADS``
+    wins (and is what torch already uses). Returns the thread count in effect."""
+    import torch
+
+    if os.environ.get("OMP_NUM_THREADS", "").strip():
+        return torch.get_num_threads()
+    n = max(1, cores_available() // ranks_per_node())
+    os.environ["OMP_NUM_THREADS"] = str(n)  # for processes this one starts (compile workers)
+    torch.set_num_threads(n)
+    return n
+
+
+# ----------------------------------------------------------------------------- logging
+def log_level() -> int:
+    """dsq's level for library logging: ``DSQ_LOG_LEVEL`` (a name or number), WARNING by
+    default; ``--verbose`` sets it to INFO."""
+    import logging
+
+    v = os.environ.get("DSQ_LOG_LEVEL", "WARNING").strip().upper()
+    if v.isdigit():
+        return int(v)
+    level = logging.getLevelName(v)  # the number of a known name, else a string
+    return level if isinstance(level, int) else logging.WARNING
+
+
+def quiet_libraries() -> None:
+    """Hide the INFO lines of DeepSpeed, MLflow (database set-up, system metrics) and alembic
+    unless ``DSQ_LOG_LEVEL`` is INFO or lower; also the shm op's build message on CPU ranks."""
+    import logging
+
+    level = log_level()
+    verbose = level <= logging.INFO
+    os.environ.setdefault("MLFLOW_LOGGING_LEVEL", logging.getLevelName(max(level, logging.DEBUG)))
+    for name in ("mlflow", "alembic", "DeepSpeed", "deepspeed", "datasets"):
+        logging.getLogger(name).setLevel(level)
+    if not verbose:
+        if not _cuda_present():  # DeepSpeed's "unable to detect" warning becomes an INFO line
+            os.environ.setdefault("DS_ACCELERATOR", "cpu")
+        try:
+            import contextlib
+            import io
+
+            import importlib
+
+            # the module itself: ``deepspeed.comm.torch`` as an attribute is PyTorch
+            ds_torch = importlib.import_module("deepspeed.comm.torch")
+
+            build = ds_torch.build_shm_op
+            if not getattr(build, "_dsq_quiet", False):
+                def quiet_build():
+                    with contextlib.redirect_stdout(io.StringIO()):
+                        return build()
+
+                quiet_build._dsq_quiet = True
+                ds_torch.build_shm_op = quiet_build
+        except Exception:  # another DeepSpeed layout: its message stays
+            pass
+
+
+def _cuda_present() -> bool:
+    try:
+        import torch
+
+        return torch.cuda.is_available()
+    except Exception:
+        return False

@@ -25,6 +25,49 @@ from pathlib import Path
 from typing import Callable, Deque, Dict, List, Optional, Tuple
 
 RUN_ID_FILE = "mlflow_run_id"
+EXPERIMENT_KIND = {"mlflow.experimentKind": "custom_model_development"}
+"""The experiment tag MLflow 3's UI reads to open an experiment in its model-training view
+(runs table and metric charts) rather than the GenAI view (traces, evaluation runs)."""
+ARTIFACTS_DIR = "mlflow-artifacts"
+"""For a SQLite store, new experiments keep their artifacts in this folder next to the
+database file (``runs/mlflow-artifacts`` by default), not in ``./mlruns`` of the current
+directory."""
+
+
+def process_start_ms() -> int:
+    """When this process started (ms since the epoch): the run's start time."""
+    try:
+        import psutil
+
+        return int(psutil.Process().create_time() * 1000)
+    except Exception:
+        return _IMPORTED_MS
+
+
+_IMPORTED_MS = int(time.time() * 1000)
+
+
+def run_source_tags() -> Dict[str, str]:
+    """Who started the run and how: MLflow's user and source tags."""
+    import getpass
+    import sys
+
+    try:
+        user = getpass.getuser()
+    except Exception:
+        user = os.environ.get("USER", "unknown")
+    argv = sys.argv[1:] if sys.argv and sys.argv[0].endswith(("cli.py", "dsq", "-c")) else sys.argv
+    return {"mlflow.user": user,
+            "mlflow.source.name": ("dsq " + " ".join(argv))[:500],
+            "mlflow.source.type": "JOB" if os.environ.get("SLURM_JOB_ID") else "LOCAL"}
+
+
+def artifact_location(uri: str) -> Optional[str]:
+    """Artifact root for new experiments of a SQLite store (next to the database), else None
+    (the server's or MLflow's default)."""
+    if uri.startswith("sqlite:///"):
+        return (Path(uri[len("sqlite:///"):]).parent / ARTIFACTS_DIR).resolve().as_uri()
+    return None
 
 
 def normalize_uri(uri: str) -> str:
@@ -38,10 +81,13 @@ def normalize_uri(uri: str) -> str:
     return uri
 
 
-def ui_command(uri: str) -> str:
+def ui_command(uri: str, experiment_id: Optional[str] = None) -> str:
+    """How to look at a store; with an experiment id, the link opens it in MLflow 3's model-
+    training view (the UI's GenAI/Model training switch is global and starts on GenAI)."""
+    page = f"/#/experiments/{experiment_id}?workflowType=machine_learning" if experiment_id else ""
     if uri.startswith(("http://", "https://")):
-        return f"open {uri} in a browser"
-    return f"mlflow ui --backend-store-uri {uri}   (then open http://127.0.0.1:5000)"
+        return f"open {uri.rstrip('/')}{page} in a browser"
+    return f"mlflow ui --backend-store-uri {uri}   (then open http://127.0.0.1:5000{page})"
 
 
 def _fast_fail_http() -> None:
@@ -64,6 +110,8 @@ class Tracker:
         self._id_file = self.out_dir / RUN_ID_FILE
         self.run_id: Optional[str] = (self._id_file.read_text().strip()
                                       if self._id_file.is_file() else None)
+        self.start_ms = process_start_ms()
+        self.experiment_id: Optional[str] = None
         self._ops: Deque[Tuple[str, tuple]] = collections.deque()
         self._cv = threading.Condition()
         self._client = None
@@ -128,7 +176,7 @@ class Tracker:
         """Send what is queued (waiting at most ``close_timeout_s``); True if all was sent."""
         if not self.enabled:
             return True
-        self._put("terminate", status)
+        self._put("terminate", status, int(time.time() * 1000))
         done = self.flush(self.close_timeout_s)
         with self._cv:
             self._closing = True
@@ -198,12 +246,23 @@ class Tracker:
         if self.run_id is None:
             with self._store_lock():
                 exp = c.get_experiment_by_name(self.experiment)
-                exp_id = exp.experiment_id if exp else c.create_experiment(self.experiment)
-            self.run_id = c.create_run(exp_id, run_name=self.run_name).info.run_id
+                if exp is None:
+                    exp_id = c.create_experiment(self.experiment,
+                                                 artifact_location=artifact_location(self.uri),
+                                                 tags=EXPERIMENT_KIND)
+                else:
+                    exp_id = exp.experiment_id
+                    for k, v in EXPERIMENT_KIND.items():
+                        if k not in exp.tags:  # made by an older dsq, or by hand
+                            c.set_experiment_tag(exp_id, k, v)
+            self.experiment_id = exp_id
+            self.run_id = c.create_run(exp_id, start_time=self.start_ms, run_name=self.run_name,
+                                       tags=run_source_tags()).info.run_id
             self.out_dir.mkdir(parents=True, exist_ok=True)
             self._id_file.write_text(self.run_id)
         if self._logged_until is None:
             run = c.get_run(self.run_id)
+            self.experiment_id = run.info.experiment_id
             if run.info.status != "RUNNING":
                 c.update_run(self.run_id, status="RUNNING")
             self._logged_until = {key: max((m.step for m in c.get_metric_history(self.run_id, key)),
@@ -247,7 +306,7 @@ class Tracker:
             elif kind == "artifact":
                 c.log_artifact(self.run_id, args[0], args[1])
             elif kind == "terminate":
-                c.set_terminated(self.run_id, status=args[0])
+                c.set_terminated(self.run_id, status=args[0], end_time=args[1])
                 self._logged_until = None  # a later resume re-reads the server's state
             with self._cv:
                 for _ in range(n):

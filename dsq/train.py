@@ -19,6 +19,7 @@ from dsq.config import Config, flatten, to_dict, to_yaml
 from dsq.data.dataset import GlobalSchedule, TokenBlocks, eval_indices
 from dsq.data.prepare import DataError, load_manifest, prepare
 from dsq.models.quant_layers import collect_sqnr, set_sqnr_capture
+from dsq.progress import Progress, SpikeGuard
 from dsq.rundir import RunDirError, RunLock, check_resume, saved_dp
 from dsq.runtime import clear_stale_build_locks
 from dsq.distributed import (
@@ -77,10 +78,12 @@ class Preempted(Exception):
 
 
 class StopRequest:
-    """SIGUSR1 (SLURM's warning before a time limit or preemption) and SIGTERM set a flag;
-    all ranks agree on it at the next step boundary with one tiny all-reduce."""
+    """SIGUSR1 (SLURM's warning before a time limit or preemption), SIGTERM and SIGINT (Ctrl-C)
+    set a flag; all ranks agree on it at the next step boundary with one tiny all-reduce.
+    SIGINT wins over the others (Ctrl-C under a launcher that then also sends SIGTERM), so
+    ``dsq train`` exits 130 after its checkpoint."""
 
-    SIGNALS = (signal.SIGUSR1, signal.SIGTERM)
+    SIGNALS = (signal.SIGUSR1, signal.SIGTERM, signal.SIGINT)
 
     def __init__(self):
         self.signum = 0
@@ -89,10 +92,13 @@ class StopRequest:
             self._previous[sig] = signal.signal(sig, self._handle)
 
     def _handle(self, signum, frame) -> None:
-        self.signum = signum
+        if self.signum != signal.SIGINT:
+            self.signum = signum
 
     def agreed(self) -> int:
-        return int(all_reduce_max(self.signum))
+        code = 1000 if self.signum == signal.SIGINT else self.signum  # SIGINT wins
+        code = int(all_reduce_max(code))
+        return int(signal.SIGINT) if code == 1000 else code
 
     def restore(self) -> None:
         for sig, handler in self._previous.items():
@@ -383,11 +389,9 @@ class Trainer:
             return json.loads(done.read_text())
         tokens_per_step = cfg.global_batch * self.cfg.model.seq_len
         bar = None
-        if self.env.is_main and cfg.progress:
-            from tqdm import tqdm
-
-            bar = tqdm(total=cfg.steps, initial=self.step, unit="step", dynamic_ncols=True,
-                       desc="train")
+        if self.env.is_main:
+            bar = Progress(cfg.steps, self.step, cfg.log_every, enabled=cfg.progress)
+        guard = SpikeGuard(cfg.spike_factor, cfg.spike_window)
         times: List[float] = []  # seconds per step, this process
         loss, val = float("nan"), None
         while self.step < cfg.steps:
@@ -407,6 +411,13 @@ class Trainer:
             metrics = {"train/loss": loss, "train/lr": self.lr(), "train/grad_norm": self.grad_norm(),
                        "train/tokens_per_s": tokens_per_step / dt,
                        **{f"sqnr_db/{k}": v for k, v in sqnr.items()}}
+            spike = guard.check(self.step, loss)
+            if spike is not None:
+                metrics["train/loss_spike"] = spike
+                if bar is not None:
+                    bar.write(f"dsq: warning: loss spike at step {self.step}: {loss:.4f} is "
+                              f"{spike:.2f}x the median of the steps before "
+                              f"(train.spike_factor={cfg.spike_factor:g})")
             if not math.isfinite(loss):
                 raise FloatingPointError(f"training loss is {loss} at step {self.step}: lower "
                                          f"optim.lr or check the data")
@@ -420,8 +431,7 @@ class Trainer:
                     post = {"loss": f"{loss:.4f}", "tok/s": f"{tps:,.0f}"}
                     if val is not None:
                         post["val"] = f"{val['loss']:.4f}"
-                    bar.set_postfix(post, refresh=False)
-                    bar.update(1)
+                    bar.update(self.step, post)
             if cfg.ckpt_every and self.step % cfg.ckpt_every == 0 and self.step < cfg.steps:
                 self.save()
             signum = self.stop.agreed()
@@ -439,6 +449,7 @@ class Trainer:
             self._log_step(final)
         if not (self.ckpt_dir / checkpoint.tag_for(self.step) / checkpoint.MARKER).exists():
             self.save()
+        self.loss_spikes = guard.spikes
         return self._summary(loss, val, _tokens_per_s(tokens_per_step, times))
 
     def _resource_metrics(self) -> Dict[str, float]:
@@ -492,6 +503,7 @@ class Trainer:
             "out_dir": str(self.out_dir),
             "quantized_layers": len(self.quantized),
             "quant_sqnr_db": self.sqnr,
+            "loss_spikes": getattr(self, "loss_spikes", []),
         }
         if self.env.is_main:
             path = self.out_dir / "summary.json"
@@ -547,5 +559,5 @@ def run(cfg: Config, env: DistEnv) -> Dict:
         print(f"results: {trainer.out_dir / 'summary.json'}")
         if cfg.tracking.enabled:
             print(f"MLflow: experiment '{cfg.tracking.experiment}', run {summary['mlflow_run_id']}"
-                  f" in {uri}\n  view it: {ui_command(uri)}")
+                  f" in {uri}\n  view it: {ui_command(uri, trainer.tracker.experiment_id)}")
     return summary

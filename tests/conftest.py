@@ -15,9 +15,9 @@ def data_cache(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("data_cache")
 
 
-def launch(nproc: int, *args: str, check: bool = True, timeout: int = 600, **popen):
+def launch(nproc: int, *args: str, check: bool = True, timeout: int = 600, env=None, **popen):
     """Run ``launch/local.sh NPROC args...`` (the deepspeed launcher) and return the result."""
-    env = {**os.environ, "PYTHON": sys.executable, "PYTHONWARNINGS": "ignore"}
+    env = {**os.environ, "PYTHON": sys.executable, "PYTHONWARNINGS": "ignore", **(env or {})}
     cmd = ["bash", str(ROOT / "launch" / "local.sh"), str(nproc), *args]
     res = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
     if check and res.returncode != 0:

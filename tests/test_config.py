@@ -176,3 +176,36 @@ def test_val_fraction_and_val_are_exclusive():
         load_config([], ["data.val=[]"])
     with pytest.raises(ConfigError, match="data.val_fraction=0.7"):
         load_config([], ["data.val=[]", "data.val_fraction=0.7"])
+
+
+def test_list_keys_take_one_plain_value(tmp_path):
+    cfg = load_config([str(ROOT / "configs/tiny.yaml")], ["data.train=/my/corpus",
+                                                          "quant.exclude=fc1"])
+    assert cfg.data.train == ["/my/corpus"] and cfg.quant.exclude == ["fc1"]
+    assert load_config([], ["data.train=[a,b]"]).data.train == ["a", "b"]
+    y = tmp_path / "d.yaml"
+    y.write_text("data:\n  val: /my/val.txt\n  train: [x, y]\n")
+    cfg = load_config([str(y)])
+    assert cfg.data.val == ["/my/val.txt"] and cfg.data.train == ["x", "y"]
+
+
+def test_dsq_config_accepts_a_plain_path(tmp_path):
+    res = dsq("config", "configs/tiny.yaml", f"data.train={tmp_path}")
+    assert f"train:\n  - {tmp_path}\n" in res.stdout
+
+
+@pytest.mark.parametrize("override, message", [
+    ("train.steps=abc", "command line: train.steps='abc' is not an integer: give e.g. "
+                        "train.steps=200"),
+    ("optim.lr=fast", "command line: optim.lr='fast' is not a number: give e.g. optim.lr=0.0006"),
+    ("train.progress=maybe", "train.progress='maybe' is not true or false: give e.g. "
+                             "train.progress=true"),
+    ("data.train={a: 1}", "data.train={'a': 1} is not a list of strings (or one string): give "
+                          "e.g. data.train=/path/to/texts or data.train=[a,b]"),
+    ("train.stepz=3", "key 'train.stepz' is not a config key"),
+])
+def test_type_errors_name_key_type_and_example(override, message):
+    with pytest.raises(ConfigError) as e:
+        load_config([], [override])
+    assert message in str(e.value)
+    assert "AnyNode" not in str(e.value) and "\n" not in str(e.value)

@@ -37,7 +37,7 @@ def ref(tmp_path_factory, data_cache):
     out = root / "run"
     shm = lambda: set(Path("/dev/shm").glob("deepspeed_allreduce_buffer_*"))
     before = shm()
-    res = launch(2, *base_args(out, data_cache, db))
+    res = launch(2, *base_args(out, data_cache, db), env={"DSQ_LOG_LEVEL": "INFO"})  # verbose
     return {"out": out, "db": db, "cache": data_cache, "root": root, "stdout": res.stdout,
             "log": res.stdout + res.stderr, "shm_left": shm() - before,
             "summary": json.loads((out / "summary.json").read_text()),
@@ -73,7 +73,8 @@ def test_reference_run_trains_and_reports(ref):
 
 def test_run_leaves_no_shared_memory_behind(ref):
     # on CPUs DeepSpeed's all-reduce op maps a ~66 MB /dev/shm segment per rank (RAM) and never
-    # unlinks it; dsq unlinks the names once all ranks are connected
+    # unlinks it; dsq unlinks the names once all ranks are connected (the op's build message
+    # shows with DSQ_LOG_LEVEL=INFO, as here)
     assert "deepspeed_shm_comm_op built successfully" in ref["log"]
     assert ref["shm_left"] == set()
 
@@ -234,3 +235,86 @@ def test_stop_signal_on_one_rank_checkpoints_all_and_resumes(ref, tmp_path):
     assert sorted(got) == list(range(1, STEPS + 1))
     for step in range(stopped + 1, STEPS + 1):
         assert got[step] == pytest.approx(ref["loss"][step], abs=1e-6), step
+
+
+def _run_in_terminal(cmd, timeout: int = 600):
+    """Run ``cmd`` with stdout and stderr on a pseudo-terminal of 120 columns, as a user does;
+    returns (exit code, everything it wrote)."""
+    import fcntl
+    import pty
+    import select
+    import struct
+    import termios
+
+    master, slave = pty.openpty()
+    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 40, 120, 0, 0))
+    env = {**os.environ, "PYTHON": sys.executable, "PYTHONWARNINGS": "ignore"}
+    for k in ("DSQ_LOG_LEVEL", "OMP_NUM_THREADS"):
+        env.pop(k, None)
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdin=subprocess.DEVNULL, stdout=slave,
+                            stderr=slave, start_new_session=True)
+    os.close(slave)
+    chunks, deadline = [], time.time() + timeout
+    while time.time() < deadline:
+        r, _, _ = select.select([master], [], [], 1.0)
+        if r:
+            try:
+                data = os.read(master, 65536)
+            except OSError:  # the terminal closed: every writer exited
+                break
+            if not data:
+                break
+            chunks.append(data)
+        elif proc.poll() is not None:
+            break
+    os.close(master)
+    return proc.wait(timeout=30), b"".join(chunks).decode(errors="replace")
+
+
+def test_readme_first_command_is_smooth_and_quiet(data_cache, tmp_path):
+    """The README's first command (tiny config, 2 ranks, in a terminal): no loss spike (no step
+    after step 10 above 1.15x the lowest loss before it) and at most 10 lines besides the
+    progress bar and the final summary."""
+    out = tmp_path / "run"
+    code, text = _run_in_terminal(["bash", "launch/local.sh", "2", "configs/tiny.yaml",
+                                   f"train.out_dir={out}", f"data.cache_dir={data_cache}",
+                                   f"tracking.uri=sqlite:///{tmp_path / 'mlflow.db'}"])
+    assert code == 0, text[-3000:]
+    loss = read_metrics(out)
+    assert sorted(loss) == list(range(1, 201))
+    spikes = [s for s in loss if s > 10 and loss[s] > 1.15 * min(loss[t] for t in loss if t < s)]
+    assert spikes == [], {s: loss[s] for s in spikes}
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["loss_spikes"] == [] and summary["train_loss"] < 5.2
+    lines = [ln for ln in text.replace("\r\n", "\n").split("\n") if ln.strip()]
+    bar = [ln for ln in lines if "\r" in ln or ln.startswith("train:")]
+    final = [ln for ln in lines if ln.startswith(("done:", "results:", "MLflow:", "  view it:"))]
+    other = [ln for ln in lines if ln not in bar and ln not in final]
+    assert bar and len(final) == 4, text[-3000:]
+    assert len(other) <= 10, "\n".join(other)
+    assert not any("INFO" in ln or "Traceback" in ln for ln in other), "\n".join(other)
+
+
+def test_ctrl_c_checkpoints_and_exits_130_without_traceback(ref, tmp_path):
+    """Ctrl-C in a terminal: SIGINT to the launcher's whole process group. Every rank
+    checkpoints at the same step boundary, as on SIGTERM, and the run exits 130 quietly."""
+    out = tmp_path / "run"
+    args = base_args(out, ref["cache"], tmp_path / "db.db", "train.ckpt_every=0")
+    env = {**os.environ, "PYTHON": sys.executable, "PYTHONWARNINGS": "ignore"}
+    env.pop("DSQ_LOG_LEVEL", None)
+    proc = subprocess.Popen(["bash", str(ROOT / "launch/local.sh"), "2", *args], cwd=ROOT,
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None:
+        if (out / "metrics.jsonl").exists() and len(read_metrics(out)) >= 3:
+            break
+        time.sleep(0.02)
+    os.killpg(proc.pid, signal.SIGINT)
+    log, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 130, log[-3000:]
+    assert "Traceback" not in log and "KeyboardInterrupt" not in log, log[-3000:]
+    assert "stopped by signal SIGINT" in log
+    stopped = max(read_metrics(out))
+    assert 3 <= stopped < STEPS
+    assert (out / "checkpoints" / "latest").read_text().strip() == f"step_{stopped:08d}"

@@ -14,6 +14,13 @@ BENCHES = {
 
 
 def main(argv: List[str]) -> None:
+    if argv and argv[0] in ("-h", "--help"):
+        print(f"usage: dsq bench {{{'|'.join(BENCHES)}}} [options]\n\n"
+              f"  optim    optimizer step: fp32 AdamW vs quantized states\n"
+              f"  linear   one linear layer forward + backward, per recipe and compute mode\n"
+              f"  train    training steps of a config, per recipe, side by side\n\n"
+              f"dsq bench NAME --help shows the options of each.")
+        sys.exit(0)
     if not argv or argv[0] not in BENCHES:
         print(f"usage: dsq bench {{{'|'.join(BENCHES)}}} [options]   (--help for each)",
               file=sys.stderr)

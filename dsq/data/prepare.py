@@ -3,13 +3,15 @@ sentencepiece tokenizer, and write each split as one flat memory-mapped token st
 
 Layout of a prepared directory (``<data.cache_dir>/<fingerprint>/``)::
 
-    tokenizer.model     sentencepiece model (BPE, byte fallback, EOS between documents)
+    tokenizer.model     sentencepiece model (lossless BPE, see dsq.data.tokenizer; EOS between
+                        documents)
     train.bin, val.bin  token ids, uint16 (or uint32 for vocabularies over 65536)
     manifest.json       written last: sources, token counts, dtype, tokenizer, fingerprint
 
 A block of ``seq_len`` training positions is ``tokens[i*L : i*L + L + 1]`` (inputs and
 shifted labels), so the same prepared data serves every sequence length. The fingerprint
-hashes the sources' contents and the tokenizer settings: a changed input re-prepares. The
+hashes the sources' contents, the vocabulary size and the tokenizer (its file, or the trainer
+settings of :data:`dsq.data.tokenizer.SETTINGS`): a changed input re-prepares. The
 directory is built under a temporary name and renamed into place, so a failed or
 interrupted preparation never leaves a directory that looks complete.
 """
@@ -17,21 +19,22 @@ interrupted preparation never leaves a directory that looks complete.
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import os
 import shutil
 import tempfile
 import time
 from pathlib import Path
-from typing import Dict, Iterator, List, Optional, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import numpy as np
+
+from dsq.data import tokenizer
 
 TEXT_EXT = {".txt", ".text", ".md"}
 JSON_EXT = {".jsonl", ".json"}
 PARQUET_EXT = {".parquet"}
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: lossless tokenizer (dsq.data.tokenizer)
 
 
 class DataError(ValueError):
@@ -155,30 +158,32 @@ def hold_out(docs, fraction: float):
 
 # --------------------------------------------------------------------------- tokenizer
 def train_tokenizer(docs, vocab_size: int) -> bytes:
-    """A BPE sentencepiece model with byte fallback; ids: 0 <unk>, 1 </s> (document end)."""
-    import sentencepiece as spm
+    """dsq's lossless BPE tokenizer (:mod:`dsq.data.tokenizer`) trained on the documents."""
+    try:
+        return tokenizer.train(docs["text"], vocab_size)
+    except RuntimeError as e:
+        import re
 
-    def lines() -> Iterator[str]:
-        for text in docs["text"]:
-            for line in text.splitlines():
-                line = line.strip()
-                if line:
-                    yield line[:4096]
+        need = re.search(r"smaller than required_chars\. \d+ vs (\d+)", str(e))
+        if need:
+            raise DataError(f"model.vocab_size={vocab_size} is too small for this text: the "
+                            f"tokenizer needs at least {need.group(1)} pieces (256 bytes, the "
+                            f"text's characters, newline, tab): set model.vocab_size="
+                            f"{max_vocab_size(int(need.group(1)))}") from None
+        raise
 
-    buf = io.BytesIO()
-    spm.SentencePieceTrainer.train(
-        sentence_iterator=lines(), model_writer=buf, vocab_size=vocab_size, model_type="bpe",
-        byte_fallback=True, character_coverage=1.0, unk_id=0, eos_id=1, bos_id=-1, pad_id=-1,
-        hard_vocab_limit=False, num_threads=max(1, min(8, os.cpu_count() or 1)),
-        minloglevel=2, input_sentence_size=2_000_000, shuffle_input_sentence=True)
-    return buf.getvalue()
+
+def max_vocab_size(tokenizer_vocab_size: int) -> int:
+    """The largest ``model.vocab_size`` a tokenizer of this size supports: its pieces rounded up
+    to a multiple of 128 (embedding rows padded for fast GEMMs, as GPT-2's 50257 -> 50304)."""
+    return -(-tokenizer_vocab_size // 128) * 128
 
 
 def encode(docs, sp) -> np.ndarray:
     eos = sp.eos_id()
     chunks = []
     for text in docs["text"]:
-        ids = sp.encode(text)
+        ids = tokenizer.encode(sp, text)
         ids.append(eos)
         chunks.append(np.asarray(ids, dtype=np.int64))
     return np.concatenate(chunks) if chunks else np.zeros(0, dtype=np.int64)
@@ -194,6 +199,7 @@ def data_fingerprint(data_cfg, vocab_size: int) -> str:
         "text_field": data_cfg.text_field,
         "vocab_size": vocab_size,
         "tokenizer": _fingerprint_sources([tok]) if tok else None,
+        "tokenizer_settings": None if tok else tokenizer.SETTINGS,
     }
     if getattr(data_cfg, "val_fraction", 0.0):
         key["val_fraction"] = data_cfg.val_fraction
@@ -210,8 +216,6 @@ def is_prepared(path: Path) -> bool:
 
 def prepare(data_cfg, vocab_size: int, log=print) -> Path:
     """Prepare (or find already prepared) data for ``data_cfg``; returns its directory."""
-    import sentencepiece as spm
-
     out = prepared_dir(data_cfg, vocab_size)
     damaged = None
     if is_prepared(out):
@@ -223,6 +227,7 @@ def prepare(data_cfg, vocab_size: int, log=print) -> Path:
         os.replace(out, aside)
         log(f"dsq: warning: prepared data {out} is damaged ({damaged}): moved aside to "
             f"{aside.name}, preparing it again from the sources")
+    model_bytes = read_tokenizer(data_cfg.tokenizer) if data_cfg.tokenizer else None
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
@@ -239,20 +244,22 @@ def prepare(data_cfg, vocab_size: int, log=print) -> Path:
                 f"documents for validation (data.val_fraction={data_cfg.val_fraction})")
         else:
             val_docs = load_documents(list(data_cfg.val), data_cfg.text_field, "validation")
-        if data_cfg.tokenizer:
-            tok_path = Path(os.path.expanduser(data_cfg.tokenizer))
-            if not tok_path.is_file():
-                raise DataError(f"data.tokenizer={data_cfg.tokenizer!r} does not exist: give a "
-                                f"sentencepiece .model file or null to train one")
-            model_bytes = tok_path.read_bytes()
-        else:
+        if model_bytes is None:
             log(f"data: training a {vocab_size}-token sentencepiece BPE on "
                 f"{len(train_docs)} documents")
             model_bytes = train_tokenizer(train_docs, vocab_size)
-        sp = spm.SentencePieceProcessor(model_proto=model_bytes)
-        if sp.vocab_size() > vocab_size:
-            raise DataError(f"tokenizer has {sp.vocab_size()} tokens, more than "
-                            f"model.vocab_size={vocab_size}: raise model.vocab_size")
+        sp = tokenizer.load(model_bytes)
+        n = sp.vocab_size()
+        what = (f"data.tokenizer={data_cfg.tokenizer!r} has" if data_cfg.tokenizer else
+                f"the training text yields a tokenizer of")
+        if n > vocab_size:
+            raise DataError(f"{what} {n} tokens, more than model.vocab_size={vocab_size}: "
+                            f"set model.vocab_size={max_vocab_size(n)}")
+        if vocab_size > max_vocab_size(n):
+            raise DataError(f"model.vocab_size={vocab_size} is larger than the tokenizer can "
+                            f"provide: {what} {n} tokens, so {vocab_size - n} embedding rows "
+                            f"would never be used: set model.vocab_size={max_vocab_size(n)} (or "
+                            f"less), or train on more text")
         (tmp / "tokenizer.model").write_bytes(model_bytes)
         dtype = np.uint16 if vocab_size <= 65536 else np.uint32
         counts = {}
@@ -270,6 +277,7 @@ def prepare(data_cfg, vocab_size: int, log=print) -> Path:
             "documents": {"train": len(train_docs), "val": len(val_docs)},
             "vocab_size": vocab_size,
             "tokenizer_vocab_size": sp.vocab_size(),
+            "tokenizer_settings": tokenizer.SETTINGS,
             "eos_id": sp.eos_id(),
             "sources": {"train": list(data_cfg.train), "val": list(data_cfg.val)},
         }
@@ -285,6 +293,22 @@ def prepare(data_cfg, vocab_size: int, log=print) -> Path:
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+def read_tokenizer(path: str) -> bytes:
+    """The bytes of ``data.tokenizer``, checked to be a sentencepiece model (DataError if not)."""
+    tok_path = Path(os.path.expanduser(path))
+    if not tok_path.is_file():
+        raise DataError(f"data.tokenizer={path!r} does not exist: give a sentencepiece .model "
+                        f"file or null to train one")
+    model_bytes = tok_path.read_bytes()
+    try:
+        tokenizer.load(model_bytes, f"data.tokenizer={path!r}")
+    except tokenizer.TokenizerError as e:
+        raise DataError(f"{e}: give a .model file written by sentencepiece (e.g. the "
+                        f"tokenizer.model of a prepared data folder or a checkpoint), or null to "
+                        f"train one") from None
+    return model_bytes
 
 
 def load_manifest(path: Path) -> Dict:
