@@ -58,9 +58,12 @@ class RunLock:
     def __init__(self, out_dir: Path):
         self.path = Path(out_dir) / LOCK_NAME
         self._fh = None
+        self.created = False
+        self.stale: Optional[str] = None
 
     def acquire(self) -> None:
         """Take the lock or raise :class:`RunDirError` naming the holder."""
+        self.created = not self.path.parent.exists()
         self.path.parent.mkdir(parents=True, exist_ok=True)
         fh = open(self.path, "a+")
         try:
@@ -81,15 +84,24 @@ class RunLock:
         self._fh = fh
         self.stale = stale
 
-    def release(self) -> None:
-        if self._fh is not None:
-            try:
-                self._fh.seek(0)
-                self._fh.truncate()
-                fcntl.flock(self._fh, fcntl.LOCK_UN)
-            finally:
-                self._fh.close()
-                self._fh = None
+    def release(self, failed_start: bool = False) -> None:
+        """Unlock. ``failed_start``: the run never started, so a directory that the lock
+        created and that holds nothing else is removed with it (a refused run leaves nothing)."""
+        if self._fh is None:
+            return
+        try:
+            self._fh.seek(0)
+            self._fh.truncate()
+            if failed_start and self.created:
+                self.path.unlink(missing_ok=True)
+                try:
+                    self.path.parent.rmdir()  # only if empty
+                except OSError:
+                    pass
+            fcntl.flock(self._fh, fcntl.LOCK_UN)
+        finally:
+            self._fh.close()
+            self._fh = None
 
 
 def holder_record() -> Dict:

@@ -144,7 +144,7 @@ class Trainer:
             self._setup(cfg, env)
         except BaseException:
             if self.lock is not None:  # a refused or failed start leaves no holder record
-                self.lock.release()
+                self.lock.release(failed_start=True)
             raise
 
     def _setup(self, cfg: Config, env: DistEnv) -> None:
