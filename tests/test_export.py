@@ -121,9 +121,12 @@ def test_exported_tokenizer_equals_sentencepiece(exported):
     sp = spm.SentencePieceProcessor(model_file=str(exported["tp1"] / "tokenizer.model"))
     texts = [VAL.read_text()[:20_000], "  spaces   and\n\n\nnewlines\t\ttabs  ",
              "naïve café — ﬁne ＡＢＣ 日本語 🙂 \u2581", "</s> <unk> as text"]
-    for t in texts:
-        assert tok.encode(t) == sp.encode(t)
-        assert tok.decode(sp.encode(t)) == sp.decode(sp.encode(t))
+    from dsq.data.tokenizer import decode, encode
+
+    for t in texts:  # the ids dsq trains and evaluates on (dsq prepare's encoder)
+        ids = encode(sp, t)
+        assert tok.encode(t) == ids
+        assert tok.decode(ids) == decode(sp, ids) == t
     assert tok.eos_token_id == sp.eos_id() and tok.unk_token_id == sp.unk_id()
 
 
