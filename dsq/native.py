@@ -69,6 +69,14 @@ ISA_FLAGS: dict[str, tuple[str, ...]] = {
 }
 """Compiler flags of a variant: the instruction sets its source uses, nothing implied."""
 
+AMX_NEEDS = ("amx_tile", "amx_int8", "avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512_bf16")
+"""``/proc/cpuinfo`` flags of the AMX GEMM driver (:mod:`dsq.quant.cpu_gemm`): oneDNN's int8
+micro-kernel runs on AMX tiles, dsq's epilogue is AVX-512 code (every AMX CPU has these)."""
+
+AMX_FLAGS = ("-mavx2", "-mfma", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq",
+             "-mavx512bf16")
+"""Compiler flags of the AMX GEMM driver's own code (its AVX-512 epilogue)."""
+
 _X86 = platform.machine().lower() in ("x86_64", "amd64", "i386", "i686")
 
 
@@ -189,13 +197,13 @@ def build(name: str, source: str, *, isa: str, cxx: bool = False,
           flags: Sequence[str] = C_FLAGS, libs: Sequence[str] = ("-lm",),
           key: str = "") -> ctypes.CDLL:
     """Compile ``source`` (C, or C++ with ``cxx``) for variant ``isa`` (``flags`` plus
-    :data:`ISA_FLAGS`) once and load it; ``key`` adds what else the binary depends on (e.g. the
+    :data:`ISA_FLAGS`, or :data:`AMX_FLAGS` for ``amx``) once and load it; ``key`` adds what else the binary depends on (e.g. the
     PyTorch version it links against). Raises :class:`BuildError` when it cannot be built."""
     compiler = _compiler(cxx)
     if not compiler:
         what = "C++ compiler (g++/c++)" if cxx else "C compiler (gcc/cc)"
         raise BuildError(name, isa, f"no {what} on PATH", None)
-    all_flags = [*flags, *ISA_FLAGS[isa]]
+    all_flags = [*flags, *(AMX_FLAGS if isa == "amx" else ISA_FLAGS[isa])]
     digest = hashlib.sha256("\0".join([source, *all_flags, *libs, compiler,
                                        _compiler_version(compiler), isa, key])
                             .encode()).hexdigest()[:16]

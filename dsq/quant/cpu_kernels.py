@@ -163,13 +163,18 @@ static inline v16 v16_add(v16 a, v16 b) { return _mm512_add_ps(a, b); }
 static inline v16 v16_divide(v16 a, v16 b) { return _mm512_div_ps(a, b); }
 /* a / b correctly rounded from y = RN(1 / b): two Newton corrections with exact fma residuals
    (Markstein), so the codes equal those of a true division bit for bit at a fraction of its
-   cost (a division is ~16 cycles per 16 lanes, this five fused operations) */
+   cost (a division is ~16 cycles per 16 lanes, this five fused operations). Where a step
+   overflows or meets an infinity (a / b beyond FLT_MAX, a = inf, b = inf) the sequence gives
+   NaN where the division does not: such vectors (never with a scale from the data's own
+   absmax) are divided outright. */
 static inline v16 vdiv(v16 a, v16 b, v16 y) {
     v16 q = _mm512_mul_ps(a, y);
     v16 r = _mm512_fnmadd_ps(q, b, a);
     q = _mm512_fmadd_ps(r, y, q);
     r = _mm512_fnmadd_ps(q, b, a);
-    return _mm512_fmadd_ps(r, y, q);
+    q = _mm512_fmadd_ps(r, y, q);
+    if (__builtin_expect(_mm512_cmp_ps_mask(q, q, _CMP_UNORD_Q) != 0, 0)) q = _mm512_div_ps(a, b);
+    return q;
 }
 /* qcode on 16 lanes: rint (half to even), clamp, NaN -> 0, to int8 */
 static inline __m128i vcode(v16 v, v16 qmin, v16 qmax) {
@@ -213,13 +218,17 @@ static inline v16 v16_add(v16 a, v16 b) {
 static inline v16 v16_divide(v16 a, v16 b) {
     v16 v = {_mm256_div_ps(a.lo, b.lo), _mm256_div_ps(a.hi, b.hi)}; return v;
 }
-/* the AVX-512 variant's correctly rounded division (see there), 8 lanes at a time */
+/* the AVX-512 variant's correctly rounded division (see there, NaN fallback included),
+   8 lanes at a time */
 static inline __m256 vdiv8(__m256 a, __m256 b, __m256 y) {
     __m256 q = _mm256_mul_ps(a, y);
     __m256 r = _mm256_fnmadd_ps(q, b, a);
     q = _mm256_fmadd_ps(r, y, q);
     r = _mm256_fnmadd_ps(q, b, a);
-    return _mm256_fmadd_ps(r, y, q);
+    q = _mm256_fmadd_ps(r, y, q);
+    if (__builtin_expect(_mm256_movemask_ps(_mm256_cmp_ps(q, q, _CMP_UNORD_Q)) != 0, 0))
+        q = _mm256_div_ps(a, b);
+    return q;
 }
 static inline v16 vdiv(v16 a, v16 b, v16 y) {
     v16 v = {vdiv8(a.lo, b.lo, y.lo), vdiv8(a.hi, b.hi, y.hi)}; return v;
