@@ -197,8 +197,8 @@ def build(name: str, source: str, *, isa: str, cxx: bool = False,
           flags: Sequence[str] = C_FLAGS, libs: Sequence[str] = ("-lm",),
           key: str = "") -> ctypes.CDLL:
     """Compile ``source`` (C, or C++ with ``cxx``) for variant ``isa`` (``flags`` plus
-    :data:`ISA_FLAGS`, or :data:`AMX_FLAGS` for ``amx``) once and load it; ``key`` adds what else the binary depends on (e.g. the
-    PyTorch version it links against). Raises :class:`BuildError` when it cannot be built."""
+    :data:`ISA_FLAGS`, or :data:`AMX_FLAGS` for ``amx``) once and load it; ``key`` adds what
+    else the binary depends on (e.g. the PyTorch version it links against). Raises :class:`BuildError` when it cannot be built."""
     compiler = _compiler(cxx)
     if not compiler:
         what = "C++ compiler (g++/c++)" if cxx else "C compiler (gcc/cc)"

@@ -168,7 +168,8 @@ def test_quantization_kernels_of_each_variant_equal_the_reference(isa, monkeypat
             ra, ca, cs, ta = cpu_kernels.stats(x, True, True, True, True)
             xf = x.float()
             assert torch.equal(ra, xf.abs().amax(1, keepdim=True))
-            assert torch.equal(ca, xf.abs().amax(0, keepdim=True)) and torch.equal(ta, xf.abs().max())
+            assert torch.equal(ca, xf.abs().amax(0, keepdim=True))
+            assert torch.equal(ta, xf.abs().max())
             torch.testing.assert_close(cs, xf.sum(0), rtol=1e-5, atol=1e-3)  # another order
             fused.set_kernel("cpp")
             try:

@@ -104,6 +104,28 @@ def status() -> str:
     return "dsq AMX driver (oneDNN brgemm)" if available() else f"torch._int_mm ({_ERR})"
 
 
+def int8_outlook(flags=None) -> tuple[bool, str]:
+    """Whether integer GEMMs are expected to beat the fastest float GEMM on a CPU with
+    ``flags`` (default: this one's), and the hardware that decides it, as one clause. From the
+    measurements in the README's Performance section (``torch._int_mm`` against fp32 and bf16
+    GEMMs at ``dsq bench linear``'s shapes)."""
+    from dsq.native import cpu_flags, has_native_bf16, int8_units
+
+    f = cpu_flags() if flags is None else frozenset(flags)
+    unit = int8_units(f)
+    if unit == "amx_int8":
+        return True, "AMX-INT8 tiles (dsq's GEMM driver)"
+    if unit:
+        return True, (f"{unit} int8 dot products in torch._int_mm (oneDNN; no AMX for dsq's "
+                      f"driver)")
+    if "avx2" in f:
+        base = "bf16" if has_native_bf16(f) else "fp32 (bf16 is emulated here)"
+        return True, (f"no int8 dot-product unit (VNNI/AMX): torch._int_mm widens int8 products "
+                      f"with AVX2, still ahead of {base} GEMMs")
+    return False, ("no AVX2: torch._int_mm has no vector int8 kernel on this CPU and runs "
+                   "slower than fp32 GEMMs")
+
+
 def has_amx_int8() -> bool:
     """Whether the CPU (``/proc/cpuinfo`` flags) has AMX-INT8 tiles."""
     from dsq.native import cpu_flags

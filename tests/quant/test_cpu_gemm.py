@@ -62,8 +62,8 @@ def test_a_failing_driver_build_is_one_line_with_the_log(monkeypatch, tmp_path, 
     monkeypatch.setattr(native, "_WARNED", set())
     monkeypatch.setenv("DSQ_CACHE_DIR", str(tmp_path))
     cc = tmp_path / "broken-c++"
-    cc.write_text("#!/bin/sh\nfor i in $(seq 200); do echo \"error: line $i of the diagnosis\" >&2; "
-                  "done\nexit 1\n")
+    cc.write_text("#!/bin/sh\nfor i in $(seq 200); do\n"
+                  "echo \"error: line $i of the diagnosis\" >&2; done\nexit 1\n")
     cc.chmod(0o755)
     monkeypatch.setenv("CXX", str(cc))
     assert not cpu_gemm.available()
