@@ -257,12 +257,12 @@ def format_table(rows: list[dict], cpu: dict | None = None) -> str:
                   f"GEMMs {cpu['int8_gemm']}; 'vs float': against the fastest float row of "
                   f"each shape (fp32 or bf16 nn.Linear, named in the last column)", ""]
     head = f"| {'layer':<28} | {'shape':<16} | {'ms':>8} | {'vs float':>8} | {'GOP/s':>6} | " \
-           f"{'saved MiB':>9} | {'kernels':<28} | {'float baseline':<14} |"
+           f"{'saved MiB':>9} | {'kernels':<30} | {'float baseline':<14} |"
     lines += [head, "|" + "|".join("-" * (len(c)) for c in head.split("|")[1:-1]) + "|"]
     for r in rows:
         sp = f"{r['speedup_vs_baseline']:.2f}x" if r.get("speedup_vs_baseline") else "-"
         lines.append(f"| {r['name']:<28} | {r['shape']:<16} | {r['ms']:>8.1f} | {sp:>8} | "
-                     f"{r['gop_s']:>6.0f} | {r['saved_MiB']:>9.1f} | {r.get('kernels', ''):<28} | "
+                     f"{r['gop_s']:>6.0f} | {r['saved_MiB']:>9.1f} | {r.get('kernels', ''):<30} | "
                      f"{r.get('baseline') or '-':<14} |")
     for r in rows:
         if cpu and r["name"] == "dsq int8" and (r.get("speedup_vs_baseline") or 1) < 1:
