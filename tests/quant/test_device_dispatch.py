@@ -107,3 +107,26 @@ def test_a_failing_compile_runs_the_same_code_eagerly(monkeypatch):
     finally:
         fused.set_kernel(None)
     assert torch.equal(codes, ref_codes) and torch.equal(scale, ref_scale)
+
+
+def test_int8_start_up_line_warns_where_int8_does_not_pay(monkeypatch, capsys):
+    """On a (mocked) CPU without AVX2 the one start-up line of an int8 run is a warning that
+    says why; the recipe itself runs unchanged."""
+    from dsq import native
+    from dsq.models.quant_layers import _report_int8
+    from dsq.quant import LinearQuant
+    from tests.test_isa import CPUS
+
+    qc = LinearQuant(weight="int8:channel", activation="int8:token", grad="int8:token",
+                     grad_gemms="both", compute="int8")
+    _report_int8(qc, ["decoder.layers.0.mlp.linear_fc1"])
+    line = capsys.readouterr().err
+    assert line.count("\n") == 1 and line.startswith("dsq: quant.compute=int8 for ")
+    assert "does not pay" not in line
+    monkeypatch.setattr(native, "cpu_flags", lambda: frozenset(CPUS["Sandy Bridge"]))
+    _report_int8(qc, ["decoder.layers.0.mlp.linear_fc1"])
+    line = capsys.readouterr().err
+    assert line.count("\n") == 1 and line.startswith("dsq: warning: quant.compute=int8 for ")
+    assert line.rstrip().endswith("; int8 does not pay on this CPU: no AVX2: torch._int_mm has "
+                                  "no vector int8 kernel on this CPU and runs slower than fp32 "
+                                  "GEMMs")
