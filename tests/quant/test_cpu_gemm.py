@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from dsq import native
 from dsq.quant import cpu_gemm, cpu_kernels, fused
 from dsq.quant.format import QuantFormat
 from dsq.quant.functional import quantize
@@ -189,3 +190,17 @@ def test_packing_needs_the_driver():
     assert not fused.can_pack(x, QuantFormat(8, "token"))
     with pytest.raises(ValueError, match="packed"):
         fused.quantize_cols(x, QuantFormat(8, "token"), pack=True)
+
+
+@pytest.mark.skipif(not native._X86, reason="the AMX driver is x86 code")
+def test_driver_compiles_with_its_explicit_flags_on_any_x86_cpu():
+    """-mavx512{f,bw,vl,dq,bf16} cover every intrinsic of csrc/amx_gemm.cpp, whatever this CPU
+    is (with -march=native an AVX2-only CPU failed with 'target specific option mismatch');
+    where it has no AMX, PyTorch's oneDNN then refuses to pack int8 operands."""
+    try:
+        cpu_gemm._build()
+    except native.BuildError as e:
+        pytest.fail(f"the driver did not compile: {e.log.read_text()[-3000:]}")
+    except RuntimeError as e:
+        assert "amx_int8" not in native.cpu_flags()
+        assert str(e) == "PyTorch's oneDNN cannot pack int8 operands on this CPU"
