@@ -74,6 +74,8 @@ def fresh_dispatch(monkeypatch):
     monkeypatch.setattr(cpu_kernels, "_ISA", None)
     monkeypatch.setattr(K, "_LIB", None)
     monkeypatch.setattr(K, "_ISA", None)
+    monkeypatch.setattr(cpu_kernels, "_VARIANTS", {})  # nothing built in this process yet
+    monkeypatch.setattr(K, "_VARIANTS", {})
     monkeypatch.setattr(native, "_WARNED", set())
     monkeypatch.delenv("DSQ_ISA", raising=False)
     fused.set_kernel("auto")
