@@ -1,72 +1,229 @@
-"""Small C/C++ sources built once per machine into shared libraries, cached, loaded with ctypes.
+"""Small C/C++ sources built once per instruction set into shared libraries, cached, loaded with
+ctypes; the CPU's instruction sets and which variant of a kernel runs on it.
 
 Used by dsq's CPU kernels (:mod:`dsq.quant.cpu_kernels`, :mod:`dsq.quant.cpu_gemm`,
-:mod:`dsq.optim.kernels`). A library is compiled with the system compiler on first use and
-cached under ``$DSQ_CACHE_DIR`` (default ``~/.cache/dsq``), keyed by its source, compiler,
-flags and the CPU (sources are built with ``-march=native`` and home directories are often
-shared by different nodes). The file is renamed into place atomically, so ranks that build at
-the same time do not see a half-written library.
+:mod:`dsq.optim.kernels`).
+
+Variants (:data:`ISAS`, best first). A kernel's vector code is guarded by the compiler's macros
+(``__AVX512F__``, ``__AVX2__`` ...) and each variant is compiled with explicit flags for exactly
+the instruction set it uses (:data:`ISA_FLAGS`; never ``-march=native``, which would let an
+AVX-512 machine build an "AVX2" variant with AVX-512 in it):
+
+``avx512``    AVX-512 F/BW/VL (+ AVX2, FMA); Intel Skylake-SP and later Xeons, AMD Zen 4 and later
+``avx2``      AVX2 + FMA; Intel Haswell and later, AMD Zen 1-3
+``portable``  the same C without vector intrinsics, for the compiler's default target (x86-64
+              without AVX2, ARM ...)
+``reference`` no native code: the PyTorch (eager) reference kernels
+
+:func:`select_isa` picks the best variant whose instruction sets the CPU has
+(``/proc/cpuinfo`` flags); ``$DSQ_ISA`` may lower the choice (e.g. ``DSQ_ISA=avx2`` on an
+AVX-512 machine; a variant the CPU cannot run is refused with one line and the best one used).
+Every variant is built with ``-ffp-contract=off`` and evaluates the same IEEE operations per
+element as the reference, so all of them give bit-identical results (tested variant by
+variant).
+
+A library is compiled on first use and cached under ``$DSQ_CACHE_DIR`` (default
+``~/.cache/dsq``) as ``NAME-ISA_DIGEST.so``, the digest covering source, flags, libraries,
+compiler and its version, and ``key``; the binary depends on nothing else (no ``-march=native``),
+so nodes of different CPU models that share a home directory share it. The file is renamed into
+place atomically, so ranks that build at the same time do not see a half-written library. A
+failed build raises :class:`BuildError` after writing the compiler's full output to
+``$DSQ_CACHE_DIR/logs/NAME-ISA_DIGEST.log``; callers report it as one line (:func:`warn`) that
+names the kernel, the variant, the fallback and that log.
 """
 
 from __future__ import annotations
 
 import ctypes
+import functools
 import hashlib
 import os
+import platform
 import shutil
 import subprocess
+import sys
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 
-C_FLAGS = ("-O3", "-march=native", "-ffp-contract=off", "-fno-math-errno", "-fopenmp",
-           "-shared", "-fPIC")
-"""Flags of the C kernels: exact IEEE arithmetic (no contraction into fused multiply-adds)."""
+C_FLAGS = ("-O3", "-ffp-contract=off", "-fno-math-errno", "-fopenmp", "-shared", "-fPIC")
+"""Base flags of the C kernels: exact IEEE arithmetic (no contraction into fused multiply-adds);
+a variant adds :data:`ISA_FLAGS`."""
+
+ISAS = ("avx512", "avx2", "portable")
+"""Native variants, best first (``reference``, no native code, comes after them)."""
+
+REFERENCE = "reference"
+
+ISA_NEEDS: dict[str, tuple[str, ...]] = {
+    "avx512": ("avx512f", "avx512bw", "avx512vl", "avx2", "fma"),
+    "avx2": ("avx2", "fma"),
+    "portable": (),
+}
+"""``/proc/cpuinfo`` flags a variant needs."""
+
+ISA_FLAGS: dict[str, tuple[str, ...]] = {
+    "avx512": ("-mavx2", "-mfma", "-mavx512f", "-mavx512bw", "-mavx512vl"),
+    "avx2": ("-mavx2", "-mfma"),
+    "portable": (),
+}
+"""Compiler flags of a variant: the instruction sets its source uses, nothing implied."""
+
+AMX_NEEDS = ("amx_tile", "amx_int8", "avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512_bf16")
+"""``/proc/cpuinfo`` flags of the AMX GEMM driver (:mod:`dsq.quant.cpu_gemm`): oneDNN's int8
+micro-kernel runs on AMX tiles, dsq's epilogue is AVX-512 code (every AMX CPU has these)."""
+
+AMX_FLAGS = ("-mavx2", "-mfma", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq",
+             "-mavx512bf16")
+"""Compiler flags of the AMX GEMM driver's own code (its AVX-512 epilogue)."""
+
+_X86 = platform.machine().lower() in ("x86_64", "amd64", "i386", "i686")
 
 
 def cache_dir() -> Path:
     return Path(os.environ.get("DSQ_CACHE_DIR", Path.home() / ".cache" / "dsq"))
 
 
-def cpu_id() -> str:
+@functools.lru_cache(maxsize=1)
+def _cpuinfo() -> tuple[str, frozenset[str]]:
+    model, flags = "", frozenset()
     try:
         with open("/proc/cpuinfo") as fh:
-            return "".join(sorted({ln for ln in fh if ln.startswith(("model name", "flags"))}))
+            for ln in fh:
+                key, _, val = ln.partition(":")
+                key = key.strip()
+                if key == "model name" and not model:
+                    model = val.strip()
+                elif key in ("flags", "Features") and not flags:
+                    flags = frozenset(val.split())
+                if model and flags:
+                    break
     except OSError:
-        import platform
+        pass
+    return model or platform.processor() or platform.machine(), flags
 
-        return platform.machine() + platform.processor()
+
+def cpu_model() -> str:
+    """The CPU's model name (``/proc/cpuinfo``), e.g. ``AMD EPYC 9454``."""
+    return _cpuinfo()[0]
 
 
-def _compiler(cxx: bool) -> str:
+def cpu_flags() -> frozenset[str]:
+    """The CPU's instruction-set flags (``/proc/cpuinfo``; empty where it cannot be read)."""
+    return _cpuinfo()[1]
+
+
+def supported_isas(flags: Iterable[str] | None = None) -> list[str]:
+    """The native variants a CPU with ``flags`` (default: this one's) can run, best first."""
+    f = cpu_flags() if flags is None else frozenset(flags)
+    x86 = _X86 if flags is None else True
+    return [i for i in ISAS if (x86 or not ISA_FLAGS[i]) and set(ISA_NEEDS[i]) <= f]
+
+
+def select_isa(flags: Iterable[str] | None = None, request: str | None = None) -> str:
+    """The variant to run on a CPU with ``flags`` (default: this one's): the best it supports,
+    or ``request`` (default ``$DSQ_ISA``) when that is one it supports or ``reference``."""
+    ok = supported_isas(flags)
+    if request is None:
+        request = os.environ.get("DSQ_ISA", "").strip().lower()
+    if request in ("", "auto"):
+        return ok[0] if ok else REFERENCE
+    if request == REFERENCE or request in ok:
+        return request
+    best = ok[0] if ok else REFERENCE
+    why = ("is not one of " + ", ".join((*ISAS, REFERENCE)) if request not in ISAS
+           else f"needs {', '.join(ISA_NEEDS[request])}, which this CPU lacks")
+    warn(f"DSQ_ISA={request} {why}: using {best}")
+    return best
+
+
+def int8_units(flags: Iterable[str] | None = None) -> str | None:
+    """The CPU's int8 dot-product hardware (``amx_int8``, ``avx512_vnni``, ``avx_vnni``), or
+    None where int8 products are widened by plain AVX2/AVX-512 arithmetic."""
+    f = cpu_flags() if flags is None else frozenset(flags)
+    for name in ("amx_int8", "avx512_vnni", "avx_vnni"):
+        if name in f:
+            return name
+    return None
+
+
+def has_native_bf16(flags: Iterable[str] | None = None) -> bool:
+    """Whether bf16 GEMMs run on bf16 hardware (AVX512-BF16 or AMX-BF16); without it PyTorch
+    emulates them through fp32 and fp32 is the faster float baseline."""
+    f = cpu_flags() if flags is None else frozenset(flags)
+    return bool({"avx512_bf16", "amx_bf16"} & f)
+
+
+_WARNED: set[str] = set()
+
+
+def warn(msg: str) -> None:
+    """Print ``dsq: warning: msg`` on stderr, once per process and message (one line)."""
+    if msg not in _WARNED:
+        _WARNED.add(msg)
+        print(f"dsq: warning: {msg}", file=sys.stderr, flush=True)
+
+
+class BuildError(RuntimeError):
+    """A kernel that did not compile; ``log`` holds the compiler's full output (or None when
+    there is no compiler)."""
+
+    def __init__(self, name: str, isa: str, reason: str, log: Path | None):
+        super().__init__(reason)
+        self.name, self.isa, self.reason, self.log = name, isa, reason, log
+
+    def line(self, kernel: str, fallback: str) -> str:
+        """The one line that reports it."""
+        where = f"; compiler output in {self.log}" if self.log else ""
+        return f"{kernel} ({self.isa}) not built ({self.reason}): using {fallback}{where}"
+
+
+def _compiler(cxx: bool) -> str | None:
     if cxx:
-        found = os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++")
-    else:
-        found = os.environ.get("CC") or shutil.which("gcc") or shutil.which("cc")
-    if not found:
-        raise RuntimeError(f"no {'C++ compiler (g++/c++)' if cxx else 'C compiler (gcc/cc)'} "
-                           f"on PATH")
-    return found
+        return os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++")
+    return os.environ.get("CC") or shutil.which("gcc") or shutil.which("cc")
 
 
-def build(name: str, source: str, *, cxx: bool = False, flags: Sequence[str] = C_FLAGS,
-          libs: Sequence[str] = ("-lm",), key: str = "") -> ctypes.CDLL:
-    """Compile ``source`` (C, or C++ with ``cxx``) once and load it; ``key`` adds what else the
-    binary depends on (e.g. the PyTorch version it links against). Raises RuntimeError with the
-    compiler's message when it fails."""
+@functools.lru_cache(maxsize=4)
+def _compiler_version(compiler: str) -> str:
+    try:
+        return subprocess.run([compiler, "--version"], capture_output=True, text=True,
+                              timeout=30).stdout.split("\n", 1)[0]
+    except (OSError, subprocess.SubprocessError):
+        return ""
+
+
+def build(name: str, source: str, *, isa: str, cxx: bool = False,
+          flags: Sequence[str] = C_FLAGS, libs: Sequence[str] = ("-lm",),
+          key: str = "") -> ctypes.CDLL:
+    """Compile ``source`` (C, or C++ with ``cxx``) for variant ``isa`` (``flags`` plus
+    :data:`ISA_FLAGS`, or :data:`AMX_FLAGS` for ``amx``) once and load it; ``key`` adds what
+    else the binary depends on (e.g. the PyTorch version it links against). Raises :class:`BuildError` when it cannot be built."""
     compiler = _compiler(cxx)
-    digest = hashlib.sha256("\0".join([source, *flags, *libs, compiler, cpu_id(), key])
+    if not compiler:
+        what = "C++ compiler (g++/c++)" if cxx else "C compiler (gcc/cc)"
+        raise BuildError(name, isa, f"no {what} on PATH", None)
+    all_flags = [*flags, *(AMX_FLAGS if isa == "amx" else ISA_FLAGS[isa])]
+    digest = hashlib.sha256("\0".join([source, *all_flags, *libs, compiler,
+                                       _compiler_version(compiler), isa, key])
                             .encode()).hexdigest()[:16]
-    out = cache_dir() / f"{name}_{digest}.so"
+    out = cache_dir() / f"{name}-{isa}_{digest}.so"
     if not out.is_file():
         out.parent.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory(dir=out.parent) as tmp:
             src = Path(tmp) / f"{name}.{'cpp' if cxx else 'c'}"
             src.write_text(source)
             so = Path(tmp) / f"{name}.so"
-            res = subprocess.run([compiler, *flags, str(src), "-o", str(so), *libs],
-                                 capture_output=True, text=True, check=False)
-            if res.returncode != 0:
-                raise RuntimeError(f"{compiler} failed: {res.stderr[-2000:]}")
+            cmd = [compiler, *all_flags, str(src), "-o", str(so), *libs]
+            try:
+                res = subprocess.run(cmd, capture_output=True, text=True, check=False)
+                rc, text = res.returncode, res.stdout + res.stderr
+            except OSError as e:
+                rc, text = -1, str(e)
+            if rc != 0:
+                log = cache_dir() / "logs" / f"{name}-{isa}_{digest}.log"
+                log.parent.mkdir(parents=True, exist_ok=True)
+                log.write_text(f"$ {' '.join(cmd)}\nexit status {rc}\n\n{text}")
+                raise BuildError(name, isa, f"{Path(compiler).name} failed", log)
             os.replace(so, out)  # atomic: concurrent ranks may build at the same time
     return ctypes.CDLL(str(out))

@@ -26,6 +26,37 @@ def test_bench_linear_json_rows(tmp_path):
         "saved_MiB"]
     assert by[("bf16 nn.Linear", "32x16->24")]["speedup_vs_bf16"] == 1.0
     assert "| dsq int8 " in res.stdout  # the table
+    # headed by the CPU and the instruction set of each kernel, in the table and the JSON
+    from dsq import native
+    from dsq.quant import cpu_kernels
+
+    cpu = json.loads(out.read_text())["cpu"]
+    assert cpu["model"] == native.cpu_model() and cpu["quant_kernels"] == cpu_kernels.isa()
+    assert res.stdout.startswith(f"CPU: {native.cpu_model()} (")
+    assert f"dsq kernels: quantization and rescale C/{cpu['quant_kernels']}, integer GEMMs " \
+        in res.stdout
+    assert by[("dsq int8", "32x16->24")]["kernels"] == f"C/{cpu['quant_kernels']} + " + (
+        "dsq AMX driver" if "AMX driver" in cpu["int8_gemm"] else "torch._int_mm")
+    for r in rows:  # against the fastest float row of the shape
+        base = by[(r["baseline"], r["shape"])]
+        assert base["ms"] == min(by[(f"{d} nn.Linear", r["shape"])]["ms"] for d in ("fp32", "bf16"))
+        assert r["speedup_vs_baseline"] == pytest.approx(base["ms"] / r["ms"])
+    assert "error" not in res.stderr.lower()  # no compiler output
+
+
+def test_bench_optim_names_cpu_and_kernel(tmp_path):
+    from dsq.optim import kernels as K
+
+    out = tmp_path / "optim.json"
+    res = dsq("bench", "optim", "--params", "1e5", "--repeat", "1", "--warmup", "0", "--only",
+              "torch_adamw_fused", "dsq_8bit", "--json", str(out))
+    rows = {r["name"]: r for r in json.loads(out.read_text())}
+    assert rows["dsq_8bit"]["kernel"] == f"C/{K.isa()}"
+    assert rows["torch_adamw_fused"]["kernel"] == "PyTorch / library"
+    lines = res.stdout.splitlines()
+    assert lines[0].startswith("CPU: ") and lines[1] == f"dsq QAdamW kernel: C/{K.isa()}"
+    assert rows["dsq_8bit"]["state_bytes_per_param"] == pytest.approx(2.0, abs=0.05)
+    assert "error" not in res.stderr.lower()
 
 
 def test_bench_train_recipes_resolve():

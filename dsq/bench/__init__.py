@@ -3,14 +3,45 @@
 from __future__ import annotations
 
 import importlib
+import platform
 import sys
-from typing import List
+from typing import Dict, List
 
 BENCHES = {
     "optim": "dsq.bench.optim",
     "linear": "dsq.bench.linear",
     "train": "dsq.bench.train",
 }
+
+
+VECTOR_FLAGS = ("avx2", "fma", "avx512f", "avx512bw", "avx512vl", "avx_vnni", "avx512_vnni",
+                "avx512_bf16", "amx_tile", "amx_int8", "amx_bf16")
+"""The ``/proc/cpuinfo`` flags that decide which kernels run (named in the benchmarks)."""
+
+
+def cpu_info() -> Dict:
+    """The CPU and the variant each of dsq's CPU kernels runs as on it (for tables and JSON):
+    ``model``, ``arch``, ``flags`` (of :data:`VECTOR_FLAGS`), ``bf16_hardware``,
+    ``int8_units``, ``quant_kernels`` and ``qadamw_kernel`` (avx512 | avx2 | portable |
+    reference), ``int8_gemm`` (which integer GEMM runs, and why), ``int8_pays`` and
+    ``int8_why`` (:func:`dsq.quant.cpu_gemm.int8_outlook`)."""
+    from dsq import native
+    from dsq.optim import kernels as optim_kernels
+    from dsq.quant import cpu_gemm, cpu_kernels
+
+    pays, why = cpu_gemm.int8_outlook()
+    return {"model": native.cpu_model(), "arch": platform.machine(),
+            "flags": [f for f in VECTOR_FLAGS if f in native.cpu_flags()],
+            "bf16_hardware": native.has_native_bf16(), "int8_units": native.int8_units(),
+            "quant_kernels": cpu_kernels.isa(), "qadamw_kernel": optim_kernels.isa(),
+            "int8_gemm": cpu_gemm.status(), "int8_pays": pays, "int8_why": why}
+
+
+def cpu_line(info: Dict) -> str:
+    """``CPU: <model> (<arch>; <flags>); bf16 GEMMs in hardware|emulated; int8 dot products``."""
+    bf16 = "in hardware" if info["bf16_hardware"] else "emulated (no avx512_bf16/amx_bf16)"
+    return (f"CPU: {info['model']} ({info['arch']}; {' '.join(info['flags']) or 'no AVX2'}); "
+            f"bf16 GEMMs {bf16}; int8 dot products: {info['int8_units'] or 'none (no VNNI/AMX)'}")
 
 
 def main(argv: List[str]) -> None:

@@ -18,6 +18,12 @@ each per round, after ``--warmup`` rounds (compilation happens there), and the m
 ``--repeats`` rounds is reported: a machine shared with other work slows all rows alike.
 ``saved_MiB`` is what autograd keeps for backward, parameters excluded (measured with
 ``torch.autograd.graph.saved_tensors_hooks``).
+
+Speed-ups are against the fastest float row of each shape (``baseline``: bf16 on CPUs with bf16
+hardware, fp32 where bf16 is emulated); ``speedup_vs_bf16`` is kept in the JSON. The table is
+headed by the CPU (model, the flags that pick kernels) and the instruction set each dsq kernel
+runs as (:func:`dsq.bench.cpu_info`, also under ``cpu`` in the JSON; ``kernels`` per row); where
+dsq int8 is slower than the baseline, a line after the table says why.
 """
 
 from __future__ import annotations
@@ -205,6 +211,8 @@ def bench_shape(tokens: int, n_in: int, n_out: int, *, repeats: int, warmup: int
                 f"{time.perf_counter() - t0:.1f} s")
     ms = {k: 1e3 * statistics.median(v) for k, v in times.items()}
     bf16 = ms.get("bf16 nn.Linear")
+    floats = {k: v for k, v in ms.items() if k in ("fp32 nn.Linear", "bf16 nn.Linear")}
+    baseline = min(floats, key=floats.get) if floats else None
     flops = 6 * tokens * n_in * n_out
     out = []
     for r in rows:
@@ -212,20 +220,57 @@ def bench_shape(tokens: int, n_in: int, n_out: int, *, repeats: int, warmup: int
             "name": r.name, "shape": f"{tokens}x{n_in}->{n_out}",
             "tokens": tokens, "in": n_in, "out": n_out, "ms": ms[r.name], "device": device,
             "speedup_vs_bf16": bf16 / ms[r.name] if bf16 else None,
+            "baseline": baseline,
+            "speedup_vs_baseline": ms[baseline] / ms[r.name] if baseline else None,
+            "kernels": _row_kernels(r, device),
             "gop_s": flops / ms[r.name] / 1e6,
             "saved_MiB": saved_bytes(r, inputs[r.dtype][0]) / 2**20,
             "min_ms": 1e3 * min(times[r.name]), "repeats": repeats})
     return out
 
 
-def format_table(rows: list[dict]) -> str:
-    head = f"| {'layer':<28} | {'shape':<16} | {'ms':>8} | {'vs bf16':>7} | {'GOP/s':>6} | " \
-           f"{'saved MiB':>9} |"
-    lines = [head, "|" + "|".join("-" * (len(c)) for c in head.split("|")[1:-1]) + "|"]
+def _row_kernels(r: Row, device: str) -> str:
+    """What computes a row: PyTorch's GEMMs, or dsq's quantization kernels and integer GEMM
+    (with the instruction set each runs as)."""
+    if "nn.Linear" in r.name or "torchao" in r.name:
+        return "PyTorch"
+    if device == "cuda" or "simulate" in r.name:
+        return "PyTorch" if "simulate" in r.name else "see the start-up line"
+    from dsq.quant import cpu_gemm, cpu_kernels
+
+    quant = {"eager": "eager PyTorch", "compile": "torch.compile"}.get(r.kernel) or (
+        f"C/{cpu_kernels.isa()}" if cpu_kernels.isa() != "reference" else "eager PyTorch")
+    gemm = "dsq AMX driver" if cpu_gemm.available() else "torch._int_mm"
+    return f"{quant} + {gemm}"
+
+
+def format_table(rows: list[dict], cpu: dict | None = None) -> str:
+    """The rows as a table; with ``cpu`` (:func:`dsq.bench.cpu_info`), headed by the CPU and
+    the kernels' instruction sets, with a line per shape where dsq int8 loses to the fastest
+    float row, saying why."""
+    lines = []
+    if cpu:
+        from dsq.bench import cpu_line
+
+        lines += [cpu_line(cpu),
+                  f"dsq kernels: quantization and rescale C/{cpu['quant_kernels']}, integer "
+                  f"GEMMs {cpu['int8_gemm']}; 'vs float': against the fastest float row of "
+                  f"each shape (fp32 or bf16 nn.Linear, named in the last column)", ""]
+    head = f"| {'layer':<28} | {'shape':<16} | {'ms':>8} | {'vs float':>8} | {'GOP/s':>6} | " \
+           f"{'saved MiB':>9} | {'kernels':<30} | {'float baseline':<14} |"
+    lines += [head, "|" + "|".join("-" * (len(c)) for c in head.split("|")[1:-1]) + "|"]
     for r in rows:
-        sp = f"{r['speedup_vs_bf16']:.2f}x" if r["speedup_vs_bf16"] else "-"
-        lines.append(f"| {r['name']:<28} | {r['shape']:<16} | {r['ms']:>8.1f} | {sp:>7} | "
-                     f"{r['gop_s']:>6.0f} | {r['saved_MiB']:>9.1f} |")
+        sp = f"{r['speedup_vs_baseline']:.2f}x" if r.get("speedup_vs_baseline") else "-"
+        lines.append(f"| {r['name']:<28} | {r['shape']:<16} | {r['ms']:>8.1f} | {sp:>8} | "
+                     f"{r['gop_s']:>6.0f} | {r['saved_MiB']:>9.1f} | {r.get('kernels', ''):<30} | "
+                     f"{r.get('baseline') or '-':<14} |")
+    for r in rows:
+        if cpu and r["name"] == "dsq int8" and (r.get("speedup_vs_baseline") or 1) < 1:
+            why = (cpu["int8_why"] if not cpu["int8_pays"] else
+                   "the quantization passes and the rescale cost more than the integer GEMMs "
+                   f"save at this shape ({cpu['int8_why']})")
+            lines.append(f"dsq int8 at {r['shape']}: {r['speedup_vs_baseline']:.2f}x the fastest "
+                         f"float row ({r['baseline']}): {why}")
     return "\n".join(lines)
 
 
@@ -252,15 +297,18 @@ def main(argv: list[str]) -> None:
              else f"{torch.get_num_threads()} CPU threads")
     log(f"dsq bench linear: torch {torch.__version__}, {where}, "
         f"fwd+bwd, median of {ns.repeats} after {ns.warmup} warm-up rounds")
+    from dsq.bench import cpu_info
+
+    cpu = cpu_info()
     rows = []
     for n_in, n_out in parse_shapes(ns.shapes):
         rows += bench_shape(ns.tokens, n_in, n_out, repeats=ns.repeats, warmup=ns.warmup,
                             compile_=ns.compile, torchao=ns.torchao, log=log, device=device)
-    print(format_table(rows))
+    print(format_table(rows, cpu if device == "cpu" else None))
     if ns.json:
         with open(ns.json, "w") as fh:
             json.dump({"rows": rows, "torch": torch.__version__, "device": where,
-                       "threads": torch.get_num_threads()}, fh, indent=2)
+                       "threads": torch.get_num_threads(), "cpu": cpu}, fh, indent=2)
 
 
 def resolve_device(name: str) -> str:

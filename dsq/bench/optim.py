@@ -155,14 +155,26 @@ def run(n_params: int, warmup: int, repeat: int, only: Optional[List[str]], kern
     return rows
 
 
-def table(rows: List[Dict]) -> str:
-    lines = ["| optimizer | ms/step | Mparam/s | state B/param | speed vs fused |",
-             "| --- | ---: | ---: | ---: | ---: |"]
+def table(rows: List[Dict], cpu: Optional[Dict] = None) -> str:
+    """The rows as a table; with ``cpu`` (:func:`dsq.bench.cpu_info`) headed by the CPU and the
+    instruction set of dsq's QAdamW kernel (also in each row's ``kernel``)."""
+    lines = []
+    if cpu:
+        from dsq.bench import cpu_line
+
+        lines += [cpu_line(cpu), f"dsq QAdamW kernel: {_kernel_label(cpu)}", ""]
+    lines += ["| optimizer | ms/step | Mparam/s | state B/param | speed vs fused | kernel |",
+              "| --- | ---: | ---: | ---: | ---: | --- |"]
     for r in rows:
         rel = f"{r['relative_to_fused']:.2f}x" if "relative_to_fused" in r else "-"
         lines.append(f"| {r['name']} | {r['ms_per_step']:.1f} | {r['params_per_s'] / 1e6:.0f} | "
-                     f"{r['state_bytes_per_param']:.3f} | {rel} |")
+                     f"{r['state_bytes_per_param']:.3f} | {rel} | {r.get('kernel', '')} |")
     return "\n".join(lines)
+
+
+def _kernel_label(cpu: Dict) -> str:
+    isa = cpu["qadamw_kernel"]
+    return f"C/{isa}" if isa != "reference" else "eager PyTorch (no native build)"
 
 
 def main(argv: Optional[List[str]] = None) -> None:
@@ -189,7 +201,17 @@ def main(argv: Optional[List[str]] = None) -> None:
           f"warm-up steps", file=sys.stderr)
     rows = run(int(args.params), args.warmup, args.repeat, args.only, args.kernel,
                log=lambda s: print(s, file=sys.stderr), device=device)
-    print(table(rows))
+    cpu = None
+    if device == "cpu":
+        from dsq.bench import cpu_info
+
+        cpu = cpu_info()
+        for r in rows:
+            r["cpu"] = cpu["model"]
+            own = ({"eager": "eager PyTorch", "compile": "torch.compile"}.get(args.kernel)
+                   or _kernel_label(cpu))
+            r["kernel"] = own if r["name"].startswith("dsq") else "PyTorch / library"
+    print(table(rows, cpu))
     if args.json:
         with open(args.json, "w") as fh:
             json.dump(rows, fh, indent=2)

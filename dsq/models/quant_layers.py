@@ -224,9 +224,17 @@ def _report_int8(qc: LinearQuant, names: list[str]) -> None:
     msg, fallback = describe_plan(qc, sorted({_kind(n) for n in names}))
     from dsq.quant.fused import engine
 
-    where = engine("cuda" if torch.cuda.is_available() else "cpu")
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    where = engine(device)
     if where:
         msg += f"; {where}"
+    if device == "cpu":
+        from dsq.quant.cpu_gemm import int8_outlook
+
+        pays, why = int8_outlook()
+        if not pays:  # the recipe trains the same, only slower than a float GEMM
+            fallback = True
+            msg += f"; int8 does not pay on this CPU: {why}"
     print(f"dsq: {'warning: ' if fallback else ''}{msg}", file=sys.stderr, flush=True)
 
 

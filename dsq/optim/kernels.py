@@ -22,8 +22,10 @@ whether it is processed whole by ``rows`` on one rank or split over two ranks th
 
 * ``eager``: PyTorch tensor ops, chunked to keep temporaries in cache. Runs on any device.
 * ``cpp``: a small C/OpenMP kernel (source below) compiled once with the system C compiler
-  (about 2 s, ``-O3 -march=native -ffp-contract=off``), cached under
-  ``$DSQ_CACHE_DIR`` (default ``~/.cache/dsq``) and called through ``ctypes``. CPU only.
+  (about 2 s, ``-O3 -ffp-contract=off`` and the flags of the CPU's variant: ``avx512``,
+  ``avx2`` or ``portable``, see :mod:`dsq.native`; :func:`isa` names it), cached under
+  ``$DSQ_CACHE_DIR`` (default ``~/.cache/dsq``) and called through ``ctypes``. CPU only. Every
+  variant is the same C, vectorized by the compiler, so all give the same bits (tested).
   Each block is read and written once: about 16 bytes moved per parameter at 8/8 bits
   against 28 for fp32 AdamW.
 * ``compile``: the eager ``rows`` under ``torch.compile`` (opt-in, for GPUs; on CPU it costs
@@ -49,7 +51,6 @@ import ctypes
 import os
 import struct
 import threading
-import warnings
 from typing import Optional, Tuple
 
 import torch
@@ -382,6 +383,16 @@ C_SOURCE = r"""
 enum { B1, OMB1, B2, OMB2, DECAY, STEP, INVBC2, EPS };
 typedef int64_t i64;
 
+/* the variant this library was compiled as; the code is plain C, vectorized by the compiler
+   for the instruction sets of the variant's flags */
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__)
+const char *dsq_isa(void) { return "avx512"; }
+#elif defined(__AVX2__) && defined(__FMA__)
+const char *dsq_isa(void) { return "avx2"; }
+#else
+const char *dsq_isa(void) { return "portable"; }
+#endif
+
 static inline uint32_t fbits(float x) { uint32_t u; memcpy(&u, &x, 4); return u; }
 static inline float bitsf(uint32_t u) { float x; memcpy(&x, &u, 4); return x; }
 
@@ -663,35 +674,57 @@ void dsq_pass2(const float *g, void *mc, float *ms, void *vc, float *vs, i64 n, 
 """
 
 _LIB = None
-_LIB_ERR: Optional[str] = None
+_ISA: Optional[str] = None
 _LOCK = threading.Lock()
+_VARIANTS: dict = {}
 
 
-def _build() -> ctypes.CDLL:
+def build_variant(isa: str) -> ctypes.CDLL:
+    """The kernel compiled as variant ``isa`` (see :mod:`dsq.native`), cached; raises
+    :class:`dsq.native.BuildError`. Only call on a CPU that supports ``isa``."""
     from dsq.native import build
 
-    lib = build("qadamw", C_SOURCE)
+    if isa in _VARIANTS:
+        return _VARIANTS[isa]
+    lib = build("qadamw", C_SOURCE, isa=isa)
+    lib.dsq_isa.restype = ctypes.c_char_p
+    if lib.dsq_isa().decode() != isa:
+        raise RuntimeError(f"the {isa} build of the QAdamW kernel compiled the "
+                           f"{lib.dsq_isa().decode()} code")
     P, L, N, F = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_float
     lib.dsq_rows.argtypes = [P, P, P, P, P, P, L, L, N, N, N, P, N]
     lib.dsq_pass1.argtypes = [P, P, P, P, P, P, L, N, N, N, P, N, P]
     lib.dsq_pass2.argtypes = [P, P, P, P, P, L, N, N, N, P, F, F, N]
     for f in (lib.dsq_rows, lib.dsq_pass1, lib.dsq_pass2):
         f.restype = None
+    _VARIANTS[isa] = lib
     return lib
 
 
 def cpp_library() -> Optional[ctypes.CDLL]:
-    """The compiled kernel, building it on first use; None (with a warning) if that fails."""
-    global _LIB, _LIB_ERR
+    """The kernel of this CPU's variant (:func:`dsq.native.select_isa`), built on first use;
+    None where that is ``reference`` or the build fails (then one line says so, with the path
+    of the compiler's output, and the eager kernel runs)."""
+    global _LIB, _ISA
     with _LOCK:
-        if _LIB is None and _LIB_ERR is None:
-            try:
-                _LIB = _build()
-            except Exception as e:  # no compiler, no OpenMP, read-only cache ...
-                _LIB_ERR = str(e)
-                warnings.warn(f"dsq.optim: C kernel unavailable, using the eager kernel ({e})",
-                              stacklevel=3)
+        if _ISA is None:
+            from dsq.native import REFERENCE, BuildError, select_isa, warn
+
+            isa = select_isa()
+            if isa != REFERENCE:
+                try:
+                    _LIB = build_variant(isa)
+                except BuildError as e:
+                    warn(e.line("dsq QAdamW kernel", "the eager PyTorch kernel"))
+                    isa = REFERENCE
+            _ISA = isa
         return _LIB
+
+
+def isa() -> str:
+    """The variant the ``cpp`` kernel runs as here (``reference``: the eager kernel runs)."""
+    cpp_library()
+    return _ISA
 
 
 class CppKernel(Kernel):

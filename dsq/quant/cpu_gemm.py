@@ -13,12 +13,15 @@ Measured on the 2-core development CPU (Sapphire Rapids class, AMX), 4096 x 768 
 2.9 int8 TOP/s against 2.2 TFLOP/s for a bf16 ``torch.mm`` and 0.8 TOP/s for ``torch._int_mm``
 plus its rescale.
 
-Built once with the system C++ compiler against the installed PyTorch headers (about 2 s),
-cached under ``$DSQ_CACHE_DIR`` (default ``~/.cache/dsq``) keyed by source, compiler flags,
-PyTorch version and CPU. Unavailable (and :func:`scaled_mm` returns None, so callers use
-``torch._int_mm``) when there is no compiler, the headers are missing, or PyTorch's oneDNN cannot
-pack int8 operands on this CPU: its int8 micro-kernel packs only for AMX, so on CPUs without
-AMX-INT8 (AMD, Intel before Sapphire Rapids, AVX-512 VNNI included) the driver is not even built.
+Built once with the system C++ compiler against the installed PyTorch headers (about 2 s) with
+explicit flags for its AVX-512 epilogue (:data:`dsq.native.AMX_FLAGS`), cached under
+``$DSQ_CACHE_DIR`` (default ``~/.cache/dsq``) keyed by source, compiler flags and PyTorch
+version. Only built where the CPU has :data:`dsq.native.AMX_NEEDS` (AMX-INT8: PyTorch's oneDNN
+packs int8 operands for its micro-kernel only on AMX, so AMD CPUs and Intel ones before Sapphire
+Rapids, AVX-512 VNNI included, use ``torch._int_mm``; :func:`status` says which and why, quietly:
+that is no fault). Where it should build but does not (no compiler, no headers), one line says
+so with the path of the compiler's output, and :func:`scaled_mm` returns None (callers use
+``torch._int_mm``).
 """
 
 from __future__ import annotations
@@ -26,7 +29,6 @@ from __future__ import annotations
 import ctypes
 import os
 import threading
-import warnings
 from pathlib import Path
 
 import torch
@@ -52,10 +54,10 @@ def _build() -> ctypes.CDLL:
     if not (inc / "ATen" / "native" / "CPUBlas.h").is_file():
         raise RuntimeError(f"PyTorch headers not found under {inc}")
     abi = int(getattr(torch._C, "_GLIBCXX_USE_CXX11_ABI", 1))
-    flags = ["-O3", "-march=native", "-ffp-contract=off", "-fopenmp", "-std=c++17", "-shared",
+    flags = ["-O3", "-ffp-contract=off", "-fopenmp", "-std=c++17", "-shared",
              "-fPIC", f"-D_GLIBCXX_USE_CXX11_ABI={abi}", f"-I{inc}"]
     libs = [f"-L{lib}", "-ltorch_cpu", "-lc10", f"-Wl,-rpath,{lib}"]
-    so = build("amx_gemm", SOURCE.read_text(), cxx=True, flags=flags, libs=libs,
+    so = build("amx_gemm", SOURCE.read_text(), isa="amx", cxx=True, flags=flags, libs=libs,
                key=torch.__version__)
     L, P, I = ctypes.c_int64, ctypes.c_void_p, ctypes.c_int
     so.dsq_amx_ready.restype = I
@@ -73,36 +75,62 @@ def _build() -> ctypes.CDLL:
 
 
 def library() -> ctypes.CDLL | None:
-    """The compiled driver, built on first use; None (with one warning) where it cannot be."""
+    """The compiled driver, built on first use on CPUs with AMX-INT8; None elsewhere (see
+    :func:`status`), or with one line naming the fallback where the build fails."""
     global _LIB, _ERR
     with _LOCK:
         if _LIB is None and _ERR is None:
+            from dsq.native import AMX_NEEDS, BuildError, cpu_flags, warn
+
+            missing = [f for f in AMX_NEEDS if f not in cpu_flags()]
             if os.environ.get("DSQ_AMX_GEMM", "1").strip() in ("0", "false", "no", "off"):
                 _ERR = "disabled by DSQ_AMX_GEMM=0"
-            elif not has_amx_int8():
-                _ERR = "this CPU has no AMX-INT8"
-                warnings.warn(f"dsq.quant: integer GEMMs use torch._int_mm ({_ERR}, which "
-                              f"oneDNN's int8 micro-kernel needs)", stacklevel=3)
+            elif missing:
+                _ERR = f"this CPU has no {', '.join(missing)}"
             else:
                 try:
                     _LIB = _build()
-                except Exception as e:  # noqa: BLE001  (no compiler, no headers)
-                    _ERR = str(e)
-                    warnings.warn(f"dsq.quant: integer GEMMs use torch._int_mm (the AMX GEMM "
-                                  f"driver is unavailable: {e})", stacklevel=3)
+                except BuildError as e:
+                    _ERR = e.reason
+                    warn(e.line("dsq AMX GEMM driver", "torch._int_mm"))
+                except Exception as e:  # noqa: BLE001  (no headers, oneDNN cannot pack)
+                    _ERR = str(e).splitlines()[0] if str(e) else type(e).__name__
+                    warn(f"dsq AMX GEMM driver (amx) unavailable ({_ERR}): using torch._int_mm")
         return _LIB
+
+
+def status() -> str:
+    """Which integer GEMM runs here and why, e.g. ``torch._int_mm (this CPU has no amx_int8)``."""
+    return "dsq AMX driver (oneDNN brgemm)" if available() else f"torch._int_mm ({_ERR})"
+
+
+def int8_outlook(flags=None) -> tuple[bool, str]:
+    """Whether integer GEMMs are expected to beat the fastest float GEMM on a CPU with
+    ``flags`` (default: this one's), and the hardware that decides it, as one clause. From the
+    measurements in the README's Performance section (``torch._int_mm`` against fp32 and bf16
+    GEMMs at ``dsq bench linear``'s shapes)."""
+    from dsq.native import cpu_flags, has_native_bf16, int8_units
+
+    f = cpu_flags() if flags is None else frozenset(flags)
+    unit = int8_units(f)
+    if unit == "amx_int8":
+        return True, "AMX-INT8 tiles (dsq's GEMM driver)"
+    if unit:
+        return True, (f"{unit} int8 dot products in torch._int_mm (oneDNN; no AMX for dsq's "
+                      f"driver)")
+    if "avx2" in f:
+        base = "bf16" if has_native_bf16(f) else "fp32 (bf16 is emulated here)"
+        return True, (f"no int8 dot-product unit (VNNI/AMX): torch._int_mm widens int8 products "
+                      f"with AVX2, still ahead of {base} GEMMs")
+    return False, ("no AVX2: torch._int_mm has no vector int8 kernel on this CPU and runs "
+                   "slower than fp32 GEMMs")
 
 
 def has_amx_int8() -> bool:
     """Whether the CPU (``/proc/cpuinfo`` flags) has AMX-INT8 tiles."""
-    try:
-        with open("/proc/cpuinfo") as fh:
-            for line in fh:
-                if line.startswith("flags"):
-                    return "amx_int8" in line.split(":", 1)[1].split()
-    except OSError:
-        pass
-    return False
+    from dsq.native import cpu_flags
+
+    return "amx_int8" in cpu_flags()
 
 
 def available() -> bool:

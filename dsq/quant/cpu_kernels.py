@@ -1,8 +1,13 @@
 """C/OpenMP kernels of the integer-GEMM path on CPU (the ``cpp`` kernels of dsq.quant.fused).
 
-Compiled once with the system C compiler (``-O3 -march=native -ffp-contract=off``, about 2 s),
-cached under ``$DSQ_CACHE_DIR`` (default ``~/.cache/dsq``), called through ``ctypes`` (which
-releases the GIL). fp32 and bf16 tensors, 2-D and contiguous.
+Compiled once with the system C compiler (``-O3 -ffp-contract=off`` and the flags of the CPU's
+variant, about 2 s), cached under ``$DSQ_CACHE_DIR`` (default ``~/.cache/dsq``), called through
+``ctypes`` (which releases the GIL). fp32 and bf16 tensors, 2-D and contiguous.
+
+Variants (:mod:`dsq.native`): ``avx512`` (16 lanes in one AVX-512 register), ``avx2`` (the
+same 16 lanes as two AVX2 registers, FMA for the division), ``portable`` (scalar C, SSE2 byte
+shuffles on x86); :func:`isa` names the one in use, :func:`build_variant` builds any of them.
+All three give the same bits (tested variant by variant against the eager kernels).
 
 ``stats``
     One read of ``x[R, C]``: per-row absmax, per-column absmax and column sums (thread-local
@@ -25,7 +30,6 @@ from __future__ import annotations
 
 import ctypes
 import threading
-import warnings
 
 import torch
 from torch import Tensor
@@ -139,38 +143,149 @@ void dsq_scale(float *v, int64_t n, float qmax) {
     }
 }
 
+/* 16 lanes of fp32 as one AVX-512 register or two AVX2 ones: the same IEEE operations lane by
+   lane in both (and in the scalar code below), so every variant gives the same bits */
 #if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__)
 #include <immintrin.h>
-#define DSQ_AVX512 1
-static inline __m512 v16_f32(const void *p, int64_t i) { return _mm512_loadu_ps((const float *)p + i); }
-static inline __m512 v16_bf16(const void *p, int64_t i) {
+#define DSQ_VEC 1
+#define DSQ_ISA "avx512"
+typedef __m512 v16;
+typedef __m512i v16i;
+static inline v16 v16_f32(const void *p, int64_t i) { return _mm512_loadu_ps((const float *)p + i); }
+static inline v16 v16_bf16(const void *p, int64_t i) {
     __m256i h = _mm256_loadu_si256((const __m256i *)((const uint16_t *)p + i));
     return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
 }
+static inline v16 v16_set1(float f) { return _mm512_set1_ps(f); }
+static inline v16 v16_load(const float *p) { return _mm512_loadu_ps(p); }
+static inline void v16_store(float *p, v16 v) { _mm512_storeu_ps(p, v); }
+static inline v16 v16_add(v16 a, v16 b) { return _mm512_add_ps(a, b); }
+static inline v16 v16_divide(v16 a, v16 b) { return _mm512_div_ps(a, b); }
 /* a / b correctly rounded from y = RN(1 / b): two Newton corrections with exact fma residuals
    (Markstein), so the codes equal those of a true division bit for bit at a fraction of its
-   cost (a division is ~16 cycles per 16 lanes, this five fused operations) */
-static inline __m512 vdiv(__m512 a, __m512 b, __m512 y) {
-    __m512 q = _mm512_mul_ps(a, y);
-    __m512 r = _mm512_fnmadd_ps(q, b, a);
+   cost (a division is ~16 cycles per 16 lanes, this five fused operations). Where a step
+   overflows or meets an infinity (a / b beyond FLT_MAX, a = inf, b = inf) the sequence gives
+   NaN where the division does not: such vectors (never with a scale from the data's own
+   absmax) are divided outright. */
+static inline v16 vdiv(v16 a, v16 b, v16 y) {
+    v16 q = _mm512_mul_ps(a, y);
+    v16 r = _mm512_fnmadd_ps(q, b, a);
     q = _mm512_fmadd_ps(r, y, q);
     r = _mm512_fnmadd_ps(q, b, a);
-    return _mm512_fmadd_ps(r, y, q);
+    q = _mm512_fmadd_ps(r, y, q);
+    if (__builtin_expect(_mm512_cmp_ps_mask(q, q, _CMP_UNORD_Q) != 0, 0)) q = _mm512_div_ps(a, b);
+    return q;
 }
 /* qcode on 16 lanes: rint (half to even), clamp, NaN -> 0, to int8 */
-static inline __m128i vcode(__m512 v, __m512 qmin, __m512 qmax) {
-    __m512 r = _mm512_roundscale_ps(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+static inline __m128i vcode(v16 v, v16 qmin, v16 qmax) {
+    v16 r = _mm512_roundscale_ps(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
     __mmask16 ok = _mm512_cmp_ps_mask(r, r, _CMP_ORD_Q);
     r = _mm512_min_ps(_mm512_max_ps(r, qmin), qmax);
     return _mm512_cvtsepi32_epi8(_mm512_maskz_cvtps_epi32(ok, r));
 }
+static inline v16i v16i_zero(void) { return _mm512_setzero_si512(); }
+static inline v16i v16i_load(const uint32_t *p) { return _mm512_loadu_si512(p); }
+static inline void v16i_store(uint32_t *p, v16i v) { _mm512_storeu_si512(p, v); }
+static inline v16i v16i_max(v16i a, v16i b) { return _mm512_max_epu32(a, b); }
+static inline v16i v16_absbits(v16 v) {
+    return _mm512_and_si512(_mm512_castps_si512(v), _mm512_set1_epi32(0x7FFFFFFF));
+}
+static inline uint32_t v16i_hmax(v16i m) { return _mm512_reduce_max_epu32(m); }
+#elif defined(__AVX2__) && defined(__FMA__)
+#include <immintrin.h>
+#define DSQ_VEC 1
+#define DSQ_ISA "avx2"
+typedef struct { __m256 lo, hi; } v16;
+typedef struct { __m256i lo, hi; } v16i;
+static inline v16 v16_f32(const void *p, int64_t i) {
+    const float *f = (const float *)p + i;
+    v16 v = {_mm256_loadu_ps(f), _mm256_loadu_ps(f + 8)}; return v;
+}
+static inline __m256 v8_bf16(const uint16_t *h) {
+    __m256i w = _mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)h));
+    return _mm256_castsi256_ps(_mm256_slli_epi32(w, 16));
+}
+static inline v16 v16_bf16(const void *p, int64_t i) {
+    const uint16_t *h = (const uint16_t *)p + i;
+    v16 v = {v8_bf16(h), v8_bf16(h + 8)}; return v;
+}
+static inline v16 v16_set1(float f) { v16 v = {_mm256_set1_ps(f), _mm256_set1_ps(f)}; return v; }
+static inline v16 v16_load(const float *p) { return v16_f32(p, 0); }
+static inline void v16_store(float *p, v16 v) { _mm256_storeu_ps(p, v.lo); _mm256_storeu_ps(p + 8, v.hi); }
+static inline v16 v16_add(v16 a, v16 b) {
+    v16 v = {_mm256_add_ps(a.lo, b.lo), _mm256_add_ps(a.hi, b.hi)}; return v;
+}
+static inline v16 v16_divide(v16 a, v16 b) {
+    v16 v = {_mm256_div_ps(a.lo, b.lo), _mm256_div_ps(a.hi, b.hi)}; return v;
+}
+/* the AVX-512 variant's correctly rounded division (see there, NaN fallback included),
+   8 lanes at a time */
+static inline __m256 vdiv8(__m256 a, __m256 b, __m256 y) {
+    __m256 q = _mm256_mul_ps(a, y);
+    __m256 r = _mm256_fnmadd_ps(q, b, a);
+    q = _mm256_fmadd_ps(r, y, q);
+    r = _mm256_fnmadd_ps(q, b, a);
+    q = _mm256_fmadd_ps(r, y, q);
+    if (__builtin_expect(_mm256_movemask_ps(_mm256_cmp_ps(q, q, _CMP_UNORD_Q)) != 0, 0))
+        q = _mm256_div_ps(a, b);
+    return q;
+}
+static inline v16 vdiv(v16 a, v16 b, v16 y) {
+    v16 v = {vdiv8(a.lo, b.lo, y.lo), vdiv8(a.hi, b.hi, y.hi)}; return v;
+}
+/* rint (half to even), clamp, NaN -> 0, as int32 */
+static inline __m256i vcode8(__m256 v, __m256 qmin, __m256 qmax) {
+    __m256 r = _mm256_round_ps(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m256 ok = _mm256_cmp_ps(r, r, _CMP_ORD_Q);
+    r = _mm256_min_ps(_mm256_max_ps(r, qmin), qmax);
+    return _mm256_and_si256(_mm256_cvtps_epi32(r), _mm256_castps_si256(ok));
+}
+static inline __m128i vcode(v16 v, v16 qmin, v16 qmax) {
+    __m256i a = vcode8(v.lo, qmin.lo, qmax.lo), b = vcode8(v.hi, qmin.hi, qmax.hi);
+    __m256i p = _mm256_packs_epi32(a, b);               /* a0-3 b0-3 | a4-7 b4-7 */
+    p = _mm256_permute4x64_epi64(p, _MM_SHUFFLE(3, 1, 2, 0));  /* a0-7 | b0-7 */
+    return _mm_packs_epi16(_mm256_castsi256_si128(p), _mm256_extracti128_si256(p, 1));
+}
+static inline v16i v16i_zero(void) { v16i v = {_mm256_setzero_si256(), _mm256_setzero_si256()}; return v; }
+static inline v16i v16i_load(const uint32_t *p) {
+    v16i v = {_mm256_loadu_si256((const __m256i *)p), _mm256_loadu_si256((const __m256i *)(p + 8))};
+    return v;
+}
+static inline void v16i_store(uint32_t *p, v16i v) {
+    _mm256_storeu_si256((__m256i *)p, v.lo); _mm256_storeu_si256((__m256i *)(p + 8), v.hi);
+}
+static inline v16i v16i_max(v16i a, v16i b) {
+    v16i v = {_mm256_max_epu32(a.lo, b.lo), _mm256_max_epu32(a.hi, b.hi)}; return v;
+}
+static inline v16i v16_absbits(v16 v) {
+    const __m256i m = _mm256_set1_epi32(0x7FFFFFFF);
+    v16i r = {_mm256_and_si256(_mm256_castps_si256(v.lo), m),
+              _mm256_and_si256(_mm256_castps_si256(v.hi), m)};
+    return r;
+}
+static inline uint32_t v16i_hmax(v16i v) {
+    __m256i m = _mm256_max_epu32(v.lo, v.hi);
+    __m128i x = _mm_max_epu32(_mm256_castsi256_si128(m), _mm256_extracti128_si256(m, 1));
+    x = _mm_max_epu32(x, _mm_shuffle_epi32(x, _MM_SHUFFLE(1, 0, 3, 2)));
+    x = _mm_max_epu32(x, _mm_shuffle_epi32(x, _MM_SHUFFLE(2, 3, 0, 1)));
+    return (uint32_t)_mm_cvtsi128_si32(x);
+}
+#else
+#define DSQ_VEC 0
+#define DSQ_ISA "portable"
+#endif
+
+/* the variant this library was compiled as (checked against the one asked for) */
+const char *dsq_isa(void) { return DSQ_ISA; }
+
+#if DSQ_VEC
 /* codes of 16 rows x 16 columns per step, each element read once for its row and column codes;
    column codes written transposed through transpose16 when tc. C % 16 == 0. */
 #define DEFINE_TILES(SUF, V)                                                                 \
 static void codes_tiles_##SUF(const void *x, int64_t R, int64_t C, const float *rs,          \
                               int64_t rstr, int8_t *qr, const float *cs, int64_t cstr,       \
                               int8_t *qc, int tc, float qmin, float qmax, int nt) {          \
-    const __m512 vmin = _mm512_set1_ps(qmin), vmax = _mm512_set1_ps(qmax);                   \
+    const v16 vmin = v16_set1(qmin), vmax = v16_set1(qmax);                                  \
     /* bands of 64 rows when transposing (a band writes whole 64-byte lines of qc's rows),  \
        else of 4 (few concurrent read streams for the prefetchers; one VNNI group) */        \
     const int64_t bh = tc == 1 ? 64 : 4, nb = (R + bh - 1) / bh;                             \
@@ -181,18 +296,17 @@ static void codes_tiles_##SUF(const void *x, int64_t R, int64_t C, const float *
         const int64_t b0 = bi * bh, b1 = b0 + bh < R ? b0 + bh : R;                          \
         int8_t tile[256] __attribute__((aligned(64)));                                       \
         for (int64_t c0 = 0; c0 < C; c0 += 16) {                                             \
-            const __m512 sc = !qc ? vmax : cstr ? _mm512_loadu_ps(cs + c0)                   \
-                                                : _mm512_set1_ps(cs[0]);                     \
-            const __m512 ic = _mm512_div_ps(_mm512_set1_ps(1.0f), sc);                       \
+            const v16 sc = !qc ? vmax : cstr ? v16_load(cs + c0) : v16_set1(cs[0]);          \
+            const v16 ic = v16_divide(v16_set1(1.0f), sc);                                   \
             for (int64_t r0 = b0; r0 < b1; r0 += 16) {                                       \
                 const int64_t nr = b1 - r0 < 16 ? b1 - r0 : 16;                              \
                 for (int64_t i = 0; i < nr; i++) {                                           \
                     const int64_t o = (r0 + i) * C + c0;                                     \
-                    const __m512 v = V(x, o);                                                \
+                    const v16 v = V(x, o);                                                   \
                     if (qr) {                                                                \
                         const float s = rs[(r0 + i) * rstr];                                 \
                         _mm_storeu_si128((__m128i *)(qr + o), vcode(vdiv(v,                  \
-                            _mm512_set1_ps(s), _mm512_set1_ps(1.0f / s)), vmin, vmax));      \
+                            v16_set1(s), v16_set1(1.0f / s)), vmin, vmax));                  \
                     }                                                                        \
                     if (qc) {                                                                \
                         const __m128i q = vcode(vdiv(v, sc, ic), vmin, vmax);                \
@@ -223,22 +337,20 @@ DEFINE_TILES(bf16, v16_bf16)
 #define DEFINE_STATS_ROW(SUF, V)                                                             \
 static inline uint32_t stats_row_##SUF(const void *x, int64_t o, int64_t C, uint32_t *lm,    \
                                        float *ls) {                                          \
-    const __m512i absm = _mm512_set1_epi32(0x7FFFFFFF);                                      \
-    __m512i m = _mm512_setzero_si512();                                                      \
+    v16i m = v16i_zero();                                                                    \
     for (int64_t c = 0; c < C; c += 16) {                                                    \
-        const __m512 v = V(x, o + c);                                                        \
-        const __m512i a = _mm512_and_si512(_mm512_castps_si512(v), absm);                    \
-        m = _mm512_max_epu32(m, a);                                                          \
-        if (lm) _mm512_storeu_si512(lm + c, _mm512_max_epu32(_mm512_loadu_si512(lm + c), a)); \
-        if (ls) _mm512_storeu_ps(ls + c, _mm512_add_ps(_mm512_loadu_ps(ls + c), v));         \
+        const v16 v = V(x, o + c);                                                           \
+        const v16i a = v16_absbits(v);                                                       \
+        m = v16i_max(m, a);                                                                  \
+        if (lm) v16i_store(lm + c, v16i_max(v16i_load(lm + c), a));                          \
+        if (ls) v16_store(ls + c, v16_add(v16_load(ls + c), v));                             \
     }                                                                                        \
-    return _mm512_reduce_max_epu32(m);                                                       \
+    return v16i_hmax(m);                                                                     \
 }
 DEFINE_STATS_ROW(f32, v16_f32)
 DEFINE_STATS_ROW(bf16, v16_bf16)
 #define STATS_ROW(SUF) stats_row_##SUF
 #else
-#define DSQ_AVX512 0
 #define STATS_ROW(SUF) ((uint32_t (*)(const void *, int64_t, int64_t, uint32_t *, float *))0)
 #define TILES(SUF) ((void (*)(const void *, int64_t, int64_t, const float *, int64_t, int8_t *, \
                               const float *, int64_t, int8_t *, int, float, float, int))0)
@@ -266,7 +378,7 @@ void dsq_stats_##SUF(const void *x, int64_t R, int64_t C, float *ramax, float *c
         for (int64_t r = r0; r < r1; r++) {                                                  \
             const int64_t o = r * C;                                                         \
             uint32_t m = 0;                                                                  \
-            if (DSQ_AVX512 && C % 16 == 0) {                                                 \
+            if (DSQ_VEC && C % 16 == 0) {                                                 \
                 m = STATS_ROW(SUF)(x, o, C, camax ? lm : NULL, csum ? ls : NULL);            \
             } else if (want_cols) {                                                          \
                 for (int64_t c = 0; c < C; c++) {                                            \
@@ -305,7 +417,7 @@ void dsq_stats_##SUF(const void *x, int64_t R, int64_t C, float *ramax, float *c
 void dsq_codes_##SUF(const void *x, int64_t R, int64_t C, const float *rs, int64_t rstr,     \
                      int8_t *qr, const float *cs, int64_t cstr, int8_t *qc, int tc,          \
                      float qmin, float qmax, int nt) {                                       \
-    if (DSQ_AVX512 && C % 16 == 0) {                                                         \
+    if (DSQ_VEC && C % 16 == 0) {                                                         \
         TILES(SUF)(x, R, C, rs, rstr, qr, cs, cstr, qc, tc, qmin, qmax, nt);                 \
         return;                                                                              \
     }                                                                                        \
@@ -411,38 +523,60 @@ DEFINE(bf16, ld_bf16, abs_bf16, st_bf16)
 DTYPES = {torch.float32: "f32", torch.bfloat16: "bf16"}
 
 _LIB = None
-_LIB_ERR: str | None = None
+_ISA: str | None = None
 _LOCK = threading.Lock()
+_VARIANTS: dict[str, ctypes.CDLL] = {}
 
 
-def _build() -> ctypes.CDLL:
+def build_variant(isa: str) -> ctypes.CDLL:
+    """The kernels compiled as variant ``isa`` (see :mod:`dsq.native`), cached; raises
+    :class:`dsq.native.BuildError`. Only call on a CPU that supports ``isa``."""
     from dsq.native import build
 
-    lib = build("quant", C_SOURCE)
+    if isa in _VARIANTS:
+        return _VARIANTS[isa]
+    lib = build("quant", C_SOURCE, isa=isa)
+    lib.dsq_isa.restype = ctypes.c_char_p
+    if lib.dsq_isa().decode() != isa:
+        raise RuntimeError(f"the {isa} build of the quantization kernels compiled the "
+                           f"{lib.dsq_isa().decode()} code")
     P, L, N, F = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_float
     lib.dsq_scale.argtypes = [P, L, F]
     for s in DTYPES.values():
         getattr(lib, f"dsq_stats_{s}").argtypes = [P, L, L, P, P, P, P, N]
         getattr(lib, f"dsq_codes_{s}").argtypes = [P, L, L, P, L, P, P, L, P, N, F, F, N]
         getattr(lib, f"dsq_rescale_{s}").argtypes = [P, L, L, P, L, P, L, P, P, L, N, N]
-    for name in dir(lib):
-        if name.startswith("dsq_"):
-            getattr(lib, name).restype = None
+    for name in ("dsq_scale", *(f"dsq_{k}_{s}" for k in ("stats", "codes", "rescale")
+                                for s in DTYPES.values())):
+        getattr(lib, name).restype = None
+    _VARIANTS[isa] = lib
     return lib
 
 
 def library() -> ctypes.CDLL | None:
-    """The compiled kernels, built on first use; None (with a warning) if that fails."""
-    global _LIB, _LIB_ERR
+    """The kernels of this CPU's variant (:func:`dsq.native.select_isa`), built on first use;
+    None where that is ``reference`` or the build fails (then one line says so, with the path
+    of the compiler's output, and the eager kernels run)."""
+    global _LIB, _ISA
     with _LOCK:
-        if _LIB is None and _LIB_ERR is None:
-            try:
-                _LIB = _build()
-            except Exception as e:  # noqa: BLE001  (no compiler, no OpenMP, read-only cache)
-                _LIB_ERR = str(e)
-                warnings.warn(f"dsq.quant: C kernels unavailable, using the eager ones ({e})",
-                              stacklevel=3)
+        if _ISA is None:
+            from dsq.native import REFERENCE, BuildError, select_isa, warn
+
+            isa = select_isa()
+            if isa != REFERENCE:
+                try:
+                    _LIB = build_variant(isa)
+                except BuildError as e:
+                    warn(e.line("dsq quantization kernels", "the eager PyTorch kernels"))
+                    isa = REFERENCE
+            _ISA = isa
         return _LIB
+
+
+def isa() -> str:
+    """The variant the quantization kernels run as here (``reference``: the eager ones)."""
+    library()
+    return _ISA
 
 
 def supports(x: Tensor) -> bool:

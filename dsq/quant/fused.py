@@ -467,7 +467,14 @@ def engine(device_type: str) -> str:
         return (f"on CUDA: torch._int_mm (cuBLASLt int8, int32 accumulation; operands "
                 f"zero-padded to M > 16 and K, N multiples of 8 where a shape needs it), "
                 f"quantization and rescale kernels: {quant}")
-    return ""
+    from dsq import native
+    from dsq.quant import cpu_gemm, cpu_kernels
+
+    k = kernel()
+    quant = {"eager": "eager PyTorch", "compile": "torch.compile"}.get(k) or (
+        f"C/{cpu_kernels.isa()}" if cpu_kernels.isa() != "reference" else "eager PyTorch")
+    return (f"on CPU ({native.cpu_model()}): integer GEMMs: {cpu_gemm.status()}, "
+            f"quantization and rescale kernels: {quant}")
 
 
 def rescale(acc: Tensor, row_scale: Tensor, col_scale: Tensor, bias: Tensor | None,

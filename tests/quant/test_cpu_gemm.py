@@ -3,9 +3,12 @@ what ``torch._int_mm`` + the rescale and the eager quantizer compute."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 
+from dsq import native
 from dsq.quant import cpu_gemm, cpu_kernels, fused
 from dsq.quant.format import QuantFormat
 from dsq.quant.functional import quantize
@@ -39,15 +42,41 @@ def test_driver_is_available_here():
 
 
 @pytest.mark.skipif("amx_int8" in _cpu_flags(), reason="this CPU has AMX-INT8")
-def test_without_amx_the_driver_is_not_built_and_says_why_in_one_line(monkeypatch):
+def test_without_amx_the_driver_is_not_built_and_status_says_why(monkeypatch, capsys):
     monkeypatch.setattr(cpu_gemm, "_LIB", None)
     monkeypatch.setattr(cpu_gemm, "_ERR", None)
     monkeypatch.setattr(cpu_gemm, "_build", lambda: pytest.fail("built without AMX"))
-    with pytest.warns(UserWarning) as record:
-        assert not cpu_gemm.available()
-    assert len(record) == 1 and "\n" not in str(record[0].message)
-    assert "AMX-INT8" in str(record[0].message) and "torch._int_mm" in str(record[0].message)
-    assert not cpu_gemm.can_take(64)
+    assert not cpu_gemm.available() and not cpu_gemm.can_take(64)
+    assert cpu_gemm.status().startswith("torch._int_mm (this CPU has no ")
+    assert "amx_int8" in cpu_gemm.status()
+    assert capsys.readouterr().err == ""  # a CPU without AMX is no fault: nothing printed
+
+
+def test_a_failing_driver_build_is_one_line_with_the_log(monkeypatch, tmp_path, capsys):
+    """On a (mocked) AMX CPU whose C++ compiler fails: one line naming the driver, its ISA and
+    the fallback, the compiler's whole output in the log file that line names."""
+    from dsq import native
+
+    monkeypatch.setattr(cpu_gemm, "_LIB", None)
+    monkeypatch.setattr(cpu_gemm, "_ERR", None)
+    monkeypatch.setattr(native, "cpu_flags", lambda: frozenset(native.AMX_NEEDS))
+    monkeypatch.setattr(native, "_WARNED", set())
+    monkeypatch.setenv("DSQ_CACHE_DIR", str(tmp_path))
+    cc = tmp_path / "broken-c++"
+    cc.write_text("#!/bin/sh\nfor i in $(seq 200); do\n"
+                  "echo \"error: line $i of the diagnosis\" >&2; done\nexit 1\n")
+    cc.chmod(0o755)
+    monkeypatch.setenv("CXX", str(cc))
+    assert not cpu_gemm.available()
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "error:" not in err, err
+    assert err.startswith("dsq: warning: dsq AMX GEMM driver (amx) not built (broken-c++ failed)"
+                          ": using torch._int_mm; compiler output in ")
+    log = Path(err.rsplit(" ", 1)[1].strip())
+    assert log.parent == tmp_path / "logs" and log.name.startswith("amx_gemm-amx_")
+    text = log.read_text()
+    assert "error: line 1 of the diagnosis" in text and "error: line 200 of" in text
+    assert " -mavx512f " in text.splitlines()[0] and "-march=native" not in text
 
 
 @needs_int8_units
@@ -161,3 +190,17 @@ def test_packing_needs_the_driver():
     assert not fused.can_pack(x, QuantFormat(8, "token"))
     with pytest.raises(ValueError, match="packed"):
         fused.quantize_cols(x, QuantFormat(8, "token"), pack=True)
+
+
+@pytest.mark.skipif(not native._X86, reason="the AMX driver is x86 code")
+def test_driver_compiles_with_its_explicit_flags_on_any_x86_cpu():
+    """-mavx512{f,bw,vl,dq,bf16} cover every intrinsic of csrc/amx_gemm.cpp, whatever this CPU
+    is (with -march=native an AVX2-only CPU failed with 'target specific option mismatch');
+    where it has no AMX, PyTorch's oneDNN then refuses to pack int8 operands."""
+    try:
+        cpu_gemm._build()
+    except native.BuildError as e:
+        pytest.fail(f"the driver did not compile: {e.log.read_text()[-3000:]}")
+    except RuntimeError as e:
+        assert "amx_int8" not in native.cpu_flags()
+        assert str(e) == "PyTorch's oneDNN cannot pack int8 operands on this CPU"

@@ -46,7 +46,33 @@ def test_start_up_line_names_the_cuda_kernels(monkeypatch):
     assert "torch._int_mm" in text and "Triton" in text and "zero-padded" in text
     monkeypatch.setattr(fused, "has_triton", lambda: False)
     assert "eager PyTorch" in fused.engine("cuda")
-    assert fused.engine("cpu") == ""
+
+
+def test_start_up_line_names_the_cpu_and_its_kernels(monkeypatch):
+    from dsq import native
+    from dsq.quant import cpu_gemm, cpu_kernels
+
+    monkeypatch.setattr(cpu_kernels, "_ISA", "avx2")
+    monkeypatch.setattr(cpu_gemm, "_LIB", None)
+    monkeypatch.setattr(cpu_gemm, "_ERR", "this CPU has no amx_tile, amx_int8")
+    fused.set_kernel(None)
+    assert fused.engine("cpu") == (
+        f"on CPU ({native.cpu_model()}): integer GEMMs: torch._int_mm (this CPU has no amx_tile, "
+        f"amx_int8), quantization and rescale kernels: C/avx2")
+
+
+def test_int8_outlook_by_cpu():
+    """Where integer GEMMs beat the fastest float GEMM (the README's measurements), and why."""
+    from dsq.quant.cpu_gemm import int8_outlook
+    from tests.test_isa import CPUS
+
+    assert int8_outlook(CPUS["Sapphire Rapids"]) == (True, "AMX-INT8 tiles (dsq's GEMM driver)")
+    assert int8_outlook(CPUS["Zen 4"])[1].startswith("avx512_vnni int8 dot products")
+    assert int8_outlook(CPUS["Alder Lake"])[1].startswith("avx_vnni int8 dot products")
+    pays, why = int8_outlook(CPUS["Zen 2"])
+    assert pays and why.endswith("still ahead of fp32 (bf16 is emulated here) GEMMs")
+    pays, why = int8_outlook(CPUS["Sandy Bridge"])
+    assert not pays and why.startswith("no AVX2: torch._int_mm has no vector int8 kernel")
 
 
 @pytest.mark.parametrize("m,k,n", [(1, 1, 1), (5, 12, 20), (16, 64, 8), (17, 8, 24),
@@ -81,3 +107,26 @@ def test_a_failing_compile_runs_the_same_code_eagerly(monkeypatch):
     finally:
         fused.set_kernel(None)
     assert torch.equal(codes, ref_codes) and torch.equal(scale, ref_scale)
+
+
+def test_int8_start_up_line_warns_where_int8_does_not_pay(monkeypatch, capsys):
+    """On a (mocked) CPU without AVX2 the one start-up line of an int8 run is a warning that
+    says why; the recipe itself runs unchanged."""
+    from dsq import native
+    from dsq.models.quant_layers import _report_int8
+    from dsq.quant import LinearQuant
+    from tests.test_isa import CPUS
+
+    qc = LinearQuant(weight="int8:channel", activation="int8:token", grad="int8:token",
+                     grad_gemms="both", compute="int8")
+    _report_int8(qc, ["decoder.layers.0.mlp.linear_fc1"])
+    line = capsys.readouterr().err
+    assert line.count("\n") == 1 and line.startswith("dsq: quant.compute=int8 for ")
+    assert "does not pay" not in line
+    monkeypatch.setattr(native, "cpu_flags", lambda: frozenset(CPUS["Sandy Bridge"]))
+    _report_int8(qc, ["decoder.layers.0.mlp.linear_fc1"])
+    line = capsys.readouterr().err
+    assert line.count("\n") == 1 and line.startswith("dsq: warning: quant.compute=int8 for ")
+    assert line.rstrip().endswith("; int8 does not pay on this CPU: no AVX2: torch._int_mm has "
+                                  "no vector int8 kernel on this CPU and runs slower than fp32 "
+                                  "GEMMs")
