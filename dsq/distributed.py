@@ -94,14 +94,17 @@ def init_distributed(env: DistEnv, tp: int, timeout_s: int = 600) -> None:
     """Start the default process group and megatron-core's tensor/data-parallel groups."""
     import datetime
 
-    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-    if "MASTER_PORT" not in os.environ:
-        if env.world_size > 1:
-            raise RuntimeError("MASTER_PORT is not set: start multi-process runs with deepspeed, "
-                               "torchrun, srun (slurm/pretrain.sbatch) or launch/local.sh")
-        os.environ["MASTER_PORT"] = str(free_port())
-    os.environ.update(RANK=str(env.rank), WORLD_SIZE=str(env.world_size),
-                      LOCAL_RANK=str(env.local_rank))
+    if "MASTER_PORT" not in os.environ and env.world_size > 1:
+        raise RuntimeError("MASTER_PORT is not set: start multi-process runs with deepspeed, "
+                           "torchrun, srun (slurm/pretrain.sbatch) or launch/local.sh")
+    wanted = {"MASTER_ADDR": os.environ.get("MASTER_ADDR", "127.0.0.1"),
+              "MASTER_PORT": os.environ.get("MASTER_PORT") or str(free_port()),
+              "RANK": str(env.rank), "WORLD_SIZE": str(env.world_size),
+              "LOCAL_RANK": str(env.local_rank)}
+    # what this sets is undone by shutdown(): a process that evaluates or exports in-process
+    # (and then starts ranks of its own) must not hand them its one-process rendezvous
+    _ENV_BEFORE.update({k: os.environ.get(k) for k in wanted if k not in _ENV_BEFORE})
+    os.environ.update(wanted)
     cuda = torch.cuda.is_available()
     if cuda:
         # NCCL communicators and object collectives use the current device: one GPU per rank
@@ -119,13 +122,25 @@ def init_distributed(env: DistEnv, tp: int, timeout_s: int = 600) -> None:
         parallel_state.initialize_model_parallel(tensor_model_parallel_size=tp)
 
 
+_ENV_BEFORE: dict = {}
+"""The launcher variables as they were before :func:`init_distributed` set them."""
+
+
 def shutdown() -> None:
+    """Destroy megatron's and the default process group; restore the environment variables
+    :func:`init_distributed` set."""
     from megatron.core import parallel_state
 
     if parallel_state.model_parallel_is_initialized():
         parallel_state.destroy_model_parallel()
     if dist.is_initialized():
         dist.destroy_process_group()
+    for k, v in _ENV_BEFORE.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+    _ENV_BEFORE.clear()
 
 
 class MegatronMPU:

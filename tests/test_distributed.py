@@ -3,7 +3,7 @@ host-side collective helpers on real gloo groups, single- and multi-device backe
 
 from __future__ import annotations
 
-from types import SimpleNamespace
+import os
 
 import pytest
 import torch
@@ -29,9 +29,11 @@ def _init_with(monkeypatch, cuda: bool, local_rank: int = 3):
     monkeypatch.setattr(D, "release_shm_names", lambda rank: None)
     monkeypatch.delenv("DSQ_DIST_BACKEND", raising=False)
     monkeypatch.setenv("MASTER_PORT", "29999")
-    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
-        monkeypatch.delenv(k, raising=False)
+    before = dict(os.environ)
     D.init_distributed(D.DistEnv(rank=11, world_size=16, local_rank=local_rank), tp=1)
+    assert os.environ["RANK"] == "11" and os.environ["WORLD_SIZE"] == "16"
+    D.shutdown()  # (the process group is mocked) restores what init_distributed set
+    assert dict(os.environ) == before
     return asked, devices
 
 
