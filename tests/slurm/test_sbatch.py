@@ -225,7 +225,7 @@ def test_resubmission_skips_a_truncated_checkpoint_and_ends_with_the_reference(
     assert lifecycle["info2"]["JobState"] == "COMPLETED", log2[-4000:]
     assert lifecycle["previous"], "no complete checkpoint before the truncated one"
     victim = lifecycle["victim"]
-    assert re.search(rf"{tag} is not usable: {re.escape(str(victim))} is truncated", log2), \
+    assert re.search(rf"{tag} is not usable \({re.escape(str(victim))} is truncated", log2), \
         log2[-4000:]
     prev = lifecycle["previous"][-1]
     assert f"resumed from {out / 'checkpoints' / prev} at step {int(prev[5:])}" in log2
