@@ -128,6 +128,14 @@ def _warn(msg: str) -> None:
     print(f"dsq: warning: {msg}", file=sys.stderr, flush=True)
 
 
+def _num_nodes() -> int:
+    """Nodes the ranks span: SLURM's count for the job step (slurm/pretrain.sbatch), else 1."""
+    for key in ("SLURM_NNODES", "SLURM_JOB_NUM_NODES"):
+        if os.environ.get(key, "").isdigit():
+            return int(os.environ[key])
+    return 1
+
+
 def peak_rss_bytes() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
@@ -496,6 +504,7 @@ class Trainer:
             "peak_gpu_bytes": gpu,
             "device": self.device.type,
             "world_size": self.env.world_size,
+            "nodes": _num_nodes(),
             "tp": self.tp_size,
             "dp": self.dp_size,
             "mlflow_run_id": self.tracker.run_id,
