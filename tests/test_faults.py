@@ -86,21 +86,23 @@ def test_corrupt_newest_checkpoint_is_moved_aside_and_written_again(tmp_path, da
 def test_second_run_on_the_same_directory_stops_at_once(tmp_path, data_cache):
     out, db = tmp_path / "run", tmp_path / "mlflow.db"
     env = {**os.environ, "PYTHON": sys.executable, "PYTHONWARNINGS": "ignore"}
-    first = subprocess.Popen(["bash", str(ROOT / "launch/local.sh"), "2",
-                              *args(out, data_cache, db, "train.steps=16")], cwd=ROOT, env=env,
-                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    # long enough to outlive the second process's start-up (imports) on an idle machine
+    run = args(out, data_cache, db, "train.steps=300", "train.ckpt_every=100")
+    first = subprocess.Popen(["bash", str(ROOT / "launch/local.sh"), "2", *run], cwd=ROOT,
+                             env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     lock = out / ".dsq.lock"
     deadline = time.time() + 300
     while time.time() < deadline and not (lock.is_file() and lock.stat().st_size):
         assert first.poll() is None, first.communicate()[0][-3000:]
         time.sleep(0.05)
     t0 = time.time()
-    second = dsq("train", *args(out, data_cache, db, "train.steps=16"), check=False)
+    second = dsq("train", *run, check=False)
+    assert first.poll() is None, "the first run ended before the second one asked"
     assert second.returncode == 2 and time.time() - t0 < 60
     assert "is in use by pid" in second.stderr and "another train.out_dir" in second.stderr
-    log, _ = first.communicate(timeout=600)
+    log, _ = first.communicate(timeout=900)
     assert first.returncode == 0, log[-3000:]
-    assert consistent(out, db) == 16
+    assert consistent(out, db) == 300
 
 
 def test_incompatible_rerun_changes_nothing_and_says_how(tmp_path, data_cache):
