@@ -227,14 +227,3 @@ def build(name: str, source: str, *, isa: str, cxx: bool = False,
                 raise BuildError(name, isa, f"{Path(compiler).name} failed", log)
             os.replace(so, out)  # atomic: concurrent ranks may build at the same time
     return ctypes.CDLL(str(out))
-
-
-def build_variant(name: str, source: str, isa: str, what: str) -> ctypes.CDLL:
-    """:func:`build` for a source that reports the code path it compiled (a ``const char
-    *dsq_isa(void)`` function), checked to be ``isa``; ``what`` names it in the error."""
-    lib = build(name, source, isa=isa)
-    lib.dsq_isa.restype = ctypes.c_char_p
-    got = lib.dsq_isa().decode()
-    if got != isa:
-        raise RuntimeError(f"the {isa} build of {what} compiled the {got} code")
-    return lib

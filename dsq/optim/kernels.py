@@ -682,11 +682,15 @@ _VARIANTS: dict = {}
 def build_variant(isa: str) -> ctypes.CDLL:
     """The kernel compiled as variant ``isa`` (see :mod:`dsq.native`), cached; raises
     :class:`dsq.native.BuildError`. Only call on a CPU that supports ``isa``."""
-    from dsq.native import build_variant as _build
+    from dsq.native import build
 
     if isa in _VARIANTS:
         return _VARIANTS[isa]
-    lib = _build("qadamw", C_SOURCE, isa, "the QAdamW kernel")
+    lib = build("qadamw", C_SOURCE, isa=isa)
+    lib.dsq_isa.restype = ctypes.c_char_p
+    if lib.dsq_isa().decode() != isa:
+        raise RuntimeError(f"the {isa} build of the QAdamW kernel compiled the "
+                           f"{lib.dsq_isa().decode()} code")
     P, L, N, F = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_float
     lib.dsq_rows.argtypes = [P, P, P, P, P, P, L, L, N, N, N, P, N]
     lib.dsq_pass1.argtypes = [P, P, P, P, P, P, L, N, N, N, P, N, P]

@@ -531,11 +531,15 @@ _VARIANTS: dict[str, ctypes.CDLL] = {}
 def build_variant(isa: str) -> ctypes.CDLL:
     """The kernels compiled as variant ``isa`` (see :mod:`dsq.native`), cached; raises
     :class:`dsq.native.BuildError`. Only call on a CPU that supports ``isa``."""
-    from dsq.native import build_variant as _build
+    from dsq.native import build
 
     if isa in _VARIANTS:
         return _VARIANTS[isa]
-    lib = _build("quant", C_SOURCE, isa, "the quantization kernels")
+    lib = build("quant", C_SOURCE, isa=isa)
+    lib.dsq_isa.restype = ctypes.c_char_p
+    if lib.dsq_isa().decode() != isa:
+        raise RuntimeError(f"the {isa} build of the quantization kernels compiled the "
+                           f"{lib.dsq_isa().decode()} code")
     P, L, N, F = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_float
     lib.dsq_scale.argtypes = [P, L, F]
     for s in DTYPES.values():
