@@ -334,10 +334,20 @@ def load_config(paths: Sequence[str] = (), overrides: Sequence[str] = (),
     cfg: Config = OmegaConf.to_object(merged)
     _fill_preset(cfg)
     if cfg.tracking.recipe is None:
-        recipes = [Path(p).stem for p in paths if "recipes" in Path(p).parent.parts]
-        cfg.tracking.recipe = "+".join(recipes) or "baseline"
+        cfg.tracking.recipe = "+".join(filter(None, map(recipe_name, paths))) or "baseline"
     validate(cfg, world_size)
     return cfg
+
+
+def recipe_name(path) -> str | None:
+    """A recipe file's name: its path under the last ``recipes`` folder without the suffix
+    (``configs/recipes/w8a8g8.yaml`` -> ``w8a8g8``, ``.../recipes/study/w8a8g8.yaml`` ->
+    ``study/w8a8g8``); None for a file outside a ``recipes`` folder."""
+    parts = Path(path).with_suffix("").parts
+    if "recipes" not in parts[:-1]:
+        return None
+    i = len(parts) - 1 - parts[::-1].index("recipes")
+    return "/".join(parts[i + 1:])
 
 
 def _fill_preset(cfg: Config) -> None:
