@@ -98,11 +98,15 @@ class OptimConfig:
     """qadamw: bits of the second moment (unsigned), 8 (4 allowed, with a warning); 32 keeps v
     in fp32. At most one of m_bits and v_bits may be 32."""
     block_size: Any = 256
-    """qadamw: elements per scale block, or "tensor" for one scale per parameter."""
+    """qadamw: elements per scale block, "tensor" for one scale per parameter, or "row" for one
+    per row of a weight (the study's per-channel state scales)."""
     quantize: str = "linear"
     """qadamw: which parameters keep quantized states: linear | linear+embedding | all."""
     v_domain: str = "linear"
     """qadamw: quantize v linearly (the study) or its square root (sqrt: finer for small v)."""
+    v_signed: bool = False
+    """qadamw: quantize v with the signed symmetric quantizer, as the study's code does (half the
+    levels, small v flushed to 0): it diverges; kept to show why dsq's v is unsigned."""
     kernel: str = "auto"
     """qadamw update kernel: auto (C/OpenMP where a compiler exists, else eager) | cpp | eager |
     compile (torch.compile, opt-in: slow to compile on CPU)."""
@@ -129,6 +133,10 @@ class QuantConfig:
     compute: str = "simulate"
     """simulate: quantize-dequantize, floating-point GEMMs (the study's method); int8: integer
     GEMMs with int32 accumulation where the formats allow it."""
+    backward_operands: str = "quantized"
+    """quantized: backward GEMMs use the quantized W and X (the gradient of the quantized
+    forward); full: W and X in full precision, as the study's code does (keeps X for backward
+    in its own dtype; with compute: int8 the backward GEMMs then run in floating point)."""
 
 
 @dataclass
@@ -419,9 +427,10 @@ def validate(cfg: Config, world_size: Optional[int] = None) -> None:
         _check(not (o.m_bits == 32 and o.v_bits == 32),
                "optim.m_bits=32 and optim.v_bits=32 quantize neither moment: use optim.name=adamw "
                "for fp32 AdamW")
-        _check(o.block_size == "tensor" or (isinstance(o.block_size, int) and o.block_size >= 2
-                                             and o.block_size % 2 == 0),
-               f"optim.block_size={o.block_size!r}: use an even number of elements or \"tensor\"")
+        _check(o.block_size in ("tensor", "row") or (
+            isinstance(o.block_size, int) and o.block_size >= 2 and o.block_size % 2 == 0),
+               f"optim.block_size={o.block_size!r}: use an even number of elements, \"tensor\" "
+               f"or \"row\"")
         _check(o.quantize in ("linear", "linear+embedding", "all"),
                f"optim.quantize={o.quantize!r}: use linear, linear+embedding or all")
         _check(o.v_domain in ("linear", "sqrt"), f"optim.v_domain={o.v_domain!r}: use linear or sqrt")
@@ -430,11 +439,16 @@ def validate(cfg: Config, world_size: Optional[int] = None) -> None:
                "optim.v_domain=linear")
         _check(o.kernel in ("auto", "cpp", "eager", "compile"),
                f"optim.kernel={o.kernel!r}: use auto, cpp, eager or compile")
+        _check(not o.v_signed or (o.v_bits != 32 and o.v_domain == "linear"),
+               "optim.v_signed=true applies to a linearly quantized v: set optim.v_bits to 8 or 4 "
+               "and optim.v_domain=linear")
     _check(o.grad_clip >= 0, f"optim.grad_clip={o.grad_clip} must be >= 0")
     _check(q.grad_gemms in ("weight", "input", "both"),
            f"quant.grad_gemms={q.grad_gemms!r} is unknown: use weight, input or both")
     _check(q.compute in ("simulate", "int8"),
            f"quant.compute={q.compute!r} is unknown: use simulate or int8")
+    _check(q.backward_operands in ("quantized", "full"),
+           f"quant.backward_operands={q.backward_operands!r} is unknown: use quantized or full")
     _check(bool(cfg.data.train), "data.train is empty: give at least one file or folder")
     d = cfg.data
     _check(0.0 <= d.val_fraction < 0.5, f"data.val_fraction={d.val_fraction} must be in [0, 0.5)")

@@ -27,6 +27,8 @@ def _optim_states(p: Dict[str, str]) -> str:
     m, v = p.get("optim.m_bits"), p.get("optim.v_bits")
     m = "fp32 m" if m == "32" else f"m{m}"
     v = "fp32 v" if v == "32" else f"v{v}"
+    if p.get("optim.v_signed") in ("True", "true"):
+        v += " signed"
     return f"{m}/{v} b{block}"
 
 

@@ -36,7 +36,7 @@ FROZEN = (
     "train.seed", "train.global_batch", "train.micro_batch", "parallel.tp",
     "deepspeed.zero_stage", "deepspeed.precision",
     "optim.name", "optim.m_bits", "optim.v_bits", "optim.block_size", "optim.quantize",
-    "optim.v_domain",
+    "optim.v_domain", "optim.v_signed",
 )
 WHY = {
     "model.": "the model", "quant.": "the quantization recipe", "data.": "the data",
@@ -154,14 +154,29 @@ def _why(key: str) -> str:
     return "the run"
 
 
+_NO_DEFAULT = object()
+
+
+def _default(key: str):
+    """The schema default of a flattened config key (a sentinel when it has none)."""
+    from dsq.config import Config
+
+    obj = Config()
+    for part in key.split("."):
+        obj = getattr(obj, part, _NO_DEFAULT)
+        if obj is _NO_DEFAULT:
+            break
+    return obj
+
+
 def resume_changes(saved: Dict, new: Dict) -> Tuple[List[str], List[Tuple[str, object, object]]]:
     """``(refused, allowed)`` differences between two flattened configs: refused ones as
     ``"key: old -> new (changes ...)"`` lines, allowed ones as ``(key, old, new)``."""
     refused, allowed = [], []
     for key in sorted(set(saved) | set(new)):
         old, cur = saved.get(key), new.get(key)
-        if old == cur:
-            continue
+        if old == cur or (key not in saved and cur == _default(key)):
+            continue  # a key added to dsq after the checkpoint, at its default
         if _frozen(key):
             refused.append(f"{key}: {old} -> {cur} (changes {_why(key)})")
         else:

@@ -77,6 +77,7 @@ def build_optimizer(model: torch.nn.Module, cfg) -> torch.optim.Optimizer:
         return QAdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps,
                       weight_decay=cfg.weight_decay, m_bits=cfg.m_bits, v_bits=cfg.v_bits,
                       block_size=cfg.block_size, v_domain=cfg.v_domain,
+                      v_signed=bool(getattr(cfg, "v_signed", False)),
                       kernel=cfg.kernel)
     raise ValueError(f"optim.name={cfg.name!r} is not available")
 

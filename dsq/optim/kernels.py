@@ -36,6 +36,9 @@ codes ``round(m / s)`` with ``s = absmax / Q``; 8-bit m codes are ``int8``, 4-bi
 stored as ``code + 8`` in a nibble. v is unsigned, ``Q = 2**bits - 1`` (255 or 15), codes
 ``round(v / s)`` with ``s = max / Q``, raised to 1 wherever ``v > 0`` so that a small second
 moment never dequantizes to 0 (which would turn ``m / (sqrt(v) + eps)`` into ``m / eps``).
+``v_signed`` (the study's code, kept to show its failure) quantizes v with the signed
+symmetric quantizer instead: ``Q = 2**(bits-1) - 1`` (127 or 7), no raise to 1, so every v
+below half a step becomes 0; eager kernel only.
 With ``v_domain="sqrt"`` the code quantizes ``sqrt(v)`` instead (same linear quantizer, twice
 the dynamic range in log terms, no extra work since the update needs ``sqrt(v)`` anyway).
 4-bit codes are packed two per byte, element ``2k`` in the low nibble of byte ``k``.
@@ -120,19 +123,26 @@ class Fmt:
     """Static description of the moments' formats (bits 4, 8, or 32 = fp32), with where each
     moment lives in a state dict: ``m_key`` (``m_codes`` or ``m_fp32``) and its element size
     ``m_esize``; ``m_q``: m is quantized (has ``m_scales``). Likewise for v. ``v_sqrt`` only
-    applies to a quantized v."""
+    applies to a quantized v; ``v_signed``: v's codes use the signed range (the study's)."""
 
-    __slots__ = ("m_bits", "v_bits", "v_sqrt", "m_q", "v_q", "m_key", "v_key", "m_esize",
-                 "v_esize")
+    __slots__ = ("m_bits", "v_bits", "v_sqrt", "v_signed", "m_q", "v_q", "m_key", "v_key",
+                 "m_esize", "v_esize")
 
-    def __init__(self, m_bits: int, v_bits: int, v_sqrt: bool):
+    def __init__(self, m_bits: int, v_bits: int, v_sqrt: bool, v_signed: bool = False):
         self.m_bits, self.v_bits = m_bits, v_bits
         self.m_q, self.v_q = m_bits != FP32, v_bits != FP32
         self.v_sqrt = bool(v_sqrt) and self.v_q
+        self.v_signed = bool(v_signed) and self.v_q
         self.m_key = "m_codes" if self.m_q else "m_fp32"
         self.v_key = "v_codes" if self.v_q else "v_fp32"
         self.m_esize = 1 if self.m_q else 4
         self.v_esize = 1 if self.v_q else 4
+
+    @classmethod
+    def of(cls, group) -> "Fmt":
+        """The formats of a QAdamW param group."""
+        return cls(group["m_bits"], group["v_bits"], group["v_domain"] == "sqrt",
+                   bool(group.get("v_signed", False)))
 
 
 # ============================================================================ eager
@@ -203,7 +213,7 @@ def _quant(m, vq, am, av, fmt: Fmt):
     """Storage of m and of the stored v quantity ``vq`` from block maxima: codes and scales
     (an fp32 moment is stored as it is, with scale None and its maximum unused)."""
     cm, sm = _quant_m(m, am, fmt.m_bits) if fmt.m_q else (m, None)
-    cv, sv = _quant_v(vq, av, fmt.v_bits) if fmt.v_q else (vq, None)
+    cv, sv = _quant_v(vq, av, fmt.v_bits, fmt.v_signed) if fmt.v_q else (vq, None)
     return cm, cv, sm, sv
 
 
@@ -218,11 +228,12 @@ def _quant_m(m, am, bits: int):
     return cm, _div(am, Qm)
 
 
-def _quant_v(vq, av, bits: int):
-    Qv = float(qmax_v(bits))
+def _quant_v(vq, av, bits: int, signed: bool = False):
+    Qv = float(qmax_m(bits) if signed else qmax_v(bits))
     av = torch.clamp_min(av, TINY)
     qv = torch.clamp(torch.round(vq * _div(Qv, av)), 0.0, Qv)
-    qv = torch.maximum(qv, (vq > 0).float())
+    if not signed:
+        qv = torch.maximum(qv, (vq > 0).float())
     cv = qv.to(torch.uint8)
     if bits == 4:
         cv = pack4(cv)

@@ -9,7 +9,10 @@ data-parallel size.
 
 Blocks are defined on parameters: parameter ``j`` (if quantized) is cut into blocks of
 ``block`` elements starting at its own first element, or into one block when
-``block == "tensor"`` (per-tensor scale). A parameter is quantized iff its group quantizes and
+``block == "tensor"`` (per-tensor scale), or, with ``block_size="row"`` (one scale per row of a
+weight, the study's per-channel state scales), into rows: :func:`resolve_block` turns ``"row"``
+into a list of per-parameter widths (a parameter's last dimension; its numel when 1-D), which
+is what the functions here take as ``block`` then. A parameter is quantized iff its group quantizes and
 its numel is a multiple of the block size (always with ``"tensor"``); other parameters keep
 fp32 moments. So a block, its scale and its codes depend only on the model, not on the
 data-parallel size, the ZeRO stage or the rank: a checkpoint can be resharded exactly, and DP=1
@@ -45,23 +48,51 @@ from dsq.optim.kernels import FP32, code_len
 FUSE_MAX = 16384
 """Widest block updated by the one-pass ``rows`` kernel; wider per-tensor blocks are ``split``."""
 
-Block = Union[int, str]
+Block = Union[int, str, List[int]]
 
 
 def check_block(block: Block, m_bits: int, v_bits: int) -> None:
-    if block == "tensor":
+    if block in ("tensor", "row"):
         return
     if not isinstance(block, int) or isinstance(block, bool) or block < 2 or block > FUSE_MAX:
-        raise ValueError(f"block_size={block!r}: use an even int in [2, {FUSE_MAX}] or 'tensor'")
+        raise ValueError(f"block_size={block!r}: use an even int in [2, {FUSE_MAX}], 'tensor' "
+                         f"or 'row'")
     if block % 2:
         raise ValueError(f"block_size={block} must be even (4-bit codes are packed in pairs)")
 
 
-def is_quantized(numel: int, block: Block, group_quantizes: bool) -> bool:
-    """Whether a parameter keeps quantized moments: a property of the parameter only."""
+def resolve_block(block: Block, shapes: Sequence[Sequence[int]]) -> Block:
+    """``"row"`` as the per-parameter widths of ``shapes`` (last dimension; numel when 1-D);
+    any other block as it is."""
+    if block != "row":
+        return block
+    out = []
+    for sh in shapes:
+        sh = tuple(int(d) for d in sh)
+        n = 1
+        for d in sh:
+            n *= d
+        out.append(sh[-1] if len(sh) >= 2 else n)
+    return out
+
+
+def _width(block: Block, j: int, numel: int) -> int:
+    if block == "tensor":
+        return numel
+    return int(block[j]) if isinstance(block, (list, tuple)) else int(block)
+
+
+def is_quantized(numel: int, block: Block, group_quantizes: bool, j: int = 0) -> bool:
+    """Whether parameter ``j`` (of ``numel`` elements) keeps quantized moments: a property of
+    the parameter only. Per-row widths must be even (4-bit codes are packed in pairs)."""
     if not group_quantizes or numel == 0:
         return False
-    return block == "tensor" or numel % block == 0
+    if block == "tensor":
+        return True
+    w = _width(block, j, numel)
+    if isinstance(block, (list, tuple)) and (w < 2 or w % 2):
+        return False
+    return numel % w == 0
 
 
 @dataclass(frozen=True)
@@ -108,11 +139,11 @@ class Layout:
 def _param_blocks(numels, quantized, block):
     """Per parameter: (block width, first global block id); width 0 if unquantized."""
     out, nb = [], 0
-    for n, q in zip(numels, quantized):
+    for j, (n, q) in enumerate(zip(numels, quantized)):
         if not q:
             out.append((0, -1))
             continue
-        w = n if block == "tensor" else block
+        w = _width(block, j, n)
         out.append((w, nb))
         nb += n // w
     return out
@@ -196,7 +227,8 @@ def build_layout(numels: Sequence[int], offsets: Sequence[int], quantized: Seque
 
 
 def param_layout(numel: int, block: Block, m_bits: int, v_bits: int, quantize: bool) -> Layout:
-    """Layout of a whole parameter (no ZeRO partitioning)."""
+    """Layout of a whole parameter (no ZeRO partitioning); ``block`` resolved
+    (:func:`resolve_block`)."""
     return build_layout([numel], [0], [is_quantized(numel, block, quantize)], block, m_bits,
                         v_bits, 0, numel, 1)
 

@@ -40,9 +40,16 @@ import torch
 import torch.distributed as dist
 
 from dsq.optim import kernels as K
-from dsq.optim.layout import Layout, build_layout, check_block, param_layout
+from dsq.optim.layout import (
+    Layout,
+    build_layout,
+    check_block,
+    is_quantized,
+    param_layout,
+    resolve_block,
+)
 
-FORMAT_KEYS = ("m_bits", "v_bits", "block_size", "v_domain", "quantize")
+FORMAT_KEYS = ("m_bits", "v_bits", "block_size", "v_domain", "v_signed", "quantize")
 
 
 class QAdamW(torch.optim.Optimizer):
@@ -54,9 +61,12 @@ class QAdamW(torch.optim.Optimizer):
         m_bits: bits of the first moment (signed): 8 or 4, or 32 (fp32, not quantized).
         v_bits: bits of the second moment (unsigned): 8, or 4 (warns: unstable with linear v),
             or 32 (fp32). At most one of m_bits and v_bits may be 32.
-        block_size: elements per scale (even, <= 16384) or ``"tensor"`` (one per parameter).
+        block_size: elements per scale (even, <= 16384), ``"tensor"`` (one per parameter) or
+            ``"row"`` (one per row of a weight, per parameter for 1-D ones).
         v_domain: ``"linear"`` (quantize v, the study's choice) or ``"sqrt"`` (quantize sqrt(v);
             only with a quantized v).
+        v_signed: quantize v with the signed symmetric quantizer (the study's code: half the
+            levels, small v flushed to 0; diverges, kept to show it). Eager kernel only.
         quantize: False keeps fp32 moments for the group.
         kernel: ``auto`` | ``cpp`` | ``eager`` | ``compile`` (see :func:`kernels.get_kernel`).
     """
@@ -64,10 +74,10 @@ class QAdamW(torch.optim.Optimizer):
     def __init__(self, params, lr: float = 1e-3, betas: Tuple[float, float] = (0.9, 0.999),
                  eps: float = 1e-8, weight_decay: float = 1e-2, m_bits: int = 8,
                  v_bits: int = 8, block_size=256, v_domain: str = "linear",
-                 quantize: bool = True, kernel: str = "auto"):
+                 v_signed: bool = False, quantize: bool = True, kernel: str = "auto"):
         defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay,
                         m_bits=m_bits, v_bits=v_bits, block_size=block_size, v_domain=v_domain,
-                        quantize=bool(quantize))
+                        v_signed=bool(v_signed), quantize=bool(quantize))
         super().__init__(params, defaults)
         for g in self.param_groups:
             _check_group(g)
@@ -81,14 +91,19 @@ class QAdamW(torch.optim.Optimizer):
 
     # ------------------------------------------------------------------ layouts
     def set_flat_layout(self, flat: torch.Tensor, numels: List[int], offsets: List[int],
-                        part_start: int, part_size: int, dp: int, group=None) -> Layout:
+                        part_start: int, part_size: int, dp: int, group=None,
+                        shapes: Optional[List[Tuple[int, ...]]] = None) -> Layout:
         """Declare that ``flat`` is the ZeRO partition ``[part_start, +part_size)`` of a flat
-        param group whose parameters have ``numels`` at ``offsets`` (used by attach_to_engine)."""
+        param group whose parameters have ``numels`` at ``offsets`` (used by attach_to_engine);
+        ``shapes`` (the parameters' shapes) are needed for ``block_size="row"``."""
         pg = self._group_of(flat)
         if self.state.get(flat):
             raise RuntimeError("set_flat_layout must be called before the first step")
-        q = [_is_q(n, pg) for n in numels]
-        lay = build_layout(numels, offsets, q, pg["block_size"], pg["m_bits"], pg["v_bits"],
+        if pg["block_size"] == "row" and shapes is None:
+            raise ValueError("block_size='row' needs the parameters' shapes")
+        block = resolve_block(pg["block_size"], shapes or [])
+        q = [is_quantized(n, block, pg["quantize"], j) for j, n in enumerate(numels)]
+        lay = build_layout(numels, offsets, q, block, pg["m_bits"], pg["v_bits"],
                            part_start, part_size, dp)
         if flat.numel() != part_size:
             raise ValueError(f"flat tensor has {flat.numel()} elements, partition {part_size}")
@@ -106,8 +121,8 @@ class QAdamW(torch.optim.Optimizer):
                     "QAdamW was handed a tensor it was not built with (a DeepSpeed ZeRO flat "
                     "partition?): call dsq.optim.attach_to_engine(engine) right after "
                     "deepspeed.initialize so that quantization blocks follow the parameters")
-            lay = param_layout(p.numel(), group["block_size"], group["m_bits"], group["v_bits"],
-                               group["quantize"])
+            lay = param_layout(p.numel(), resolve_block(group["block_size"], [p.shape]),
+                               group["m_bits"], group["v_bits"], group["quantize"])
             self._layouts[id(p)] = lay
         return lay
 
@@ -117,10 +132,11 @@ class QAdamW(torch.optim.Optimizer):
                 return g
         raise KeyError("tensor is not in any param group of this optimizer")
 
-    def _kernel(self, device: torch.device):
-        k = self._kernels.get(str(device))
+    def _kernel(self, device: torch.device, fmt: K.Fmt):
+        name = "eager" if fmt.v_signed else self.kernel  # the study's signed v: eager only
+        k = self._kernels.get((name, str(device)))
         if k is None:
-            k = self._kernels[str(device)] = K.get_kernel(self.kernel, device)
+            k = self._kernels[(name, str(device))] = K.get_kernel(name, device)
         return k
 
     # ------------------------------------------------------------------ step
@@ -135,7 +151,7 @@ class QAdamW(torch.optim.Optimizer):
         return loss
 
     def _step_group(self, group: Dict) -> None:
-        fmt = K.Fmt(group["m_bits"], group["v_bits"], group["v_domain"] == "sqrt")
+        fmt = K.Fmt.of(group)
         fp32: Dict[int, List[List[torch.Tensor]]] = defaultdict(lambda: [[], [], [], []])
         hypers: Dict[int, K.Hyper] = {}
         for p in group["params"]:
@@ -170,7 +186,7 @@ class QAdamW(torch.optim.Optimizer):
         gf = p.grad.reshape(-1)
         if gf.dtype != torch.float32 or not gf.is_contiguous():
             gf = gf.float().contiguous()
-        ker = self._kernel(p.device)
+        ker = self._kernel(p.device, fmt)
         ea, eas = st["exp_avg"], st["exp_avg_sq"]
         splits = []
         buf = torch.zeros(lay.n_slots, 2, dtype=torch.float32, device=p.device) \
@@ -214,7 +230,7 @@ class QAdamW(torch.optim.Optimizer):
         if not st:
             return m, v
         g = self._group_of(p)
-        dequantize_into(st, lay, K.Fmt(g["m_bits"], g["v_bits"], g["v_domain"] == "sqrt"), m, v)
+        dequantize_into(st, lay, K.Fmt.of(g), m, v)
         return m, v
 
     def state_dict(self):
@@ -263,12 +279,6 @@ def _short(meta: Dict) -> str:
     return f"dp={meta.get('dp')} partition=[{meta.get('part_start')}, +{meta.get('part_size')})"
 
 
-def _is_q(numel: int, group: Dict) -> bool:
-    from dsq.optim.layout import is_quantized
-
-    return is_quantized(numel, group["block_size"], group["quantize"])
-
-
 BITS = (4, 8, K.FP32)
 
 
@@ -285,6 +295,9 @@ def _check_group(g: Dict) -> None:
     if g["v_domain"] == "sqrt" and g["v_bits"] == K.FP32:
         raise ValueError("v_domain='sqrt' applies to a quantized v: with v_bits=32 use "
                          "v_domain='linear'")
+    if g.get("v_signed") and (g["v_bits"] == K.FP32 or g["v_domain"] == "sqrt"):
+        raise ValueError("v_signed applies to a linearly quantized v (v_bits 8 or 4, "
+                         "v_domain='linear')")
     check_block(g["block_size"], g["m_bits"], g["v_bits"])
     if g["quantize"] and g["v_bits"] == 4:
         warnings.warn("QAdamW with 4-bit v: the second moment has 16 levels per block; "

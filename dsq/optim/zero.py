@@ -57,11 +57,13 @@ def attach_to_engine(engine) -> Optional[QAdamW]:
             params = wrapper.round_robin_bit16_groups[i]
             metas = getattr(wrapper, "round_robin_bit16_meta", [params] * (i + 1))[i]
             numels = [m.numel() for m in metas]
+            shapes = [tuple(m.shape) for m in metas]
             offsets = list(wrapper.round_robin_bit16_offsets[i])
             flat = wrapper.single_partition_of_fp32_groups[i]
             part_size = int(wrapper.partition_size[i])
         elif hasattr(wrapper, "fp32_groups_flat_partition"):  # BF16_Optimizer (bf16 + ZeRO-1)
             numels = [p.numel() for p in wrapper.bf16_groups[i]]
+            shapes = [tuple(p.shape) for p in wrapper.bf16_groups[i]]
             offsets = [sum(numels[:j]) for j in range(len(numels))]
             flat = wrapper.fp32_groups_flat_partition[i]
             part_size = flat.numel()
@@ -72,7 +74,8 @@ def attach_to_engine(engine) -> Optional[QAdamW]:
         rank, dp = dist.get_rank(group=pg), dist.get_world_size(group=pg)
         if len(group["params"]) != 1 or group["params"][0] is not flat:
             raise RuntimeError("unexpected DeepSpeed layout: param group is not one flat partition")
-        base.set_flat_layout(flat, numels, offsets, rank * part_size, part_size, dp, group=pg)
+        base.set_flat_layout(flat, numels, offsets, rank * part_size, part_size, dp, group=pg,
+                             shapes=shapes)
     return base
 
 
@@ -285,7 +288,7 @@ def _reshard_qadamw(states: List[Dict], metas: List[Dict], group: Dict, L: int, 
                     size: int):
     """Global per-element codes (values of a 32-bit moment) and per-block scales from the old
     partitions, cut anew."""
-    fmt = K.Fmt(group["m_bits"], group["v_bits"], group["v_domain"] == "sqrt")
+    fmt = K.Fmt.of(group)
     dm, dv = moment_dtypes(fmt)  # codes, or the values of a 32-bit (fp32) moment
     qm = torch.zeros(L, dtype=dm)
     qv = torch.zeros(L, dtype=dv)

@@ -21,9 +21,13 @@ integer codes ``q`` in ``[Qn, Qp] = [-2^(b-1), 2^(b-1) - 1]`` and back, ``x_hat 
   weight or a per-channel activation, which would not be what the user meant.
 * rounding ``nearest`` (default, the study's) or ``stochastic`` (``floor(x/s + U[0,1))``,
   unbiased).
+* ``min_range``: a floor under the range a scale is computed from (``max|x|``, or ``max - min``
+  for ``asym``), as the study's code clamps it (1e-5 for weights and activations, 1e-9 for
+  gradients). None (default): only a zero range is kept off zero (see
+  :mod:`dsq.quant.functional`), so tiny tensors keep their full resolution.
 
 Short strings, e.g. ``int8:channel``, ``int4:token:asym``, ``int8:group128``,
-``int8:tensor:stochastic``, are parsed by :meth:`QuantFormat.parse` and produced by ``str``.
+``int8:tensor:stochastic``, ``int8:channel:min=1e-5``, are parsed by :meth:`QuantFormat.parse` and produced by ``str``.
 """
 
 from __future__ import annotations
@@ -35,7 +39,8 @@ from typing import Any
 
 GRANULARITIES = ("tensor", "channel", "token", "group")
 ROUNDINGS = ("nearest", "stochastic")
-_SHORT = "e.g. 'int8:channel', 'int4:token:asym', 'int8:group128', 'int8:tensor:stochastic'"
+_SHORT = ("e.g. 'int8:channel', 'int4:token:asym', 'int8:group128', 'int8:tensor:stochastic', "
+          "'int8:token:min=1e-5'")
 
 
 @dataclass(frozen=True)
@@ -50,6 +55,8 @@ class QuantFormat:
     """Symmetric (zero point 0) or asymmetric (integer zero point from the minimum)."""
     rounding: str = "nearest"
     """nearest | stochastic."""
+    min_range: float | None = None
+    """Floor of the range a scale is computed from (the study's ``minimum_range``); None: none."""
 
     def __post_init__(self):
         if isinstance(self.bits, bool) or not isinstance(self.bits, int) or not 2 <= self.bits <= 8:
@@ -70,6 +77,12 @@ class QuantFormat:
         if self.rounding not in ROUNDINGS:
             raise ValueError(f"rounding {self.rounding!r} is unknown: "
                              f"use one of {', '.join(ROUNDINGS)}")
+        mr = self.min_range
+        if mr is not None:
+            if isinstance(mr, bool) or not isinstance(mr, (int, float)) or not 0 < mr < float("inf"):
+                raise ValueError(f"min_range={mr!r} is invalid: use a positive number "
+                                 f"(e.g. 1e-5) or null for none")
+            object.__setattr__(self, "min_range", float(mr))
 
     @property
     def qmin(self) -> int:
@@ -86,6 +99,8 @@ class QuantFormat:
             parts.append("asym")
         if self.rounding != "nearest":
             parts.append(self.rounding)
+        if self.min_range is not None:
+            parts.append(f"min={self.min_range:g}")
         return ":".join(parts)
 
     @classmethod
@@ -126,10 +141,16 @@ class QuantFormat:
                 key, val = "symmetric", part == "sym"
             elif part in ROUNDINGS:
                 key, val = "rounding", part
+            elif part.startswith("min="):
+                key = "min_range"
+                try:
+                    val = float(part[4:])
+                except ValueError:
+                    raise ValueError(f"{spec!r}: {part!r} is not a range floor like 'min=1e-5'") from None
             else:
                 raise ValueError(
                     f"{spec!r}: unknown part {part!r}; parts are a granularity "
-                    f"(tensor, channel, token, group<N>), sym|asym, nearest|stochastic")
+                    f"(tensor, channel, token, group<N>), sym|asym, nearest|stochastic, min=<floor>")
             if key in kw:
                 raise ValueError(f"{spec!r}: {key} is given twice")
             kw[key] = val

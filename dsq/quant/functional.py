@@ -16,7 +16,9 @@ within half a step of the range ends, where the integer zero point makes the cla
 
 Scale floor. The study clamps the range at 1e-5 (weights, activations) or 1e-9 (gradients);
 such absolute floors flush legitimately tiny tensors (e.g. unscaled gradients of 1e-10) to
-zero. Here the scale is only kept off zero: ``s >= finfo(compute dtype).tiny`` (1.2e-38 for
+zero. A format's ``min_range`` applies such a floor, as the study's code does (``s =
+max(max|x|, min_range) / Qp``; asymmetric: ``max(max - min, min_range)``), after the
+tensor-parallel reduction. By default the scale is only kept off zero: ``s >= finfo(compute dtype).tiny`` (1.2e-38 for
 fp32 and bf16 inputs, whose scales are computed in fp32), so an all-zero row quantizes to exact
 zeros and every nonzero range keeps its full resolution. Asymmetric formats also bound
 ``s >= max(|min|, |max|) * 2^-16`` so the zero point stays an exact fp32 integer when the range
@@ -123,6 +125,8 @@ def quantize(
         stat = _amax(xg.abs(), fmt)
         if reduce is not None:
             stat = reduce(stat)
+        if fmt.min_range is not None:
+            stat = stat.clamp_min(fmt.min_range)
         scale = (stat / fmt.qmax).clamp_min(tiny)
         zero_point = None
         v = xg / scale
@@ -131,7 +135,8 @@ def quantize(
         if reduce is not None:
             stat = reduce(stat)
         hi, lo = stat[0], -stat[1]
-        scale = torch.maximum((hi - lo) / (fmt.qmax - fmt.qmin),
+        rng = hi - lo if fmt.min_range is None else (hi - lo).clamp_min(fmt.min_range)
+        scale = torch.maximum(rng / (fmt.qmax - fmt.qmin),
                               torch.maximum(hi.abs(), lo.abs()) * _ASYM_REL_FLOOR).clamp_min(tiny)
         zero_point = fmt.qmin - torch.round(lo / scale)
         v = xg / scale + zero_point

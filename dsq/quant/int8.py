@@ -89,6 +89,8 @@ def int8_reason(fmt: QuantFormat | None, operand: str) -> str | None:
         return f"{operand} {fmt} has group scales"
     if fmt.bits > 8:
         return f"{operand} {fmt} is wider than 8 bits"
+    if fmt.min_range is not None:
+        return f"{operand} {fmt} has a range floor (min_range), which the integer kernels do not apply"
     return None
 
 
@@ -117,6 +119,10 @@ def int8_plan(qc: LinearQuant) -> Int8Plan:
     """Which GEMMs of ``qc``'s recipe can run as integer GEMMs (see the module docstring)."""
     a, w = int8_reason(qc.activation, "activation"), int8_reason(qc.weight, "weight")
     g = int8_reason(qc.grad, "grad")
+    if qc.full_backward:  # the study's backward: W and X in full precision, float GEMMs
+        a_bw = w_bw = "backward_operands=full keeps X and W in full precision for backward"
+        return Int8Plan(forward=_first(a, w),
+                        input_grad=w_bw, weight_grad=a_bw)
     gd = {"input": "input", "both": "input"}.get(qc.grad_gemms)
     gw = {"weight": "weight", "both": "weight"}.get(qc.grad_gemms)
     return Int8Plan(
@@ -218,7 +224,7 @@ class _Int8Linear(torch.autograd.Function):
             qx = _quant(x2, a, rx, qc, "activation", capture)
             if needs_dw:
                 if plan.weight_grad is not None:
-                    saved_x = _pack(qx, x2)
+                    saved_x = (x2, None, None) if qc.full_backward else _pack(qx, x2)
                 else:  # per tensor: the forward's codes
                     saved_x = (qx.codes, qx.scale, None)
         qw = _quant(w, qc.weight, rw, qc, "weight", capture)
@@ -232,7 +238,9 @@ class _Int8Linear(torch.autograd.Function):
             if bias is not None:
                 y = y + bias
         if needs_dx:
-            if plan.input_grad is not None or qc.weight.granularity == "tensor":
+            if qc.full_backward:
+                saved_w = (w, None, None)
+            elif plan.input_grad is not None or qc.weight.granularity == "tensor":
                 saved_w = _pack(qw, w)
             else:
                 saved_w = (w, None, None)  # requantized per input column in backward
@@ -294,7 +302,7 @@ class _Int8Linear(torch.autograd.Function):
                                b_shape=w_shape)
             else:
                 gd = _value(qg, g2, g.dtype) if q_dx else g2
-                dx = gd @ _unpack(saved[3:], qc.weight, g.dtype)
+                dx = gd @ _unpack(saved[3:], None if qc.full_backward else qc.weight, g.dtype)
             dx = dx.view(x_shape)
         if needs_dw:
             if int8_dw:
@@ -316,7 +324,8 @@ class _Int8Linear(torch.autograd.Function):
                                    b_shape=(g2.shape[0], x_shape[-1]) if x_packed else None)
             else:
                 gw = _value(qg, g2, g.dtype) if q_dw else g2
-                dw = (gw.t() @ _unpack(saved[:3], qc.activation, g.dtype)).to(w_dtype)
+                dw = (gw.t() @ _unpack(saved[:3], None if qc.full_backward else qc.activation,
+                                       g.dtype)).to(w_dtype)
         return dx, dw, db, None, None, None, None
 
 

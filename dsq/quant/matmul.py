@@ -15,13 +15,18 @@ The quantizers are straight-through: ``dX`` and ``dW`` are the exact gradients o
 forward with ``dQ(x)/dx = 1``, so ``dW`` sees the same ``Qa(X)`` the forward used. Bias stays
 outside (added by the caller in full precision).
 
+``backward_operands: full`` is the study's backward instead (its code saves the full-precision
+``X`` and ``W``): ``dX = Qg'(G) @ W`` and ``dW = Qg''(G)^T @ X``. The forward is the same; the
+gradients are those of the full-precision layer evaluated at the quantized forward's ``G``, and
+``X`` is held for backward in its own dtype (2-4 bytes per element, not 1).
+
 Scales are computed in fp32 from the current tensors (fp32 or bf16 inputs); with
 ``compute: simulate`` (the default) the GEMMs run in the input dtype on the dequantized operands:
 simulated quantization, as in the study. ``compute: int8`` runs each GEMM whose operands allow
 it as an integer GEMM (int8 x int8 -> int32, then one rescale): :mod:`dsq.quant.int8` says which,
 and where its backward GEMMs need other scale granularities than the recipe's.
 
-Saved for backward: the int8 codes and scales of ``Qa(X)`` and ``Qw(W)`` rather than the
+Saved for backward (``backward_operands: quantized``, the default): the int8 codes and scales of ``Qa(X)`` and ``Qw(W)`` rather than the
 full-precision operands, and only those the requested gradients need (``X`` only for ``dW``,
 ``W`` only for ``dX``). The activation held per linear drops from 2-4 bytes to about 1 byte per
 element; ``W``'s codes cost 1 byte per parameter but spare a second quantization (and, under
@@ -46,6 +51,7 @@ from dsq.quant.functional import QTensor, Reduce, quantize, signal_noise
 
 GRAD_GEMMS = ("weight", "input", "both")
 COMPUTES = ("simulate", "int8")
+BACKWARD_OPERANDS = ("quantized", "full")
 _ALLOWED = {"weight": ("tensor", "channel", "group"),
             "activation": ("tensor", "token", "group"),
             "grad": ("tensor", "token", "group")}
@@ -70,6 +76,9 @@ class LinearQuant:
     compute: str = "simulate"
     """simulate: float GEMMs on dequantized operands; int8: integer GEMMs where the formats
     allow (:mod:`dsq.quant.int8`), simulated GEMMs elsewhere."""
+    backward_operands: str = "quantized"
+    """quantized: the backward GEMMs use ``Qw(W)`` and ``Qa(X)`` (the gradient of the quantized
+    forward); full: ``W`` and ``X`` in full precision, as the study's code does."""
 
     def __post_init__(self):
         for name, allowed in _ALLOWED.items():
@@ -84,6 +93,9 @@ class LinearQuant:
         if self.compute not in COMPUTES:
             raise ValueError(f"compute={self.compute!r} is unknown: "
                              f"use one of {', '.join(COMPUTES)}")
+        if self.backward_operands not in BACKWARD_OPERANDS:
+            raise ValueError(f"backward_operands={self.backward_operands!r} is unknown: "
+                             f"use one of {', '.join(BACKWARD_OPERANDS)}")
 
     @property
     def enabled(self) -> bool:
@@ -92,15 +104,21 @@ class LinearQuant:
     @classmethod
     def from_config(cls, section: Any) -> LinearQuant:
         """From any object with ``weight, activation, grad, grad_gemms`` (strings, mappings, None)
-        and optionally ``check_finite`` and ``compute``."""
+        and optionally ``check_finite``, ``compute`` and ``backward_operands``."""
         return cls(weight=section.weight, activation=section.activation, grad=section.grad,
                    grad_gemms=getattr(section, "grad_gemms", "weight"),
                    check_finite=bool(getattr(section, "check_finite", False)),
-                   compute=getattr(section, "compute", "simulate"))
+                   compute=getattr(section, "compute", "simulate"),
+                   backward_operands=getattr(section, "backward_operands", "quantized"))
+
+    @property
+    def full_backward(self) -> bool:
+        return self.backward_operands == "full"
 
     def __str__(self) -> str:
+        full = ", full-precision backward operands" if self.full_backward else ""
         return (f"w={self.weight} a={self.activation} g={self.grad} "
-                f"(grad GEMMs: {self.grad_gemms})")
+                f"(grad GEMMs: {self.grad_gemms}{full})")
 
     def int8_plan(self):
         """Which GEMMs run as integer GEMMs under ``compute: int8``
@@ -152,6 +170,8 @@ class _QuantizedLinear(torch.autograd.Function):
         y = torch.matmul(x_hat.view(x.shape), w_hat.t())
 
         needs_dx, needs_dw = ctx.needs_input_grad[:2]
+        if qc.full_backward:
+            qx = qw = None  # the study's backward: X and W as they are
         saved_x = _pack(qx, x2) if needs_dw else (None,) * 3
         saved_w = _pack(qw, w) if needs_dx else (None,) * 3
         ctx.save_for_backward(*saved_x, *saved_w)
@@ -171,11 +191,12 @@ class _QuantizedLinear(torch.autograd.Function):
             g_hat = _quant(g2, qc.grad, reduce_g, qc, "grad").dequantize()
             _record(capture, "grad", g2, g_hat)
         dx = dw = None
+        full = qc.full_backward
         if needs_dx:
-            w_hat = _unpack(saved[3:], qc.weight, g.dtype)
+            w_hat = _unpack(saved[3:], None if full else qc.weight, g.dtype)
             dx = ((g_hat if q_dx else g2) @ w_hat).reshape(x_shape)
         if needs_dw:
-            x_hat = _unpack(saved[:3], qc.activation, g.dtype)
+            x_hat = _unpack(saved[:3], None if full else qc.activation, g.dtype)
             dw = ((g_hat if q_dw else g2).t() @ x_hat).to(w_dtype)
         return dx, dw, None, None, None, None, None
 
