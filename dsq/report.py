@@ -39,7 +39,61 @@ def _last(m: Dict[str, float], *keys: str) -> float:
     return float("nan")
 
 
+T975 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179,
+        2.160, 2.145, 2.131, 2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060,
+        2.056, 2.052, 2.048, 2.045, 2.042)
+"""Two-sided 95% quantiles of Student's t for 1..30 degrees of freedom (1.96 beyond)."""
+
+
+def t975(df: int) -> float:
+    return T975[df - 1] if 1 <= df <= len(T975) else 1.96
+
+
+def _run_row(r) -> Dict:
+    p, m, t = r.data.params, r.data.metrics, r.data.tags
+    grad = _fmt(p.get("quant.grad"))
+    if grad != "-":
+        grad += f" ({p.get('quant.grad_gemms', 'weight')})"
+    quantized = any(_fmt(p.get(f"quant.{k}")) != "-" for k in ("weight", "activation", "grad"))
+    seed = p.get("train.seed")
+    return {
+        "run_id": r.info.run_id,
+        "recipe": t.get("dsq.recipe") or r.info.run_name,
+        "seed": int(float(seed)) if seed not in (None, "", "None") else None,
+        "status": r.info.status,
+        "start": r.info.start_time or 0,
+        "W": _fmt(p.get("quant.weight")), "A": _fmt(p.get("quant.activation")), "G": grad,
+        "backward": p.get("quant.backward_operands", "quantized") if quantized else "-",
+        "states": _optim_states(p),
+        "steps": int(float(p.get("train.steps", "nan"))) if p.get("train.steps") else None,
+        "train_loss": _last(m, "summary/train_loss", "train/loss"),
+        "val_loss": _last(m, "summary/val_loss", "val/loss"),
+        "val_ppl": _last(m, "summary/val_ppl", "val/ppl"),
+        "tokens_per_s": _last(m, "summary/tokens_per_s"),
+        "state_bpp": _last(m, "summary/optimizer_state_bytes_per_param"),
+    }
+
+
+def _mean(xs: List[float]) -> float:
+    xs = [x for x in xs if not math.isnan(x)]
+    return sum(xs) / len(xs) if xs else float("nan")
+
+
+def _std(xs: List[float]) -> float:
+    """Sample standard deviation (n - 1); nan below two values."""
+    xs = [x for x in xs if not math.isnan(x)]
+    if len(xs) < 2:
+        return float("nan")
+    mu = sum(xs) / len(xs)
+    return math.sqrt(sum((x - mu) ** 2 for x in xs) / (len(xs) - 1))
+
+
 def collect(client, experiment: str) -> List[Dict]:
+    """One row per recipe (runs grouped by their ``dsq.recipe`` tag), over its seeds: the most
+    recent finished run of each seed (running and failed runs are left out), val loss mean and
+    sample std, and
+    the difference to ``baseline`` paired by seed with its standard error and whether it is
+    beyond the noise (a two-sided paired t-test at 95%: ``|d| > t(n-1) s.e.``)."""
     exp = client.get_experiment_by_name(experiment)
     if exp is None:
         names = [e.name for e in client.search_experiments()]
@@ -49,55 +103,100 @@ def collect(client, experiment: str) -> List[Dict]:
             if r.data.tags.get(REPORT_TAG) != "report"]
     if not runs:
         raise ReportError(f"experiment {experiment!r} has no training runs")
-    rows = []
-    for r in runs:
-        p, m, t = r.data.params, r.data.metrics, r.data.tags
-        grad = _fmt(p.get("quant.grad"))
-        if grad != "-":
-            grad += f" ({p.get('quant.grad_gemms', 'weight')})"
-        rows.append({
-            "run_id": r.info.run_id,
-            "recipe": t.get("dsq.recipe") or r.info.run_name,
-            "status": r.info.status,
-            "start": r.info.start_time or 0,
-            "W": _fmt(p.get("quant.weight")), "A": _fmt(p.get("quant.activation")), "G": grad,
-            "states": _optim_states(p),
-            "steps": int(float(p.get("train.steps", "nan"))) if p.get("train.steps") else None,
-            "train_loss": _last(m, "summary/train_loss", "train/loss"),
-            "val_loss": _last(m, "summary/val_loss", "val/loss"),
-            "val_ppl": _last(m, "summary/val_ppl", "val/ppl"),
-            "tokens_per_s": _last(m, "summary/tokens_per_s"),
-            "state_bpp": _last(m, "summary/optimizer_state_bytes_per_param"),
-        })
-    # one row per recipe: the most recent finished run (else the most recent)
-    best: Dict[str, Dict] = {}
-    for row in sorted(rows, key=lambda r: (r["status"] == "FINISHED", r["start"])):
-        best[row["recipe"]] = row
-    out = sorted(best.values(), key=lambda r: (r["recipe"] != "baseline", r["recipe"]))
-    base = best.get("baseline")
+    latest: Dict[Tuple[str, object], Dict] = {}
+    for row in sorted(map(_run_row, runs), key=lambda r: r["start"]):
+        if row["status"] == "FINISHED":
+            latest[(row["recipe"], row["seed"])] = row
+    if not latest:
+        raise ReportError(f"experiment {experiment!r} has no finished training run yet")
+    groups: Dict[str, List[Dict]] = {}
+    for (recipe, _), row in latest.items():
+        groups.setdefault(recipe, []).append(row)
+    out = []
+    for recipe, rs in groups.items():
+        rs.sort(key=lambda r: (r["seed"] is None, r["seed"] or 0))
+        head = max(rs, key=lambda r: r["start"])
+        vals = [r["val_loss"] for r in rs]
+        out.append(dict(head, runs=rs, n=len(rs), seeds=[r["seed"] for r in rs],
+                        val_loss=_mean(vals), val_std=_std(vals),
+                        train_loss=_mean([r["train_loss"] for r in rs]),
+                        val_ppl=_mean([r["val_ppl"] for r in rs]),
+                        tokens_per_s=_mean([r["tokens_per_s"] for r in rs]),
+                        state_bpp=_mean([r["state_bpp"] for r in rs])))
+    out.sort(key=lambda r: (r["recipe"] != "baseline", r["recipe"]))
+    base = groups.get("baseline")
+    base_by_seed = {r["seed"]: r["val_loss"] for r in base} if base else {}
     for row in out:
-        row["delta_val"] = row["val_loss"] - base["val_loss"] if base else float("nan")
+        row["delta_val"] = row["delta_se"] = float("nan")
+        row["beyond_noise"] = None
+        if not base:
+            continue
+        d = [r["val_loss"] - base_by_seed[r["seed"]] for r in row["runs"]
+             if r["seed"] in base_by_seed and not math.isnan(r["val_loss"])]
+        if not d:  # no common seed: difference of the means
+            row["delta_val"] = row["val_loss"] - _mean(list(base_by_seed.values()))
+            continue
+        row["delta_val"], row["paired"] = _mean(d), len(d)
+        if len(d) >= 2:
+            row["delta_se"] = _std(d) / math.sqrt(len(d))
+            if row["recipe"] != "baseline":
+                row["beyond_noise"] = abs(row["delta_val"]) > t975(len(d) - 1) * row["delta_se"]
     return out
 
 
 def markdown(rows: List[Dict], experiment: str) -> str:
-    def f(x, nd=4):
-        return "-" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.{nd}f}"
+    def f(x, nd=4, sign=False):
+        if x is None or (isinstance(x, float) and math.isnan(x)):
+            return "-"
+        return f"{x:+.{nd}f}" if sign else f"{x:.{nd}f}"
 
     lines = [f"# dsq report: experiment `{experiment}`", "",
-             "| recipe | W | A | G | optimizer states | steps | train loss | val loss | val ppl "
-             "| Δ val vs baseline | tokens/s | state B/param |",
-             "| --- | --- | --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+             "| recipe | W | A | G | backward | optimizer states | steps | seeds | train loss "
+             "| val loss | ± std | Δ val vs baseline | ± s.e. | beyond noise | val ppl "
+             "| tokens/s | state B/param |",
+             "| --- | --- | --- | --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: "
+             "| --- | ---: | ---: | ---: |"]
     for r in rows:
-        delta = r["delta_val"]
-        d = "-" if math.isnan(delta) else f"{delta:+.4f}"
         tps = "-" if math.isnan(r["tokens_per_s"]) else f"{r['tokens_per_s']:,.0f}"
-        lines.append(f"| {r['recipe']} | {r['W']} | {r['A']} | {r['G']} | {r['states']} | "
-                     f"{r['steps'] or '-'} | {f(r['train_loss'])} | {f(r['val_loss'])} | "
-                     f"{f(r['val_ppl'], 2)} | {d} | {tps} | {f(r['state_bpp'], 2)} |")
+        noise = {None: "-", True: "yes", False: "no"}[r["beyond_noise"]]
+        lines.append(
+            f"| {r['recipe']} | {r['W']} | {r['A']} | {r['G']} | {r['backward']} | {r['states']} | "
+            f"{r['steps'] or '-'} | {r['n']} | {f(r['train_loss'])} | {f(r['val_loss'])} | "
+            f"{f(r['val_std'])} | {f(r['delta_val'], sign=True)} | {f(r['delta_se'])} | {noise} | "
+            f"{f(r['val_ppl'], 2)} | {tps} | {f(r['state_bpp'], 2)} |")
+    lines += ["", "Means over seeds (`train.seed`); ± std: sample standard deviation of the final "
+              "validation loss; Δ: mean difference to `baseline` paired by seed, ± its standard "
+              "error; beyond noise: a two-sided paired t-test at 95% (|Δ| > t(n-1) s.e.), \"-\" "
+              "with fewer than two common seeds."]
     if not any(r["recipe"] == "baseline" for r in rows):
         lines += ["", "No run tagged `baseline` in this experiment: differences are not shown."]
     return "\n".join(lines) + "\n"
+
+
+MARKERS = ("o", "s", "^", "D", "v", "P", "X")
+LINESTYLES = ("-", "--", "-.", ":")
+
+
+def styles(n: int) -> List[Dict]:
+    """Line styles for ``n`` curves, pairwise distinct in (colour, marker, line style): colour
+    cycles over 10, marker over 7, line style every 10 curves."""
+    import matplotlib
+
+    colors = matplotlib.colormaps["tab10"].colors
+    return [dict(color=colors[i % 10], marker=MARKERS[i % len(MARKERS)],
+                 linestyle=LINESTYLES[(i // 10) % len(LINESTYLES)]) for i in range(n)]
+
+
+def _curves(client, row: Dict):
+    """Mean and std of the validation loss at each step over the row's runs."""
+    by_step: Dict[int, List[float]] = {}
+    for r in row["runs"]:
+        for m in client.get_metric_history(r["run_id"], "val/loss"):
+            by_step.setdefault(m.step, []).append(m.value)
+    steps = sorted(by_step)
+    mean = [_mean(by_step[s]) for s in steps]
+    std = [(_std(by_step[s]) if len(by_step[s]) > 1 else 0.0) for s in steps]
+    return steps, mean, std
 
 
 def plot(client, rows: List[Dict], path: Path, experiment: str) -> None:
@@ -106,17 +205,25 @@ def plot(client, rows: List[Dict], path: Path, experiment: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(8, 5), dpi=110)
-    for r in rows:
-        hist = sorted((m.step, m.value) for m in client.get_metric_history(r["run_id"], "val/loss"))
-        if hist:
-            style = dict(lw=2.2, color="black") if r["recipe"] == "baseline" else dict(lw=1.3)
-            ax.plot(*zip(*hist), marker=".", label=r["recipe"], **style)
+    fig, ax = plt.subplots(figsize=(9, 5.5), dpi=110)
+    others = [r for r in rows if r["recipe"] != "baseline"]
+    for r, st in zip(rows, [dict(color="black", marker=".", linestyle="-")] + styles(len(others))
+                     if rows and rows[0]["recipe"] == "baseline" else styles(len(rows))):
+        steps, mean, std = _curves(client, r)
+        if not steps:
+            continue
+        lw = 2.2 if r["recipe"] == "baseline" else 1.3
+        label = r["recipe"] + (f" (n={r['n']})" if r["n"] > 1 else "")
+        ax.plot(steps, mean, lw=lw, markersize=4, label=label, **st)
+        if any(std):
+            lo = [m - s for m, s in zip(mean, std)]
+            hi = [m + s for m, s in zip(mean, std)]
+            ax.fill_between(steps, lo, hi, color=st["color"], alpha=0.15, lw=0)
     ax.set_xlabel("step")
     ax.set_ylabel("validation loss (nats/token)")
-    ax.set_title(f"validation loss: {experiment}")
+    ax.set_title(f"validation loss: {experiment} (mean, band: ± std over seeds)")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8, ncol=2)
+    ax.legend(fontsize=7, ncol=2 if len(rows) > 8 else 1)
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)

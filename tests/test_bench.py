@@ -24,6 +24,13 @@ def test_bench_linear_json_rows(tmp_path):
     # int8 codes saved for backward instead of bf16 activations
     assert by[("dsq int8", "32x16->24")]["saved_MiB"] < by[("bf16 nn.Linear", "32x16->24")][
         "saved_MiB"]
+    # the study's full-precision backward operands keep bf16 X (32 x 16 x 2 bytes) and the
+    # weight itself (a parameter: not counted) where the default keeps the int8 codes and
+    # scales of X (32 x 16 + 32 x 4 bytes) and of W (24 x 16 + 24 x 4)
+    full = by[("dsq simulate, full backward", "32x16->24")]["saved_MiB"] * 2**20
+    quant = by[("dsq simulate", "32x16->24")]["saved_MiB"] * 2**20
+    assert full - quant == pytest.approx(32 * 16 * 2 - (32 * 16 + 32 * 4) - (24 * 16 + 24 * 4),
+                                         abs=0.5)
     assert by[("bf16 nn.Linear", "32x16->24")]["speedup_vs_bf16"] == 1.0
     assert "| dsq int8 " in res.stdout  # the table
     # headed by the CPU and the instruction set of each kernel, in the table and the JSON

@@ -151,10 +151,11 @@ def test_report_table_and_plot(tmp_path, data_cache):
     rows = [ln for ln in md.splitlines() if ln.startswith("| ") and "---" not in ln][1:]
     assert [r.split("|")[1].strip() for r in rows] == ["baseline", "lr-x0.3", "lr-x3"]
     vals = {r.split("|")[1].strip(): r.split("|") for r in rows}
-    base_val = float(vals["baseline"][8])
-    assert vals["baseline"][10].strip() == "+0.0000"
+    base_val = float(vals["baseline"][10])  # one seed each: no std, s.e. or noise verdict
+    assert vals["baseline"][12].strip() == "+0.0000" and vals["baseline"][8].strip() == "1"
     for name in ("lr-x3", "lr-x0.3"):
-        assert float(vals[name][10]) == pytest.approx(float(vals[name][8]) - base_val, abs=2e-4)
+        assert float(vals[name][12]) == pytest.approx(float(vals[name][10]) - base_val, abs=2e-4)
+        assert [vals[name][i].strip() for i in (11, 13, 14)] == ["-", "-", "-"]
     png = tmp_path / "report" / "val_curves.png"
     assert png.stat().st_size > 10_000 and png.read_bytes()[:4] == b"\x89PNG"
     c = MlflowClient(db)

@@ -8,6 +8,9 @@ Rows (each shape ``tokens x in -> out``, the same inputs cast to each row's dtyp
   ``torch.compile`` (with ``--compile``); only when torchao is importable (extra ``bench``);
 * ``dsq simulate``: :func:`dsq.quant.quantized_linear`, W8A8 with G8 on both backward GEMMs
   (``int8:channel``, ``int8:token``, ``int8:token``), bf16, quantize-dequantize + bf16 GEMMs;
+* ``dsq simulate, full backward``: the same with ``backward_operands: full`` (the study's
+  backward: ``X`` and ``W`` kept in full precision for the backward GEMMs), to compare what each
+  keeps for backward (``saved_MiB``);
 * ``dsq int8``: the same recipe with ``compute: int8`` (integer GEMMs) and the default C
   kernels for quantization and rescale; ``dsq int8 (eager)`` with the eager reference kernels,
   ``dsq int8 (compiled)`` with the torch.compile ones (with ``--compile``, the default).
@@ -89,10 +92,11 @@ def _torchao(n_in, n_out, w, b, compile_: bool) -> Row | None:
     return Row(name, torch.bfloat16, layer, list(m.parameters()))
 
 
-def _dsq(n_in, n_out, w, b, compute: str, name: str, kernel: str = "auto") -> Row:
+def _dsq(n_in, n_out, w, b, compute: str, name: str, kernel: str = "auto",
+         backward_operands: str = "quantized") -> Row:
     from dsq.quant import LinearQuant, quantized_linear
 
-    qc = LinearQuant(**RECIPE, compute=compute)
+    qc = LinearQuant(**RECIPE, compute=compute, backward_operands=backward_operands)
     wp = torch.nn.Parameter(w.to(torch.bfloat16).clone())
     bp = torch.nn.Parameter(b.to(torch.bfloat16).clone())
     return Row(name, torch.bfloat16, lambda x: quantized_linear(x, wp, qc, bias=bp), [wp, bp],
@@ -113,6 +117,8 @@ def build_rows(n_in, n_out, w, b, *, compile_: bool, torchao: bool,
             if r is not None:
                 rows.append(r)
     rows.append(_dsq(n_in, n_out, w, b, "simulate", "dsq simulate"))
+    rows.append(_dsq(n_in, n_out, w, b, "simulate", "dsq simulate, full backward",
+                     backward_operands="full"))
     rows.append(_dsq(n_in, n_out, w, b, "int8", "dsq int8 (eager)", "eager"))
     if device == "cuda":
         rows.append(_dsq(n_in, n_out, w, b, "int8", "dsq int8", "auto"))

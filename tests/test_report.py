@@ -1,0 +1,83 @@
+"""``dsq report`` over seeds: grouping, paired differences and their noise, distinct styles."""
+
+from __future__ import annotations
+
+import math
+from types import SimpleNamespace as NS
+
+import pytest
+
+from dsq.report import collect, markdown, styles, t975
+
+
+class FakeClient:
+    def __init__(self, runs):
+        self.runs = runs
+
+    def get_experiment_by_name(self, name):
+        return NS(experiment_id="1") if name == "exp" else None
+
+    def search_experiments(self):
+        return [NS(name="exp")]
+
+    def search_runs(self, ids, max_results):
+        return self.runs
+
+
+def run(recipe, seed, val, status="FINISHED", start=0, **params):
+    p = {"train.seed": str(seed), "train.steps": "400", **params}
+    return NS(info=NS(run_id=f"{recipe}-{seed}-{start}", run_name=recipe, status=status,
+                      start_time=start),
+              data=NS(params=p, tags={"dsq.recipe": recipe},
+                      metrics={"summary/val_loss": val, "summary/train_loss": val + 0.1}))
+
+
+def test_seeds_grouped_paired_differences_and_noise():
+    base = [5.30, 5.34, 5.26]
+    runs = [run("baseline", s, v) for s, v in zip((1, 2, 3), base)]
+    # a recipe worse by 0.05 +- 0.001 per seed: beyond noise; one within noise
+    runs += [run("w4a4", s, v + 0.05 + e, **{"quant.weight": "int4:channel"})
+             for s, v, e in zip((1, 2, 3), base, (0.001, -0.001, 0.0))]
+    runs += [run("w8a8", s, v + e, **{"quant.weight": "int8:channel",
+                                       "quant.backward_operands": "full"})
+             for s, v, e in zip((1, 2, 3), base, (0.01, -0.012, 0.004))]
+    # superseded, running and failed runs do not count
+    runs += [run("w8a8", 1, 9.0, start=-1), run("w8a8", 4, 1.0, status="RUNNING"),
+             run("w8a8", 5, 1.0, status="FAILED")]
+    rows = {r["recipe"]: r for r in collect(FakeClient(runs), "exp")}
+    assert list(rows) == ["baseline", "w4a4", "w8a8"]
+    b, w4, w8 = rows["baseline"], rows["w4a4"], rows["w8a8"]
+    assert (b["n"], w4["n"], w8["n"]) == (3, 3, 3) and w8["seeds"] == [1, 2, 3]
+    assert b["val_loss"] == pytest.approx(5.30) and b["val_std"] == pytest.approx(0.04)
+    assert w4["delta_val"] == pytest.approx(0.05)
+    assert w4["delta_se"] == pytest.approx(0.001 / math.sqrt(3))
+    assert w4["beyond_noise"] is True
+    d = [0.01, -0.012, 0.004]
+    sd = math.sqrt(sum((x - sum(d) / 3) ** 2 for x in d) / 2)
+    assert w8["delta_val"] == pytest.approx(sum(d) / 3) and w8["delta_se"] == pytest.approx(
+        sd / math.sqrt(3))
+    assert w8["beyond_noise"] is False and w8["backward"] == "full"
+    assert b["beyond_noise"] is None and b["backward"] == "-"
+    md = markdown(list(rows.values()), "exp")
+    line = next(ln for ln in md.splitlines() if ln.startswith("| w4a4 "))
+    cells = [c.strip() for c in line.split("|")[1:-1]]
+    assert cells[4] == "quantized"
+    assert cells[7:14] == ["3", "5.4500", "5.3500", "0.0400", "+0.0500",
+                           f"{0.001 / math.sqrt(3):.4f}", "yes"]
+
+
+def test_one_seed_has_no_error_bars():
+    rows = collect(FakeClient([run("baseline", 1, 5.0), run("a8", 1, 5.1)]), "exp")
+    a8 = rows[1]
+    assert a8["delta_val"] == pytest.approx(0.1)
+    assert math.isnan(a8["delta_se"]) and a8["beyond_noise"] is None and math.isnan(a8["val_std"])
+
+
+def test_t_quantiles():
+    assert t975(2) == 4.303 and t975(1) == 12.706 and t975(100) == 1.96
+
+
+def test_every_curve_has_its_own_style():
+    st = styles(40)
+    keys = {(s["color"], s["marker"], s["linestyle"]) for s in st}
+    assert len(keys) == 40
