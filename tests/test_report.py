@@ -62,7 +62,7 @@ def test_seeds_grouped_paired_differences_and_noise():
     line = next(ln for ln in md.splitlines() if ln.startswith("| w4a4 "))
     cells = [c.strip() for c in line.split("|")[1:-1]]
     assert cells[4] == "quantized"
-    assert cells[7:14] == ["3", "5.4500", "5.3500", "0.0400", "+0.0500",
+    assert cells[7:14] == ["3", "5.4500", "5.3500", "0.0395", "+0.0500",
                            f"{0.001 / math.sqrt(3):.4f}", "yes"]
 
 
