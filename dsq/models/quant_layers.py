@@ -25,7 +25,7 @@ row-parallel     W[out, in/tp]          W per-tensor and per-channel
                  X[tokens, in/tp]       X per-tensor and per-token
 ================ ====================== ==================================================
 
-With ``compute: int8`` the backward GEMMs requantize per column (:mod:`dsq.quant.int8`); a
+With ``compute: int8`` the backward GEMMs requantize per column (:mod:`dsq.quant.linear`); a
 per-column statistic spans the rows, so the column-parallel ``W[out/tp, in]`` per input column is
 max-reduced too (``X`` and ``G`` per column reduce over tokens, never sharded here).
 
@@ -57,7 +57,7 @@ with warnings.catch_warnings():
     from megatron.core.tensor_parallel.layers import ColumnParallelLinear, RowParallelLinear
     from megatron.core.tensor_parallel.mappings import copy_to_tensor_model_parallel_region
 
-from dsq.quant import LinearQuant, power_db, quantized_linear
+from dsq.quant import LinearQuant, Reducers, power_db, quantized_linear
 
 OPERANDS = ("weight", "activation", "grad")
 LAYER_KINDS = {"linear_qkv": "qkv", "linear_proj": "proj", "linear_fc1": "fc1",
@@ -113,16 +113,15 @@ class _QuantLinearMixin:
         qc = self.qconfig
         tp = group.size() if group is not None else 1
         int8 = qc.compute == "int8"
-        return quantized_linear(
-            input, weight, qc, bias=bias,
-            reduce_x=self._reducer(qc.activation, "activation", tp),
-            reduce_w=self._reducer(qc.weight, "weight", tp),
-            reduce_g=self._reducer(qc.grad, "grad", tp),
-            reduce_xt=self._col_reducer(qc.activation, "activation", tp) if int8 else None,
-            reduce_wt=self._col_reducer(qc.weight, "weight", tp) if int8 else None,
-            reduce_gt=self._col_reducer(qc.grad, "grad", tp) if int8 else None,
-            capture=self._sqnr,
-        )
+        reducers = Reducers(
+            x=self._reducer(qc.activation, "activation", tp),
+            w=self._reducer(qc.weight, "weight", tp),
+            g=self._reducer(qc.grad, "grad", tp),
+            xt=self._col_reducer(qc.activation, "activation", tp) if int8 else None,
+            wt=self._col_reducer(qc.weight, "weight", tp) if int8 else None,
+            gt=self._col_reducer(qc.grad, "grad", tp) if int8 else None)
+        return quantized_linear(input, weight, qc, bias=bias, reducers=reducers,
+                                capture=self._sqnr)
 
     def _reducer(self, fmt, operand: str, tp: int):
         sharded = self._sharded.get(operand)
@@ -217,7 +216,7 @@ def apply_quantization(model: torch.nn.Module, quant_section: Any) -> list[str]:
 def _report_int8(qc: LinearQuant, names: list[str]) -> None:
     """Say once (rank 0, on stderr, whatever the warning filters) which GEMMs run as integer
     GEMMs and which fall back to simulation."""
-    from dsq.quant.int8 import describe_plan
+    from dsq.quant.recipe import describe_plan
 
     if dist.is_available() and dist.is_initialized() and dist.get_rank() != 0:
         return

@@ -37,7 +37,7 @@ pass ``reduce``: a callable that max-reduces a tensor across the group in place 
 (asymmetric), one call per quantization. This module never imports ``torch.distributed``.
 
 The functions here carry no gradient (statistics and codes are computed under ``no_grad``);
-the straight-through estimator lives in :mod:`dsq.quant.matmul`.
+the straight-through estimator lives in :mod:`dsq.quant.linear`.
 """
 
 from __future__ import annotations

@@ -2,7 +2,7 @@
 
 The forward and per-tensor backward GEMMs use the recipe's own quantization: int8 equals
 ``compute: simulate``. Per-channel/token backward GEMMs requantize per column (see
-dsq/quant/int8.py): int8 equals the simulation of those granularities, built here from
+dsq/quant/linear.py): int8 equals the simulation of those granularities, built here from
 ``fake_quantize`` independently of the implementation.
 """
 
@@ -23,7 +23,7 @@ from dsq.quant.fused import (
     rescale,
     set_kernel,
 )
-from dsq.quant.int8 import describe_plan, int8_plan
+from dsq.quant.recipe import describe_plan, int8_plan
 from tests.dist_utils import spawn
 
 IN, OUT = 32, 48  # in < out: dW transposes X; the (64, 24) case transposes G

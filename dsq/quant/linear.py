@@ -1,5 +1,40 @@
-"""``compute: int8``: the quantized linear's GEMMs as integer GEMMs (int8 x int8 -> int32).
+"""The quantized linear layer: one autograd Function, three GEMMs, each with its quantizers.
 
+With ``X[tokens, in]`` (any leading shape, flattened), ``W[out, in]`` and the output gradient
+``G = dL/dY [tokens, out]``::
+
+    forward       Y  = Qa(X)  @ Qw(W)^T          [tokens, out]
+    input grad    dX = Qg'(G) @ Qw(W)            [tokens, in]
+    weight grad   dW = Qg''(G)^T @ Qa(X)         [out, in]
+
+``Qa``, ``Qw``, ``Qg`` are fake quantizers (quantize then dequantize, :mod:`dsq.quant.functional`)
+with the formats of :class:`~dsq.quant.recipe.LinearQuant`; a format of None is the identity. ``grad_gemms``
+chooses which backward GEMM sees the quantized gradient: ``weight`` (the study's default,
+``Qg''= Qg``, ``Qg' = id``), ``input`` (the reverse) or ``both`` (one ``Qg(G)`` shared by the two).
+The quantizers are straight-through: ``dX`` and ``dW`` are the exact gradients of the quantized
+forward with ``dQ(x)/dx = 1``, so ``dW`` sees the same ``Qa(X)`` the forward used. Bias is
+added in full precision.
+
+``backward_operands: full`` is the study's backward instead (its code saves the full-precision
+``X`` and ``W``): ``dX = Qg'(G) @ W`` and ``dW = Qg''(G)^T @ X``. The forward is the same; the
+gradients are those of the full-precision layer evaluated at the quantized forward's ``G``, and
+``X`` is held for backward in its own dtype (2-4 bytes per element, not 1).
+
+Scales are computed in fp32 from the current tensors (fp32 or bf16 inputs); with
+``compute: simulate`` (the default) the GEMMs run in the input dtype on the dequantized operands:
+simulated quantization, as in the study. ``compute: int8`` runs each GEMM whose operands allow
+it as an integer GEMM (int8 x int8 -> int32, then one rescale): the section below says which,
+and where its backward GEMMs need other scale granularities than the recipe's.
+
+Saved for backward (``backward_operands: quantized``, the default): the int8 codes and scales
+of ``Qa(X)`` and ``Qw(W)`` rather than the full-precision operands, and only those the requested gradients need (``X`` only for ``dW``,
+``W`` only for ``dX``). The activation held per linear drops from 2-4 bytes to about 1 byte per
+element; ``W``'s codes cost 1 byte per parameter but spare a second quantization (and, under
+tensor parallelism, a second statistics all-reduce) in backward, and keep ``dX`` consistent
+with the forward even with stochastic rounding. An unquantized operand is saved as is.
+
+Integer GEMMs (``compute: int8``)
+---------------------------------
 A scaled integer GEMM ``C = (sa qa) (sb qb)`` is ``C[m, n] = sa[m] sb[n] sum_k qa[m, k] qb[k, n]``
 only when no scale varies along the reduced dimension ``k``: one ``torch._int_mm`` and one
 rescale (:mod:`dsq.quant.fused`). With ``X[tokens, in]``, ``W[out, in]``, ``G[tokens, out]``:
@@ -29,11 +64,13 @@ always equals it (same codes, same scales).
 A GEMM runs as an integer GEMM only when both of its operands are quantized, symmetric (no zero
 point), per tensor/channel/token (not per group), at most 8 bits (always, here). Stochastic
 rounding is allowed (its codes are codes). Otherwise that GEMM is simulated exactly as
-``compute: simulate`` does, and :func:`int8_plan` says which and why, e.g. the input gradient under
+``compute: simulate`` does, and :func:`~dsq.quant.recipe.gemm_plan` says which and why, e.g.
+the input gradient under
 ``grad_gemms: weight``: the recipe leaves ``G`` in full precision there, and it is not quantized
-for speed's sake. :func:`describe_plan` is the start-up line naming what falls back.
+for speed's sake. :func:`~dsq.quant.recipe.describe_plan` is the start-up line naming what
+falls back.
 
-Saved for backward: for ``dW``, the int8 codes of ``X`` (per column for an integer ``dW``, the
+Saved for backward by integer GEMMs: for ``dW``, the int8 codes of ``X`` (per column for an integer ``dW``, the
 recipe's per-token codes for a simulated one) and their scales; for ``dX``, ``W`` itself when it
 is requantized per input column in backward, otherwise ``W``'s int8 codes: about one byte per
 activation element instead of two (bf16) or four (fp32). The ``dW`` GEMM takes the smaller of
@@ -47,23 +84,23 @@ bias gradient (column sums), ``W`` twice for its per-column codes. On CPUs with 
 GEMM rescales its output tiles in cache (:mod:`dsq.quant.cpu_gemm`); elsewhere its
 int32 result is read once by a rescale (+ bias) pass. See :mod:`dsq.quant.fused` for the kernels.
 
-Tensor parallelism: ``reduce_x/w/g`` max-reduce the recipe's statistics, ``reduce_xt/wt/gt`` those
-of the per-column quantizations (a per-column statistic reduces over the rows: ``W``'s over
-``out``, sharded in a column-parallel layer; ``X``'s and ``G``'s over tokens).
+Tensor parallelism: :class:`~dsq.quant.recipe.Reducers` ``x``, ``w``, ``g`` max-reduce the
+statistics of ``X``, ``W`` and ``G`` across the ranks sharing a scale (see
+:func:`dsq.quant.functional.quantize`), ``xt``, ``wt``, ``gt`` those of the per-column
+quantizations (a per-column statistic reduces over the rows: ``W``'s over ``out``, sharded in a
+column-parallel layer; ``X``'s and ``G``'s over tokens); the caller
+(``dsq.models.quant_layers``) decides which operands need them.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import functools
-from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
 
 from dsq.quant.format import QuantFormat
-from dsq.quant.functional import QTensor, Reduce, quantize, signal_noise_q
+from dsq.quant.functional import QTensor, Reduce, quantize, signal_noise, signal_noise_q
 from dsq.quant.fused import (
     can_pack,
     quantize_cols,
@@ -71,80 +108,7 @@ from dsq.quant.fused import (
     quantize_rows_cols,
     scaled_mm,
 )
-
-if TYPE_CHECKING:
-    from dsq.quant.matmul import LinearQuant
-
-GEMMS = {"forward": "forward Y = X W^T", "input_grad": "input grad dX = G W",
-         "weight_grad": "weight grad dW = G^T X"}
-
-
-def int8_reason(fmt: QuantFormat | None, operand: str) -> str | None:
-    """Why ``fmt`` cannot feed an integer GEMM (None: it can)."""
-    if fmt is None:
-        return f"{operand} is not quantized"
-    if not fmt.symmetric:
-        return f"{operand} {fmt} is asymmetric (zero point)"
-    if fmt.granularity == "group":
-        return f"{operand} {fmt} has group scales"
-    if fmt.bits > 8:
-        return f"{operand} {fmt} is wider than 8 bits"
-    if fmt.min_range is not None:
-        return f"{operand} {fmt} has a range floor (min_range), which the integer kernels do not apply"
-    return None
-
-
-@dataclass(frozen=True)
-class Int8Plan:
-    """For each GEMM, None when it runs as an integer GEMM, else why it is simulated."""
-
-    forward: str | None
-    input_grad: str | None
-    weight_grad: str | None
-
-    @property
-    def any_int8(self) -> bool:
-        return None in (self.forward, self.input_grad, self.weight_grad)
-
-    def fallbacks(self) -> dict[str, str]:
-        return {k: v for k, v in dataclasses.asdict(self).items() if v is not None}
-
-
-def _first(*reasons: str | None) -> str | None:
-    return "; ".join(r for r in reasons if r) or None
-
-
-@functools.lru_cache(maxsize=64)
-def int8_plan(qc: LinearQuant) -> Int8Plan:
-    """Which GEMMs of ``qc``'s recipe can run as integer GEMMs (see the module docstring)."""
-    a, w = int8_reason(qc.activation, "activation"), int8_reason(qc.weight, "weight")
-    g = int8_reason(qc.grad, "grad")
-    if qc.full_backward:  # the study's backward: W and X in full precision, float GEMMs
-        a_bw = w_bw = "backward_operands=full keeps X and W in full precision for backward"
-        return Int8Plan(forward=_first(a, w),
-                        input_grad=w_bw, weight_grad=a_bw)
-    gd = {"input": "input", "both": "input"}.get(qc.grad_gemms)
-    gw = {"weight": "weight", "both": "weight"}.get(qc.grad_gemms)
-    return Int8Plan(
-        forward=_first(a, w),
-        input_grad=_first(g if gd else f"grad is not quantized for this GEMM "
-                          f"(grad_gemms={qc.grad_gemms})", w),
-        weight_grad=_first(g if gw else f"grad is not quantized for this GEMM "
-                           f"(grad_gemms={qc.grad_gemms})", a))
-
-
-def describe_plan(qc: LinearQuant, kinds: list[str] | None = None) -> tuple[str, bool]:
-    """A one-line account of what ``compute: int8`` does with ``qc`` on layers ``kinds``,
-    and whether any GEMM falls back to simulation."""
-    plan = int8_plan(qc)
-    where = f" ({', '.join(kinds)})" if kinds else ""
-    int8 = [GEMMS[k] for k, v in dataclasses.asdict(plan).items() if v is None]
-    fb = plan.fallbacks()
-    msg = f"quant.compute=int8 for {qc}{where}: integer GEMMs: {', '.join(int8) or 'none'}"
-    if fb:
-        msg += "; simulated (float GEMM on dequantized operands): " + "; ".join(
-            f"{GEMMS[k]} because {v}" for k, v in fb.items())
-    return msg, bool(fb)
+from dsq.quant.recipe import NO_REDUCERS, GemmPlan, LinearQuant, Reducers, gemm_plan, int8_reason
 
 
 def _col_fmt(fmt: QuantFormat) -> QuantFormat:
@@ -157,9 +121,11 @@ def _tscale(s: Tensor | None) -> Tensor | None:
     return s.t() if s is not None and s.dim() == 2 else s
 
 
-def _record(capture, name: str, x: Tensor, q: QTensor) -> None:
+def _record(capture, name: str, x: Tensor, q: QTensor, simulate: bool) -> None:
+    """Accumulate ``[signal, noise]`` of ``x`` and its quantization: against the values the
+    simulated GEMM uses (``x``'s dtype), or against fp32 dequantized codes for integer GEMMs."""
     if capture is not None:
-        terms = signal_noise_q(x, q)
+        terms = signal_noise(x, q.dequantize(x.dtype)) if simulate else signal_noise_q(x, q)
         capture[name] = capture[name] + terms if name in capture else terms
 
 
@@ -167,17 +133,18 @@ def _quant(x: Tensor, fmt: QuantFormat | None, reduce: Reduce | None, qc: Linear
            name: str, capture) -> QTensor | None:
     """The recipe's quantization of ``x`` (None: not quantized), recorded for SQNR.
 
-    Integer-GEMM formats go through :func:`dsq.quant.fused.quantize_rows` (eager: the very
+    Under ``compute: int8``, integer-GEMM formats go through
+    :func:`dsq.quant.fused.quantize_rows` (eager: the very
     :func:`~dsq.quant.functional.quantize` of the simulation; fused: the same codes), others
     through ``quantize`` (their GEMM is simulated)."""
     if fmt is None:
         return None
-    if int8_reason(fmt, name) is None:
+    if qc.compute == "int8" and int8_reason(fmt, name) is None:
         codes, scale = quantize_rows(x, fmt, reduce, check_finite=qc.check_finite, name=name)
         q = QTensor(codes, scale, None, fmt, x.dtype)
     else:
         q = quantize(x, fmt, reduce=reduce, check_finite=qc.check_finite, name=name)
-    _record(capture, name, x, q)
+    _record(capture, name, x, q, qc.compute == "simulate")
     return q
 
 
@@ -196,10 +163,10 @@ def _value(q: QTensor | None, full: Tensor, dtype: torch.dtype) -> Tensor:
     return full.to(dtype) if q is None else q.dequantize(dtype)
 
 
-class _Int8Linear(torch.autograd.Function):
+class _QuantizedLinear(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, w, bias, qc: LinearQuant, plan: Int8Plan, reducers, capture):
-        rx, rw, _, rxt, _, _ = reducers
+    def forward(ctx, x, w, bias, qc: LinearQuant, plan: GemmPlan, red: Reducers, capture):
+        rx, rw, rxt = red.x, red.w, red.xt
         needs_dx, needs_dw = ctx.needs_input_grad[:2]
         x2 = x.reshape(-1, x.shape[-1])
         n_in, n_out = w.shape[1], w.shape[0]
@@ -218,7 +185,7 @@ class _Int8Linear(torch.autograd.Function):
                                                    transpose=xt, pack=x_packed,
                                                    check_finite=cf, name="activation")
             qx = QTensor(rc, rs, None, a, x.dtype)
-            _record(capture, "activation", x2, qx)
+            _record(capture, "activation", x2, qx, False)
             saved_x = (cc, cs, None)
         else:
             qx = _quant(x2, a, rx, qc, "activation", capture)
@@ -245,13 +212,13 @@ class _Int8Linear(torch.autograd.Function):
             else:
                 saved_w = (w, None, None)  # requantized per input column in backward
         ctx.save_for_backward(*saved_x, *saved_w)
-        ctx.meta = (qc, plan, reducers, capture, x.shape, w.dtype, xt, x_packed)
+        ctx.meta = (qc, plan, red, capture, x.shape, w.dtype, xt, x_packed)
         return y
 
     @staticmethod
     def backward(ctx, g):
-        qc, plan, reducers, capture, x_shape, w_dtype, xt, x_packed = ctx.meta
-        _, _, rg, _, rwt, rgt = reducers
+        qc, plan, red, capture, x_shape, w_dtype, xt, x_packed = ctx.meta
+        rg, rwt, rgt = red.g, red.wt, red.gt
         saved = ctx.saved_tensors
         needs_dx, needs_dw, needs_db = ctx.needs_input_grad[:3]
         g2 = g.reshape(-1, g.shape[-1])
@@ -274,10 +241,10 @@ class _Int8Linear(torch.autograd.Function):
             g_cols = (cc, cs)
             if want_rows:
                 qg = QTensor(rc, rs, None, fg, g.dtype)
-                _record(capture, "grad", g2, qg)
+                _record(capture, "grad", g2, qg, False)
             else:  # G's only quantization: record it
                 _record(capture, "grad", g2,
-                        QTensor(cc if xt else cc.t(), cs, None, fg, g.dtype))
+                        QTensor(cc if xt else cc.t(), cs, None, fg, g.dtype), False)
             if needs_db:
                 db = colsum.to(g.dtype)
         elif want_rows:
@@ -329,7 +296,28 @@ class _Int8Linear(torch.autograd.Function):
         return dx, dw, db, None, None, None, None
 
 
-def int8_linear(x: Tensor, weight: Tensor, bias: Tensor | None, qc: LinearQuant,
-                reducers: tuple, capture) -> Tensor:
-    """``Qa(x) Qw(weight)^T + bias`` with integer GEMMs where :func:`int8_plan` allows."""
-    return _Int8Linear.apply(x, weight, bias, qc, int8_plan(qc), reducers, capture)
+def quantized_linear(
+    x: Tensor,
+    weight: Tensor,
+    qconfig: LinearQuant,
+    *,
+    bias: Tensor | None = None,
+    reducers: Reducers | None = None,
+    capture: dict[str, Tensor] | None = None,
+) -> Tensor:
+    """``Qa(x) @ Qw(weight)^T (+ bias)`` with the quantized backward described in the module
+    docstring; each GEMM runs as :func:`~dsq.quant.recipe.gemm_plan` says.
+
+    ``bias`` is added in full precision (by an integer forward GEMM in its epilogue).
+    ``reducers`` max-reduce the statistics of each operand across tensor-parallel ranks
+    (:class:`~dsq.quant.recipe.Reducers`). ``capture``, when a dict, accumulates
+    ``[signal, noise]`` power sums of every quantized operand under the keys ``weight``,
+    ``activation`` and ``grad`` (see :func:`dsq.quant.functional.signal_noise`); None (default)
+    costs nothing.
+    """
+    plan = gemm_plan(qconfig)
+    red = reducers or NO_REDUCERS
+    if not plan.any_int8:  # bias outside: its gradient is autograd's own reduction
+        y = _QuantizedLinear.apply(x, weight, None, qconfig, plan, red, capture)
+        return y if bias is None else y + bias
+    return _QuantizedLinear.apply(x, weight, bias, qconfig, plan, red, capture)

@@ -3,7 +3,14 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from dsq.quant import LinearQuant, QuantFormat, fake_quantize, quantized_linear, sqnr_db
+from dsq.quant import (
+    LinearQuant,
+    QuantFormat,
+    Reducers,
+    fake_quantize,
+    quantized_linear,
+    sqnr_db,
+)
 
 CONFIGS = [
     LinearQuant("int8:channel", "int8:token", "int8:token"),
@@ -114,7 +121,7 @@ def test_reduce_hooks_are_called_once_per_operand():
         return lambda t: calls.append(name) or t
 
     qc = LinearQuant("int8:tensor", "int8:token", "int8:token", "both")
-    run(qc, *operands(), reduce_x=hook("x"), reduce_w=hook("w"), reduce_g=hook("g"))
+    run(qc, *operands(), reducers=Reducers(x=hook("x"), w=hook("w"), g=hook("g")))
     assert sorted(calls) == ["g", "w", "x"]  # one Qg(G) shared by both backward GEMMs
 
 
