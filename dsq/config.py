@@ -7,7 +7,6 @@ raise :class:`ConfigError` naming the key and the fix, before any process group 
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from dataclasses import MISSING, dataclass, field, fields
@@ -506,22 +505,10 @@ def flatten(d: dict, prefix: str = "") -> dict:
     return out
 
 
-def fingerprint(obj: Any) -> str:
-    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
-
-
-def section_names() -> List[str]:
-    return [f.name for f in fields(Config)]
-
-
-def resolve_path(p: str) -> str:
-    return os.path.abspath(os.path.expanduser(p))
-
-
 def _writable_dir_problem(path: str) -> Optional[str]:
     """Why ``path`` cannot be a directory dsq writes to, or None. Creates nothing that stays:
     the nearest existing ancestor must be a directory in which a file can be created."""
-    p = Path(resolve_path(path))
+    p = Path(os.path.abspath(os.path.expanduser(path)))
     if p.exists() and not p.is_dir():
         return f"{p} exists and is not a directory"
     anc = p

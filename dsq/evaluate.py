@@ -12,7 +12,7 @@ import json
 import math
 import sys
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import Dict, Iterable, List, Optional, Tuple
 
 import numpy as np
 import torch
@@ -157,6 +157,28 @@ def load_tokenizer(tag_dir: Path):
         raise EvalError(f"{f} is not a sentencepiece model: {str(e).splitlines()[0]}") from None
 
 
+def token_loss(model, batches: Iterable[Tuple[torch.Tensor, torch.Tensor, torch.Tensor]],
+               device, group=None) -> Dict:
+    """Mean token loss of ``model`` over ``batches`` of ``(ids, position_ids, labels)``, summed
+    in fp64 on ``device`` and over the ranks of ``group`` (one host sync at the end): the
+    evaluation of both the trainer (each data-parallel rank its share of the validation
+    sequences) and ``dsq eval``. Returns ``{"loss", "ppl", "tokens"}``."""
+    from dsq.distributed import all_reduce_host
+
+    total = torch.zeros((), dtype=torch.float64, device=device)
+    count = 0
+    with torch.no_grad():
+        for ids, pos, labels in batches:
+            losses = model(ids, pos, None, labels=labels).float()
+            total += losses.double().sum()
+            count += losses.numel()
+    loss_sum, count = all_reduce_host([total.item(), count], "sum", group=group)
+    if count == 0:
+        raise EvalError("no validation tokens to evaluate")
+    loss = loss_sum / count
+    return {"loss": loss, "ppl": math.exp(min(loss, 50.0)), "tokens": int(count)}
+
+
 def evaluate_checkpoint(path: str, data: List[str], max_seqs: Optional[int] = None) -> Dict:
     from dsq.data.prepare import load_documents
     from dsq.distributed import shutdown
@@ -178,21 +200,18 @@ def evaluate_checkpoint(path: str, data: List[str], max_seqs: Optional[int] = No
         if max_seqs:
             n = min(n, max_seqs)
         tokens = torch.from_numpy(np.asarray(ids[: n * L + 1], dtype=np.int64))
-        total, count = 0.0, 0
         bs = max(1, cfg.train.micro_batch)
         pos = torch.arange(L).unsqueeze(0)
-        with torch.no_grad():
+
+        def batches():
             for i in range(0, n, bs):
                 rows = torch.stack([tokens[j * L: j * L + L + 1] for j in range(i, min(n, i + bs))])
-                losses = model(rows[:, :-1], pos.expand(rows.shape[0], -1), None,
-                               labels=rows[:, 1:]).float()
-                total += losses.sum().item()
-                count += losses.numel()
+                yield rows[:, :-1], pos.expand(rows.shape[0], -1), rows[:, 1:]
+
+        res = token_loss(model, batches(), "cpu")
     finally:
         shutdown()
-    loss = total / count
-    return {"loss": loss, "ppl": math.exp(min(loss, 50.0)), "tokens": count,
-            "checkpoint": str(tag_dir)}
+    return dict(res, checkpoint=str(tag_dir))
 
 
 def _encoder(sp):

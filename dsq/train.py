@@ -18,6 +18,7 @@ from dsq import checkpoint
 from dsq.config import Config, flatten, to_dict, to_yaml
 from dsq.data.dataset import GlobalSchedule, TokenBlocks, eval_indices
 from dsq.data.prepare import DataError, load_manifest, prepare
+from dsq.evaluate import token_loss
 from dsq.models.quant_layers import collect_sqnr, set_sqnr_capture
 from dsq.progress import Progress, SpikeGuard
 from dsq.rundir import RunDirError, RunLock, check_resume, saved_dp
@@ -321,10 +322,8 @@ class Trainer:
                                          bool(cfg.eval_every and step % cfg.eval_every == 0))
 
     def _attach_optimizer(self) -> None:
-        try:
-            from dsq.optim import attach_to_engine
-        except ImportError:
-            return
+        from dsq.optim import attach_to_engine
+
         attach_to_engine(self.engine)
 
     # ------------------------------------------------------------------ steps
@@ -357,17 +356,12 @@ class Trainer:
         mine = indices[self.dp_rank::self.dp_size]
         mb = self.cfg.train.micro_batch
         self.engine.eval()
-        total = torch.zeros((), dtype=torch.float64, device=self.device)
-        count = 0
-        for i in range(0, len(mine), mb):
-            ids, pos, labels = self._batch(mine[i:i + mb], data)
-            losses = self.engine(ids, pos, None, labels=labels).float()
-            total += losses.double().sum()
-            count += losses.numel()
-        self.engine.train()
-        loss_sum, count = all_reduce_host([total.item(), count], "sum", group=self.dp_group)
-        loss = loss_sum / count
-        return {"loss": loss, "ppl": math.exp(min(loss, 50.0)), "tokens": int(count)}
+        try:
+            return token_loss(self.engine, (self._batch(mine[i:i + mb], data)
+                                            for i in range(0, len(mine), mb)),
+                              self.device, group=self.dp_group)
+        finally:
+            self.engine.train()
 
     def lr(self) -> float:
         return float(self.engine.get_lr()[0])

@@ -9,7 +9,6 @@ AutoTokenizer) and compared with dsq's own model: logits on the same ids, the lo
 import json
 import os
 import shutil
-from pathlib import Path
 
 import pytest
 import torch

@@ -251,7 +251,7 @@ def prepare(data_cfg, vocab_size: int, log=print) -> Path:
         sp = tokenizer.load(model_bytes)
         n = sp.vocab_size()
         what = (f"data.tokenizer={data_cfg.tokenizer!r} has" if data_cfg.tokenizer else
-                f"the training text yields a tokenizer of")
+                "the training text yields a tokenizer of")
         if n > vocab_size:
             raise DataError(f"{what} {n} tokens, more than model.vocab_size={vocab_size}: "
                             f"set model.vocab_size={max_vocab_size(n)}")
