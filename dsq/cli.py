@@ -59,7 +59,7 @@ def _load(args: List[str], world_size: Optional[int] = None):
 
 CONFIG_HELP = ("CONFIG... are YAML files (configs/), applied in order; key.sub=value overrides "
                "come after them (e.g. train.steps=100 data.train=/path/to/texts). "
-               "Every key: dsq/config.py, or `dsq config configs/tiny.yaml`.")
+               "Every key: dsq/schema.py, or `dsq config configs/tiny.yaml`.")
 
 
 def _config_parser(cmd: str, description: str) -> argparse.ArgumentParser:
@@ -103,9 +103,9 @@ def cmd_train(argv: List[str]) -> None:
     except ConfigError as e:
         _fail(str(e))
     set_threads_per_rank()
-    from dsq.train import PREEMPTED_EXIT_CODE, Preempted, run
-
     from dsq.rundir import RunDirError
+    from dsq.stop import PREEMPTED_EXIT_CODE, Preempted
+    from dsq.train import run
 
     try:
         run(cfg, env)

@@ -5,8 +5,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import resource
-import signal
 import sys
 import time
 from pathlib import Path
@@ -18,15 +16,9 @@ from dsq import checkpoint
 from dsq.config import Config, flatten, to_dict, to_yaml
 from dsq.data.dataset import GlobalSchedule, TokenBlocks, eval_indices
 from dsq.data.prepare import DataError, load_manifest, prepare
-from dsq.evaluate import token_loss
-from dsq.models.quant_layers import collect_sqnr, set_sqnr_capture
-from dsq.progress import Progress, SpikeGuard
-from dsq.rundir import RunDirError, RunLock, check_resume, saved_dp
-from dsq.runtime import clear_stale_build_locks
 from dsq.distributed import (
     DistEnv,
     all_reduce_host,
-    all_reduce_max,
     all_reduce_mean,
     barrier,
     bcast_error,
@@ -37,6 +29,13 @@ from dsq.distributed import (
     init_distributed,
     initialize_engine,
 )
+from dsq.evaluate import token_loss
+from dsq.models.quant_layers import collect_sqnr, set_sqnr_capture
+from dsq.progress import Progress, SpikeGuard
+from dsq.rundir import RunDirError, RunLock, check_resume, saved_dp
+from dsq.runinfo import num_nodes, peak_gpu_bytes, peak_rss_bytes, run_provenance
+from dsq.runtime import clear_stale_build_locks
+from dsq.stop import Preempted, StopRequest
 from dsq.tracking import (
     RUN_ARTIFACTS,
     Tracker,
@@ -66,84 +65,8 @@ def _tokens_per_s(tokens_per_step: int, times: List[float]) -> float:
     return tokens_per_step * len(timed) / sum(timed) if timed else 0.0
 
 
-PREEMPTED_EXIT_CODE = 75  # EX_TEMPFAIL: checkpoint written on a stop signal; resubmit to resume
-
-
-class Preempted(Exception):
-    """Raised after the checkpoint requested by a stop signal has been written on all ranks."""
-
-    def __init__(self, step: int, signum: int):
-        super().__init__(f"stopped by signal {signal.Signals(signum).name} at step {step}; "
-                         f"checkpoint written, rerun the same command to resume")
-        self.step, self.signum = step, signum
-
-
-class StopRequest:
-    """SIGUSR1 (SLURM's warning before a time limit or preemption), SIGTERM and SIGINT (Ctrl-C)
-    set a flag; all ranks agree on it at the next step boundary with one tiny all-reduce.
-    SIGINT wins over the others (Ctrl-C under a launcher that then also sends SIGTERM), so
-    ``dsq train`` exits 130 after its checkpoint."""
-
-    SIGNALS = (signal.SIGUSR1, signal.SIGTERM, signal.SIGINT)
-
-    def __init__(self):
-        self.signum = 0
-        self._previous = {}
-        for sig in self.SIGNALS:
-            self._previous[sig] = signal.signal(sig, self._handle)
-
-    def _handle(self, signum, frame) -> None:
-        if self.signum != signal.SIGINT:
-            self.signum = signum
-
-    def agreed(self) -> int:
-        code = 1000 if self.signum == signal.SIGINT else self.signum  # SIGINT wins
-        code = int(all_reduce_max(code))
-        return int(signal.SIGINT) if code == 1000 else code
-
-    def restore(self) -> None:
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
-
-
-def run_provenance() -> Dict[str, str]:
-    """Code and library versions of this run, as MLflow params."""
-    import subprocess
-
-    import deepspeed
-    import megatron.core
-
-    import dsq
-
-    try:
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(dsq.__file__).parent,
-                                capture_output=True, text=True, timeout=5).stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        commit = ""
-    return {"dsq.git_commit": commit or "unknown", "dsq.version": dsq.__version__,
-            "versions.torch": torch.__version__, "versions.deepspeed": deepspeed.__version__,
-            "versions.megatron_core": megatron.core.__version__}
-
-
 def _warn(msg: str) -> None:
     print(f"dsq: warning: {msg}", file=sys.stderr, flush=True)
-
-
-def _num_nodes() -> int:
-    """Nodes the ranks span: SLURM's count for the job step (slurm/pretrain.sbatch), else 1."""
-    for key in ("SLURM_NNODES", "SLURM_JOB_NUM_NODES"):
-        if os.environ.get(key, "").isdigit():
-            return int(os.environ[key])
-    return 1
-
-
-def peak_rss_bytes() -> int:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-
-
-def peak_gpu_bytes(dev: torch.device) -> int:
-    """Peak bytes allocated by PyTorch on ``dev`` (0 off CUDA)."""
-    return int(torch.cuda.max_memory_allocated(dev)) if dev.type == "cuda" else 0
 
 
 class Trainer:
@@ -498,7 +421,7 @@ class Trainer:
             "peak_gpu_bytes": gpu,
             "device": self.device.type,
             "world_size": self.env.world_size,
-            "nodes": _num_nodes(),
+            "nodes": num_nodes(),
             "tp": self.tp_size,
             "dp": self.dp_size,
             "mlflow_run_id": self.tracker.run_id,

@@ -208,7 +208,7 @@ def _rank_pids(out: Path):
 def test_stop_signal_on_one_rank_checkpoints_all_and_resumes(ref, tmp_path):
     """SIGUSR1 (SLURM's warning) to one rank: all ranks checkpoint at the same step boundary,
     exit with code 75, and a rerun finishes with the reference losses."""
-    from dsq.train import PREEMPTED_EXIT_CODE
+    from dsq.stop import PREEMPTED_EXIT_CODE
 
     out = tmp_path / "run"
     args = base_args(out, ref["cache"], tmp_path / "db.db", "train.ckpt_every=0")
