@@ -162,7 +162,7 @@ def _step(row: Row, x, g) -> None:
 
 def _int_mm_calls(row: Row, x, g) -> int:
     """Integer GEMMs (torch._int_mm or dsq's AMX driver) in one forward + backward."""
-    from dsq.quant.fused import counting_int_gemms
+    from dsq.quant.gemm import counting_int_gemms
 
     with counting_int_gemms() as calls:
         _step(row, x, g)

@@ -6,7 +6,8 @@
   backward uses them), :class:`Reducers` and the per-GEMM plan, as plain data;
 * :mod:`dsq.quant.linear`: :func:`quantized_linear`, the one autograd Function of the three
   quantized GEMMs (simulated or integer);
-* :mod:`dsq.quant.fused`, :mod:`dsq.quant.cpu_kernels`, :mod:`dsq.quant.cpu_gemm`: the kernels.
+* :mod:`dsq.quant.fused`, :mod:`dsq.quant.gemm`, :mod:`dsq.quant.cpu_kernels`,
+  :mod:`dsq.quant.cpu_gemm`: the kernels.
 
 Pure PyTorch, no ``torch.distributed``: tensor-parallel statistics are reduced through hooks
 supplied by the caller (:mod:`dsq.models.quant_layers`).

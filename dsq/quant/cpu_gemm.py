@@ -6,7 +6,7 @@ must rescale. :func:`scaled_mm` instead drives ``at::native::cpublas::brgemm`` (
 batch-reduce GEMM micro-kernel, the one PyTorch's own CPU GEMM templates use) over tiles of the
 output from a small C++ driver (``csrc/amx_gemm.cpp``): ``B`` is packed once into the
 micro-kernel's VNNI layout, each ``64 x 64`` int32 tile is rescaled (``acc * row_scale *
-col_scale + bias``, the arithmetic of :func:`dsq.quant.fused.rescale` operation for operation)
+col_scale + bias``, the arithmetic of :func:`dsq.quant.gemm.rescale` operation for operation)
 and written as fp32 or bf16 while it is in cache, so no int32 matrix ever reaches memory.
 
 Measured on the 2-core development CPU (Sapphire Rapids class, AMX), 4096 x 768 -> 3072: about

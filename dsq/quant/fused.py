@@ -1,4 +1,5 @@
-"""Kernels of the integer-GEMM path: symmetric quantization to int8 codes, int8 GEMM, rescale.
+"""Kernels of the integer-GEMM path: symmetric quantization to int8 codes, and which
+implementation (eager, C, compiled) runs the path's kernels.
 
 =================================  =========================================================
 ``quantize_rows(x, fmt, reduce)``  codes ``[R, C]`` and one scale per row ``[R, 1]`` (token,
@@ -7,11 +8,10 @@
 transpose)``                       with ``transpose`` the codes come as ``x^T`` contiguous
                                    ``[C, R]`` (the row-major left operand of a GEMM that
                                    reduces over ``R``)
-``int_mm(a, b)``                   ``a[M, K] @ b[K, N]`` int8 x int8 -> int32 (int64 when ``K``
-                                   could overflow int32), ``torch._int_mm``
-``rescale(acc, rs, cs, bias,       ``(acc * rs * cs + bias)`` in ``dtype`` (transposed with
-dtype, transpose)``                ``transpose``): the epilogue of a scaled integer GEMM
 =================================  =========================================================
+
+The integer GEMM and its rescale epilogue are :mod:`dsq.quant.gemm`; the kernel choice below
+applies to both.
 
 Three implementations with the same arithmetic, chosen by ``DSQ_QUANT_KERNEL`` (read at the
 first call) or :func:`set_kernel`:
@@ -38,7 +38,6 @@ Tensor parallelism: ``reduce`` max-reduces the statistics across ranks (see
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import os
 
@@ -50,8 +49,6 @@ from dsq.quant.functional import Reduce, quantize
 
 _TINY = torch.finfo(torch.float32).tiny
 _FUSED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-# int32 holds K products of |code| <= 128 when K * 2^14 < 2^31; longer reductions are chunked
-_K_CHUNK = 1 << 16
 
 KERNELS = ("auto", "eager", "cpp", "compile")
 _kernel: str | None = None
@@ -137,58 +134,38 @@ def _cols(xf, qmin, qmax, transpose: bool):
     return (q.t().contiguous() if transpose else q), s
 
 
-def _k_quant_rows(x, qmin: int, qmax: int):
-    return _rows(x.float(), qmin, qmax)
+def _quant_kernel(rows: bool, cols: bool, transpose: bool, col_sum: bool, tensor: bool):
+    """The fused quantization of one variant: per-tensor codes, or any of per-row codes,
+    per-column codes (transposed with ``transpose``) and column sums, from one read of ``x``.
+    Each variant is its own function object, so each keeps its own compiled graphs."""
+
+    def kernel(x, qmin: int, qmax: int):
+        xf = x.float()
+        if tensor:
+            s = _scale(xf.abs().amax(), qmax)
+            return _codes(xf, s, qmin, qmax), s
+        out = ()
+        if rows:
+            out += _rows(xf, qmin, qmax)
+        if cols:
+            out += _cols(xf, qmin, qmax, transpose)
+        if col_sum:
+            out += (xf.sum(0),)
+        return out
+
+    return kernel
 
 
-def _k_quant_tensor(x, qmin: int, qmax: int):
-    xf = x.float()
-    s = _scale(xf.abs().amax(), qmax)
-    return _codes(xf, s, qmin, qmax), s
+def _quant_key(rows: bool = False, cols: bool = False, transpose: bool = False,
+               col_sum: bool = False, tensor: bool = False) -> tuple:
+    """The ``_KERNELS`` key of a fused quantization variant."""
+    return (rows, cols, cols and transpose, col_sum, tensor)
 
 
-def _k_quant_cols(x, qmin: int, qmax: int):
-    return _cols(x.float(), qmin, qmax, False)
-
-
-def _k_quant_cols_t(x, qmin: int, qmax: int):
-    return _cols(x.float(), qmin, qmax, True)
-
-
-def _k_quant_cols_sum(x, qmin: int, qmax: int):
-    xf = x.float()
-    return *_cols(xf, qmin, qmax, False), xf.sum(0)
-
-
-def _k_quant_cols_t_sum(x, qmin: int, qmax: int):
-    xf = x.float()
-    return *_cols(xf, qmin, qmax, True), xf.sum(0)
-
-
-def _k_quant_rows_sum(x, qmin: int, qmax: int):
-    xf = x.float()
-    return *_rows(xf, qmin, qmax), xf.sum(0)
-
-
-def _k_quant_rows_cols(x, qmin: int, qmax: int):
-    xf = x.float()
-    return *_rows(xf, qmin, qmax), *_cols(xf, qmin, qmax, False)
-
-
-def _k_quant_rows_cols_t(x, qmin: int, qmax: int):
-    xf = x.float()
-    return *_rows(xf, qmin, qmax), *_cols(xf, qmin, qmax, True)
-
-
-def _k_quant_rows_cols_sum(x, qmin: int, qmax: int):
-    xf = x.float()
-    return *_rows(xf, qmin, qmax), *_cols(xf, qmin, qmax, False), xf.sum(0)
-
-
-def _k_quant_rows_cols_t_sum(x, qmin: int, qmax: int):
-    xf = x.float()
-    return *_rows(xf, qmin, qmax), *_cols(xf, qmin, qmax, True), xf.sum(0)
-
+_QUANT_VARIANTS = [(True, False, False, False, False), (False, False, False, False, True)] + [
+    (r, True, t, c, False) for r in (False, True) for t in (False, True) for c in (False, True)
+] + [(True, False, False, True, False)]
+"""(rows, cols, transpose, col_sum, tensor) of the fused quantizations the int8 path uses."""
 
 def _k_amax_rows(x):
     return x.float().abs().amax(-1, keepdim=True)
@@ -224,18 +201,18 @@ def _k_rescale_t(acc, rs, cs, dtype: torch.dtype):
     return (acc.float() * rs * cs).to(dtype).t().contiguous()
 
 
-_KERNELS = {f.__name__[3:]: f for f in (
-    _k_quant_rows, _k_quant_tensor, _k_quant_cols, _k_quant_cols_t, _k_quant_cols_sum,
-    _k_quant_cols_t_sum, _k_quant_rows_sum, _k_quant_rows_cols, _k_quant_rows_cols_t,
-    _k_quant_rows_cols_sum, _k_quant_rows_cols_t_sum, _k_amax_rows, _k_amax_cols,
-    _k_amax_tensor, _k_codes, _k_codes_t, _k_rescale, _k_rescale_bias, _k_rescale_t)}
+_KERNELS = {**{key: _quant_kernel(*key) for key in _QUANT_VARIANTS}, **{
+    f.__name__[3:]: f for f in (_k_amax_rows, _k_amax_cols, _k_amax_tensor, _k_codes, _k_codes_t,
+                                _k_rescale, _k_rescale_bias, _k_rescale_t)}}
+"""Kernels by key: a quantization variant's tuple, or the name of an amax / codes / rescale
+kernel."""
 
 
 _compile_failed: str | None = None
 
 
-def _compiled_kernel(name: str):
-    """Kernel ``name`` under ``torch.compile``; if compiling fails (no working compiler or
+def _compiled_kernel(name):
+    """Kernel ``name`` (a key of ``_KERNELS``) under ``torch.compile``; if compiling fails (no working compiler or
     Triton), warns once and runs the same tensor code eagerly from then on (same arithmetic)."""
     if _compile_failed is not None:
         return _KERNELS[name]
@@ -246,7 +223,7 @@ def _compiled_kernel(name: str):
     return fn
 
 
-def _guarded(name: str, compiled):
+def _guarded(name, compiled):
     def run(*args):
         global _compile_failed
         if _compile_failed is not None:
@@ -271,8 +248,9 @@ def _fused_quant(x: Tensor, fmt: QuantFormat, axis: str, transpose: bool,
                  reduce: Reduce | None) -> tuple[Tensor, Tensor]:
     """``axis``: rows | cols | tensor (what one scale spans)."""
     if reduce is None:
-        name = f"quant_{axis}" + ("_t" if transpose else "")
-        return _compiled_kernel(name)(x, fmt.qmin, fmt.qmax)
+        key = _quant_key(rows=axis == "rows", cols=axis == "cols", transpose=transpose,
+                         tensor=axis == "tensor")
+        return _compiled_kernel(key)(x, fmt.qmin, fmt.qmax)
     stat = reduce(_compiled_kernel(f"amax_{axis}")(x))
     return _compiled_kernel("codes_t" if transpose else "codes")(x, stat, fmt.qmin, fmt.qmax)
 
@@ -354,10 +332,8 @@ def quantize_rows_cols(x: Tensor, fmt: QuantFormat, *, rows: bool = True, cols: 
         return _cpp_quant(x, fmt, rows=rows, cols=cols, transpose=transpose, col_sum=col_sum,
                           reduce=reduce, col_reduce=col_reduce, pack=pack)
     if impl == "compile" and (rows or cols) and reduce is None and col_reduce is None:
-        kernel = "quant_" + "_".join(p for p, on in (("rows", rows), ("cols", cols),
-                                                      ("t", cols and transpose),
-                                                      ("sum", col_sum)) if on)
-        got = iter(_compiled_kernel(kernel)(x, fmt.qmin, fmt.qmax))
+        key = _quant_key(rows, cols, transpose, col_sum)
+        got = iter(_compiled_kernel(key)(x, fmt.qmin, fmt.qmax))
         rc, rs = (next(got), next(got)) if rows else (None, None)
         cc, cs = (next(got), next(got)) if cols else (None, None)
         return rc, rs, cc, cs, (next(got) if col_sum else None)
@@ -395,70 +371,6 @@ def _cpp_quant(x: Tensor, fmt: QuantFormat, *, rows: bool, cols: bool, transpose
     return qr, (rs if rows else None), qc, (cs if cols else None), csum
 
 
-# ----------------------------------------------------------------------------- GEMM
-@contextlib.contextmanager
-def counting_int_gemms():
-    """Record the integer GEMMs run inside the block, ``torch._int_mm`` calls and AMX driver
-    calls alike, as ``(M, K, N)`` in the yielded list (tests and benchmarks use it to check
-    that a path really multiplies integers)."""
-    from dsq.quant import cpu_gemm
-
-    calls: list[tuple[int, int, int]] = []
-    real_mm, real_amx = torch._int_mm, cpu_gemm.scaled_mm
-
-    def mm(a, b, *args, **kwargs):
-        calls.append((a.shape[0], a.shape[1], b.shape[1]))
-        return real_mm(a, b, *args, **kwargs)
-
-    def amx(a, b, *args, **kwargs):
-        y = real_amx(a, b, *args, **kwargs)
-        if y is not None:
-            n = kwargs["b_shape"][1] if kwargs.get("b_shape") else b.shape[1]
-            calls.append((a.shape[0], a.shape[1], n))
-        return y
-
-    torch._int_mm, cpu_gemm.scaled_mm = mm, amx
-    try:
-        yield calls
-    finally:
-        torch._int_mm, cpu_gemm.scaled_mm = real_mm, real_amx
-
-
-def int_mm(a: Tensor, b: Tensor) -> Tensor:
-    """``a[M, K] @ b[K, N]`` for int8 codes: exact int32 (int64 past ``K = 2^16``) products.
-
-    CPU ``torch._int_mm`` takes any shape and layout (a transposed ``a`` at full speed). CUDA's
-    needs a row-major ``a``, ``M > 16`` and ``K``, ``N`` multiples of 8: operands are made
-    contiguous and zero-padded there (:func:`cuda_operands`), the result cut.
-    """
-    M, K = a.shape
-    N = b.shape[1]
-    if K > _K_CHUNK:
-        out = torch.zeros(M, N, dtype=torch.int64, device=a.device)
-        for k in range(0, K, _K_CHUNK):
-            out += int_mm(a[:, k:k + _K_CHUNK], b[k:k + _K_CHUNK])
-        return out
-    if a.is_cuda:
-        a, b = cuda_operands(a, b)
-        return torch._int_mm(a, b)[:M, :N]
-    return torch._int_mm(a, b)
-
-
-def cuda_operands(a: Tensor, b: Tensor) -> tuple[Tensor, Tensor]:
-    """``a[M, K]``, ``b[K, N]`` as CUDA's ``torch._int_mm`` takes them: ``a`` row-major,
-    ``M > 16``, ``K`` and ``N`` multiples of 8, zero-padded where a shape falls short (zero
-    rows and columns add nothing to the products; the caller cuts the result to ``[M, N]``).
-    Device-agnostic, so its arithmetic is tested on the CPU too."""
-    M, K = a.shape
-    N = b.shape[1]
-    pm, pk, pn = max(0, 17 - M), -K % 8, -N % 8
-    a = a.contiguous()
-    if pm or pk or pn:
-        a = torch.nn.functional.pad(a, (0, pk, 0, pm))
-        b = torch.nn.functional.pad(b, (0, pn, 0, pk))
-    return a, b
-
-
 def engine(device_type: str) -> str:
     """The kernels that run the integer path on ``device_type`` (for the start-up line)."""
     if device_type == "cuda":
@@ -475,89 +387,3 @@ def engine(device_type: str) -> str:
         f"C/{cpu_kernels.isa()}" if cpu_kernels.isa() != "reference" else "eager PyTorch")
     return (f"on CPU ({native.cpu_model()}): integer GEMMs: {cpu_gemm.status()}, "
             f"quantization and rescale kernels: {quant}")
-
-
-def rescale(acc: Tensor, row_scale: Tensor, col_scale: Tensor, bias: Tensor | None,
-            dtype: torch.dtype, transpose: bool = False,
-            out_shape: tuple[int, ...] | None = None, out: Tensor | None = None) -> Tensor:
-    """``acc * row_scale * col_scale (+ bias)`` in ``dtype``; ``transpose`` returns its ``.t()``
-    contiguous. Scales broadcast (``[M, 1]``, ``[1, N]`` or 0-dim); the product is in fp32
-    (fp64 for fp64 scales). ``out_shape`` (``[..., N]``, not with ``transpose``): the result is
-    a fresh tensor of that shape, not a view (callers may modify a layer's output in place).
-    ``out``: write into this 2-D view instead (see :func:`scaled_mm`)."""
-    M, N = acc.shape
-    impl = _impl(torch.empty(0, 0, dtype=dtype, device=acc.device))
-    if impl == "cpp":
-        from dsq.quant import cpu_kernels as ck
-
-        if (acc.dtype == torch.int32 and acc.is_contiguous()
-                and row_scale.dtype == col_scale.dtype == torch.float32
-                and row_scale.numel() in (1, M) and col_scale.numel() in (1, N)
-                and row_scale.is_contiguous() and col_scale.is_contiguous()
-                and (bias is None or (bias.dtype == dtype and bias.is_contiguous()))
-                and (out is None or out.stride(-1) == 1)):
-            return ck.rescale(acc, row_scale, col_scale, bias, dtype, transpose, out_shape, out)
-        impl = "eager"
-    if out_shape is not None and not transpose and out is None:
-        acc = acc.view(out_shape)  # the elementwise ops then make a fresh tensor of that shape
-        if row_scale.numel() > 1:
-            row_scale = row_scale.view(*out_shape[:-1], 1)
-    y = None
-    if (impl == "compile" and dtype in _FUSED_DTYPES and row_scale.dtype == torch.float32
-            and col_scale.dtype == torch.float32):
-        if transpose and bias is None:
-            y = _compiled_kernel("rescale_t")(acc, row_scale, col_scale, dtype)
-        elif not transpose:
-            y = (_compiled_kernel("rescale")(acc, row_scale, col_scale, dtype) if bias is None
-                 else _compiled_kernel("rescale_bias")(acc, row_scale, col_scale, bias, dtype))
-    if y is None:
-        cdtype = torch.promote_types(row_scale.dtype, col_scale.dtype)
-        y = acc.to(cdtype) * row_scale * col_scale
-        if bias is not None:
-            y = y + bias.to(cdtype)
-        y = y.to(dtype)
-        y = y.t().contiguous() if transpose else y
-    if out is not None:
-        return out.copy_(y)
-    return y
-
-
-_ACC_ELEMENTS = 1 << 22
-"""int32 elements of one integer GEMM's accumulator (16 MiB): larger GEMMs run in row chunks."""
-
-
-def scaled_mm(a: Tensor, b: Tensor, row_scale: Tensor, col_scale: Tensor,
-              bias: Tensor | None, dtype: torch.dtype, *, transpose: bool = False,
-              out_shape: tuple[int, ...] | None = None,
-              b_shape: tuple[int, int] | None = None) -> Tensor:
-    """``rescale(int_mm(a, b), row_scale, col_scale, bias, dtype, transpose, out_shape)``, in
-    chunks of ``a``'s rows so that the int32 accumulator stays within 16 MiB (an LM head's
-    ``tokens x vocab`` int32 result would otherwise be twice its bf16 output, on top of it).
-
-    With the ``cpp`` kernels on a CPU whose PyTorch can run oneDNN's int8 micro-kernel
-    (AMX-INT8), the whole product is one call of :func:`dsq.quant.cpu_gemm.scaled_mm`: the
-    rescale is the epilogue of each output tile and no int32 matrix is written. ``b_shape``:
-    ``b`` is such a GEMM's packed ``B[K, N]`` (see :func:`quantize_cols`)."""
-    if b_shape is not None or _impl(torch.empty(0, 0, dtype=dtype, device=a.device)) == "cpp":
-        from dsq.quant import cpu_gemm
-
-        y = cpu_gemm.scaled_mm(a, b, row_scale, col_scale, bias, dtype, transpose=transpose,
-                               out_shape=out_shape, b_shape=b_shape)
-        if y is not None:
-            return y
-    M, N = a.shape[0], b.shape[1]
-    rows = max(64, _ACC_ELEMENTS // max(N, 1))
-    if M > rows:  # equal chunks, not a remainder of a few rows
-        chunks = -(-M // rows)
-        rows = -(-M // chunks)
-    if M <= rows:
-        return rescale(int_mm(a, b), row_scale, col_scale, bias, dtype, transpose, out_shape)
-    full = torch.empty((N, M) if transpose else (out_shape or (M, N)), dtype=dtype,
-                       device=a.device)
-    out2 = full if transpose else full.view(M, N)
-    for m0 in range(0, M, rows):
-        m1 = min(M, m0 + rows)
-        rs = row_scale[m0:m1] if row_scale.numel() > 1 else row_scale
-        rescale(int_mm(a[m0:m1], b), rs, col_scale, bias, dtype, transpose,
-                out=out2[:, m0:m1] if transpose else out2[m0:m1])
-    return full

@@ -37,7 +37,7 @@ Integer GEMMs (``compute: int8``)
 ---------------------------------
 A scaled integer GEMM ``C = (sa qa) (sb qb)`` is ``C[m, n] = sa[m] sb[n] sum_k qa[m, k] qb[k, n]``
 only when no scale varies along the reduced dimension ``k``: one ``torch._int_mm`` and one
-rescale (:mod:`dsq.quant.fused`). With ``X[tokens, in]``, ``W[out, in]``, ``G[tokens, out]``:
+rescale (:mod:`dsq.quant.gemm`). With ``X[tokens, in]``, ``W[out, in]``, ``G[tokens, out]``:
 
 =========== ===================================== ======= ==================================
 GEMM        integer form                          reduces scales
@@ -82,7 +82,8 @@ Passes: the forward reads ``X`` twice (statistics, then both its per-token and p
 and ``W`` twice; backward reads ``G`` twice for its per-token codes, per-column codes and the
 bias gradient (column sums), ``W`` twice for its per-column codes. On CPUs with AMX-INT8 each
 GEMM rescales its output tiles in cache (:mod:`dsq.quant.cpu_gemm`); elsewhere its
-int32 result is read once by a rescale (+ bias) pass. See :mod:`dsq.quant.fused` for the kernels.
+int32 result is read once by a rescale (+ bias) pass. See :mod:`dsq.quant.fused` and
+:mod:`dsq.quant.gemm` for the kernels.
 
 Tensor parallelism: :class:`~dsq.quant.recipe.Reducers` ``x``, ``w``, ``g`` max-reduce the
 statistics of ``X``, ``W`` and ``G`` across the ranks sharing a scale (see
@@ -101,13 +102,8 @@ from torch import Tensor
 
 from dsq.quant.format import QuantFormat
 from dsq.quant.functional import QTensor, Reduce, quantize, signal_noise, signal_noise_q
-from dsq.quant.fused import (
-    can_pack,
-    quantize_cols,
-    quantize_rows,
-    quantize_rows_cols,
-    scaled_mm,
-)
+from dsq.quant.fused import can_pack, quantize_cols, quantize_rows, quantize_rows_cols
+from dsq.quant.gemm import scaled_mm
 from dsq.quant.recipe import NO_REDUCERS, GemmPlan, LinearQuant, Reducers, gemm_plan, int8_reason
 
 

@@ -7,7 +7,8 @@ import torch
 
 from dsq.quant import LinearQuant, QuantFormat, quantized_linear
 from dsq.quant.functional import quantize
-from dsq.quant.fused import int_mm, quantize_cols, quantize_rows, set_kernel
+from dsq.quant.fused import quantize_cols, quantize_rows, set_kernel
+from dsq.quant.gemm import int_mm
 
 pytestmark = pytest.mark.gpu
 

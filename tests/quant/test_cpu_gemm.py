@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from dsq import native
-from dsq.quant import cpu_gemm, cpu_kernels, fused
+from dsq.quant import cpu_gemm, cpu_kernels, fused, gemm
 from dsq.quant.format import QuantFormat
 from dsq.quant.functional import quantize
 
@@ -32,7 +32,7 @@ needs_int8_units = pytest.mark.skipif(
 
 
 def _reference(a, b, rs, cs, bias, dtype, transpose):
-    return fused.rescale(torch._int_mm(a.contiguous(), b.contiguous()), rs, cs, bias, dtype,
+    return gemm.rescale(torch._int_mm(a.contiguous(), b.contiguous()), rs, cs, bias, dtype,
                          transpose=transpose)
 
 
@@ -125,8 +125,8 @@ def test_operands_it_cannot_take_are_left_to_int_mm():
     assert cpu_gemm.scaled_mm(a, b, s, s, None, torch.float16) is None  # output dtype
     assert cpu_gemm.scaled_mm(a, b, s, s, torch.ones(8), torch.bfloat16) is None  # bias dtype
     # and the public entry point still computes them, through torch._int_mm
-    with fused.counting_int_gemms() as calls:
-        y = fused.scaled_mm(a.t(), b, s, s, None, torch.float32)
+    with gemm.counting_int_gemms() as calls:
+        y = gemm.scaled_mm(a.t(), b, s, s, None, torch.float32)
     assert calls == [(8, 8, 8)] and torch.equal(y, torch.full((8, 8), 8.0))
 
 
@@ -181,7 +181,7 @@ def test_codes_written_packed_are_the_drivers_layout(R, C):
     assert torch.equal(cp, cpu_gemm.pack(cc)) and torch.equal(wc, cp)
     a = torch.randint(-128, 128, (24, R), dtype=torch.int8, generator=g)
     rs = torch.rand(24, 1, generator=g)
-    got = fused.scaled_mm(a, cp, rs, cs, None, torch.float32, b_shape=(R, C))
+    got = gemm.scaled_mm(a, cp, rs, cs, None, torch.float32, b_shape=(R, C))
     assert torch.equal(got, _reference(a, cc, rs, cs, None, torch.float32, False))
 
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from dsq.quant import QuantFormat, cpu_gemm, cpu_kernels, fused
-from dsq.quant.fused import cuda_operands
+from dsq.quant.gemm import cuda_operands
 
 FMT = QuantFormat.parse("int8:token")
 
@@ -99,7 +99,7 @@ def test_a_failing_compile_runs_the_same_code_eagerly(monkeypatch):
     monkeypatch.setattr(torch, "compile", broken)
     x = torch.randn(33, 70, generator=torch.Generator().manual_seed(0))
     with pytest.warns(UserWarning, match="torch.compile kernels unavailable"):
-        codes, scale = fused._compiled_kernel("quant_rows")(x, FMT.qmin, FMT.qmax)
+        codes, scale = fused._compiled_kernel(fused._quant_key(rows=True))(x, FMT.qmin, FMT.qmax)
     assert fused._compile_failed.startswith("RuntimeError: triton: no working compiler")
     fused.set_kernel("eager")
     try:

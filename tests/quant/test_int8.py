@@ -15,14 +15,8 @@ import pytest
 import torch
 
 from dsq.quant import LinearQuant, QuantFormat, fake_quantize, quantized_linear, sqnr_db
-from dsq.quant.fused import (
-    int_mm,
-    quantize_cols,
-    quantize_rows,
-    quantize_rows_cols,
-    rescale,
-    set_kernel,
-)
+from dsq.quant.fused import quantize_cols, quantize_rows, quantize_rows_cols, set_kernel
+from dsq.quant.gemm import int_mm, rescale
 from dsq.quant.recipe import describe_plan, int8_plan
 from tests.dist_utils import spawn
 
@@ -82,7 +76,7 @@ def matched_reference(qc, x, w, b, gy):
 @pytest.fixture
 def int_mm_calls():
     """Integer GEMMs run (torch._int_mm or the AMX driver), as (M, K, N)."""
-    from dsq.quant.fused import counting_int_gemms
+    from dsq.quant.gemm import counting_int_gemms
 
     with counting_int_gemms() as calls:
         yield calls
@@ -260,9 +254,9 @@ def test_output_is_not_a_view(kernel_name, fmts):
 
 
 def test_large_gemms_run_in_row_chunks(kernel, monkeypatch, int_mm_calls):
-    from dsq.quant import fused
+    from dsq.quant import gemm
 
-    monkeypatch.setattr(fused, "_ACC_ELEMENTS", 64 * 4)  # chunks of 64 rows
+    monkeypatch.setattr(gemm, "_ACC_ELEMENTS", 64 * 4)  # chunks of 64 rows
     g = torch.Generator().manual_seed(1)
     # K = 42 (not a multiple of 4): torch._int_mm, not the AMX driver, which needs no chunks
     a = torch.randint(-127, 128, (150, 42), dtype=torch.int8, generator=g)
@@ -271,10 +265,10 @@ def test_large_gemms_run_in_row_chunks(kernel, monkeypatch, int_mm_calls):
     bias = torch.randn(30, generator=g).bfloat16()
     ref = rescale(int_mm(a, b), rs, cs, bias, torch.bfloat16, out_shape=(3, 50, 30))
     n = len(int_mm_calls)
-    out = fused.scaled_mm(a, b, rs, cs, bias, torch.bfloat16, out_shape=(3, 50, 30))
+    out = gemm.scaled_mm(a, b, rs, cs, bias, torch.bfloat16, out_shape=(3, 50, 30))
     assert len(int_mm_calls) - n == 3 and out._base is None and torch.equal(out, ref)
     ref_t = rescale(int_mm(a, b), rs, cs, None, torch.float32, transpose=True)
-    assert torch.equal(fused.scaled_mm(a, b, rs, cs, None, torch.float32, transpose=True), ref_t)
+    assert torch.equal(gemm.scaled_mm(a, b, rs, cs, None, torch.float32, transpose=True), ref_t)
 
 
 @pytest.mark.parametrize("bad", [float("nan"), float("inf")])
