@@ -187,6 +187,11 @@ def _fill_preset(cfg: Config) -> None:
             setattr(m, k, v)
 
 
+KERNEL_CHOICES = ("auto", "native", "reference", "compile", "cpp", "eager")
+"""``quant.kernel`` / ``optim.kernel``; ``cpp`` and ``eager`` are old names of native and
+reference."""
+
+
 def _check(cond: bool, msg: str) -> None:
     if not cond:
         raise ConfigError(msg)
@@ -257,8 +262,8 @@ def validate(cfg: Config, world_size: Optional[int] = None) -> None:
         _check(not (o.v_domain == "sqrt" and o.v_bits == 32),
                "optim.v_domain=sqrt applies to a quantized v: with optim.v_bits=32 set "
                "optim.v_domain=linear")
-        _check(o.kernel in ("auto", "cpp", "eager", "compile"),
-               f"optim.kernel={o.kernel!r}: use auto, cpp, eager or compile")
+        _check(o.kernel in KERNEL_CHOICES,
+               f"optim.kernel={o.kernel!r}: use auto, native, reference or compile")
         _check(not o.v_signed or (o.v_bits != 32 and o.v_domain == "linear"),
                "optim.v_signed=true applies to a linearly quantized v: set optim.v_bits to 8 or 4 "
                "and optim.v_domain=linear")
@@ -267,6 +272,8 @@ def validate(cfg: Config, world_size: Optional[int] = None) -> None:
            f"quant.grad_gemms={q.grad_gemms!r} is unknown: use weight, input or both")
     _check(q.compute in ("simulate", "int8"),
            f"quant.compute={q.compute!r} is unknown: use simulate or int8")
+    _check(q.kernel in KERNEL_CHOICES,
+           f"quant.kernel={q.kernel!r}: use auto, native, reference or compile")
     _check(q.backward_operands in ("quantized", "full"),
            f"quant.backward_operands={q.backward_operands!r} is unknown: use quantized or full")
     _check(bool(cfg.data.train), "data.train is empty: give at least one file or folder")

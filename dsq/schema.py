@@ -96,8 +96,9 @@ class OptimConfig:
     """qadamw: quantize v with the signed symmetric quantizer, as the study's code does (half the
     levels, small v flushed to 0): it diverges; kept to show why dsq's v is unsigned."""
     kernel: str = "auto"
-    """qadamw update kernel: auto (C/OpenMP where a compiler exists, else eager) | cpp | eager |
-    compile (torch.compile, opt-in: slow to compile on CPU)."""
+    """qadamw update kernel: auto (native where a C compiler exists, else reference) | native
+    (C/OpenMP, CPU) | reference (PyTorch, any device) | compile (torch.compile); ``cpp`` and
+    ``eager`` are the old names of native and reference. ``$DSQ_OPTIM_KERNEL`` overrides it."""
 
 
 @dataclass
@@ -121,6 +122,10 @@ class QuantConfig:
     compute: str = "simulate"
     """simulate: quantize-dequantize, floating-point GEMMs (the study's method); int8: integer
     GEMMs with int32 accumulation where the formats allow it."""
+    kernel: str = "auto"
+    """Quantization and rescale kernels of compute: int8: auto (native on CPU, Triton through
+    torch.compile on CUDA where installed, else reference) | native (C/OpenMP, CPU) | reference
+    (PyTorch, any device) | compile (torch.compile). ``$DSQ_QUANT_KERNEL`` overrides it."""
     backward_operands: str = "quantized"
     """quantized: backward GEMMs use the quantized W and X (the gradient of the quantized
     forward); full: W and X in full precision, as the study's code does (keeps X for backward

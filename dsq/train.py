@@ -34,7 +34,7 @@ from dsq.models.quant_layers import collect_sqnr, set_sqnr_capture
 from dsq.progress import Progress, SpikeGuard
 from dsq.rundir import RunDirError, RunLock, check_resume, saved_dp
 from dsq.runinfo import num_nodes, peak_gpu_bytes, peak_rss_bytes, run_provenance
-from dsq.runtime import clear_stale_build_locks
+from dsq.runtime import clear_stale_build_locks, configure_kernels
 from dsq.stop import Preempted, StopRequest
 from dsq.tracking import (
     RUN_ARTIFACTS,
@@ -92,6 +92,7 @@ class Trainer:
         self.stop = StopRequest()
         clear_stale_build_locks()
         init_distributed(env, cfg.parallel.tp, timeout_s=cfg.parallel.timeout_s)
+        self.kernels = configure_kernels(cfg)
         self.dp_rank, self.dp_size = ps.get_data_parallel_rank(), ps.get_data_parallel_world_size()
         self.tp_size = ps.get_tensor_model_parallel_world_size()
         self.dp_group = ps.get_data_parallel_group()
@@ -212,7 +213,7 @@ class Trainer:
         # metrics.jsonl is the local record; MLflow gets whatever it has not seen yet
         for row in self._trim_metrics_log():
             t.log_metrics({k: v for k, v in row.items() if k != "step"}, row["step"])
-        t.log_params({**flatten(to_dict(cfg)), **run_provenance()})
+        t.log_params({**flatten(to_dict(cfg)), **run_provenance(), **self.kernels})
         t.set_tags({"dsq.recipe": cfg.tracking.recipe, "dsq.precision": cfg.deepspeed.precision,
                     "dsq.layout": f"tp{self.tp_size}xdp{self.dp_size}",
                     "dsq.zero_stage": cfg.deepspeed.zero_stage, "dsq.preset": cfg.model.preset,

@@ -57,12 +57,18 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> List[Dict]:
     return groups
 
 
+LEGACY_KERNEL_NAMES = {"native": "cpp", "reference": "eager"}
+"""Config names of the QAdamW kernels (``optim.kernel``) -> the names of
+:func:`dsq.optim.kernels.get_kernel`."""
+
+
 def build_optimizer(model: torch.nn.Module, cfg) -> torch.optim.Optimizer:
     """The client optimizer handed to ``deepspeed.initialize`` (``cfg`` is the ``optim`` section).
 
     ``adamw``: ``torch.optim.AdamW`` (foreach). ``qadamw``: :class:`QAdamW` with ``m_bits``,
     ``v_bits``, ``block_size`` and, per group, ``quantize`` from the group's kind and
-    ``cfg.quantize``, ``v_domain`` (linear | sqrt) and ``kernel`` (auto | cpp | eager | compile).
+    ``cfg.quantize``, ``v_domain`` (linear | sqrt) and ``kernel`` (auto | native | reference |
+    compile).
     """
     groups = param_groups(model, cfg.weight_decay)
     if cfg.name == "adamw":
@@ -78,7 +84,7 @@ def build_optimizer(model: torch.nn.Module, cfg) -> torch.optim.Optimizer:
                       weight_decay=cfg.weight_decay, m_bits=cfg.m_bits, v_bits=cfg.v_bits,
                       block_size=cfg.block_size, v_domain=cfg.v_domain,
                       v_signed=bool(getattr(cfg, "v_signed", False)),
-                      kernel=cfg.kernel)
+                      kernel=LEGACY_KERNEL_NAMES.get(cfg.kernel, cfg.kernel))
     raise ValueError(f"optim.name={cfg.name!r} is not available")
 
 
