@@ -20,8 +20,8 @@ first large allocation.
 A training step allocates and frees tens of megabytes of activations, codes and gradients. With
 glibc's defaults, tensors above a moving mmap threshold are fresh ``mmap``s that page-fault in
 4 KiB pages on first touch and are unmapped again on free, and freed heap tops are returned to
-the kernel: on the 2-core development CPU that costs 10-40% of a step of simulated quantization
-and a few ms per int8 linear layer, by how much depends on what ran before. dsq therefore
+the kernel: a noticeable share of a CPU step (README, Performance), by how much depends on
+what ran before. dsq therefore
 
 * sets ``THP_MEM_ALLOC_ENABLE=1`` (PyTorch's CPU allocator then asks for transparent huge pages
   for tensors of 2 MiB and more: one fault per 2 MiB instead of 512), and

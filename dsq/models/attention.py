@@ -21,11 +21,9 @@ from megatron.core.utils import divide
 def cpu_upcast(q: torch.Tensor) -> bool:
     """Whether half-precision attention on the CPU is faster computed in fp32.
 
-    PyTorch's CPU flash attention handles small heads badly in bf16: forward+backward of one
-    causal layer, one thread (``[b, heads, seq, head_dim]``): 8x8x256x32 45 ms in bf16, 31 ms in
-    fp32; 8x16x256x16 80 vs 40 ms; 8x4x128x32 12.5 vs 4.5 ms. From head dim 64 or 1024
-    positions on, bf16 wins (8x4x256x64 22 vs 26 ms; 2x8x1024x32 58 vs 70 ms). The casts
-    cost well under a millisecond.
+    PyTorch's CPU flash attention handles small heads badly in bf16: with head dimensions of at
+    most 32 and at most 512 positions a causal layer runs faster in fp32, the casts included;
+    from head dimension 64 or 1024 positions on, bf16 wins (timings: README, Performance).
     """
     if q.device.type != "cpu" or q.dtype not in (torch.bfloat16, torch.float16):
         return False

@@ -20,15 +20,15 @@ first call) or :func:`set_kernel`:
   quantizer, so the codes are those of ``compute: simulate`` by construction; five to eight
   tensor passes per quantization and three per rescale;
 * ``cpp`` (``auto``, the default, on CPU): C/OpenMP kernels (:mod:`dsq.quant.cpu_kernels`,
-  compiled once in about 2 s and cached): one read of a tensor for all its statistics (row and
+  compiled once and cached): one read of a tensor for all its statistics (row and
   column absmax, column sums), one read for all its codes, one pass per rescale; bit-identical
   codes, scales and outputs (tested); falls back to eager where it does not apply (another
   device or dtype, no compiler);
 * ``compile`` (opt-in): the same kernels as plain tensor code under ``torch.compile``
-  (inductor's C++/OpenMP on CPU, Triton on GPU), also bit-identical on CPU. On the 2-core CPU it
-  costs 5-15 s of compilation per kernel (a training run compiles some 15 graphs: one to three
-  minutes cold), about 155 MB more resident memory per process (dynamo and inductor), and
-  ~0.1 ms of guard checks per call, so it is not the default there.
+  (inductor's C++/OpenMP on CPU, Triton on GPU), also bit-identical on CPU. On a CPU it costs
+  compilation time per kernel (a training run compiles some 15 graphs), the resident memory of
+  dynamo and inductor and guard checks per call, and runs slower than ``cpp`` (README,
+  Performance), so it is not the default there.
 
 Stochastic rounding and ``check_finite`` always run eager.
 
