@@ -146,35 +146,26 @@ def shutdown() -> None:
 class MegatronMPU:
     """The ``mpu`` object DeepSpeed expects, backed by megatron-core's ``parallel_state``."""
 
+    # DeepSpeed's name -> megatron-core's (model parallelism is tensor parallelism here)
+    NAMES = {
+        "get_model_parallel_rank": "get_tensor_model_parallel_rank",
+        "get_model_parallel_world_size": "get_tensor_model_parallel_world_size",
+        "get_model_parallel_group": "get_tensor_model_parallel_group",
+        **{n: n for n in ("get_tensor_model_parallel_rank", "get_tensor_model_parallel_world_size",
+                          "get_tensor_model_parallel_group", "get_tensor_model_parallel_src_rank",
+                          "get_data_parallel_rank", "get_data_parallel_world_size",
+                          "get_data_parallel_group")},
+    }
+
     def __init__(self):
         from megatron.core import parallel_state as ps
 
         self.ps = ps
 
-    def get_model_parallel_rank(self) -> int:
-        return self.ps.get_tensor_model_parallel_rank()
-
-    def get_model_parallel_world_size(self) -> int:
-        return self.ps.get_tensor_model_parallel_world_size()
-
-    def get_model_parallel_group(self):
-        return self.ps.get_tensor_model_parallel_group()
-
-    get_tensor_model_parallel_rank = get_model_parallel_rank
-    get_tensor_model_parallel_world_size = get_model_parallel_world_size
-    get_tensor_model_parallel_group = get_model_parallel_group
-
-    def get_tensor_model_parallel_src_rank(self) -> int:
-        return self.ps.get_tensor_model_parallel_src_rank()
-
-    def get_data_parallel_rank(self) -> int:
-        return self.ps.get_data_parallel_rank()
-
-    def get_data_parallel_world_size(self) -> int:
-        return self.ps.get_data_parallel_world_size()
-
-    def get_data_parallel_group(self):
-        return self.ps.get_data_parallel_group()
+    def __getattr__(self, name: str):
+        if name in MegatronMPU.NAMES:
+            return getattr(self.ps, MegatronMPU.NAMES[name])
+        raise AttributeError(name)
 
     def get_pipeline_model_parallel_world_size(self) -> int:
         return 1

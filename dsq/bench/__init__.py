@@ -5,7 +5,7 @@ from __future__ import annotations
 import importlib
 import platform
 import sys
-from typing import Dict, List
+from typing import Dict, List, Tuple
 
 BENCHES = {
     "optim": "dsq.bench.optim",
@@ -35,6 +35,28 @@ def cpu_info() -> Dict:
             "bf16_hardware": native.has_native_bf16(), "int8_units": native.int8_units(),
             "quant_kernels": cpu_kernels.isa(), "qadamw_kernel": optim_kernels.isa(),
             "int8_gemm": cpu_gemm.status(), "int8_pays": pays, "int8_why": why}
+
+
+def add_common_args(p) -> None:
+    """``--threads``, ``--json`` and ``--device``, as every benchmark takes them."""
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    p.add_argument("--json", default=None, help="write the rows to this JSON file")
+    p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"),
+                   help="auto: cuda when a GPU is visible, else cpu")
+
+
+def setup(ns) -> Tuple[str, str]:
+    """Apply ``--threads`` and resolve ``--device``: ``(device, where it runs, in words)``."""
+    import torch
+
+    from dsq.bench.linear import resolve_device
+
+    device = resolve_device(ns.device)
+    if ns.threads:
+        torch.set_num_threads(ns.threads)
+    where = (torch.cuda.get_device_name() if device == "cuda"
+             else f"{torch.get_num_threads()} threads")
+    return device, where
 
 
 def cpu_line(info: Dict) -> str:

@@ -290,17 +290,12 @@ def main(argv: list[str]) -> None:
     p.add_argument("--no-compile", dest="compile", action="store_false",
                    help="skip the torch.compile rows (dsq int8 compiled, torchao compiled)")
     p.add_argument("--no-torchao", dest="torchao", action="store_false")
-    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
-    p.add_argument("--json", default=None, help="write the rows to this JSON file")
-    p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"),
-                   help="auto: cuda when a GPU is visible, else cpu")
+    from dsq.bench import add_common_args, setup
+
+    add_common_args(p)
     ns = p.parse_args(argv)
-    device = resolve_device(ns.device)
-    if ns.threads:
-        torch.set_num_threads(ns.threads)
+    device, where = setup(ns)
     log = lambda *a: print(*a, file=sys.stderr, flush=True)
-    where = (torch.cuda.get_device_name() if device == "cuda"
-             else f"{torch.get_num_threads()} CPU threads")
     log(f"dsq bench linear: torch {torch.__version__}, {where}, "
         f"fwd+bwd, median of {ns.repeats} after {ns.warmup} warm-up rounds")
     from dsq.bench import cpu_info

@@ -182,20 +182,13 @@ def main(argv: Optional[List[str]] = None) -> None:
     ap.add_argument("--params", type=float, default=20e6, help="parameters (default 20e6)")
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--repeat", type=int, default=10)
-    ap.add_argument("--threads", type=int, default=None, help="torch threads (default: all)")
     ap.add_argument("--kernel", default="auto", help="QAdamW kernel: auto|cpp|eager|compile")
     ap.add_argument("--only", nargs="*", help="names of the candidates to run")
-    ap.add_argument("--json", help="write the rows to this file")
-    ap.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"),
-                    help="auto: cuda when a GPU is visible, else cpu")
-    args = ap.parse_args(argv)
-    from dsq.bench.linear import resolve_device
+    from dsq.bench import add_common_args, setup
 
-    device = resolve_device(args.device)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    where = (torch.cuda.get_device_name() if device == "cuda"
-             else f"{torch.get_num_threads()} threads")
+    add_common_args(ap)
+    args = ap.parse_args(argv)
+    device, where = setup(args)
     print(f"optimizer step over {int(args.params) / 1e6:.0f}M fp32 parameters, "
           f"{where}, median of {args.repeat} after {args.warmup} "
           f"warm-up steps", file=sys.stderr)
