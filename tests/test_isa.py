@@ -70,12 +70,8 @@ def test_dsq_isa_lowers_the_choice_and_refuses_what_the_cpu_lacks(monkeypatch, c
 @pytest.fixture
 def fresh_dispatch(monkeypatch):
     """The kernels' modules as in a fresh process (their choice is made on first use)."""
-    monkeypatch.setattr(cpu_kernels, "_LIB", None)
-    monkeypatch.setattr(cpu_kernels, "_ISA", None)
-    monkeypatch.setattr(K, "_LIB", None)
-    monkeypatch.setattr(K, "_ISA", None)
-    monkeypatch.setattr(cpu_kernels, "_VARIANTS", {})  # nothing built in this process yet
-    monkeypatch.setattr(K, "_VARIANTS", {})
+    monkeypatch.setattr(native, "_CHOSEN", {})
+    monkeypatch.setattr(native, "_VARIANTS", {})  # nothing built in this process yet
     monkeypatch.setattr(native, "_WARNED", set())
     monkeypatch.delenv("DSQ_ISA", raising=False)
     fused.set_kernel("auto")
@@ -160,8 +156,7 @@ def _packed_index(R, C):
 def test_quantization_kernels_of_each_variant_equal_the_reference(isa, monkeypatch):
     lib, _ = _variant(isa)
     assert lib.dsq_isa() == isa.encode()
-    monkeypatch.setattr(cpu_kernels, "_LIB", lib)
-    monkeypatch.setattr(cpu_kernels, "_ISA", isa)
+    monkeypatch.setattr(cpu_kernels, "library", lambda: lib)
     fmt = QuantFormat(8, "token")
     for dtype in (torch.float32, torch.bfloat16):
         # C % 16 == 0 takes the vector code, the others the scalar one; R not a multiple of 16
