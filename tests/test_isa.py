@@ -11,6 +11,7 @@ import torch
 
 from dsq import native
 from dsq.optim import kernels as K
+from dsq.optim.codec import Fmt
 from dsq.quant import cpu_kernels, fused, gemm
 from dsq.quant.format import QuantFormat
 from dsq.quant.functional import quantize
@@ -231,7 +232,7 @@ def test_qadamw_kernel_of_each_variant_equals_the_eager_one(isa):
     cpp, eager = K.CppKernel(lib), K.EagerKernel()
     h = K.Hyper(1e-3, 0.9, 0.999, 1e-8, 0.1, 7)
     for m_bits, v_bits, v_domain in FORMATS + SINGLE:
-        fmt = K.Fmt(m_bits, v_bits, v_domain == "sqrt")
+        fmt = Fmt(m_bits, v_bits, v_domain == "sqrt")
         gen = torch.Generator().manual_seed(m_bits * 100 + v_bits)
         rows, width = 5, 250  # a width with a tail after the vector loops
         p0 = torch.randn(rows, width, generator=gen)

@@ -30,10 +30,10 @@ from typing import Dict, List, Optional
 
 import torch
 
-from dsq.optim import kernels as K
+from dsq.optim.codec import (Fmt, fp32_index, moment_dtypes, new_state, pack_piece_codes,
+                             piece_codes)
 from dsq.optim.layout import layout_from_meta, n_blocks
-from dsq.optim.qadamw import (QAdamW, fp32_index, moment_dtypes, new_state, pack_piece_codes,
-                              piece_codes)
+from dsq.optim.qadamw import QAdamW
 
 
 # ============================================================================ attach
@@ -288,7 +288,7 @@ def _reshard_qadamw(states: List[Dict], metas: List[Dict], group: Dict, L: int, 
                     size: int):
     """Global per-element codes (values of a 32-bit moment) and per-block scales from the old
     partitions, cut anew."""
-    fmt = K.Fmt.of(group)
+    fmt = Fmt.of(group)
     dm, dv = moment_dtypes(fmt)  # codes, or the values of a 32-bit (fp32) moment
     qm = torch.zeros(L, dtype=dm)
     qv = torch.zeros(L, dtype=dv)
