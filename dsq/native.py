@@ -288,8 +288,9 @@ class Library:
     ``sources``: file names under :data:`CSRC` (translation unit first, then its headers).
     ``what`` / ``fallback`` name it and what runs without it in the one line a failure prints.
     ``setup(lib, isa)`` declares the ctypes signatures and checks the loaded library (raises
-    RuntimeError when it cannot serve); a per-CPU variant's ``dsq_isa()`` must name it. ``options()`` returns the keyword arguments of
-    :func:`compile_library` beyond the defaults (flags, libs, key; may raise RuntimeError).
+    RuntimeError when it cannot serve); a per-CPU variant's ``dsq_isa()`` must name it.
+    ``options()`` returns the keyword arguments of :func:`compile_library` beyond the defaults
+    (flags, libs, key; may raise RuntimeError).
     ``isa``: a fixed variant (``amx``), else this CPU's (:func:`select_isa`). ``unavailable()``:
     why it is not built here, as a fact rather than a fault (nothing printed), or None."""
 

@@ -14,9 +14,9 @@ Measured on the 2-core development CPU (Sapphire Rapids class, AMX), 4096 x 768 
 plus its rescale.
 
 Built once (:data:`LIBRARY`, :mod:`dsq.native`) with the system C++ compiler against the
-installed PyTorch headers with explicit flags for its AVX-512 epilogue (:data:`dsq.native.AMX_FLAGS`), cached under
-``$DSQ_CACHE_DIR`` (default ``~/.cache/dsq``) keyed by source, compiler flags and PyTorch
-version. Only built where the CPU has :data:`dsq.native.AMX_NEEDS` (AMX-INT8: PyTorch's oneDNN
+installed PyTorch headers with explicit flags for its AVX-512 epilogue
+(:data:`dsq.native.AMX_FLAGS`), cached under ``$DSQ_CACHE_DIR`` (default ``~/.cache/dsq``)
+keyed by sources, compiler flags and PyTorch version. Only built where the CPU has :data:`dsq.native.AMX_NEEDS` (AMX-INT8: PyTorch's oneDNN
 packs int8 operands for its micro-kernel only on AMX, so AMD CPUs and Intel ones before Sapphire
 Rapids, AVX-512 VNNI included, use ``torch._int_mm``; :func:`status` says which and why, quietly:
 that is no fault). Where it should build but does not (no compiler, no headers), one line says
@@ -84,7 +84,8 @@ def _unavailable() -> str | None:
 LIBRARY = Library("amx_gemm", ("amx_gemm.cpp", "dsq_common.h"), what="dsq AMX GEMM driver",
                   fallback="torch._int_mm", setup=_setup, cxx=True, options=_options,
                   isa="amx", unavailable=_unavailable)
-"""The driver's native library (:mod:`dsq.native`; variant ``amx``: :data:`dsq.native.AMX_FLAGS`)."""
+"""The driver's native library (:mod:`dsq.native`; variant ``amx``:
+:data:`dsq.native.AMX_FLAGS`)."""
 
 
 def build_variant(isa: str = "amx") -> ctypes.CDLL:
@@ -139,7 +140,8 @@ def available() -> bool:
 
 
 def _scale_ok(s: Tensor, n: int) -> bool:
-    return s.device.type == "cpu" and s.dtype == torch.float32 and s.is_contiguous() and s.numel() in (1, n)
+    return (s.device.type == "cpu" and s.dtype == torch.float32 and s.is_contiguous()
+            and s.numel() in (1, n))
 
 
 def can_take(k: int) -> bool:
