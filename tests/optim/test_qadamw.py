@@ -164,6 +164,29 @@ def test_cpp_kernel_equals_eager_bit_for_bit(m_bits, v_bits, v_domain):
         assert not torch.equal(a, c)  # every part of the state was rewritten
 
 
+@pytest.mark.slow
+def test_compiled_kernel_equals_eager_bit_for_bit():
+    """The ``compile`` kernel compiles the one eager row update (kernels.rows_update), so it
+    gives the eager bits, on a second step without recompiling for the new scalars."""
+    for m_bits, v_bits, v_domain in ((8, 8, "linear"), (4, 8, "sqrt")):
+        fmt = codec.Fmt(m_bits, v_bits, v_domain == "sqrt")
+        gen = torch.Generator().manual_seed(1)
+        rows, width = 5, 256
+        p0 = torch.randn(rows, width, generator=gen)
+        g = torch.randn(rows, width, generator=gen) * 1e-2
+        st0 = _random_state(rows, width, fmt, gen)
+        out = {}
+        for ker in (K.EagerKernel(), K.CompiledKernel()):
+            for step in (3, 4):
+                h = K.Hyper(1e-3, 0.9, 0.999, 1e-8, 0.1, step)
+                p, st = p0.clone(), [_clone(t) for t in st0]
+                ker.rows(p, g, *st, rows, width, fmt, h)
+                out.setdefault(step, []).append([p, *st])
+        for eager, compiled in out.values():
+            for a, b in zip(eager, compiled):
+                assert (a is None and b is None) or torch.equal(a, b), (m_bits, v_bits)
+
+
 @pytest.mark.parametrize("m_bits,v_bits,v_domain", SINGLE)
 def test_optimizer_eager_equals_cpp_with_one_fp32_moment(m_bits, v_bits, v_domain):
     """Whole steps with every kind of piece: blocks, a parameter off the block grid (fp32
