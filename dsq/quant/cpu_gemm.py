@@ -9,17 +9,16 @@ micro-kernel's VNNI layout, each ``64 x 64`` int32 tile is rescaled (``acc * row
 col_scale + bias``, the arithmetic of :func:`dsq.quant.gemm.rescale` operation for operation)
 and written as fp32 or bf16 while it is in cache, so no int32 matrix ever reaches memory.
 
-Measured on the 2-core development CPU (Sapphire Rapids class, AMX), 4096 x 768 -> 3072: about
-2.9 int8 TOP/s against 2.2 TFLOP/s for a bf16 ``torch.mm`` and 0.8 TOP/s for ``torch._int_mm``
-plus its rescale.
+Its throughput against ``torch.mm`` and ``torch._int_mm``: the README's Performance section.
 
 Built once (:data:`LIBRARY`, :mod:`dsq.native`) with the system C++ compiler against the
 installed PyTorch headers with explicit flags for its AVX-512 epilogue
 (:data:`dsq.native.AMX_FLAGS`), cached under ``$DSQ_CACHE_DIR`` (default ``~/.cache/dsq``)
-keyed by sources, compiler flags and PyTorch version. Only built where the CPU has :data:`dsq.native.AMX_NEEDS` (AMX-INT8: PyTorch's oneDNN
-packs int8 operands for its micro-kernel only on AMX, so AMD CPUs and Intel ones before Sapphire
-Rapids, AVX-512 VNNI included, use ``torch._int_mm``; :func:`status` says which and why, quietly:
-that is no fault). Where it should build but does not (no compiler, no headers), one line says
+keyed by sources, compiler flags and PyTorch version. Only built where the CPU has
+:data:`dsq.native.AMX_NEEDS` (AMX-INT8: PyTorch's oneDNN packs int8 operands for its
+micro-kernel only on AMX, so AMD CPUs and Intel ones before Sapphire Rapids, AVX-512 VNNI
+included, use ``torch._int_mm``; :func:`status` says which and why, quietly: that is no
+fault). Where it should build but does not (no compiler, no headers), one line says
 so with the path of the compiler's output, and :func:`scaled_mm` returns None (callers use
 ``torch._int_mm``).
 """
