@@ -141,15 +141,20 @@ def _clone(t):
     return None if t is None else t.clone()
 
 
+def _rows_inputs(fmt, rows, width):
+    """Parameters, gradients and a random state of ``rows`` blocks of ``width`` (seed 1)."""
+    gen = torch.Generator().manual_seed(1)
+    p0 = torch.randn(rows, width, generator=gen)
+    g = torch.randn(rows, width, generator=gen) * 1e-2
+    return p0, g, _random_state(rows, width, fmt, gen)
+
+
 @pytest.mark.parametrize("m_bits,v_bits,v_domain", FORMATS + SINGLE)
 def test_cpp_kernel_equals_eager_bit_for_bit(m_bits, v_bits, v_domain):
     cpp = cpp_or_skip()
     fmt = codec.Fmt(m_bits, v_bits, v_domain == "sqrt")
-    gen = torch.Generator().manual_seed(1)
     rows, width = 9, 256
-    p0 = torch.randn(rows, width, generator=gen)
-    g = torch.randn(rows, width, generator=gen) * 1e-2
-    st0 = _random_state(rows, width, fmt, gen)
+    p0, g, st0 = _rows_inputs(fmt, rows, width)
     h = K.Hyper(1e-3, 0.9, 0.999, 1e-8, 0.1, 7)
     out = []
     for ker in (K.EagerKernel(), cpp):
@@ -170,11 +175,8 @@ def test_compiled_kernel_equals_eager_bit_for_bit():
     gives the eager bits, on a second step without recompiling for the new scalars."""
     for m_bits, v_bits, v_domain in ((8, 8, "linear"), (4, 8, "sqrt")):
         fmt = codec.Fmt(m_bits, v_bits, v_domain == "sqrt")
-        gen = torch.Generator().manual_seed(1)
         rows, width = 5, 256
-        p0 = torch.randn(rows, width, generator=gen)
-        g = torch.randn(rows, width, generator=gen) * 1e-2
-        st0 = _random_state(rows, width, fmt, gen)
+        p0, g, st0 = _rows_inputs(fmt, rows, width)
         out = {}
         for ker in (K.EagerKernel(), K.CompiledKernel()):
             for step in (3, 4):
