@@ -266,7 +266,7 @@ def cmd_ckpt(argv: List[str]) -> None:
         sys.exit(0)
     if not argv or argv[0] != "reshard":
         _fail("usage: dsq ckpt reshard CKPT_DIR --dp N [--tag TAG] [--out DIR]")
-    from dsq.optim.zero import main as reshard_main
+    from dsq.reshard import main as reshard_main
 
     reshard_main(argv[1:])
 

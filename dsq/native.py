@@ -1,8 +1,12 @@
-"""Small C/C++ sources built once per instruction set into shared libraries, cached, loaded with
-ctypes; the CPU's instruction sets and which variant of a kernel runs on it.
+"""dsq's one loader of native code: the C/C++ sources under ``dsq/csrc`` built once per
+instruction set into shared libraries, cached, loaded with ctypes; the CPU's instruction sets
+and which variant of a kernel runs on it.
 
-Used by dsq's CPU kernels (:mod:`dsq.quant.cpu_kernels`, :mod:`dsq.quant.cpu_gemm`,
-:mod:`dsq.optim.kernels`).
+Each native library is one :class:`Library` (``quant``: :mod:`dsq.quant.cpu_kernels`,
+``amx_gemm``: :mod:`dsq.quant.cpu_gemm`, ``qadamw``: :mod:`dsq.optim.kernels`):
+:meth:`Library.load` builds the CPU's variant on first use, once per process, and returns the
+ctypes library or None (then one line says why and what runs instead, once); the binding
+modules check device, dtype, contiguity and sizes before every call into it.
 
 Variants (:data:`ISAS`, best first). A kernel's vector code is guarded by the compiler's macros
 (``__AVX512F__``, ``__AVX2__`` ...) and each variant is compiled with explicit flags for exactly
@@ -22,9 +26,12 @@ Every variant is built with ``-ffp-contract=off`` and evaluates the same IEEE op
 element as the reference, so all of them give bit-identical results (tested variant by
 variant).
 
-A library is compiled on first use and cached under ``$DSQ_CACHE_DIR`` (default
-``~/.cache/dsq``) as ``NAME-ISA_DIGEST.so``, the digest covering source, flags, libraries,
-compiler and its version, and ``key``; the binary depends on nothing else (no ``-march=native``),
+A library is compiled on first use with warnings on (:data:`WARN_FLAGS`; the sources compile
+without any) and cached under ``$DSQ_CACHE_DIR`` (default ``~/.cache/dsq``) as
+``NAME-ISA_DIGEST.so``, the digest covering every source file (the shared header
+``dsq_common.h`` included), flags, libraries, compiler and its version, and ``key``; what the
+compiler printed on success is kept beside it (``NAME-ISA_DIGEST.warnings``, see
+:func:`compile_library`); the binary depends on nothing else (no ``-march=native``),
 so nodes of different CPU models that share a home directory share it. The file is renamed into
 place atomically, so ranks that build at the same time do not see a half-written library. A
 failed build raises :class:`BuildError` after writing the compiler's full output to
@@ -43,8 +50,16 @@ import shutil
 import subprocess
 import sys
 import tempfile
-from collections.abc import Iterable, Sequence
+import threading
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
+
+CSRC = Path(__file__).with_name("csrc")
+"""The native sources: ``quant.c``, ``qadamw.c``, ``amx_gemm.cpp`` and their ``dsq_common.h``."""
+
+WARN_FLAGS = ("-Wall", "-Wextra")
+"""Warnings every build turns on (the sources compile without any, tested per variant)."""
 
 C_FLAGS = ("-O3", "-ffp-contract=off", "-fno-math-errno", "-fopenmp", "-shared", "-fPIC")
 """Base flags of the C kernels: exact IEEE arithmetic (no contraction into fused multiply-adds);
@@ -193,37 +208,155 @@ def _compiler_version(compiler: str) -> str:
         return ""
 
 
-def build(name: str, source: str, *, isa: str, cxx: bool = False,
-          flags: Sequence[str] = C_FLAGS, libs: Sequence[str] = ("-lm",),
-          key: str = "") -> ctypes.CDLL:
-    """Compile ``source`` (C, or C++ with ``cxx``) for variant ``isa`` (``flags`` plus
-    :data:`ISA_FLAGS`, or :data:`AMX_FLAGS` for ``amx``) once and load it; ``key`` adds what
-    else the binary depends on (e.g. the PyTorch version it links against). Raises :class:`BuildError` when it cannot be built."""
+@dataclass(frozen=True)
+class Built:
+    """A compiled library: its path and what the compiler printed building it (warnings;
+    ``""`` when it printed nothing)."""
+
+    path: Path
+    output: str
+
+
+def compile_library(name: str, sources: Sequence[str], *, isa: str, cxx: bool = False,
+                    flags: Sequence[str] = C_FLAGS, libs: Sequence[str] = ("-lm",),
+                    key: str = "") -> Built:
+    """Compile ``sources`` (file names under :data:`CSRC`; the first is the translation unit,
+    the others the headers it includes) as C, or C++ with ``cxx``, for variant ``isa``
+    (``flags`` plus :data:`WARN_FLAGS` and :data:`ISA_FLAGS`, or :data:`AMX_FLAGS` for
+    ``amx``), once: a cached build is reused. ``key`` adds what else the binary depends on
+    (e.g. the PyTorch version it links against). Raises :class:`BuildError`."""
     compiler = _compiler(cxx)
     if not compiler:
         what = "C++ compiler (g++/c++)" if cxx else "C compiler (gcc/cc)"
         raise BuildError(name, isa, f"no {what} on PATH", None)
-    all_flags = [*flags, *(AMX_FLAGS if isa == "amx" else ISA_FLAGS[isa])]
-    digest = hashlib.sha256("\0".join([source, *all_flags, *libs, compiler,
+    all_flags = [*flags, *WARN_FLAGS, *(AMX_FLAGS if isa == "amx" else ISA_FLAGS[isa])]
+    texts = [f"{s}\0{(CSRC / s).read_text()}" for s in sources]
+    digest = hashlib.sha256("\0".join([*texts, *all_flags, *libs, compiler,
                                        _compiler_version(compiler), isa, key])
                             .encode()).hexdigest()[:16]
     out = cache_dir() / f"{name}-{isa}_{digest}.so"
-    if not out.is_file():
-        out.parent.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryDirectory(dir=out.parent) as tmp:
-            src = Path(tmp) / f"{name}.{'cpp' if cxx else 'c'}"
-            src.write_text(source)
-            so = Path(tmp) / f"{name}.so"
-            cmd = [compiler, *all_flags, str(src), "-o", str(so), *libs]
-            try:
-                res = subprocess.run(cmd, capture_output=True, text=True, check=False)
-                rc, text = res.returncode, res.stdout + res.stderr
-            except OSError as e:
-                rc, text = -1, str(e)
-            if rc != 0:
-                log = cache_dir() / "logs" / f"{name}-{isa}_{digest}.log"
-                log.parent.mkdir(parents=True, exist_ok=True)
-                log.write_text(f"$ {' '.join(cmd)}\nexit status {rc}\n\n{text}")
-                raise BuildError(name, isa, f"{Path(compiler).name} failed", log)
-            os.replace(so, out)  # atomic: concurrent ranks may build at the same time
-    return ctypes.CDLL(str(out))
+    said = out.with_suffix(".warnings")
+    if out.is_file():
+        return Built(out, said.read_text() if said.is_file() else "")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=out.parent) as tmp:
+        so = Path(tmp) / f"{name}.so"
+        cmd = [compiler, *all_flags, f"-I{CSRC}", str(CSRC / sources[0]), "-o", str(so), *libs]
+        try:
+            res = subprocess.run(cmd, capture_output=True, text=True, check=False)
+            rc, text = res.returncode, res.stdout + res.stderr
+        except OSError as e:
+            rc, text = -1, str(e)
+        if rc != 0:
+            log = cache_dir() / "logs" / f"{name}-{isa}_{digest}.log"
+            log.parent.mkdir(parents=True, exist_ok=True)
+            log.write_text(f"$ {' '.join(cmd)}\nexit status {rc}\n\n{text}")
+            raise BuildError(name, isa, f"{Path(compiler).name} failed", log)
+        if text:
+            said.write_text(text)
+        os.replace(so, out)  # atomic: concurrent ranks may build at the same time
+    return Built(out, text)
+
+
+def build(name: str, sources: Sequence[str], *, isa: str, cxx: bool = False,
+          flags: Sequence[str] = C_FLAGS, libs: Sequence[str] = ("-lm",),
+          key: str = "") -> ctypes.CDLL:
+    """:func:`compile_library`, loaded. Raises :class:`BuildError`."""
+    return ctypes.CDLL(str(compile_library(name, sources, isa=isa, cxx=cxx, flags=flags,
+                                           libs=libs, key=key).path))
+
+
+@dataclass(frozen=True)
+class Choice:
+    """What a :class:`Library` runs as in this process: ``lib`` (None: its fallback runs),
+    the variant ``isa`` (``reference`` when ``lib`` is None) and ``reason`` (why it is None)."""
+
+    lib: ctypes.CDLL | None
+    isa: str
+    reason: str | None = None
+
+
+_VARIANTS: dict[tuple[str, str], ctypes.CDLL] = {}  # (name, isa) -> built and set up
+_CHOSEN: dict[str, Choice] = {}                     # name -> this process's choice
+_LOCK = threading.RLock()
+
+
+@dataclass(frozen=True)
+class Library:
+    """A native library of dsq and how to load it.
+
+    ``sources``: file names under :data:`CSRC` (translation unit first, then its headers).
+    ``what`` / ``fallback`` name it and what runs without it in the one line a failure prints.
+    ``setup(lib, isa)`` declares the ctypes signatures and checks the loaded library (raises
+    RuntimeError when it cannot serve); a per-CPU variant's ``dsq_isa()`` must name it.
+    ``options()`` returns the keyword arguments of :func:`compile_library` beyond the defaults
+    (flags, libs, key; may raise RuntimeError).
+    ``isa``: a fixed variant (``amx``), else this CPU's (:func:`select_isa`). ``unavailable()``:
+    why it is not built here, as a fact rather than a fault (nothing printed), or None."""
+
+    name: str
+    sources: tuple[str, ...]
+    what: str
+    fallback: str
+    setup: Callable[[ctypes.CDLL, str], None] | None = None
+    cxx: bool = False
+    options: Callable[[], dict] | None = None
+    isa: str | None = None
+    unavailable: Callable[[], str | None] | None = None
+
+    def _options(self) -> dict:
+        return {"cxx": self.cxx, **(self.options() if self.options else {})}
+
+    def compile(self, isa: str) -> Built:
+        """Compile variant ``isa`` (cached), without loading it; raises :class:`BuildError`."""
+        return compile_library(self.name, self.sources, isa=isa, **self._options())
+
+    def variant(self, isa: str) -> ctypes.CDLL:
+        """Variant ``isa``, built, loaded and set up once per process; raises
+        :class:`BuildError` or RuntimeError. Only call on a CPU that supports ``isa``."""
+        with _LOCK:
+            lib = _VARIANTS.get((self.name, isa))
+            if lib is None:
+                lib = build(self.name, self.sources, isa=isa, **self._options())
+                if self.isa is None:  # a per-CPU variant names what it was compiled as
+                    lib.dsq_isa.restype = ctypes.c_char_p
+                    got = lib.dsq_isa().decode()
+                    if got != isa:
+                        raise RuntimeError(f"the {isa} build of {self.what} compiled the {got} "
+                                           f"code")
+                if self.setup is not None:
+                    self.setup(lib, isa)
+                _VARIANTS[(self.name, isa)] = lib
+            return lib
+
+    def choice(self) -> Choice:
+        """This process's :class:`Choice`, made on first use: builds the variant, or reports
+        in one line (once) why the fallback runs."""
+        c = _CHOSEN.get(self.name)
+        if c is not None:
+            return c
+        with _LOCK:
+            if self.name not in _CHOSEN:
+                _CHOSEN[self.name] = self._choose()
+            return _CHOSEN[self.name]
+
+    def load(self) -> ctypes.CDLL | None:
+        """The library of this CPU's variant, or None (see :meth:`choice`)."""
+        return self.choice().lib
+
+    def _choose(self) -> Choice:
+        why = self.unavailable() if self.unavailable else None
+        if why:
+            return Choice(None, REFERENCE, why)
+        isa = self.isa or select_isa()
+        if isa == REFERENCE:
+            return Choice(None, REFERENCE, "DSQ_ISA=reference")
+        try:
+            return Choice(self.variant(isa), isa)
+        except BuildError as e:
+            warn(e.line(self.what, self.fallback))
+            return Choice(None, REFERENCE, e.reason)
+        except Exception as e:  # noqa: BLE001  (no headers, a library that cannot serve)
+            reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+            warn(f"{self.what} ({isa}) unavailable ({reason}): using {self.fallback}")
+            return Choice(None, REFERENCE, reason)

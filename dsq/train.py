@@ -188,7 +188,7 @@ class Trainer:
                     f"run has {self.dp_size}: convert it first with `dsq ckpt reshard "
                     f"{self.ckpt_dir} --dp {self.dp_size}` (or set train.reshard=auto), or "
                     f"launch {old_dp * self.tp_size} ranks")
-            from dsq.optim.zero import reshard_checkpoint
+            from dsq.reshard import reshard_checkpoint
 
             reshard_checkpoint(self.ckpt_dir, tag, self.dp_size)
             self.log(f"resharded {tag_dir} from dp={old_dp} to dp={self.dp_size} "

@@ -11,6 +11,7 @@ import torch
 
 from dsq import native
 from dsq.optim import kernels as K
+from dsq.optim.codec import Fmt
 from dsq.quant import cpu_kernels, fused, gemm
 from dsq.quant.format import QuantFormat
 from dsq.quant.functional import quantize
@@ -70,12 +71,8 @@ def test_dsq_isa_lowers_the_choice_and_refuses_what_the_cpu_lacks(monkeypatch, c
 @pytest.fixture
 def fresh_dispatch(monkeypatch):
     """The kernels' modules as in a fresh process (their choice is made on first use)."""
-    monkeypatch.setattr(cpu_kernels, "_LIB", None)
-    monkeypatch.setattr(cpu_kernels, "_ISA", None)
-    monkeypatch.setattr(K, "_LIB", None)
-    monkeypatch.setattr(K, "_ISA", None)
-    monkeypatch.setattr(cpu_kernels, "_VARIANTS", {})  # nothing built in this process yet
-    monkeypatch.setattr(K, "_VARIANTS", {})
+    monkeypatch.setattr(native, "_CHOSEN", {})
+    monkeypatch.setattr(native, "_VARIANTS", {})  # nothing built in this process yet
     monkeypatch.setattr(native, "_WARNED", set())
     monkeypatch.delenv("DSQ_ISA", raising=False)
     fused.set_kernel("auto")
@@ -160,8 +157,7 @@ def _packed_index(R, C):
 def test_quantization_kernels_of_each_variant_equal_the_reference(isa, monkeypatch):
     lib, _ = _variant(isa)
     assert lib.dsq_isa() == isa.encode()
-    monkeypatch.setattr(cpu_kernels, "_LIB", lib)
-    monkeypatch.setattr(cpu_kernels, "_ISA", isa)
+    monkeypatch.setattr(cpu_kernels, "library", lambda: lib)
     fmt = QuantFormat(8, "token")
     for dtype in (torch.float32, torch.bfloat16):
         # C % 16 == 0 takes the vector code, the others the scalar one; R not a multiple of 16
@@ -236,7 +232,7 @@ def test_qadamw_kernel_of_each_variant_equals_the_eager_one(isa):
     cpp, eager = K.CppKernel(lib), K.EagerKernel()
     h = K.Hyper(1e-3, 0.9, 0.999, 1e-8, 0.1, 7)
     for m_bits, v_bits, v_domain in FORMATS + SINGLE:
-        fmt = K.Fmt(m_bits, v_bits, v_domain == "sqrt")
+        fmt = Fmt(m_bits, v_bits, v_domain == "sqrt")
         gen = torch.Generator().manual_seed(m_bits * 100 + v_bits)
         rows, width = 5, 250  # a width with a tail after the vector loops
         p0 = torch.randn(rows, width, generator=gen)

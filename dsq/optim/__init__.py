@@ -7,7 +7,9 @@ into DeepSpeed as separate param groups so that ZeRO's flattening keeps them apa
 - ``embedding``: word and position embeddings (weight decay on),
 - ``no_decay``: biases and norm parameters (weight decay off).
 
-``optim.name=qadamw`` builds :class:`QAdamW` (quantized moments, :mod:`dsq.optim.qadamw`);
+``optim.name=qadamw`` builds :class:`QAdamW` (quantized moments: step in
+:mod:`dsq.optim.qadamw`, state codec :mod:`dsq.optim.codec`, layout :mod:`dsq.optim.layout`,
+update kernels :mod:`dsq.optim.kernels`, DeepSpeed attachment :mod:`dsq.optim.attach`);
 ``optim.quantize`` picks the kinds whose moments are quantized (``linear`` |
 ``linear+embedding`` | ``all``), the others keep fp32 moments.
 
@@ -19,6 +21,7 @@ Training-loop API::
     ...
     optimizer_state_bytes(engine.optimizer)   # this rank's optimizer state
     reshard_checkpoint(ckpt_dir, tag, new_dp) # a ZeRO checkpoint for another DP size
+                                              # (dsq.reshard, re-exported here)
 """
 
 from __future__ import annotations
@@ -27,8 +30,8 @@ from typing import Dict, List
 
 import torch
 
+from dsq.optim.attach import attach_to_engine
 from dsq.optim.qadamw import QAdamW
-from dsq.optim.zero import attach_to_engine, reshard_checkpoint
 
 QUANTIZE_KINDS = {"linear": ("linear",), "linear+embedding": ("linear", "embedding"),
                   "all": ("linear", "embedding", "no_decay")}
@@ -86,6 +89,16 @@ def build_optimizer(model: torch.nn.Module, cfg) -> torch.optim.Optimizer:
                       v_signed=bool(getattr(cfg, "v_signed", False)),
                       kernel=LEGACY_KERNEL_NAMES.get(cfg.kernel, cfg.kernel))
     raise ValueError(f"optim.name={cfg.name!r} is not available")
+
+
+def __getattr__(name: str):
+    # dsq.optim.reshard_checkpoint, kept importable from here: dsq.reshard sits beside
+    # dsq.checkpoint and imports this package's codec, so it is imported on first use
+    if name == "reshard_checkpoint":
+        from dsq.reshard import reshard_checkpoint
+
+        return reshard_checkpoint
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def optimizer_state_bytes(optimizer) -> int:

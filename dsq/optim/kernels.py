@@ -1,4 +1,6 @@
-"""The element-wise QAdamW update, in interchangeable implementations (kernels).
+"""The element-wise QAdamW update, in interchangeable implementations (kernels): the eager
+PyTorch reference (one implementation of the row update, :func:`rows_update`, also what
+``compile`` compiles) and the binding of the native C kernel (``dsq/csrc/qadamw.c``).
 
 Three primitives over a *piece* of a flat tensor (a contiguous run of elements whose
 quantized moments live in their own code and scale tensors, see :mod:`dsq.optim.layout`):
@@ -21,71 +23,56 @@ whether it is processed whole by ``rows`` on one rank or split over two ranks th
 ``pass1``/``pass2``: the quantized state does not depend on the data-parallel layout.
 
 * ``eager``: PyTorch tensor ops, chunked to keep temporaries in cache. Runs on any device.
-* ``cpp``: a small C/OpenMP kernel (source below) compiled once with the system C compiler
-  (about 2 s, ``-O3 -ffp-contract=off`` and the flags of the CPU's variant: ``avx512``,
-  ``avx2`` or ``portable``, see :mod:`dsq.native`; :func:`isa` names it), cached under
-  ``$DSQ_CACHE_DIR`` (default ``~/.cache/dsq``) and called through ``ctypes``. CPU only. Every
-  variant is the same C, vectorized by the compiler, so all give the same bits (tested).
-  Each block is read and written once: about 16 bytes moved per parameter at 8/8 bits
-  against 28 for fp32 AdamW.
-* ``compile``: the eager ``rows`` under ``torch.compile`` (opt-in, for GPUs; on CPU it costs
-  tens of seconds of compilation and Inductor splits the block reduction into two sweeps).
+* ``cpp``: a small C/OpenMP kernel (``dsq/csrc/qadamw.c``, :data:`LIBRARY`) compiled once
+  per process through :mod:`dsq.native` with the system C compiler (``-O3 -ffp-contract=off``
+  and the flags of the CPU's variant: ``avx512``, ``avx2`` or ``portable``; :func:`isa` names
+  it), cached under ``$DSQ_CACHE_DIR`` (default ``~/.cache/dsq``) and called through
+  ``ctypes`` after checks of device, dtype, contiguity and sizes. CPU only. Every variant is
+  the same C, vectorized by the compiler, so all give the same bits (tested). Each block is
+  read and written once: about 16 bytes moved per parameter at 8/8 bits against 28 for fp32
+  AdamW.
+* ``compile``: :func:`rows_update` under ``torch.compile`` (opt-in, for GPUs; split blocks
+  stay eager).
 
-Number formats (``Q`` = largest code): m is signed, ``Q = 2**(bits-1) - 1`` (127 or 7),
-codes ``round(m / s)`` with ``s = absmax / Q``; 8-bit m codes are ``int8``, 4-bit ones are
-stored as ``code + 8`` in a nibble. v is unsigned, ``Q = 2**bits - 1`` (255 or 15), codes
-``round(v / s)`` with ``s = max / Q``, raised to 1 wherever ``v > 0`` so that a small second
-moment never dequantizes to 0 (which would turn ``m / (sqrt(v) + eps)`` into ``m / eps``).
-``v_signed`` (the study's code, kept to show its failure) quantizes v with the signed
-symmetric quantizer instead: ``Q = 2**(bits-1) - 1`` (127 or 7), no raise to 1, so every v
-below half a step becomes 0; eager kernel only.
-With ``v_domain="sqrt"`` the code quantizes ``sqrt(v)`` instead (same linear quantizer, twice
-the dynamic range in log terms, no extra work since the update needs ``sqrt(v)`` anyway).
-4-bit codes are packed two per byte, element ``2k`` in the low nibble of byte ``k``.
-
-``bits = 32`` (:data:`FP32`) keeps that moment in fp32 (one float per element, no scale) while
-the other is quantized (the study's m8, m4 and v8 settings): the kernels read and write it in
-place with the same operations, and the block maxima are those of the quantized moment only.
+The number formats and their storage are :mod:`dsq.optim.codec`'s.
 """
+
 
 from __future__ import annotations
 
 import ctypes
 import os
 import struct
-import threading
-from typing import Optional, Tuple
+from typing import NamedTuple, Optional, Tuple
 
 import torch
 
-TINY = 1e-30
-"""Lower clamp of a block maximum, so that scales and their inverses stay finite."""
+from dsq.native import Library
+from dsq.optim.codec import (
+    FP32,
+    Fmt,
+    code_len,
+    dequantize_m,
+    dequantize_v_raw,
+    quantize_moments,
+)
 
 EAGER_CHUNK = 1 << 17
 """Elements per eager chunk (temporaries of a chunk stay in L2)."""
 
 
-FP32 = 32
-"""``m_bits`` / ``v_bits`` of a moment that is not quantized (stored as fp32)."""
+class HyperValues(NamedTuple):
+    """The per-step scalars as tensors (what :func:`rows_update` reads under torch.compile,
+    so that a new step does not recompile)."""
 
-
-def qmax_m(bits: int) -> int:
-    return (1 << (bits - 1)) - 1
-
-
-def qmax_v(bits: int) -> int:
-    return (1 << bits) - 1
-
-
-def code_len(n: int, bits: int) -> int:
-    """Storage elements holding ``n`` values of a moment: int8/uint8 codes (4-bit: two per
-    byte) or, for ``bits == 32``, fp32 values."""
-    return (n + 1) // 2 if bits == 4 else n
-
-
-def code_bytes(n: int, bits: int) -> int:
-    """Bytes holding ``n`` values of a moment of ``bits`` bits (4-bit: two per byte)."""
-    return code_len(n, bits) * (4 if bits == FP32 else 1)
+    b1: torch.Tensor
+    omb1: torch.Tensor
+    b2: torch.Tensor
+    omb2: torch.Tensor
+    decay: torch.Tensor
+    step_size: torch.Tensor
+    inv_bc2_sqrt: torch.Tensor
+    eps: torch.Tensor
 
 
 class Hyper:
@@ -107,6 +94,11 @@ class Hyper:
 
         self._arr = None
 
+    def tensors(self, device) -> HyperValues:
+        """The scalars as fp32 tensors on ``device``."""
+        return HyperValues(*(torch.tensor(getattr(self, k), dtype=torch.float32, device=device)
+                             for k in HyperValues._fields))
+
     def as_array(self):
         if self._arr is None:
             self._arr = (ctypes.c_float * 8)(self.b1, self.omb1, self.b2, self.omb2, self.decay,
@@ -119,70 +111,12 @@ def _f32(x: float) -> float:
     return struct.unpack("f", struct.pack("f", x))[0]
 
 
-class Fmt:
-    """Static description of the moments' formats (bits 4, 8, or 32 = fp32), with where each
-    moment lives in a state dict: ``m_key`` (``m_codes`` or ``m_fp32``) and its element size
-    ``m_esize``; ``m_q``: m is quantized (has ``m_scales``). Likewise for v. ``v_sqrt`` only
-    applies to a quantized v; ``v_signed``: v's codes use the signed range (the study's)."""
-
-    __slots__ = ("m_bits", "v_bits", "v_sqrt", "v_signed", "m_q", "v_q", "m_key", "v_key",
-                 "m_esize", "v_esize")
-
-    def __init__(self, m_bits: int, v_bits: int, v_sqrt: bool, v_signed: bool = False):
-        self.m_bits, self.v_bits = m_bits, v_bits
-        self.m_q, self.v_q = m_bits != FP32, v_bits != FP32
-        self.v_sqrt = bool(v_sqrt) and self.v_q
-        self.v_signed = bool(v_signed) and self.v_q
-        self.m_key = "m_codes" if self.m_q else "m_fp32"
-        self.v_key = "v_codes" if self.v_q else "v_fp32"
-        self.m_esize = 1 if self.m_q else 4
-        self.v_esize = 1 if self.v_q else 4
-
-    @classmethod
-    def of(cls, group) -> "Fmt":
-        """The formats of a QAdamW param group."""
-        return cls(group["m_bits"], group["v_bits"], group["v_domain"] == "sqrt",
-                   bool(group.get("v_signed", False)))
-
-
 # ============================================================================ eager
-def unpack4(codes: torch.Tensor, n: int) -> torch.Tensor:
-    """uint8 [..., k] -> uint8 [..., n] nibbles (n <= 2k along the last dim)."""
-    lo = codes & 15
-    hi = codes >> 4
-    out = torch.stack((lo, hi), dim=-1).flatten(-2)
-    return out[..., :n]
-
-
-def pack4(nib: torch.Tensor) -> torch.Tensor:
-    """uint8 [..., n] nibbles -> uint8 [..., ceil(n/2)]."""
-    if nib.shape[-1] % 2:
-        nib = torch.nn.functional.pad(nib, (0, 1))
-    return nib[..., 0::2] | (nib[..., 1::2] << 4)
-
-
-def _deq_m(codes: torch.Tensor, n: int, bits: int, scale) -> torch.Tensor:
-    if bits == FP32:
-        return codes
-    if bits == 8:
-        q = codes.float()
-    else:
-        q = unpack4(codes, n).float() - 8.0
-    return q * scale
-
-
-def _deq_v_raw(codes: torch.Tensor, n: int, bits: int, scale) -> torch.Tensor:
-    if bits == FP32:
-        return codes
-    q = codes.float() if bits == 8 else unpack4(codes, n).float()
-    return q * scale
-
-
 def _moments(g, mc, ms, vc, vs, n, fmt: Fmt, h: Hyper):
     """fp32 m, v and the stored v quantity (v or sqrt(v)) and sqrt(v); same op order as C."""
-    m = _deq_m(mc, n, fmt.m_bits, ms)
+    m = dequantize_m(mc, n, fmt.m_bits, ms)
     m = m * h.b1 + g * h.omb1
-    vr = _deq_v_raw(vc, n, fmt.v_bits, vs)
+    vr = dequantize_v_raw(vc, n, fmt.v_bits, vs)
     v = vr * vr if fmt.v_sqrt else vr
     v = v * h.b2 + (g * g) * h.omb2
     r = _sqrt(v)
@@ -195,49 +129,30 @@ def _sqrt(v: torch.Tensor) -> torch.Tensor:
     return torch.sqrt(v.double()).float() if v.device.type == "cpu" else torch.sqrt(v)
 
 
-def _div(a: torch.Tensor, b) -> torch.Tensor:
-    """a / b as a true division (PyTorch turns division by a CPU scalar into a * (1/b))."""
-    if not torch.is_tensor(b):
-        b = torch.full((1,), b, dtype=a.dtype, device=a.device)
-    if not torch.is_tensor(a):
-        a = torch.full((1,), a, dtype=b.dtype, device=b.device)
-    return a / b
-
-
 def _update_param(p, m, r, h: Hyper):
     d = r * h.inv_bc2_sqrt + h.eps
     p.copy_(p * h.decay - (m * h.step_size) / d)
 
 
-def _quant(m, vq, am, av, fmt: Fmt):
-    """Storage of m and of the stored v quantity ``vq`` from block maxima: codes and scales
-    (an fp32 moment is stored as it is, with scale None and its maximum unused)."""
-    cm, sm = _quant_m(m, am, fmt.m_bits) if fmt.m_q else (m, None)
-    cv, sv = _quant_v(vq, av, fmt.v_bits, fmt.v_signed) if fmt.v_q else (vq, None)
-    return cm, cv, sm, sv
-
-
-def _quant_m(m, am, bits: int):
-    Qm = float(qmax_m(bits))
-    am = torch.clamp_min(am, TINY)
-    qm = torch.clamp(torch.round(m * _div(Qm, am)), -Qm, Qm)
-    if bits == 8:
-        cm = qm.to(torch.int8)
-    else:
-        cm = pack4((qm + 8.0).to(torch.uint8))
-    return cm, _div(am, Qm)
-
-
-def _quant_v(vq, av, bits: int, signed: bool = False):
-    Qv = float(qmax_m(bits) if signed else qmax_v(bits))
-    av = torch.clamp_min(av, TINY)
-    qv = torch.clamp(torch.round(vq * _div(Qv, av)), 0.0, Qv)
-    if not signed:
-        qv = torch.maximum(qv, (vq > 0).float())
-    cv = qv.to(torch.uint8)
-    if bits == 4:
-        cv = pack4(cv)
-    return cv, _div(av, Qv)
+def rows_update(p, g, mc, ms, vc, vs, width: int, fmt: Fmt, h) -> None:
+    """The update of complete blocks, in place: ``p``, ``g`` ``[r, width]``; ``mc``/``vc`` the
+    moments' storage (``[r, code_len(width)]`` codes, or fp32 values for a 32-bit moment),
+    ``ms``/``vs`` their ``[r]`` scales (None for a 32-bit moment); ``h`` a :class:`Hyper` or
+    its :class:`HyperValues`. The one eager implementation (the ``eager`` kernel calls it per
+    chunk, ``compile`` compiles it); the same operations as the C kernel."""
+    m, v, r = _moments(g, mc, ms.unsqueeze(1) if fmt.m_q else None, vc,
+                       vs.unsqueeze(1) if fmt.v_q else None, width, fmt, h)
+    _update_param(p, m, r, h)
+    vq = r if fmt.v_sqrt else v
+    am = m.abs().amax(dim=1, keepdim=True) if fmt.m_q else None
+    av = vq.amax(dim=1, keepdim=True) if fmt.v_q else None
+    cm, cv, sm, sv = quantize_moments(m, vq, am, av, fmt)
+    mc.copy_(cm)
+    vc.copy_(cv)
+    if fmt.m_q:
+        ms.copy_(sm.squeeze(1))
+    if fmt.v_q:
+        vs.copy_(sv.squeeze(1))
 
 
 class Kernel:
@@ -279,22 +194,8 @@ class EagerKernel(Kernel):
         step = max(1, EAGER_CHUNK // width)
         for r0 in range(0, rows, step):
             r1 = min(rows, r0 + step)
-            pp, gg = p[r0:r1], g[r0:r1]
-            mcc, vcc = mc[r0:r1], vc[r0:r1]
-            s_m = ms[r0:r1].unsqueeze(1) if fmt.m_q else None
-            s_v = vs[r0:r1].unsqueeze(1) if fmt.v_q else None
-            m, v, r = _moments(gg, mcc, s_m, vcc, s_v, width, fmt, h)
-            _update_param(pp, m, r, h)
-            vq = r if fmt.v_sqrt else v
-            am = m.abs().amax(dim=1, keepdim=True) if fmt.m_q else None
-            av = vq.amax(dim=1, keepdim=True) if fmt.v_q else None
-            cm, cv, sm, sv = _quant(m, vq, am, av, fmt)
-            mcc.copy_(cm)
-            vcc.copy_(cv)
-            if fmt.m_q:
-                ms[r0:r1].copy_(sm.squeeze(1))
-            if fmt.v_q:
-                vs[r0:r1].copy_(sv.squeeze(1))
+            rows_update(p[r0:r1], g[r0:r1], mc[r0:r1], ms[r0:r1] if fmt.m_q else None,
+                        vc[r0:r1], vs[r0:r1] if fmt.v_q else None, width, fmt, h)
 
     def _chunks(self, n: int):
         # chunk boundaries even, so that 4-bit codes of a chunk start on a byte
@@ -323,7 +224,7 @@ class EagerKernel(Kernel):
             mcc, vcc = _cslice(mc, a, b, fmt.m_bits), _cslice(vc, a, b, fmt.v_bits)
             m, v, r = _moments(g[a:b], mcc, ms, vcc, vs, b - a, fmt, h)
             vq = r if fmt.v_sqrt else v
-            cm, cv, sm, sv = _quant(m, vq, am_t, av_t, fmt)
+            cm, cv, sm, sv = quantize_moments(m, vq, am_t, av_t, fmt)
             mcc.copy_(cm)
             vcc.copy_(cv)
             new = (sm, sv)
@@ -341,7 +242,7 @@ def _cslice(codes: torch.Tensor, a: int, b: int, bits: int) -> torch.Tensor:
 
 # ============================================================================ compiled
 class CompiledKernel(EagerKernel):
-    """``torch.compile`` of the eager ``rows`` (opt-in; split blocks stay eager)."""
+    """:func:`rows_update` under ``torch.compile`` (opt-in; split blocks stay eager)."""
 
     name = "compile"
 
@@ -349,397 +250,54 @@ class CompiledKernel(EagerKernel):
         self._fn = {}
 
     def rows(self, p, g, mc, ms, vc, vs, rows, width, fmt, h):
-        key = (fmt.m_bits, fmt.v_bits, fmt.v_sqrt, str(p.device))  # one graph per format
+        key = (fmt.m_bits, fmt.v_bits, fmt.v_sqrt, fmt.v_signed, str(p.device))  # per format
         if key not in self._fn:
-            self._fn[key] = torch.compile(_rows_functional, dynamic=True)
-        t = lambda x: torch.tensor(x, dtype=torch.float32, device=p.device)  # noqa: E731
+            self._fn[key] = torch.compile(_rows_compiled, dynamic=True)
         self._fn[key](p, g, mc, ms, vc, vs, width, fmt.m_bits, fmt.v_bits, fmt.v_sqrt,
-                      t(h.b1), t(h.omb1), t(h.b2), t(h.omb2), t(h.decay), t(h.step_size),
-                      t(h.inv_bc2_sqrt), t(h.eps))
+                      fmt.v_signed, h.tensors(p.device))
 
 
-def _rows_functional(p, g, mc, ms, vc, vs, width, m_bits, v_bits, v_sqrt, b1, omb1, b2, omb2,
-                     decay, step_size, inv_bc2_sqrt, eps):
-    fmt = Fmt(m_bits, v_bits, v_sqrt)
-    m = _deq_m(mc, width, m_bits, ms.unsqueeze(1) if fmt.m_q else None)
-    m = m * b1 + g * omb1
-    vr = _deq_v_raw(vc, width, v_bits, vs.unsqueeze(1) if fmt.v_q else None)
-    v = vr * vr if fmt.v_sqrt else vr
-    v = v * b2 + (g * g) * omb2
-    r = torch.sqrt(v)
-    d = r * inv_bc2_sqrt + eps
-    p.copy_(p * decay - (m * step_size) / d)
-    vq = r if fmt.v_sqrt else v
-    am = m.abs().amax(1, keepdim=True) if fmt.m_q else None
-    av = vq.amax(1, keepdim=True) if fmt.v_q else None
-    cm, cv, sm, sv = _quant(m, vq, am, av, fmt)
-    mc.copy_(cm)
-    vc.copy_(cv)
-    if fmt.m_q:
-        ms.copy_(sm.squeeze(1))
-    if fmt.v_q:
-        vs.copy_(sv.squeeze(1))
+def _rows_compiled(p, g, mc, ms, vc, vs, width, m_bits, v_bits, v_sqrt, v_signed, h):
+    rows_update(p, g, mc, ms, vc, vs, width, Fmt(m_bits, v_bits, v_sqrt, v_signed), h)
 
 
 # ============================================================================ C / OpenMP
-C_SOURCE = r"""
-#include <stdint.h>
-#include <string.h>
-#include <math.h>
-#include <omp.h>
-
-#define TINY 1e-30f
-#define CHUNK 4096
-#define F32 32
-enum { B1, OMB1, B2, OMB2, DECAY, STEP, INVBC2, EPS };
-typedef int64_t i64;
-
-/* the variant this library was compiled as; the code is plain C, vectorized by the compiler
-   for the instruction sets of the variant's flags */
-#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__)
-const char *dsq_isa(void) { return "avx512"; }
-#elif defined(__AVX2__) && defined(__FMA__)
-const char *dsq_isa(void) { return "avx2"; }
-#else
-const char *dsq_isa(void) { return "portable"; }
-#endif
-
-static inline uint32_t fbits(float x) { uint32_t u; memcpy(&u, &x, 4); return u; }
-static inline float bitsf(uint32_t u) { float x; memcpy(&x, &u, 4); return x; }
-
-/* 4-bit codes: element 2k in the low nibble of byte k; m stored as code + 8 */
-static inline void unpack_m(const uint8_t *restrict c, int8_t *restrict q, i64 n) {
-    for (i64 k = 0; k < (n + 1) / 2; k++) {
-        q[2 * k] = (int8_t)((c[k] & 15) - 8);
-        q[2 * k + 1] = (int8_t)((c[k] >> 4) - 8);
-    }
-}
-static inline void unpack_v(const uint8_t *restrict c, uint8_t *restrict q, i64 n) {
-    for (i64 k = 0; k < (n + 1) / 2; k++) {
-        q[2 * k] = c[k] & 15;
-        q[2 * k + 1] = c[k] >> 4;
-    }
-}
-
-/* Dequantize, AdamW update of p, fp32 moments to mbuf/vbuf (v or sqrt(v)), and the maxima of
-   |m| and of the stored v quantity as float bit patterns (non-negative: integer max == float
-   max, and the loop vectorizes). The operation order is the eager kernel's.
-   A moment of 32 bits is fp32 (mf / vf): read from there, written back in place when WF, and
-   it has no maximum (its code arguments are unused). */
-static inline __attribute__((always_inline)) void update(
-        float *restrict p, const float *restrict g, const int8_t *restrict qm,
-        const uint8_t *restrict qv, float *restrict mf, float *restrict vf, float ms, float vs,
-        i64 n, const int MB, const int VB, const int VSQRT, const int UPD, const int WF,
-        const float *restrict h, float *restrict mbuf, float *restrict vbuf,
-        uint32_t *am_out, uint32_t *av_out) {
-    const float b1 = h[B1], omb1 = h[OMB1], b2 = h[B2], omb2 = h[OMB2], decay = h[DECAY];
-    const float step = h[STEP], invbc2 = h[INVBC2], eps = h[EPS];
-    uint32_t am = 0, av = 0;
-    for (i64 i = 0; i < n; i++) {
-        float gi = g[i];
-        float m = MB == F32 ? mf[i] : (float)qm[i] * ms;
-        float t1 = m * b1, t2 = gi * omb1;
-        m = t1 + t2;
-        float vr = VB == F32 ? vf[i] : (float)qv[i] * vs;
-        float v = VSQRT ? vr * vr : vr;
-        float gg = gi * gi;
-        float t3 = v * b2, t4 = gg * omb2;
-        v = t3 + t4;
-        float r = sqrtf(v);
-        if (UPD) {
-            float d = r * invbc2;
-            d = d + eps;
-            float a = p[i] * decay;
-            float u = m * step;
-            u = u / d;
-            p[i] = a - u;
-        }
-        float vq = VSQRT ? r : v;
-        if (MB == F32) {
-            if (WF) mf[i] = m;
-        } else {
-            mbuf[i] = m;
-            uint32_t ba = fbits(m) & 0x7fffffffu;
-            am = ba > am ? ba : am;
-        }
-        if (VB == F32) {
-            if (WF) vf[i] = v;
-        } else {
-            vbuf[i] = vq;
-            uint32_t bv = fbits(vq);
-            av = bv > av ? bv : av;
-        }
-    }
-    *am_out = am;
-    *av_out = av;
-}
-
-static inline float qmax_m(const int b) { return b == 8 ? 127.0f : 7.0f; }
-static inline float qmax_v(const int b) { return b == 8 ? 255.0f : 15.0f; }
-
-/* codes of the quantized moments (an fp32 one is skipped) */
-static inline __attribute__((always_inline)) void quantize(
-        const float *restrict mbuf, const float *restrict vbuf, i64 n, float am, float av,
-        const int MB, const int VB, int8_t *restrict qm, uint8_t *restrict qv) {
-    const float Qm = qmax_m(MB), Qv = qmax_v(VB);
-    am = am > TINY ? am : TINY;
-    av = av > TINY ? av : TINY;
-    const float im = Qm / am, iv = Qv / av;
-    for (i64 i = 0; i < n; i++) {
-        if (MB != F32) {
-            float q = nearbyintf(mbuf[i] * im);
-            q = q < -Qm ? -Qm : q;
-            q = q > Qm ? Qm : q;
-            qm[i] = (int8_t)q;
-        }
-        if (VB != F32) {
-            float x = vbuf[i];
-            float w = nearbyintf(x * iv);
-            w = w > Qv ? Qv : w;
-            w = (x > 0.0f && w < 1.0f) ? 1.0f : w;
-            qv[i] = (uint8_t)w;
-        }
-    }
-}
-
-static inline void pack_m(const int8_t *restrict q, uint8_t *restrict c, i64 n) {
-    for (i64 k = 0; k < n / 2; k++)
-        c[k] = (uint8_t)((q[2 * k] + 8) | ((q[2 * k + 1] + 8) << 4));
-    if (n & 1) c[n / 2] = (uint8_t)(q[n - 1] + 8);
-}
-static inline void pack_v(const uint8_t *restrict q, uint8_t *restrict c, i64 n) {
-    for (i64 k = 0; k < n / 2; k++) c[k] = (uint8_t)(q[2 * k] | (q[2 * k + 1] << 4));
-    if (n & 1) c[n / 2] = q[n - 1];
-}
-
-/* codes of elements [e0, e0 + n) of a piece (e0 even) as int8/uint8 arrays (NULL: fp32) */
-static inline __attribute__((always_inline)) void load_codes(
-        const void *mc, const void *vc, i64 e0, i64 n, const int MB, const int VB,
-        int8_t *tm, uint8_t *tv, const int8_t **qm, const uint8_t **qv) {
-    if (MB == 8) *qm = (const int8_t *)mc + e0;
-    else if (MB == 4) { unpack_m((const uint8_t *)mc + e0 / 2, tm, n); *qm = tm; }
-    else *qm = NULL;
-    if (VB == 8) *qv = (const uint8_t *)vc + e0;
-    else if (VB == 4) { unpack_v((const uint8_t *)vc + e0 / 2, tv, n); *qv = tv; }
-    else *qv = NULL;
-}
-static inline __attribute__((always_inline)) void store_codes(
-        void *mc, void *vc, i64 e0, i64 n, const int MB, const int VB,
-        const int8_t *qm, const uint8_t *qv) {
-    if (MB == 4) pack_m(qm, (uint8_t *)mc + e0 / 2, n);
-    if (VB == 4) pack_v(qv, (uint8_t *)vc + e0 / 2, n);
-}
-
-/* storage of a moment from element e0 (even) on: codes (4-bit: two per byte) or fp32 */
-static inline __attribute__((always_inline)) void *at(void *c, i64 e0, const int B) {
-    return B == F32 ? (void *)((float *)c + e0) : (void *)((uint8_t *)c + (B == 4 ? e0 / 2 : e0));
-}
-
-/* The work of one block / chunk; the OpenMP loops over them are in the specialized functions
-   below (SPECIALIZE), so that the formats are literal constants where the loops are compiled
-   (OpenMP outlines a parallel region before inlining). */
-
-/* complete block r of a rows x width piece (width <= 16384, even): one pass */
-static inline __attribute__((always_inline)) void rows_block(
-        float *p, const float *g, void *mc, float *ms, void *vc, float *vs, i64 r, i64 width,
-        const int MB, const int VB, const int VSQRT, const float *h, float *mbuf, float *vbuf,
-        int8_t *tm, int8_t *om, uint8_t *tv, uint8_t *ov) {
-    const float Qm = qmax_m(MB), Qv = qmax_v(VB);
-    void *mcr = at(mc, r * width, MB), *vcr = at(vc, r * width, VB);
-    const int8_t *qm;
-    const uint8_t *qv;
-    load_codes(mcr, vcr, 0, width, MB, VB, tm, tv, &qm, &qv);
-    uint32_t am, av;
-    update(p + r * width, g + r * width, qm, qv, MB == F32 ? (float *)mcr : NULL,
-           VB == F32 ? (float *)vcr : NULL, MB == F32 ? 0.0f : ms[r], VB == F32 ? 0.0f : vs[r],
-           width, MB, VB, VSQRT, 1, 1, h, mbuf, vbuf, &am, &av);
-    float fam = bitsf(am), fav = bitsf(av);
-    int8_t *wm = MB == 8 ? (int8_t *)mcr : om;
-    uint8_t *wv = VB == 8 ? (uint8_t *)vcr : ov;
-    quantize(mbuf, vbuf, width, fam, fav, MB, VB, wm, wv);
-    store_codes(mcr, vcr, 0, width, MB, VB, om, ov);
-    fam = fam > TINY ? fam : TINY;
-    fav = fav > TINY ? fav : TINY;
-    if (MB != F32) ms[r] = fam / Qm;
-    if (VB != F32) vs[r] = fav / Qv;
-}
-
-/* one block split over ranks (or too wide), phase 1, chunk c: update p, local maxima; the
-   state is left untouched */
-static inline __attribute__((always_inline)) void pass1_chunk(
-        float *p, const float *g, const void *mc, float ms, const void *vc, float vs, i64 n,
-        i64 c, const int MB, const int VB, const int VSQRT, const float *h, float *mbuf,
-        float *vbuf, int8_t *tm, uint8_t *tv, uint32_t *a, uint32_t *b) {
-    i64 e0 = c * CHUNK, len = n - e0 < CHUNK ? n - e0 : CHUNK;
-    const int8_t *qm;
-    const uint8_t *qv;
-    load_codes(mc, vc, e0, len, MB, VB, tm, tv, &qm, &qv);
-    update(p + e0, g + e0, qm, qv, MB == F32 ? (float *)mc + e0 : NULL,
-           VB == F32 ? (float *)vc + e0 : NULL, ms, vs, len, MB, VB, VSQRT, 1, 0, h, mbuf, vbuf,
-           a, b);
-}
-
-/* phase 2, chunk c: recompute the same moments from the unchanged state, requantize with the
-   global maxima (an fp32 moment is written as computed) */
-static inline __attribute__((always_inline)) void pass2_chunk(
-        const float *g, void *mc, float ms, void *vc, float vs, i64 n, i64 c, const int MB,
-        const int VB, const int VSQRT, const float *h, float am, float av, float *mbuf,
-        float *vbuf, int8_t *tm, int8_t *om, uint8_t *tv, uint8_t *ov) {
-    i64 e0 = c * CHUNK, len = n - e0 < CHUNK ? n - e0 : CHUNK;
-    const int8_t *qm;
-    const uint8_t *qv;
-    load_codes(mc, vc, e0, len, MB, VB, tm, tv, &qm, &qv);
-    uint32_t a, b;
-    update(NULL, g + e0, qm, qv, MB == F32 ? (float *)mc + e0 : NULL,
-           VB == F32 ? (float *)vc + e0 : NULL, ms, vs, len, MB, VB, VSQRT, 0, 1, h, mbuf, vbuf,
-           &a, &b);
-    int8_t *wm = MB == 8 ? (int8_t *)mc + e0 : om;
-    uint8_t *wv = VB == 8 ? (uint8_t *)vc + e0 : ov;
-    quantize(mbuf, vbuf, len, am, av, MB, VB, wm, wv);
-    store_codes(mc, vc, e0, len, MB, VB, om, ov);
-}
-
-#define SPECIALIZE(MB, VB, VS)                                                               \
-    static void rows_##MB##_##VB##_##VS(float *p, const float *g, void *mc, float *ms,        \
-            void *vc, float *vs, i64 rows, i64 width, const float *h, int nt) {               \
-        _Pragma("omp parallel num_threads(nt)")                                               \
-        {                                                                                     \
-            float mbuf[width], vbuf[width];                                                   \
-            int8_t tm[width + 1], om[width + 1];                                              \
-            uint8_t tv[width + 1], ov[width + 1];                                             \
-            _Pragma("omp for schedule(static)")                                               \
-            for (i64 r = 0; r < rows; r++)                                                    \
-                rows_block(p, g, mc, ms, vc, vs, r, width, MB, VB, VS, h, mbuf, vbuf, tm, om, \
-                           tv, ov);                                                           \
-        }                                                                                     \
-    }                                                                                         \
-    static void pass1_##MB##_##VB##_##VS(float *p, const float *g, const void *mc,            \
-            const float *msp, const void *vc, const float *vsp, i64 n, const float *h,        \
-            int nt, float *out) {                                                             \
-        const float ms = MB == F32 ? 0.0f : *msp, vs = VB == F32 ? 0.0f : *vsp;               \
-        const i64 nch = (n + CHUNK - 1) / CHUNK;                                              \
-        uint32_t am = 0, av = 0;                                                              \
-        _Pragma("omp parallel num_threads(nt) reduction(max: am, av)")                        \
-        {                                                                                     \
-            float mbuf[CHUNK], vbuf[CHUNK];                                                   \
-            int8_t tm[CHUNK];                                                                 \
-            uint8_t tv[CHUNK];                                                                \
-            _Pragma("omp for schedule(static)")                                               \
-            for (i64 c = 0; c < nch; c++) {                                                   \
-                uint32_t a, b;                                                                \
-                pass1_chunk(p, g, mc, ms, vc, vs, n, c, MB, VB, VS, h, mbuf, vbuf, tm, tv,    \
-                            &a, &b);                                                          \
-                am = a > am ? a : am;                                                         \
-                av = b > av ? b : av;                                                         \
-            }                                                                                 \
-        }                                                                                     \
-        out[0] = bitsf(am);                                                                   \
-        out[1] = bitsf(av);                                                                   \
-    }                                                                                         \
-    static void pass2_##MB##_##VB##_##VS(const float *g, void *mc, float *ms, void *vc,       \
-            float *vs, i64 n, const float *h, float am, float av, int nt) {                   \
-        const float ms0 = MB == F32 ? 0.0f : *ms, vs0 = VB == F32 ? 0.0f : *vs;               \
-        const i64 nch = (n + CHUNK - 1) / CHUNK;                                              \
-        _Pragma("omp parallel num_threads(nt)")                                               \
-        {                                                                                     \
-            float mbuf[CHUNK], vbuf[CHUNK];                                                   \
-            int8_t tm[CHUNK], om[CHUNK];                                                      \
-            uint8_t tv[CHUNK], ov[CHUNK];                                                     \
-            _Pragma("omp for schedule(static)")                                               \
-            for (i64 c = 0; c < nch; c++)                                                     \
-                pass2_chunk(g, mc, ms0, vc, vs0, n, c, MB, VB, VS, h, am, av, mbuf, vbuf, tm, \
-                            om, tv, ov);                                                      \
-        }                                                                                     \
-        am = am > TINY ? am : TINY;                                                           \
-        av = av > TINY ? av : TINY;                                                           \
-        if (MB != F32) *ms = am / qmax_m(MB);                                                 \
-        if (VB != F32) *vs = av / qmax_v(VB);                                                 \
-    }
-/* (m bits, v bits, sqrt v): 32 = fp32; a fp32 v is never stored as its square root */
-#define FORMATS(X)                                                                           \
-    X(8, 8, 0) X(8, 8, 1) X(4, 8, 0) X(4, 8, 1) X(8, 4, 0) X(8, 4, 1) X(4, 4, 0) X(4, 4, 1)   \
-    X(32, 8, 0) X(32, 8, 1) X(32, 4, 0) X(32, 4, 1) X(8, 32, 0) X(4, 32, 0)
-FORMATS(SPECIALIZE)
-
-#define CASE_ROWS(MB, VB, VS) if (mb == MB && vb == VB && vsq == VS) {                        \
-        rows_##MB##_##VB##_##VS(p, g, mc, ms, vc, vs, rows, width, h, nt); return; }
-#define CASE_PASS1(MB, VB, VS) if (mb == MB && vb == VB && vsq == VS) {                       \
-        pass1_##MB##_##VB##_##VS(p, g, mc, ms, vc, vs, n, h, nt, out); return; }
-#define CASE_PASS2(MB, VB, VS) if (mb == MB && vb == VB && vsq == VS) {                       \
-        pass2_##MB##_##VB##_##VS(g, mc, ms, vc, vs, n, h, am, av, nt); return; }
-
-/* mc / vc: the moment's codes, or its fp32 values (32 bits; then ms / vs are unused) */
-void dsq_rows(float *p, const float *g, void *mc, float *ms, void *vc, float *vs, i64 rows,
-              i64 width, int mb, int vb, int vsq, const float *h, int nt) {
-    FORMATS(CASE_ROWS)
-}
-void dsq_pass1(float *p, const float *g, const void *mc, const float *ms, const void *vc,
-               const float *vs, i64 n, int mb, int vb, int vsq, const float *h, int nt,
-               float *out) {
-    FORMATS(CASE_PASS1)
-}
-void dsq_pass2(const float *g, void *mc, float *ms, void *vc, float *vs, i64 n, int mb, int vb,
-               int vsq, const float *h, float am, float av, int nt) {
-    FORMATS(CASE_PASS2)
-}
-"""
-
-_LIB = None
-_ISA: Optional[str] = None
-_LOCK = threading.Lock()
-_VARIANTS: dict = {}
-
-
-def build_variant(isa: str) -> ctypes.CDLL:
-    """The kernel compiled as variant ``isa`` (see :mod:`dsq.native`), cached; raises
-    :class:`dsq.native.BuildError`. Only call on a CPU that supports ``isa``."""
-    from dsq.native import build
-
-    if isa in _VARIANTS:
-        return _VARIANTS[isa]
-    lib = build("qadamw", C_SOURCE, isa=isa)
-    lib.dsq_isa.restype = ctypes.c_char_p
-    if lib.dsq_isa().decode() != isa:
-        raise RuntimeError(f"the {isa} build of the QAdamW kernel compiled the "
-                           f"{lib.dsq_isa().decode()} code")
+def _setup(lib: ctypes.CDLL, isa: str) -> None:
     P, L, N, F = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_float
     lib.dsq_rows.argtypes = [P, P, P, P, P, P, L, L, N, N, N, P, N]
     lib.dsq_pass1.argtypes = [P, P, P, P, P, P, L, N, N, N, P, N, P]
     lib.dsq_pass2.argtypes = [P, P, P, P, P, L, N, N, N, P, F, F, N]
     for f in (lib.dsq_rows, lib.dsq_pass1, lib.dsq_pass2):
         f.restype = None
-    _VARIANTS[isa] = lib
-    return lib
+
+
+LIBRARY = Library("qadamw", ("qadamw.c", "dsq_common.h"), what="dsq QAdamW kernel",
+                  fallback="the eager PyTorch kernel", setup=_setup)
+"""The C kernel's native library (:mod:`dsq.native`)."""
+
+
+def build_variant(isa: str) -> ctypes.CDLL:
+    """The kernel compiled as variant ``isa`` (see :mod:`dsq.native`), cached; raises
+    :class:`dsq.native.BuildError`. Only call on a CPU that supports ``isa``."""
+    return LIBRARY.variant(isa)
 
 
 def cpp_library() -> Optional[ctypes.CDLL]:
     """The kernel of this CPU's variant (:func:`dsq.native.select_isa`), built on first use;
     None where that is ``reference`` or the build fails (then one line says so, with the path
     of the compiler's output, and the eager kernel runs)."""
-    global _LIB, _ISA
-    with _LOCK:
-        if _ISA is None:
-            from dsq.native import REFERENCE, BuildError, select_isa, warn
-
-            isa = select_isa()
-            if isa != REFERENCE:
-                try:
-                    _LIB = build_variant(isa)
-                except BuildError as e:
-                    warn(e.line("dsq QAdamW kernel", "the eager PyTorch kernel"))
-                    isa = REFERENCE
-            _ISA = isa
-        return _LIB
+    return LIBRARY.load()
 
 
 def isa() -> str:
     """The variant the ``cpp`` kernel runs as here (``reference``: the eager kernel runs)."""
-    cpp_library()
-    return _ISA
+    return LIBRARY.choice().isa
 
 
 class CppKernel(Kernel):
-    """The C kernel; pieces are addressed by raw pointers (no tensor views: ~5 us a call)."""
+    """The C kernel; pieces are addressed by raw pointers (no tensor views per call). Every
+    call first checks its tensors (:func:`_check`: CPU, dtype, contiguous, large enough for
+    what the C code reads and writes; ValueError otherwise)."""
 
     name = "cpp"
 
@@ -763,20 +321,30 @@ class CppKernel(Kernel):
 
     # tensors (a 32-bit moment: its fp32 values, scale None)
     def rows(self, p, g, mc, ms, vc, vs, rows, width, fmt, h):
+        _check(fmt, p, g, mc, ms, vc, vs, rows * width, rows * code_len(width, fmt.m_bits),
+               rows * code_len(width, fmt.v_bits), rows)
         self._rows(p.data_ptr(), g.data_ptr(), mc.data_ptr(), _ptr(ms), vc.data_ptr(),
                    _ptr(vs), rows, width, fmt, h)
 
     def pass1(self, p, g, mc, ms, vc, vs, n, fmt, h):
+        _check(fmt, p, g, mc, ms, vc, vs, n, code_len(n, fmt.m_bits), code_len(n, fmt.v_bits), 1)
         return self._pass1(p.data_ptr(), g.data_ptr(), mc.data_ptr(), _ptr(ms),
                            vc.data_ptr(), _ptr(vs), n, fmt, h)
 
     def pass2(self, g, mc, ms, vc, vs, n, fmt, h, am, av):
+        _check(fmt, None, g, mc, ms, vc, vs, n, code_len(n, fmt.m_bits), code_len(n, fmt.v_bits),
+               1)
         self._pass2(g.data_ptr(), mc.data_ptr(), _ptr(ms), vc.data_ptr(), _ptr(vs), n,
                     fmt, h, am, av)
 
     # pieces of a flat tensor's state
     @staticmethod
     def _ptrs(pf, gf, st, pc, fmt):
+        r = pc.rows if pc.kind == "rows" else 1
+        w = pc.width if pc.kind == "rows" else pc.length
+        _check(fmt, pf, gf, st[fmt.m_key], st.get("m_scales"), st[fmt.v_key], st.get("v_scales"),
+               pc.start + r * w, pc.cm + r * code_len(w, fmt.m_bits),
+               pc.cv + r * code_len(w, fmt.v_bits), pc.s + r)
         return (pf.data_ptr() + 4 * pc.start, gf.data_ptr() + 4 * pc.start,
                 st[fmt.m_key].data_ptr() + fmt.m_esize * pc.cm,
                 st["m_scales"].data_ptr() + 4 * pc.s if fmt.m_q else None,
@@ -796,6 +364,29 @@ class CppKernel(Kernel):
 
 def _ptr(t: Optional[torch.Tensor]):
     return None if t is None else t.data_ptr()
+
+
+_M_DTYPE = {8: torch.int8, 4: torch.uint8, FP32: torch.float32}
+_V_DTYPE = {8: torch.uint8, 4: torch.uint8, FP32: torch.float32}
+
+
+def _check(fmt: Fmt, p, g, mc, ms, vc, vs, n: int, lm: int, lv: int, ns: int) -> None:
+    """Before a call into C: ``p`` (None: not touched) and ``g`` fp32 of at least ``n``
+    elements, m's and v's storage of their format's dtype with ``lm`` / ``lv`` elements, the
+    quantized moments' scales fp32 with ``ns``; all contiguous CPU tensors."""
+    for t, dtype, k, what in ((p, torch.float32, n, "the parameter"),
+                              (g, torch.float32, n, "the gradient"),
+                              (mc, _M_DTYPE[fmt.m_bits], lm, "m's storage"),
+                              (vc, _V_DTYPE[fmt.v_bits], lv, "v's storage"),
+                              (ms if fmt.m_q else None, torch.float32, ns, "m's scales"),
+                              (vs if fmt.v_q else None, torch.float32, ns, "v's scales")):
+        if t is not None and (t.device.type != "cpu" or t.dtype != dtype
+                              or not t.is_contiguous() or t.numel() < k):
+            raise ValueError(f"QAdamW C kernel: {what} must be a contiguous {dtype} CPU tensor "
+                             f"of at least {k} elements, got {tuple(t.shape)} {t.dtype} on "
+                             f"{t.device}")
+    if (fmt.m_q and ms is None) or (fmt.v_q and vs is None):
+        raise ValueError("QAdamW C kernel: a quantized moment without its scales")
 
 
 KERNELS = ("auto", "eager", "cpp", "compile")

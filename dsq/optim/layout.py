@@ -43,7 +43,7 @@ from bisect import bisect_right
 from dataclasses import asdict, dataclass, field
 from typing import Dict, List, Sequence, Union
 
-from dsq.optim.kernels import FP32, code_len
+from dsq.optim.codec import FP32, code_len
 
 FUSE_MAX = 16384
 """Widest block updated by the one-pass ``rows`` kernel; wider per-tensor blocks are ``split``."""

@@ -11,8 +11,9 @@ bits), v unsigned (8 bits; 4 allowed with a warning), both with one absmax scale
 ``block_size`` elements of a parameter (default 256) or per parameter (``"tensor"``, the
 study's per-tensor quantization). ``m_bits=32`` or ``v_bits=32`` keeps that moment in fp32
 (the study's m8, m4 and v8 settings quantize one moment only); not both: that is
-``torch.optim.AdamW``. Formats and kernels: :mod:`dsq.optim.kernels`; state layout and ZeRO
-partitions: :mod:`dsq.optim.layout`.
+``torch.optim.AdamW``. Formats and state storage: :mod:`dsq.optim.codec`; the update kernels:
+:mod:`dsq.optim.kernels`; state layout and ZeRO partitions: :mod:`dsq.optim.layout`; DeepSpeed
+attachment: :mod:`dsq.optim.attach`. This module orchestrates a step.
 
 Quality notes. The quantizer is linear, as in the study. Two details keep small second
 moments from blowing up ``m / sqrt(v)``: v uses the full unsigned range (no wasted sign bit)
@@ -40,6 +41,7 @@ import torch
 import torch.distributed as dist
 
 from dsq.optim import kernels as K
+from dsq.optim.codec import FP32, Fmt, dequantize_into, new_state
 from dsq.optim.layout import (
     Layout,
     build_layout,
@@ -132,7 +134,7 @@ class QAdamW(torch.optim.Optimizer):
                 return g
         raise KeyError("tensor is not in any param group of this optimizer")
 
-    def _kernel(self, device: torch.device, fmt: K.Fmt):
+    def _kernel(self, device: torch.device, fmt: Fmt):
         name = "eager" if fmt.v_signed else self.kernel  # the study's signed v: eager only
         k = self._kernels.get((name, str(device)))
         if k is None:
@@ -151,7 +153,7 @@ class QAdamW(torch.optim.Optimizer):
         return loss
 
     def _step_group(self, group: Dict) -> None:
-        fmt = K.Fmt.of(group)
+        fmt = Fmt.of(group)
         fp32: Dict[int, List[List[torch.Tensor]]] = defaultdict(lambda: [[], [], [], []])
         hypers: Dict[int, K.Hyper] = {}
         for p in group["params"]:
@@ -178,7 +180,7 @@ class QAdamW(torch.optim.Optimizer):
         for step, lists in fp32.items():
             _adamw_fp32(*lists, step=step, group=group)
 
-    def _quantized_update(self, p, st, lay: Layout, fmt: K.Fmt, h: K.Hyper, fp32_lists) -> None:
+    def _quantized_update(self, p, st, lay: Layout, fmt: Fmt, h: K.Hyper, fp32_lists) -> None:
         if p.dtype != torch.float32 or not p.is_contiguous():
             raise TypeError("quantized QAdamW states need contiguous fp32 parameters (use "
                             "DeepSpeed's fp32 master weights for bf16 training)")
@@ -230,7 +232,7 @@ class QAdamW(torch.optim.Optimizer):
         if not st:
             return m, v
         g = self._group_of(p)
-        dequantize_into(st, lay, K.Fmt.of(g), m, v)
+        dequantize_into(st, lay, Fmt.of(g), m, v)
         return m, v
 
     def state_dict(self):
@@ -279,7 +281,7 @@ def _short(meta: Dict) -> str:
     return f"dp={meta.get('dp')} partition=[{meta.get('part_start')}, +{meta.get('part_size')})"
 
 
-BITS = (4, 8, K.FP32)
+BITS = (4, 8, FP32)
 
 
 def _check_group(g: Dict) -> None:
@@ -287,15 +289,15 @@ def _check_group(g: Dict) -> None:
         raise ValueError(f"m_bits={g['m_bits']!r}: use 8 or 4, or 32 to keep m in fp32")
     if g["v_bits"] not in BITS or isinstance(g["v_bits"], bool):
         raise ValueError(f"v_bits={g['v_bits']!r}: use 8 or 4, or 32 to keep v in fp32")
-    if g["m_bits"] == K.FP32 and g["v_bits"] == K.FP32:
+    if g["m_bits"] == FP32 and g["v_bits"] == FP32:
         raise ValueError("m_bits=32 and v_bits=32 quantize neither moment: use torch.optim.AdamW "
                          "(optim.name=adamw), or quantize one moment")
     if g["v_domain"] not in ("linear", "sqrt"):
         raise ValueError(f"v_domain={g['v_domain']!r}: use linear or sqrt")
-    if g["v_domain"] == "sqrt" and g["v_bits"] == K.FP32:
+    if g["v_domain"] == "sqrt" and g["v_bits"] == FP32:
         raise ValueError("v_domain='sqrt' applies to a quantized v: with v_bits=32 use "
                          "v_domain='linear'")
-    if g.get("v_signed") and (g["v_bits"] == K.FP32 or g["v_domain"] == "sqrt"):
+    if g.get("v_signed") and (g["v_bits"] == FP32 or g["v_domain"] == "sqrt"):
         raise ValueError("v_signed applies to a linearly quantized v (v_bits 8 or 4, "
                          "v_domain='linear')")
     check_block(g["block_size"], g["m_bits"], g["v_bits"])
@@ -305,36 +307,8 @@ def _check_group(g: Dict) -> None:
     g["betas"] = tuple(g["betas"])
 
 
-def _init_state(st: Dict, p: torch.Tensor, lay: Layout, fmt: K.Fmt) -> None:
+def _init_state(st: Dict, p: torch.Tensor, lay: Layout, fmt: Fmt) -> None:
     st.update(new_state(lay, fmt, p))
-
-
-def new_state(lay: Layout, fmt: K.Fmt, p: torch.Tensor) -> Dict:
-    """Zero state of the flat tensor ``p`` (step 0). Unquantized tensors get ``torch.optim.AdamW``'s
-    state (``exp_avg``/``exp_avg_sq`` shaped like ``p``); quantized ones codes and scales (or
-    ``m_fp32`` / ``v_fp32`` for a 32-bit moment) and the fp32 moments of their fp32 pieces."""
-    st: Dict = {"step": 0}
-    dev = p.device
-    if not lay.quantized:
-        st["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-        st["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-        return st
-    m_dtype = {8: torch.int8, 4: torch.uint8, K.FP32: torch.float32}[fmt.m_bits]
-    st[fmt.m_key] = torch.zeros(lay.m_code_len, device=dev, dtype=m_dtype)
-    st[fmt.v_key] = torch.zeros(lay.v_code_len, device=dev,
-                                dtype=torch.uint8 if fmt.v_q else torch.float32)
-    if fmt.m_q:
-        st["m_scales"] = torch.zeros(lay.n_scales, dtype=torch.float32, device=dev)
-    if fmt.v_q:
-        st["v_scales"] = torch.zeros(lay.n_scales, dtype=torch.float32, device=dev)
-    st["exp_avg"] = torch.zeros(lay.n_fp32, dtype=torch.float32, device=dev)
-    st["exp_avg_sq"] = torch.zeros(lay.n_fp32, dtype=torch.float32, device=dev)
-    return st
-
-
-def fp32_index(lay: Layout, pc) -> int:
-    """Offset of an fp32 piece's moments in ``exp_avg`` (positional when unquantized)."""
-    return pc.f_off if lay.quantized else pc.start
 
 
 def _adamw_fp32(params, grads, exp_avgs, exp_avg_sqs, step: int, group: Dict) -> None:
@@ -367,71 +341,4 @@ def _adamw_fp32(params, grads, exp_avgs, exp_avg_sqs, step: int, group: Dict) ->
         torch._foreach_addcdiv_(ps, ms, denom, -lr / bc1)
 
 
-def dequantize_into(st: Dict, lay: Layout, fmt: K.Fmt, m: torch.Tensor, v: torch.Tensor) -> None:
-    """Write the dequantized fp32 moments of a flat tensor's state into ``m`` and ``v``."""
-    for pc in lay.pieces:
-        a, n = pc.start, pc.length
-        if pc.kind == "fp32":
-            f = fp32_index(lay, pc)
-            m[a:a + n] = st["exp_avg"].view(-1)[f:f + n]
-            v[a:a + n] = st["exp_avg_sq"].view(-1)[f:f + n]
-            continue
-        qm, qv = piece_codes(st, pc, fmt)
-        m[a:a + n] = qm.float() * _piece_scales(st["m_scales"], pc, n) if fmt.m_q else qm
-        if fmt.v_q:
-            r = qv.float() * _piece_scales(st["v_scales"], pc, n)
-            v[a:a + n] = r * r if fmt.v_sqrt else r
-        else:
-            v[a:a + n] = qv
-
-
-def _piece_scales(scales: torch.Tensor, pc, n: int):
-    if pc.kind == "rows":
-        return scales[pc.s:pc.s + pc.rows].repeat_interleave(pc.width)[:n]
-    return scales[pc.s]
-
-
-def piece_codes(st: Dict, pc, fmt: K.Fmt) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Integer codes (m signed, v unsigned; int16) of one quantized piece, one per element; a
-    32-bit moment's fp32 values instead of codes."""
-    n = pc.length
-    if pc.kind == "rows":
-        lm = pc.rows * K.code_len(pc.width, fmt.m_bits)
-        lv = pc.rows * K.code_len(pc.width, fmt.v_bits)
-    else:
-        lm, lv = K.code_len(n, fmt.m_bits), K.code_len(n, fmt.v_bits)
-    cm = st[fmt.m_key][pc.cm:pc.cm + lm]
-    cv = st[fmt.v_key][pc.cv:pc.cv + lv]
-    return _decode(cm, n, fmt.m_bits, 8), _decode(cv, n, fmt.v_bits, 0)
-
-
-def pack_piece_codes(qm: torch.Tensor, qv: torch.Tensor, fmt: K.Fmt):
-    """Inverse of :func:`piece_codes`: storage of one piece (codes, or fp32 values)."""
-    return _encode(qm, fmt.m_bits, 8, torch.int8), _encode(qv, fmt.v_bits, 0, torch.uint8)
-
-
-def _decode(stored: torch.Tensor, n: int, bits: int, offset: int) -> torch.Tensor:
-    """One moment's storage as int16 codes (4-bit codes are kept as ``code + offset``), or a
-    copy of its fp32 values."""
-    if bits == K.FP32:
-        return stored.clone()
-    if bits == 8:
-        return stored.to(torch.int16)
-    return K.unpack4(stored, n).to(torch.int16) - offset
-
-
-def _encode(q: torch.Tensor, bits: int, offset: int, dtype8: torch.dtype) -> torch.Tensor:
-    if bits == K.FP32:
-        return q.float()
-    if bits == 8:
-        return q.to(dtype8)
-    return K.pack4((q + offset).to(torch.uint8))
-
-
-def moment_dtypes(fmt: K.Fmt) -> Tuple[torch.dtype, torch.dtype]:
-    """dtypes of what :func:`piece_codes` returns for m and v."""
-    return (torch.int16 if fmt.m_q else torch.float32, torch.int16 if fmt.v_q else torch.float32)
-
-
-__all__ = ["QAdamW", "dequantize_into", "fp32_index", "moment_dtypes", "new_state",
-           "pack_piece_codes", "piece_codes"]
+__all__ = ["QAdamW"]

@@ -4,22 +4,21 @@
 use AMX tiles and writes a full int32 matrix (twice the bytes of a bf16 one) that a second pass
 must rescale. :func:`scaled_mm` instead drives ``at::native::cpublas::brgemm`` (oneDNN's
 batch-reduce GEMM micro-kernel, the one PyTorch's own CPU GEMM templates use) over tiles of the
-output from a small C++ driver (``csrc/amx_gemm.cpp``): ``B`` is packed once into the
+output from a small C++ driver (``dsq/csrc/amx_gemm.cpp``): ``B`` is packed once into the
 micro-kernel's VNNI layout, each ``64 x 64`` int32 tile is rescaled (``acc * row_scale *
 col_scale + bias``, the arithmetic of :func:`dsq.quant.gemm.rescale` operation for operation)
 and written as fp32 or bf16 while it is in cache, so no int32 matrix ever reaches memory.
 
-Measured on the 2-core development CPU (Sapphire Rapids class, AMX), 4096 x 768 -> 3072: about
-2.9 int8 TOP/s against 2.2 TFLOP/s for a bf16 ``torch.mm`` and 0.8 TOP/s for ``torch._int_mm``
-plus its rescale.
+Its throughput against ``torch.mm`` and ``torch._int_mm``: the README's Performance section.
 
-Built once with the system C++ compiler against the installed PyTorch headers (about 2 s) with
-explicit flags for its AVX-512 epilogue (:data:`dsq.native.AMX_FLAGS`), cached under
-``$DSQ_CACHE_DIR`` (default ``~/.cache/dsq``) keyed by source, compiler flags and PyTorch
-version. Only built where the CPU has :data:`dsq.native.AMX_NEEDS` (AMX-INT8: PyTorch's oneDNN
-packs int8 operands for its micro-kernel only on AMX, so AMD CPUs and Intel ones before Sapphire
-Rapids, AVX-512 VNNI included, use ``torch._int_mm``; :func:`status` says which and why, quietly:
-that is no fault). Where it should build but does not (no compiler, no headers), one line says
+Built once (:data:`LIBRARY`, :mod:`dsq.native`) with the system C++ compiler against the
+installed PyTorch headers with explicit flags for its AVX-512 epilogue
+(:data:`dsq.native.AMX_FLAGS`), cached under ``$DSQ_CACHE_DIR`` (default ``~/.cache/dsq``)
+keyed by sources, compiler flags and PyTorch version. Only built where the CPU has
+:data:`dsq.native.AMX_NEEDS` (AMX-INT8: PyTorch's oneDNN packs int8 operands for its
+micro-kernel only on AMX, so AMD CPUs and Intel ones before Sapphire Rapids, AVX-512 VNNI
+included, use ``torch._int_mm``; :func:`status` says which and why, quietly: that is no
+fault). Where it should build but does not (no compiler, no headers), one line says
 so with the path of the compiler's output, and :func:`scaled_mm` returns None (callers use
 ``torch._int_mm``).
 """
@@ -28,37 +27,36 @@ from __future__ import annotations
 
 import ctypes
 import os
-import threading
 from pathlib import Path
 
 import torch
 from torch import Tensor
 
-SOURCE = Path(__file__).with_name("csrc") / "amx_gemm.cpp"
+from dsq.native import Library
+
 PACK_NB = 64
-"""Columns per block of a packed ``B`` (the driver's and the quantization kernels' layout)."""
+"""Columns per block of a packed ``B`` (the driver's and the quantization kernels' layout:
+``DSQ_PACK_NB`` of ``dsq/csrc/dsq_common.h``, checked against the loaded driver)."""
 MAX_K = 1 << 16
 """Longest reduction: int32 holds K products of |code| <= 128 when K * 2^14 < 2^31."""
 
-_LIB: ctypes.CDLL | None = None
-_ERR: str | None = None
-_LOCK = threading.Lock()
 _OUT = {torch.float32: 0, torch.bfloat16: 1}
 
 
-def _build() -> ctypes.CDLL:
-    from dsq.native import build
-
+def _options() -> dict:
+    """Flags and libraries of the driver: the installed PyTorch's headers and libraries."""
     root = Path(torch.__file__).parent
     inc, lib = root / "include", root / "lib"
     if not (inc / "ATen" / "native" / "CPUBlas.h").is_file():
         raise RuntimeError(f"PyTorch headers not found under {inc}")
     abi = int(getattr(torch._C, "_GLIBCXX_USE_CXX11_ABI", 1))
-    flags = ["-O3", "-ffp-contract=off", "-fopenmp", "-std=c++17", "-shared",
-             "-fPIC", f"-D_GLIBCXX_USE_CXX11_ABI={abi}", f"-I{inc}"]
-    libs = [f"-L{lib}", "-ltorch_cpu", "-lc10", f"-Wl,-rpath,{lib}"]
-    so = build("amx_gemm", SOURCE.read_text(), isa="amx", cxx=True, flags=flags, libs=libs,
-               key=torch.__version__)
+    flags = ("-O3", "-ffp-contract=off", "-fopenmp", "-std=c++17", "-shared", "-fPIC",
+             f"-D_GLIBCXX_USE_CXX11_ABI={abi}", "-isystem", str(inc))
+    libs = (f"-L{lib}", "-ltorch_cpu", "-lc10", f"-Wl,-rpath,{lib}")
+    return {"flags": flags, "libs": libs, "key": torch.__version__}
+
+
+def _setup(so: ctypes.CDLL, isa: str) -> None:
     L, P, I = ctypes.c_int64, ctypes.c_void_p, ctypes.c_int
     so.dsq_amx_ready.restype = I
     so.dsq_gemm_s8.restype = None
@@ -71,37 +69,40 @@ def _build() -> ctypes.CDLL:
                            f"quantization kernels {PACK_NB}")
     if not so.dsq_amx_ready():
         raise RuntimeError("PyTorch's oneDNN cannot pack int8 operands on this CPU")
-    return so
+
+
+def _unavailable() -> str | None:
+    from dsq.native import AMX_NEEDS, cpu_flags
+
+    if os.environ.get("DSQ_AMX_GEMM", "1").strip() in ("0", "false", "no", "off"):
+        return "disabled by DSQ_AMX_GEMM=0"
+    missing = [f for f in AMX_NEEDS if f not in cpu_flags()]
+    return f"this CPU has no {', '.join(missing)}" if missing else None
+
+
+LIBRARY = Library("amx_gemm", ("amx_gemm.cpp", "dsq_common.h"), what="dsq AMX GEMM driver",
+                  fallback="torch._int_mm", setup=_setup, cxx=True, options=_options,
+                  isa="amx", unavailable=_unavailable)
+"""The driver's native library (:mod:`dsq.native`; variant ``amx``:
+:data:`dsq.native.AMX_FLAGS`)."""
+
+
+def build_variant(isa: str = "amx") -> ctypes.CDLL:
+    """The driver, built (cached) and checked; raises :class:`dsq.native.BuildError`, or
+    RuntimeError where it cannot serve (no PyTorch headers, no AMX for oneDNN)."""
+    return LIBRARY.variant(isa)
 
 
 def library() -> ctypes.CDLL | None:
     """The compiled driver, built on first use on CPUs with AMX-INT8; None elsewhere (see
     :func:`status`), or with one line naming the fallback where the build fails."""
-    global _LIB, _ERR
-    with _LOCK:
-        if _LIB is None and _ERR is None:
-            from dsq.native import AMX_NEEDS, BuildError, cpu_flags, warn
-
-            missing = [f for f in AMX_NEEDS if f not in cpu_flags()]
-            if os.environ.get("DSQ_AMX_GEMM", "1").strip() in ("0", "false", "no", "off"):
-                _ERR = "disabled by DSQ_AMX_GEMM=0"
-            elif missing:
-                _ERR = f"this CPU has no {', '.join(missing)}"
-            else:
-                try:
-                    _LIB = _build()
-                except BuildError as e:
-                    _ERR = e.reason
-                    warn(e.line("dsq AMX GEMM driver", "torch._int_mm"))
-                except Exception as e:  # noqa: BLE001  (no headers, oneDNN cannot pack)
-                    _ERR = str(e).splitlines()[0] if str(e) else type(e).__name__
-                    warn(f"dsq AMX GEMM driver (amx) unavailable ({_ERR}): using torch._int_mm")
-        return _LIB
+    return LIBRARY.load()
 
 
 def status() -> str:
     """Which integer GEMM runs here and why, e.g. ``torch._int_mm (this CPU has no amx_int8)``."""
-    return "dsq AMX driver (oneDNN brgemm)" if available() else f"torch._int_mm ({_ERR})"
+    return ("dsq AMX driver (oneDNN brgemm)" if available()
+            else f"torch._int_mm ({LIBRARY.choice().reason})")
 
 
 def int8_outlook(flags=None) -> tuple[bool, str]:
@@ -138,7 +139,8 @@ def available() -> bool:
 
 
 def _scale_ok(s: Tensor, n: int) -> bool:
-    return s.dtype == torch.float32 and s.is_contiguous() and s.numel() in (1, n)
+    return (s.device.type == "cpu" and s.dtype == torch.float32 and s.is_contiguous()
+            and s.numel() in (1, n))
 
 
 def can_take(k: int) -> bool:
@@ -149,11 +151,19 @@ def can_take(k: int) -> bool:
 def pack(b: Tensor) -> Tensor:
     """``b[K, N]`` int8 (any strides with a unit one) as the flat packed ``B`` the driver reads
     (the layout :func:`dsq.quant.cpu_kernels.codes` writes with ``packed=True``)."""
+    if b.device.type != "cpu" or b.dtype != torch.int8 or b.dim() != 2:
+        raise ValueError(f"pack needs a 2-D int8 CPU tensor, got {tuple(b.shape)} {b.dtype} "
+                         f"on {b.device}")
     K, N = b.shape
+    if K % 4 or not 0 < K <= MAX_K:
+        raise ValueError(f"pack needs K % 4 == 0 and 0 < K <= {MAX_K}, got K={K}")
+    lib = library()
+    if lib is None:
+        raise RuntimeError(f"no AMX GEMM driver here ({LIBRARY.choice().reason})")
     if b.stride(1) != 1 and b.stride(0) != 1:
         b = b.contiguous()
     out = torch.empty(K * N, dtype=torch.int8)
-    library().dsq_pack_s8(K, N, b.data_ptr(), b.stride(0), b.stride(1), out.data_ptr(),
+    lib.dsq_pack_s8(K, N, b.data_ptr(), b.stride(0), b.stride(1), out.data_ptr(),
                           torch.get_num_threads())
     return out
 
@@ -182,6 +192,7 @@ def scaled_mm(a: Tensor, b: Tensor, row_scale: Tensor, col_scale: Tensor, bias: 
             or (not packed and not (b.stride(1) == 1 or b.stride(0) == 1))
             or not _scale_ok(row_scale, M) or not _scale_ok(col_scale, N)
             or (bias is not None and (bias.dtype != dtype or not bias.is_contiguous()
+                                      or bias.device.type != "cpu"
                                       or bias.numel() != N))):
         if packed:
             raise ValueError("a packed B operand that the AMX GEMM driver cannot take")

@@ -10,8 +10,9 @@ import pytest
 import torch
 
 from dsq.optim import QAdamW, build_optimizer, optimizer_state_bytes
+from dsq.optim import codec
 from dsq.optim import kernels as K
-from dsq.optim.qadamw import pack_piece_codes, piece_codes
+from dsq.optim.codec import pack_piece_codes, piece_codes
 
 FORMATS = [(8, 8, "linear"), (4, 8, "linear"), (4, 4, "sqrt"), (8, 8, "sqrt")]
 # one moment quantized, the other fp32 (32 bits): the study's m8, m4 and v8
@@ -51,14 +52,14 @@ def cpp_or_skip():
 @pytest.mark.parametrize("n", [1, 2, 7, 256, 257])
 def test_pack4_round_trip(n):
     nib = torch.randint(0, 16, (n,), dtype=torch.uint8)
-    packed = K.pack4(nib)
+    packed = codec.pack4(nib)
     assert packed.numel() == (n + 1) // 2
-    assert torch.equal(K.unpack4(packed, n), nib)
+    assert torch.equal(codec.unpack4(packed, n), nib)
     qm = torch.randint(-7, 8, (n,), dtype=torch.int16)
     qv = torch.randint(0, 16, (n,), dtype=torch.int16)
-    cm, cv = pack_piece_codes(qm, qv, K.Fmt(4, 4, False))
+    cm, cv = pack_piece_codes(qm, qv, codec.Fmt(4, 4, False))
     piece = types.SimpleNamespace(kind="split", length=n, cm=0, cv=0)
-    qm2, qv2 = piece_codes({"m_codes": cm, "v_codes": cv}, piece, K.Fmt(4, 4, False))
+    qm2, qv2 = piece_codes({"m_codes": cm, "v_codes": cv}, piece, codec.Fmt(4, 4, False))
     assert torch.equal(qm, qm2) and torch.equal(qv, qv2)
 
 
@@ -86,7 +87,7 @@ def test_dequantized_state_error_is_half_a_step(m_bits, v_bits, v_domain):
         assert set(opt.state[p]) & {"m_fp32", "v_fp32"}
     if v_bits == 32:  # the quantized m as below
         assert "v_scales" not in opt.state[p] and "v_codes" not in opt.state[p]
-    qm, qv = K.qmax_m(m_bits), K.qmax_v(v_bits)
+    qm, qv = codec.qmax_m(m_bits), codec.qmax_v(v_bits)
     sm = m.abs().amax(1, keepdim=True) / qm
     assert ((m_hat - m).abs() <= 0.5001 * sm).all()
     if v_bits == 32:
@@ -126,12 +127,12 @@ def _random_state(rows, width, fmt, gen):
         mc, ms = torch.randn(rows, width, generator=gen) * 1e-2, None
     else:
         mc = torch.randint(-127 if fmt.m_bits == 8 else 0, 128 if fmt.m_bits == 8 else 256,
-                           (rows, K.code_bytes(width, fmt.m_bits)), generator=gen)
+                           (rows, codec.code_bytes(width, fmt.m_bits)), generator=gen)
         mc = mc.to(torch.int8 if fmt.m_bits == 8 else torch.uint8)
     if fmt.v_bits == 32:
         vc, vs = torch.rand(rows, width, generator=gen) * 1e-4, None
     else:
-        vc = torch.randint(0, 256, (rows, K.code_bytes(width, fmt.v_bits)), generator=gen)
+        vc = torch.randint(0, 256, (rows, codec.code_bytes(width, fmt.v_bits)), generator=gen)
         vc = vc.to(torch.uint8)
     return mc, ms, vc, vs
 
@@ -140,15 +141,20 @@ def _clone(t):
     return None if t is None else t.clone()
 
 
+def _rows_inputs(fmt, rows, width):
+    """Parameters, gradients and a random state of ``rows`` blocks of ``width`` (seed 1)."""
+    gen = torch.Generator().manual_seed(1)
+    p0 = torch.randn(rows, width, generator=gen)
+    g = torch.randn(rows, width, generator=gen) * 1e-2
+    return p0, g, _random_state(rows, width, fmt, gen)
+
+
 @pytest.mark.parametrize("m_bits,v_bits,v_domain", FORMATS + SINGLE)
 def test_cpp_kernel_equals_eager_bit_for_bit(m_bits, v_bits, v_domain):
     cpp = cpp_or_skip()
-    fmt = K.Fmt(m_bits, v_bits, v_domain == "sqrt")
-    gen = torch.Generator().manual_seed(1)
+    fmt = codec.Fmt(m_bits, v_bits, v_domain == "sqrt")
     rows, width = 9, 256
-    p0 = torch.randn(rows, width, generator=gen)
-    g = torch.randn(rows, width, generator=gen) * 1e-2
-    st0 = _random_state(rows, width, fmt, gen)
+    p0, g, st0 = _rows_inputs(fmt, rows, width)
     h = K.Hyper(1e-3, 0.9, 0.999, 1e-8, 0.1, 7)
     out = []
     for ker in (K.EagerKernel(), cpp):
@@ -161,6 +167,26 @@ def test_cpp_kernel_equals_eager_bit_for_bit(m_bits, v_bits, v_domain):
             continue
         assert torch.equal(a, b)
         assert not torch.equal(a, c)  # every part of the state was rewritten
+
+
+@pytest.mark.slow
+def test_compiled_kernel_equals_eager_bit_for_bit():
+    """The ``compile`` kernel compiles the one eager row update (kernels.rows_update), so it
+    gives the eager bits, on a second step without recompiling for the new scalars."""
+    for m_bits, v_bits, v_domain in ((8, 8, "linear"), (4, 8, "sqrt")):
+        fmt = codec.Fmt(m_bits, v_bits, v_domain == "sqrt")
+        rows, width = 5, 256
+        p0, g, st0 = _rows_inputs(fmt, rows, width)
+        out = {}
+        for ker in (K.EagerKernel(), K.CompiledKernel()):
+            for step in (3, 4):
+                h = K.Hyper(1e-3, 0.9, 0.999, 1e-8, 0.1, step)
+                p, st = p0.clone(), [_clone(t) for t in st0]
+                ker.rows(p, g, *st, rows, width, fmt, h)
+                out.setdefault(step, []).append([p, *st])
+        for eager, compiled in out.values():
+            for a, b in zip(eager, compiled):
+                assert (a is None and b is None) or torch.equal(a, b), (m_bits, v_bits)
 
 
 @pytest.mark.parametrize("m_bits,v_bits,v_domain", SINGLE)
@@ -195,7 +221,7 @@ def test_block_split_in_two_equals_whole_block(kernel, m_bits, v_bits, v_domain,
     """The DP invariance in miniature: a block updated whole (rows) and the same block updated
     as two parts whose maxima are combined (pass1, max, pass2) give identical bits."""
     ker = K.EagerKernel() if kernel == "eager" else cpp_or_skip()
-    fmt = K.Fmt(m_bits, v_bits, v_domain == "sqrt")
+    fmt = codec.Fmt(m_bits, v_bits, v_domain == "sqrt")
     gen = torch.Generator().manual_seed(cut)
     p0 = torch.randn(1, 256, generator=gen)
     g = torch.randn(1, 256, generator=gen) * 1e-2

@@ -43,9 +43,8 @@ def test_driver_is_available_here():
 
 @pytest.mark.skipif("amx_int8" in _cpu_flags(), reason="this CPU has AMX-INT8")
 def test_without_amx_the_driver_is_not_built_and_status_says_why(monkeypatch, capsys):
-    monkeypatch.setattr(cpu_gemm, "_LIB", None)
-    monkeypatch.setattr(cpu_gemm, "_ERR", None)
-    monkeypatch.setattr(cpu_gemm, "_build", lambda: pytest.fail("built without AMX"))
+    monkeypatch.setattr(native, "_CHOSEN", {})
+    monkeypatch.setattr(native, "build", lambda *a, **k: pytest.fail("built without AMX"))
     assert not cpu_gemm.available() and not cpu_gemm.can_take(64)
     assert cpu_gemm.status().startswith("torch._int_mm (this CPU has no ")
     assert "amx_int8" in cpu_gemm.status()
@@ -57,8 +56,8 @@ def test_a_failing_driver_build_is_one_line_with_the_log(monkeypatch, tmp_path, 
     the fallback, the compiler's whole output in the log file that line names."""
     from dsq import native
 
-    monkeypatch.setattr(cpu_gemm, "_LIB", None)
-    monkeypatch.setattr(cpu_gemm, "_ERR", None)
+    monkeypatch.setattr(native, "_CHOSEN", {})
+    monkeypatch.setattr(native, "_VARIANTS", {})
     monkeypatch.setattr(native, "cpu_flags", lambda: frozenset(native.AMX_NEEDS))
     monkeypatch.setattr(native, "_WARNED", set())
     monkeypatch.setenv("DSQ_CACHE_DIR", str(tmp_path))
@@ -198,7 +197,7 @@ def test_driver_compiles_with_its_explicit_flags_on_any_x86_cpu():
     is (with -march=native an AVX2-only CPU failed with 'target specific option mismatch');
     where it has no AMX, PyTorch's oneDNN then refuses to pack int8 operands."""
     try:
-        cpu_gemm._build()
+        cpu_gemm.build_variant()
     except native.BuildError as e:
         pytest.fail(f"the driver did not compile: {e.log.read_text()[-3000:]}")
     except RuntimeError as e:

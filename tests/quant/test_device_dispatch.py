@@ -50,11 +50,10 @@ def test_start_up_line_names_the_cuda_kernels(monkeypatch):
 
 def test_start_up_line_names_the_cpu_and_its_kernels(monkeypatch):
     from dsq import native
-    from dsq.quant import cpu_gemm, cpu_kernels
 
-    monkeypatch.setattr(cpu_kernels, "_ISA", "avx2")
-    monkeypatch.setattr(cpu_gemm, "_LIB", None)
-    monkeypatch.setattr(cpu_gemm, "_ERR", "this CPU has no amx_tile, amx_int8")
+    monkeypatch.setitem(native._CHOSEN, "quant", native.Choice(None, "avx2"))
+    monkeypatch.setitem(native._CHOSEN, "amx_gemm",
+                        native.Choice(None, "reference", "this CPU has no amx_tile, amx_int8"))
     fused.set_kernel(None)
     assert fused.engine("cpu") == (
         f"on CPU ({native.cpu_model()}): integer GEMMs: torch._int_mm (this CPU has no amx_tile, "

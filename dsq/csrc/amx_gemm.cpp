@@ -4,10 +4,21 @@
 // accumulation by oneDNN's AMX micro-kernel (at::native::cpublas::brgemm, the one PyTorch's own
 // CPU GEMM templates use), and the rescale (+ bias) applied to each output tile while it is
 // still in cache: no int32 matrix is ever written to memory. Output fp32 or bf16, optionally
-// transposed. See dsq/quant/cpu_gemm.py.
+// transposed. Bound by dsq/quant/cpu_gemm.py; built by dsq/native.py.
+
+// GCC 12.1/12.2's AVX-512 headers trip -Wmaybe-uninitialized inside every intrinsic built on
+// _mm512_undefined_*() (GCC bug 105593, fixed in 12.3): silenced for those headers only
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#endif
+#include <immintrin.h>
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC diagnostic pop
+#endif
+
 #include <ATen/native/CPUBlas.h>
 #include <c10/core/ScalarType.h>
-#include <immintrin.h>
 #include <omp.h>
 
 #include <algorithm>
@@ -16,24 +27,16 @@
 #include <cstdlib>
 #include <cstring>
 
+#include "dsq_common.h"
+
 namespace {
 
-constexpr int64_t NB = 64;   // columns per micro-kernel call
+constexpr int64_t NB = DSQ_PACK_NB;  // columns per micro-kernel call (and packed B block)
 constexpr int64_t MB = 64;   // rows per micro-kernel call
 
 inline float ld_out(const void* p, int64_t i, int bf16) {
   if (!bf16) return static_cast<const float*>(p)[i];
-  uint32_t u = static_cast<uint32_t>(static_cast<const uint16_t*>(p)[i]) << 16;
-  float f;
-  std::memcpy(&f, &u, 4);
-  return f;
-}
-
-inline uint16_t to_bf16(float f) {  // round to nearest even, NaN kept quiet
-  uint32_t u;
-  std::memcpy(&u, &f, 4);
-  if (std::isnan(f)) return 0x7FC0;
-  return static_cast<uint16_t>((u + 0x7FFFu + ((u >> 16) & 1u)) >> 16);
+  return dsq_bf16_to_f32(static_cast<const uint16_t*>(p)[i]);
 }
 
 struct Buf {  // a per-thread scratch buffer that only grows (no allocation per call)
@@ -151,7 +154,7 @@ void pack_block(const int8_t* B, int64_t sk, int64_t sn, int64_t K, int64_t n0, 
   }
 }
 
-// 16 floats to bf16, round to nearest even, NaN -> 0x7FC0 (as the scalar to_bf16 and PyTorch)
+// 16 floats to bf16, round to nearest even, NaN -> 0x7FC0 (as dsq_f32_to_bf16 and PyTorch)
 inline __m256i bf16x16_exact(__m512 y) {
   const __m512i u = _mm512_castps_si512(y);
   const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
@@ -254,7 +257,7 @@ void epilogue(const int32_t* C, int64_t mb, int64_t nb, int64_t m0, int64_t n0,
       float y = static_cast<float>(C[i * NB + j]) * rs[(m0 + i) * rstr] * b;
       if (bias) y = y + bb;
       if (bf16)
-        static_cast<uint16_t*>(out)[(n0 + j) * ldo + m0 + i] = to_bf16(y);
+        static_cast<uint16_t*>(out)[(n0 + j) * ldo + m0 + i] = dsq_f32_to_bf16(y);
       else
         static_cast<float*>(out)[(n0 + j) * ldo + m0 + i] = y;
     }

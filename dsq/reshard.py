@@ -1,13 +1,5 @@
-"""DeepSpeed glue for QAdamW: the ZeRO layout, and checkpoints for another data-parallel size.
-
-ZeRO-1/2 (``DeepSpeedZeroOptimizer``, and ``BF16_Optimizer`` that DeepSpeed picks for bf16 with
-ZeRO-1 and fp32 gradient accumulation) flatten every param group, pad it to a multiple of
-``2 * dp`` and hand the client optimizer only this rank's fp32 partition of each group.
-:func:`attach_to_engine` reads from the wrapper where each parameter lies in the flat group and
-which partition this rank owns, and gives QAdamW that geometry (:mod:`dsq.optim.layout`):
-blocks follow parameters, each rank allocates codes and scales for its partition only, and
-the maxima of the (at most ``dp - 1``) blocks cut by partition boundaries are combined with
-one small all-reduce per group and step.
+"""Offline resharding of DeepSpeed ZeRO-1/2 checkpoints for another data-parallel size
+(``dsq ckpt reshard``, :func:`reshard_checkpoint`; also ``train.reshard=auto``).
 
 Checkpoints: DeepSpeed saves the client optimizer's ``state_dict()`` (codes, scales, fp32
 moments, plus the layout under the ``"dsq"`` key) in each rank's
@@ -30,56 +22,17 @@ from typing import Dict, List, Optional
 
 import torch
 
-from dsq.optim import kernels as K
+from dsq.checkpoint import MARKER
+from dsq.optim.codec import (
+    Fmt,
+    fp32_index,
+    moment_dtypes,
+    new_state,
+    pack_piece_codes,
+    piece_codes,
+)
 from dsq.optim.layout import layout_from_meta, n_blocks
-from dsq.optim.qadamw import (QAdamW, fp32_index, moment_dtypes, new_state, pack_piece_codes,
-                              piece_codes)
 
-
-# ============================================================================ attach
-def attach_to_engine(engine) -> Optional[QAdamW]:
-    """Give QAdamW the ZeRO partition layout of ``engine``; call right after
-    ``deepspeed.initialize``. Returns the QAdamW instance, or None when the engine's optimizer is
-    not QAdamW (nothing to do). Without ZeRO (stage 0) it only checks and returns."""
-    import torch.distributed as dist
-
-    wrapper = engine.optimizer
-    base = wrapper if isinstance(wrapper, QAdamW) else getattr(wrapper, "optimizer", None)
-    if not isinstance(base, QAdamW):
-        return None
-    if base is wrapper:
-        return base
-    if getattr(wrapper, "elastic_checkpoint", False):
-        raise ValueError("QAdamW state is not element-wise: zero_optimization.elastic_checkpoint "
-                         "must be false (use dsq.optim.reshard_checkpoint to change DP size)")
-    for i, group in enumerate(base.param_groups):
-        if hasattr(wrapper, "round_robin_bit16_groups"):  # ZeRO-1/2
-            params = wrapper.round_robin_bit16_groups[i]
-            metas = getattr(wrapper, "round_robin_bit16_meta", [params] * (i + 1))[i]
-            numels = [m.numel() for m in metas]
-            shapes = [tuple(m.shape) for m in metas]
-            offsets = list(wrapper.round_robin_bit16_offsets[i])
-            flat = wrapper.single_partition_of_fp32_groups[i]
-            part_size = int(wrapper.partition_size[i])
-        elif hasattr(wrapper, "fp32_groups_flat_partition"):  # BF16_Optimizer (bf16 + ZeRO-1)
-            numels = [p.numel() for p in wrapper.bf16_groups[i]]
-            shapes = [tuple(p.shape) for p in wrapper.bf16_groups[i]]
-            offsets = [sum(numels[:j]) for j in range(len(numels))]
-            flat = wrapper.fp32_groups_flat_partition[i]
-            part_size = flat.numel()
-        else:
-            raise TypeError(f"dsq.optim.attach_to_engine: unsupported DeepSpeed optimizer "
-                            f"{type(wrapper).__name__} (use ZeRO stage 0, 1 or 2)")
-        pg = wrapper.real_dp_process_group[i]
-        rank, dp = dist.get_rank(group=pg), dist.get_world_size(group=pg)
-        if len(group["params"]) != 1 or group["params"][0] is not flat:
-            raise RuntimeError("unexpected DeepSpeed layout: param group is not one flat partition")
-        base.set_flat_layout(flat, numels, offsets, rank * part_size, part_size, dp, group=pg,
-                             shapes=shapes)
-    return base
-
-
-# ============================================================================ reshard
 ZERO_RE = re.compile(r"^(bf16_)?zero_pp_rank_(\d+)_mp_rank_(\d+)_optim_states\.pt$")
 MODEL_RE = re.compile(r"^mp_rank_(\d+)_model_states\.pt$")
 
@@ -132,7 +85,7 @@ def reshard_checkpoint(ckpt_dir, tag: Optional[str], new_dp: int, out_dir=None) 
     tmp.mkdir(parents=True)
     try:
         for f in src.iterdir():
-            if f.is_file() and not ZERO_RE.match(f.name) and f.name != _marker_name():
+            if f.is_file() and not ZERO_RE.match(f.name) and f.name != MARKER:
                 if MODEL_RE.match(f.name):
                     sd = torch.load(f, map_location="cpu", weights_only=False)
                     sd["dp_world_size"] = new_dp
@@ -169,22 +122,14 @@ def reshard_checkpoint(ckpt_dir, tag: Optional[str], new_dp: int, out_dir=None) 
     return final
 
 
-def _marker_name() -> str:
-    try:
-        from dsq.checkpoint import MARKER
-    except ImportError:  # pragma: no cover
-        MARKER = "dsq_complete.json"
-    return MARKER
-
-
 def _write_marker(src: Path, dst: Path) -> None:
-    marker = src / _marker_name()
+    marker = src / MARKER
     if not marker.is_file():
         return
     info = json.loads(marker.read_text())
     info["files"] = {str(p.relative_to(dst)): p.stat().st_size
                      for p in sorted(dst.rglob("*")) if p.is_file()}
-    (dst / _marker_name()).write_text(json.dumps(info, indent=1))
+    (dst / MARKER).write_text(json.dumps(info, indent=1))
 
 
 def _reshard_rank_files(olds: List[Dict], new_dp: int, names, C) -> List[Dict]:
@@ -288,7 +233,7 @@ def _reshard_qadamw(states: List[Dict], metas: List[Dict], group: Dict, L: int, 
                     size: int):
     """Global per-element codes (values of a 32-bit moment) and per-block scales from the old
     partitions, cut anew."""
-    fmt = K.Fmt.of(group)
+    fmt = Fmt.of(group)
     dm, dv = moment_dtypes(fmt)  # codes, or the values of a 32-bit (fp32) moment
     qm = torch.zeros(L, dtype=dm)
     qv = torch.zeros(L, dtype=dv)
@@ -345,10 +290,11 @@ def _reshard_qadamw(states: List[Dict], metas: List[Dict], group: Dict, L: int, 
 
 
 def main(argv=None) -> None:
-    """``python -m dsq.optim.zero CKPT_DIR --dp N [--tag TAG] [--out DIR]``."""
+    """``dsq ckpt reshard CKPT_DIR --dp N [--tag TAG] [--out DIR]`` (also
+    ``python -m dsq.reshard ...``)."""
     import argparse
 
-    ap = argparse.ArgumentParser(prog="dsq reshard", description=reshard_checkpoint.__doc__
+    ap = argparse.ArgumentParser(prog="dsq ckpt reshard", description=reshard_checkpoint.__doc__
                                  .split("\n\n")[0])
     ap.add_argument("ckpt_dir", help="DeepSpeed checkpoint root (holds the tag directories)")
     ap.add_argument("--dp", type=int, required=True, help="new data-parallel size")
