@@ -69,6 +69,7 @@ def _run_row(r) -> Dict:
         "train_loss": _last(m, "summary/train_loss", "train/loss"),
         "val_loss": _last(m, "summary/val_loss", "val/loss"),
         "val_ppl": _last(m, "summary/val_ppl", "val/ppl"),
+        "last_val": _last(m, "val/loss"), "last_train": _last(m, "train/loss"),
         "tokens_per_s": _last(m, "summary/tokens_per_s"),
         "state_bpp": _last(m, "summary/optimizer_state_bytes_per_param"),
     }
@@ -104,20 +105,36 @@ def collect(client, experiment: str) -> List[Dict]:
     if not runs:
         raise ReportError(f"experiment {experiment!r} has no training runs")
     latest: Dict[Tuple[str, object], Dict] = {}
+    failed: Dict[Tuple[str, object], Dict] = {}
     for row in sorted(map(_run_row, runs), key=lambda r: r["start"]):
         if row["status"] == "FINISHED":
             latest[(row["recipe"], row["seed"])] = row
-    if not latest:
+        elif row["status"] == "FAILED":
+            failed[(row["recipe"], row["seed"])] = row
+    failed = {k: v for k, v in failed.items() if k not in latest}
+    if not latest and not failed:
         raise ReportError(f"experiment {experiment!r} has no finished training run yet")
     groups: Dict[str, List[Dict]] = {}
     for (recipe, _), row in latest.items():
         groups.setdefault(recipe, []).append(row)
+    fails: Dict[str, List[Dict]] = {}
+    for (recipe, _), row in failed.items():
+        fails.setdefault(recipe, []).append(row)
+        groups.setdefault(recipe, [])
     out = []
     for recipe, rs in groups.items():
+        if not rs:  # every seed failed: the row says so, with what the runs reached
+            f = fails[recipe]
+            out.append(dict(f[0], runs=[], n=0, seeds=[], failed=f, val_std=float("nan"),
+                            val_loss=float("nan"), train_loss=float("nan"),
+                            val_ppl=float("nan"), tokens_per_s=float("nan"),
+                            state_bpp=float("nan")))
+            continue
         rs.sort(key=lambda r: (r["seed"] is None, r["seed"] or 0))
         head = max(rs, key=lambda r: r["start"])
         vals = [r["val_loss"] for r in rs]
         out.append(dict(head, runs=rs, n=len(rs), seeds=[r["seed"] for r in rs],
+                        failed=fails.get(recipe, []),
                         val_loss=_mean(vals), val_std=_std(vals),
                         train_loss=_mean([r["train_loss"] for r in rs]),
                         val_ppl=_mean([r["val_ppl"] for r in rs]),
@@ -159,15 +176,21 @@ def markdown(rows: List[Dict], experiment: str) -> str:
     for r in rows:
         tps = "-" if math.isnan(r["tokens_per_s"]) else f"{r['tokens_per_s']:,.0f}"
         noise = {None: "-", True: "yes", False: "no"}[r["beyond_noise"]]
+        seeds = str(r["n"]) + (f" ({len(r['failed'])} failed)" if r.get("failed") else "")
         lines.append(
             f"| {r['recipe']} | {r['W']} | {r['A']} | {r['G']} | {r['backward']} | {r['states']} | "
-            f"{r['steps'] or '-'} | {r['n']} | {f(r['train_loss'])} | {f(r['val_loss'])} | "
+            f"{r['steps'] or '-'} | {seeds} | {f(r['train_loss'])} | {f(r['val_loss'])} | "
             f"{f(r['val_std'])} | {f(r['delta_val'], sign=True)} | {f(r['delta_se'])} | {noise} | "
             f"{f(r['val_ppl'], 2)} | {tps} | {f(r['state_bpp'], 2)} |")
     lines += ["", "Means over seeds (`train.seed`); ± std: sample standard deviation of the final "
               "validation loss; Δ: mean difference to `baseline` paired by seed, ± its standard "
               "error; beyond noise: a two-sided paired t-test at 95% (|Δ| > t(n-1) s.e.), \"-\" "
               "with fewer than two common seeds."]
+    failed = [(r["recipe"], x) for r in rows for x in r.get("failed", [])]
+    if failed:
+        lines += ["", "Failed runs (left out of the means; a diverging recipe stops with an error):"]
+        lines += [f"- {name} seed {x['seed']}: last validation loss {f(x['last_val'])}, last "
+                  f"training loss {f(x['last_train'])}" for name, x in failed]
     if not any(r["recipe"] == "baseline" for r in rows):
         lines += ["", "No run tagged `baseline` in this experiment: differences are not shown."]
     return "\n".join(lines) + "\n"

@@ -9,6 +9,9 @@
 # Runs land in runs/EXPERIMENT/<name>/ (with --seeds: runs/EXPERIMENT/<name>/seed<N>/, train.seed=N,
 # seed-major order: every recipe at the first seed, then the next seed). A run whose
 # summary.json exists is skipped, so rerunning the same command finishes a sweep in parts.
+# A run that fails (a recipe that diverges stops with an error) does not stop the sweep: it is
+# marked with runs/.../sweep_failed (its exit code) and skipped on reruns; delete that file to
+# run it again. The exit code is 1 when a run failed.
 set -euo pipefail
 usage() {
   echo "usage: launch/sweep.sh [--seeds 1,2,3] NPROC EXPERIMENT BASE_CONFIG RECIPE... [-- key.sub=value ...]" >&2
@@ -54,12 +57,26 @@ run_one() {  # RECIPE SEED(or empty)
   out=runs/$EXP/${name//\//-}
   if [ -n "$seed" ]; then out=$out/seed$seed; extra=("train.seed=$seed"); fi
   if [ -f "$out/summary.json" ]; then echo "sweep: $name${seed:+ seed $seed} done already ($out)"; return; fi
+  if [ -f "$out/sweep_failed" ]; then
+    echo "sweep: $name${seed:+ seed $seed} failed before (exit $(cat "$out/sweep_failed")); delete $out/sweep_failed to retry"
+    FAILED=1; return
+  fi
   echo "sweep: $name${seed:+ seed $seed}"
   IFS=+ read -r -a parts <<< "$r"
+  local rc=0
   "$HERE/local.sh" "$NPROC" "$BASE" "${parts[@]}" "${OVERRIDES[@]}" "${extra[@]}" \
     "tracking.experiment=$EXP" "tracking.recipe=$name" \
-    "tracking.run_name=$name${seed:+ seed $seed}" "train.out_dir=$out"
+    "tracking.run_name=$name${seed:+ seed $seed}" "train.out_dir=$out" || rc=$?
+  if [ $rc -ne 0 ]; then
+    # Ctrl-C (130) or a stop signal (75, checkpoint written): stop the sweep, the run resumes
+    # on a rerun
+    [ $rc -eq 130 ] || [ $rc -eq 75 ] && exit $rc
+    mkdir -p "$out" && echo $rc > "$out/sweep_failed"
+    echo "sweep: $name${seed:+ seed $seed} failed (exit $rc); the sweep goes on" >&2
+    FAILED=1
+  fi
 }
+FAILED=0
 
 if [ ${#SEEDS[@]} -eq 0 ]; then
   for r in "${RECIPES[@]}"; do run_one "$r" ""; done
@@ -68,3 +85,4 @@ else
 fi
 PYTHON=${PYTHON:-$( [ -x "$HERE/../.venv/bin/python" ] && [ -z "${VIRTUAL_ENV:-}" ] && echo "$HERE/../.venv/bin/python" || echo python)}
 "$PYTHON" -m dsq.cli report --experiment "$EXP" --tracking-uri "$URI" --out "runs/$EXP/report"
+exit $FAILED

@@ -81,3 +81,16 @@ def test_every_curve_has_its_own_style():
     st = styles(40)
     keys = {(s["color"], s["marker"], s["linestyle"]) for s in st}
     assert len(keys) == 40
+
+
+def test_failed_runs_are_left_out_and_listed():
+    runs = [run("baseline", s, 5.3) for s in (1, 2)]
+    runs += [run("signed-v", 1, 5.9), run("signed-v", 2, 7.0, status="FAILED")]
+    runs += [run("diverged", s, 8.0, status="FAILED") for s in (1, 2)]
+    rows = {r["recipe"]: r for r in collect(FakeClient(runs), "exp")}
+    assert rows["signed-v"]["n"] == 1 and len(rows["signed-v"]["failed"]) == 1
+    assert rows["signed-v"]["val_loss"] == pytest.approx(5.9)
+    assert rows["diverged"]["n"] == 0 and math.isnan(rows["diverged"]["val_loss"])
+    md = markdown(list(rows.values()), "exp")
+    assert "| 1 (1 failed) |" in md and "| 0 (2 failed) |" in md
+    assert "- diverged seed 2: last validation loss" in md
