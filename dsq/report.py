@@ -49,12 +49,33 @@ def t975(df: int) -> float:
     return T975[df - 1] if 1 <= df <= len(T975) else 1.96
 
 
+def _format(p: Dict[str, str], name: str) -> str:
+    """An operand's format as its short string: logged as one param (``quant.weight``), or,
+    given as a mapping, as one param per field (``quant.weight.bits`` ...)."""
+    if f"quant.{name}" in p:
+        return _fmt(p[f"quant.{name}"])
+    fields = {k[len(f"quant.{name}."):]: v for k, v in p.items()
+              if k.startswith(f"quant.{name}.")}
+    if not fields:
+        return "-"
+    from omegaconf import OmegaConf
+
+    from dsq.quant import QuantFormat
+
+    try:  # the params are strings: let YAML give them their types back
+        spec = {k: OmegaConf.to_container(OmegaConf.create(f"v: {v}"))["v"]
+                for k, v in fields.items()}
+        return _fmt(str(QuantFormat.parse(spec)))
+    except (ValueError, TypeError):
+        return ", ".join(f"{k}={v}" for k, v in sorted(fields.items()))
+
+
 def _run_row(r) -> Dict:
     p, m, t = r.data.params, r.data.metrics, r.data.tags
-    grad = _fmt(p.get("quant.grad"))
+    grad = _format(p, "grad")
     if grad != "-":
         grad += f" ({p.get('quant.grad_gemms', 'weight')})"
-    quantized = any(_fmt(p.get(f"quant.{k}")) != "-" for k in ("weight", "activation", "grad"))
+    quantized = any(_format(p, k) != "-" for k in ("weight", "activation", "grad"))
     seed = p.get("train.seed")
     return {
         "run_id": r.info.run_id,
@@ -62,7 +83,7 @@ def _run_row(r) -> Dict:
         "seed": int(float(seed)) if seed not in (None, "", "None") else None,
         "status": r.info.status,
         "start": r.info.start_time or 0,
-        "W": _fmt(p.get("quant.weight")), "A": _fmt(p.get("quant.activation")), "G": grad,
+        "W": _format(p, "weight"), "A": _format(p, "activation"), "G": grad,
         "backward": p.get("quant.backward_operands", "quantized") if quantized else "-",
         "states": _optim_states(p),
         "steps": int(float(p.get("train.steps", "nan"))) if p.get("train.steps") else None,
@@ -154,10 +175,9 @@ def collect(client, experiment: str) -> List[Dict]:
             row["delta_val"] = row["val_loss"] - _mean(list(base_by_seed.values()))
             continue
         row["delta_val"], row["paired"] = _mean(d), len(d)
-        if len(d) >= 2:
+        if len(d) >= 2 and row["recipe"] != "baseline":
             row["delta_se"] = _std(d) / math.sqrt(len(d))
-            if row["recipe"] != "baseline":
-                row["beyond_noise"] = abs(row["delta_val"]) > t975(len(d) - 1) * row["delta_se"]
+            row["beyond_noise"] = abs(row["delta_val"]) > t975(len(d) - 1) * row["delta_se"]
     return out
 
 

@@ -94,3 +94,16 @@ def test_failed_runs_are_left_out_and_listed():
     md = markdown(list(rows.values()), "exp")
     assert "| 1 (1 failed) |" in md and "| 0 (2 failed) |" in md
     assert "- diverged seed 2: last validation loss" in md
+
+
+def test_formats_given_as_mappings_are_shown_as_short_strings():
+    """A recipe's format written as a mapping reaches MLflow as one param per field."""
+    p = {"quant.weight.bits": "8", "quant.weight.granularity": "channel",
+         "quant.weight.symmetric": "True", "quant.weight.rounding": "nearest",
+         "quant.weight.group_size": "None", "quant.weight.min_range": "1e-05",
+         "quant.activation": "int8:token", "quant.grad": "None",
+         "quant.backward_operands": "full"}
+    rows = collect(FakeClient([run("baseline", 1, 5.0), run("study", 1, 5.1, **p)]), "exp")
+    study = rows[1]
+    assert (study["W"], study["A"], study["G"]) == ("int8:channel:min=1e-05", "int8:token", "-")
+    assert study["backward"] == "full" and rows[0]["backward"] == "-"
