@@ -242,6 +242,22 @@ def _curves(client, row: Dict):
     return steps, mean, std
 
 
+def _y_range(curves: Dict[str, tuple]) -> Optional[Tuple[float, float]]:
+    """Limits of the plot's y axis that keep the curves near the best one readable: curves that
+    end more than 1 nat above the lowest final loss are drawn off scale (None: all fit)."""
+    ends = {k: c[1][-1] for k, c in curves.items() if c[0] and not math.isnan(c[1][-1])}
+    if not ends:
+        return None
+    best = min(ends.values())
+    near = [k for k, e in ends.items() if e <= best + 1.0]
+    if len(near) == len(ends):
+        return None
+    hi = max(m + s for k in near for m, s in zip(curves[k][1], curves[k][2]))
+    lo = min(m - s for k in near for m, s in zip(curves[k][1], curves[k][2]))
+    pad = 0.05 * (hi - lo + 0.1)
+    return lo - pad, hi + pad
+
+
 def plot(client, rows: List[Dict], path: Path, experiment: str) -> None:
     import matplotlib
 
@@ -250,18 +266,25 @@ def plot(client, rows: List[Dict], path: Path, experiment: str) -> None:
 
     fig, ax = plt.subplots(figsize=(9, 5.5), dpi=110)
     others = [r for r in rows if r["recipe"] != "baseline"]
+    curves = {r["recipe"]: _curves(client, r) for r in rows}
+    yr = _y_range(curves)
     for r, st in zip(rows, [dict(color="black", marker=".", linestyle="-")] + styles(len(others))
                      if rows and rows[0]["recipe"] == "baseline" else styles(len(rows))):
-        steps, mean, std = _curves(client, r)
+        steps, mean, std = curves[r["recipe"]]
         if not steps:
             continue
         lw = 2.2 if r["recipe"] == "baseline" else 1.3
         label = r["recipe"] + (f" (n={r['n']})" if r["n"] > 1 else "")
+        off = yr is not None and max(mean) > yr[1]
+        if off:
+            label += " (off scale)"
         ax.plot(steps, mean, lw=lw, markersize=4, label=label, **st)
-        if any(std):
+        if any(std) and not off:
             lo = [m - s for m, s in zip(mean, std)]
             hi = [m + s for m, s in zip(mean, std)]
             ax.fill_between(steps, lo, hi, color=st["color"], alpha=0.15, lw=0)
+    if yr is not None:
+        ax.set_ylim(*yr)
     ax.set_xlabel("step")
     ax.set_ylabel("validation loss (nats/token)")
     ax.set_title(f"validation loss: {experiment} (mean, band: ± std over seeds)")

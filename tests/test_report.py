@@ -107,3 +107,12 @@ def test_formats_given_as_mappings_are_shown_as_short_strings():
     study = rows[1]
     assert (study["W"], study["A"], study["G"]) == ("int8:channel:min=1e-05", "int8:token", "-")
     assert study["backward"] == "full" and rows[0]["backward"] == "-"
+
+
+def test_a_diverging_curve_is_drawn_off_scale():
+    from dsq.report import _y_range
+
+    near = {"a": ([100, 200], [5.8, 5.3], [0.01, 0.01]), "b": ([100, 200], [5.9, 5.4], [0, 0])}
+    assert _y_range(near) is None
+    lo, hi = _y_range({**near, "signed-v": ([100, 200], [46.0, 9.5], [10.0, 1.2])})
+    assert 5.2 < lo < 5.29 and 5.91 < hi < 6.0
