@@ -40,7 +40,7 @@ scales.
 from __future__ import annotations
 
 from bisect import bisect_right
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Dict, List, Sequence, Union
 
 from dsq.optim.codec import FP32, code_len
@@ -244,7 +244,3 @@ def layout_from_meta(meta: Dict) -> Layout:
                         meta["m_bits"], meta["v_bits"], meta["part_start"], meta["part_size"],
                         meta["dp"])
 
-
-def describe(layout: Layout) -> Dict:
-    return dict(numel=layout.numel, pieces=[asdict(p) for p in layout.pieces],
-                n_slots=layout.n_slots, bytes=layout.state_bytes())
