@@ -238,9 +238,8 @@ def configure_kernels(cfg) -> dict:
     from dsq.optim import LEGACY_KERNEL_NAMES
     from dsq.quant import fused
 
-    names = {"native": "cpp", "reference": "eager"}
     if not os.environ.get("DSQ_QUANT_KERNEL", "").strip():
-        fused.set_kernel(names.get(cfg.quant.kernel, cfg.quant.kernel))
+        fused.set_kernel(LEGACY_KERNEL_NAMES.get(cfg.quant.kernel, cfg.quant.kernel))
     out = {f"env.{k}": os.environ[k] for k in KERNEL_ENV if os.environ.get(k, "").strip()}
     out["kernels.quant"] = _quant_kernel_name()
     if cfg.optim.name == "qadamw":

@@ -61,8 +61,8 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> List[Dict]:
 
 
 LEGACY_KERNEL_NAMES = {"native": "cpp", "reference": "eager"}
-"""Config names of the QAdamW kernels (``optim.kernel``) -> the names of
-:func:`dsq.optim.kernels.get_kernel`."""
+"""Config names of the kernels (``optim.kernel``, ``quant.kernel``) -> the implementation names
+of :func:`dsq.optim.kernels.get_kernel` and :func:`dsq.quant.fused.set_kernel`."""
 
 
 def build_optimizer(model: torch.nn.Module, cfg) -> torch.optim.Optimizer:
