@@ -61,14 +61,16 @@ def set_rng_state(state: Dict) -> None:
 
 def save(engine, root: Path, step: int, client_state: Dict, keep: int, extra_files: Dict = None
          ) -> str:
-    """Write checkpoint ``step`` on all ranks; returns its tag once it is complete."""
+    """Write checkpoint ``step`` on all ranks; returns its tag once it is complete.
+    ``extra_files`` (name -> text or bytes) are written by rank 0 before the completion marker."""
     tag = tag_for(step)
     rank = dist.get_rank()
     engine.save_checkpoint(str(root), tag=tag, client_state=client_state, save_latest=False)
     torch.save(rng_state(), root / tag / f"rng_rank{rank:05d}.pt")
     if rank == 0:
-        for name, text in (extra_files or {}).items():
-            (root / tag / name).write_text(text)
+        for name, data in (extra_files or {}).items():
+            path = root / tag / name
+            path.write_bytes(data) if isinstance(data, bytes) else path.write_text(data)
     barrier()
     if rank == 0:
         files = {str(p.relative_to(root / tag)): p.stat().st_size

@@ -104,7 +104,7 @@ def cmd_train(argv: List[str]) -> None:
         _fail(str(e))
     set_threads_per_rank()
     from dsq.rundir import RunDirError
-    from dsq.stop import PREEMPTED_EXIT_CODE, Preempted
+    from dsq.train.stop import PREEMPTED_EXIT_CODE, Preempted
     from dsq.train import run
 
     try:

@@ -22,6 +22,7 @@ from dsq.schema import (  # noqa: F401  (the schema is part of this module's int
     PACKAGE_DIR,
     PRESETS,
     Config,
+    ConfigError,
     DataConfig,
     DeepSpeedConfig,
     ModelConfig,
@@ -31,10 +32,6 @@ from dsq.schema import (  # noqa: F401  (the schema is part of this module's int
     TrackingConfig,
     TrainConfig,
 )
-
-
-class ConfigError(ValueError):
-    """A configuration problem a user can fix; the message names the key and the fix."""
 
 
 # ----------------------------------------------------------------------------- loading
@@ -187,128 +184,9 @@ def _fill_preset(cfg: Config) -> None:
             setattr(m, k, v)
 
 
-KERNEL_CHOICES = ("auto", "native", "reference", "compile", "cpp", "eager")
-"""``quant.kernel`` / ``optim.kernel``; ``cpp`` and ``eager`` are old names of native and
-reference."""
-
-
-def _check(cond: bool, msg: str) -> None:
-    if not cond:
-        raise ConfigError(msg)
-
-
 def validate(cfg: Config, world_size: Optional[int] = None) -> None:
-    """Cross-field checks. ``world_size`` (when known) checks the parallel layout too."""
-    m, t, p, ds, o, q = cfg.model, cfg.train, cfg.parallel, cfg.deepspeed, cfg.optim, cfg.quant
-    for k in ("num_layers", "hidden_size", "num_heads", "ffn_hidden_size", "seq_len", "vocab_size"):
-        _check(getattr(m, k) > 0, f"model.{k}={getattr(m, k)} must be positive")
-    _check(m.hidden_size % m.num_heads == 0,
-           f"model.num_heads={m.num_heads} does not divide model.hidden_size={m.hidden_size}: "
-           f"choose heads that divide the hidden size")
-    _check(m.vocab_size >= 64, f"model.vocab_size={m.vocab_size} is too small: use at least 64")
-    _check(0.0 <= m.dropout < 1.0, f"model.dropout={m.dropout} must be in [0, 1)")
-    _check(p.tp >= 1, f"parallel.tp={p.tp} must be >= 1")
-    _check(p.timeout_s >= 10, f"parallel.timeout_s={p.timeout_s} must be >= 10 seconds")
-    _check(m.num_heads % p.tp == 0,
-           f"parallel.tp={p.tp} does not divide model.num_heads={m.num_heads}: "
-           f"choose a tp that divides the number of heads")
-    _check(m.ffn_hidden_size % p.tp == 0,
-           f"parallel.tp={p.tp} does not divide model.ffn_hidden_size={m.ffn_hidden_size}")
-    _check(ds.zero_stage in (0, 1, 2),
-           f"deepspeed.zero_stage={ds.zero_stage} is not supported: use 0, 1 or 2")
-    _check(ds.precision in ("fp32", "bf16"),
-           f"deepspeed.precision={ds.precision!r} is not supported: use fp32 or bf16")
-    _check(not (ds.precision == "bf16" and ds.zero_stage == 0),
-           "deepspeed.precision=bf16 needs deepspeed.zero_stage=1 or 2 (DeepSpeed keeps fp32 "
-           "master weights and optimizer states only there): set deepspeed.zero_stage=1")
-    _check(t.steps >= 1, f"train.steps={t.steps} must be >= 1")
-    _check(t.micro_batch >= 1, f"train.micro_batch={t.micro_batch} must be >= 1")
-    _check(t.global_batch % t.micro_batch == 0,
-           f"train.global_batch={t.global_batch} is not a multiple of "
-           f"train.micro_batch={t.micro_batch}: make it micro_batch x data-parallel size x "
-           f"accumulation steps")
-    _check(t.eval_every >= 0 and t.ckpt_every >= 0 and t.log_every >= 1,
-           "train.eval_every and train.ckpt_every must be >= 0 (0 = only at the end), "
-           "train.log_every >= 1")
-    _check(t.spike_factor == 0 or t.spike_factor > 1,
-           f"train.spike_factor={t.spike_factor} must be > 1 (or 0 to disable the spike guard)")
-    _check(t.spike_window >= 2, f"train.spike_window={t.spike_window} must be >= 2")
-    _check(t.eval_samples >= 1, f"train.eval_samples={t.eval_samples} must be >= 1")
-    _check(m.vocab_size % p.tp == 0,
-           f"parallel.tp={p.tp} does not divide model.vocab_size={m.vocab_size}: "
-           f"choose a vocab size that is a multiple of tp")
-    _check(t.reshard in ("off", "auto"), f"train.reshard={t.reshard!r}: use off or auto")
-    _check(t.keep_ckpts >= 1, f"train.keep_ckpts={t.keep_ckpts} must be >= 1")
-    _check(o.name in ("adamw", "qadamw"), f"optim.name={o.name!r} is unknown: use adamw or qadamw")
-    _check(o.lr > 0 and 0 <= o.min_lr <= o.lr, f"optim.lr={o.lr} must be > 0 and optim.min_lr "
-           f"in [0, lr]")
-    _check(0 <= o.warmup_steps, f"optim.warmup_steps={o.warmup_steps} must be >= 0")
-    _check(0 < o.beta1 < 1 and 0 < o.beta2 < 1, "optim.beta1 and optim.beta2 must be in (0, 1)")
-    if o.name == "qadamw":
-        _check(o.m_bits in (4, 8, 32),
-               f"optim.m_bits={o.m_bits} is not supported: use 8 or 4, or 32 to keep m in fp32")
-        _check(o.v_bits in (4, 8, 32),
-               f"optim.v_bits={o.v_bits} is not supported: use 8 or 4, or 32 to keep v in fp32")
-        _check(not (o.m_bits == 32 and o.v_bits == 32),
-               "optim.m_bits=32 and optim.v_bits=32 quantize neither moment: use optim.name=adamw "
-               "for fp32 AdamW")
-        _check(o.block_size in ("tensor", "row") or (
-            isinstance(o.block_size, int) and o.block_size >= 2 and o.block_size % 2 == 0),
-               f"optim.block_size={o.block_size!r}: use an even number of elements, \"tensor\" "
-               f"or \"row\"")
-        _check(o.quantize in ("linear", "linear+embedding", "all"),
-               f"optim.quantize={o.quantize!r}: use linear, linear+embedding or all")
-        _check(o.v_domain in ("linear", "sqrt"), f"optim.v_domain={o.v_domain!r}: use linear or sqrt")
-        _check(not (o.v_domain == "sqrt" and o.v_bits == 32),
-               "optim.v_domain=sqrt applies to a quantized v: with optim.v_bits=32 set "
-               "optim.v_domain=linear")
-        _check(o.kernel in KERNEL_CHOICES,
-               f"optim.kernel={o.kernel!r}: use auto, native, reference or compile")
-        _check(not o.v_signed or (o.v_bits != 32 and o.v_domain == "linear"),
-               "optim.v_signed=true applies to a linearly quantized v: set optim.v_bits to 8 or 4 "
-               "and optim.v_domain=linear")
-    _check(o.grad_clip >= 0, f"optim.grad_clip={o.grad_clip} must be >= 0")
-    _check(q.grad_gemms in ("weight", "input", "both"),
-           f"quant.grad_gemms={q.grad_gemms!r} is unknown: use weight, input or both")
-    _check(q.compute in ("simulate", "int8"),
-           f"quant.compute={q.compute!r} is unknown: use simulate or int8")
-    _check(q.kernel in KERNEL_CHOICES,
-           f"quant.kernel={q.kernel!r}: use auto, native, reference or compile")
-    _check(q.backward_operands in ("quantized", "full"),
-           f"quant.backward_operands={q.backward_operands!r} is unknown: use quantized or full")
-    _check(bool(cfg.data.train), "data.train is empty: give at least one file or folder")
-    d = cfg.data
-    _check(0.0 <= d.val_fraction < 0.5, f"data.val_fraction={d.val_fraction} must be in [0, 0.5)")
-    _check(not (d.val_fraction > 0 and d.val),
-           "data.val and data.val_fraction are both set: give data.val: [] to hold out "
-           "data.val_fraction of the training documents, or data.val_fraction=0")
-    _check(bool(d.val) or d.val_fraction > 0,
-           "data.val is empty: give at least one file or folder, or a data.val_fraction > 0")
-    if world_size is not None:
-        _check(world_size % p.tp == 0,
-               f"parallel.tp={p.tp} does not divide the world size {world_size}: "
-               f"launch a multiple of tp processes or change parallel.tp")
-        dp = world_size // p.tp
-        _check(t.global_batch % (t.micro_batch * dp) == 0,
-               f"train.global_batch={t.global_batch} is not a multiple of train.micro_batch x "
-               f"data-parallel size = {t.micro_batch} x {dp}: change train.global_batch or "
-               f"train.micro_batch")
-    _validate_extensions(cfg)
-
-
-def _validate_extensions(cfg: Config) -> None:
-    """Formats of the quantization section (each operand's format and granularity)."""
-    from dsq.quant import LinearQuant, QuantFormat
-
-    for name in ("weight", "activation", "grad"):
-        try:
-            QuantFormat.parse(getattr(cfg.quant, name))
-        except (ValueError, TypeError) as e:
-            raise ConfigError(f"quant.{name}: {e}")
-    try:
-        LinearQuant.from_config(cfg.quant)
-    except (ValueError, TypeError) as e:
-        raise ConfigError(f"quant: {e}")
+    """:meth:`Config.validate`: every section's checks and those across sections."""
+    cfg.validate(world_size)
 
 
 def to_dict(cfg: Config) -> dict:

@@ -138,9 +138,9 @@ def load_model(path: str, quantize: bool = True, device: str = "cpu"):
     model.load_state_dict(sd, strict=True)
     if quantize:
         from dsq.models.quant_layers import apply_quantization
-        from dsq.runtime import configure_kernels
+        from dsq import kernel_choice
 
-        configure_kernels(cfg)
+        kernel_choice.apply(kernel_choice.resolve(cfg))
         apply_quantization(model, cfg.quant)
     model.eval()
     return model.to(device), cfg, tag_dir

@@ -36,13 +36,13 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import sys
 import tempfile
 from pathlib import Path
 from typing import Dict, List
 
 import torch
 
+from dsq import log
 from dsq.evaluate import EvalError
 
 WEIGHTS = ("quantized", "trained")
@@ -169,7 +169,7 @@ def gpt2_config(cfg, model, tied: bool, eos_id: int):
 
 
 def export(path: str, out_dir: str, weights: str = "quantized",
-           warn=lambda msg: print(f"dsq: warning: {msg}", file=sys.stderr)) -> Dict:
+           warn=log.warn) -> Dict:
     """Export the checkpoint at ``path`` into the new directory ``out_dir``; returns the
     contents of ``dsq_export.json``. Raises :class:`ExportError` (or
     :class:`dsq.evaluate.EvalError`) with one message on any problem."""

@@ -48,12 +48,13 @@ import os
 import platform
 import shutil
 import subprocess
-import sys
 import tempfile
 import threading
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+
+from dsq.log import warn_once
 
 CSRC = Path(__file__).with_name("csrc")
 """The native sources: ``quant.c``, ``qadamw.c``, ``amx_gemm.cpp`` and their ``dsq_common.h``."""
@@ -169,14 +170,8 @@ def has_native_bf16(flags: Iterable[str] | None = None) -> bool:
     return bool({"avx512_bf16", "amx_bf16"} & f)
 
 
-_WARNED: set[str] = set()
-
-
-def warn(msg: str) -> None:
-    """Print ``dsq: warning: msg`` on stderr, once per process and message (one line)."""
-    if msg not in _WARNED:
-        _WARNED.add(msg)
-        print(f"dsq: warning: {msg}", file=sys.stderr, flush=True)
+warn = warn_once
+"""``dsq: warning: msg`` on stderr, once per process and message."""
 
 
 class BuildError(RuntimeError):

@@ -200,3 +200,43 @@ def saved_dp(tag_dir: Path) -> Optional[int]:
     """Data-parallel size a ZeRO-1/2 checkpoint was partitioned for (None: not partitioned)."""
     n = len(list(tag_dir.glob("zero_pp_rank_*_mp_rank_00_optim_states.pt")))
     return n or None
+
+
+def claim(lock: RunLock, cfg, dp_size: int, tp_size: int, log=print
+          ) -> Tuple[Optional[str], List[Tuple[str, object, object]]]:
+    """Rank 0, before anything in the run directory is written: take ``lock``, repair the
+    checkpoints, and check that the newest valid one can resume under ``cfg`` (resharding it
+    with ``train.reshard: auto``). Returns ``(tag to resume or None, allowed config changes)``;
+    :class:`RunDirError` says why the run cannot start."""
+    from omegaconf import OmegaConf
+
+    from dsq import checkpoint
+    from dsq.config import flatten, to_dict
+    from dsq.log import warn
+
+    out_dir = Path(cfg.train.out_dir).resolve()
+    ckpt_dir = out_dir / "checkpoints"
+    lock.acquire()
+    if lock.stale:
+        warn(f"took over the lock of {out_dir} left by {lock.stale} (no longer running)")
+    tag = checkpoint.find_resume(ckpt_dir, repair=True, warn=warn)
+    if tag is None:
+        return None, []
+    tag_dir = ckpt_dir / tag
+    saved = flatten(OmegaConf.to_container(OmegaConf.load(tag_dir / "config.yaml")))
+    changes = check_resume(saved, flatten(to_dict(cfg)), tag_dir)
+    old_dp = saved_dp(tag_dir)
+    if cfg.deepspeed.zero_stage > 0 and old_dp and old_dp != dp_size:
+        if cfg.train.reshard != "auto":
+            raise RunDirError(
+                f"checkpoint {tag_dir} was written by {old_dp} data-parallel ranks and this "
+                f"run has {dp_size}: convert it first with `dsq ckpt reshard "
+                f"{ckpt_dir} --dp {dp_size}` (or set train.reshard=auto), or "
+                f"launch {old_dp * tp_size} ranks")
+        from dsq.reshard import reshard_checkpoint
+
+        reshard_checkpoint(ckpt_dir, tag, dp_size)
+        log(f"resharded {tag_dir} from dp={old_dp} to dp={dp_size} "
+            f"(original kept as {tag}.dp{old_dp})")
+        changes.append(("layout.dp", old_dp, dp_size))
+    return tag, changes

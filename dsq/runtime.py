@@ -45,6 +45,8 @@ import time
 from pathlib import Path
 from typing import List, Optional
 
+from dsq.log import warn
+
 _M_TRIM_THRESHOLD, _M_TOP_PAD, _M_MMAP_THRESHOLD, _M_ARENA_MAX = -1, -2, -3, -8
 _done = False
 
@@ -120,7 +122,7 @@ def clear_stale_build_locks(roots: Optional[List[Path]] = None, stale_s: float =
     """Remove the build ``lock`` files of PyTorch extensions (DeepSpeed's ops) left by killed
     builds: older than ``stale_s`` seconds and with no process building in their directory.
     Returns the removed paths (each reported through ``log``, default stderr)."""
-    log = log or (lambda m: print(f"dsq: warning: {m}", file=sys.stderr, flush=True))
+    log = log or warn
     removed = []
     now = time.time()
     for root in roots if roots is not None else _extension_roots():
@@ -224,51 +226,6 @@ def quiet_libraries() -> None:
                 ds_torch.build_shm_op = quiet_build
         except Exception:  # another DeepSpeed layout: its message stays
             pass
-
-
-KERNEL_ENV = ("DSQ_QUANT_KERNEL", "DSQ_OPTIM_KERNEL", "DSQ_AMX_GEMM", "DSQ_ISA")
-"""Environment variables that override the configured kernels (logged with the run)."""
-
-
-def configure_kernels(cfg) -> dict:
-    """Select the quantization kernels of ``cfg.quant.kernel`` for this process (unless
-    ``$DSQ_QUANT_KERNEL`` overrides it) and return what the run should record as MLflow params:
-    the overriding environment variables that are set (``env.NAME``) and the kernels that run
-    (``kernels.quant``, ``kernels.optim``: implementation, and instruction set where native)."""
-    from dsq.optim import LEGACY_KERNEL_NAMES
-    from dsq.quant import fused
-
-    if not os.environ.get("DSQ_QUANT_KERNEL", "").strip():
-        fused.set_kernel(LEGACY_KERNEL_NAMES.get(cfg.quant.kernel, cfg.quant.kernel))
-    out = {f"env.{k}": os.environ[k] for k in KERNEL_ENV if os.environ.get(k, "").strip()}
-    out["kernels.quant"] = _quant_kernel_name()
-    if cfg.optim.name == "qadamw":
-        out["kernels.optim"] = _optim_kernel_name(
-            LEGACY_KERNEL_NAMES.get(cfg.optim.kernel, cfg.optim.kernel))
-    return out
-
-
-def _quant_kernel_name() -> str:
-    import torch
-
-    from dsq.quant import cpu_kernels, fused
-
-    if torch.cuda.is_available():
-        impl = ("compile" if fused.kernel() in ("auto", "compile") and fused.has_triton()
-                else "eager")
-    else:
-        impl = fused._impl(torch.empty(0, 0))
-    return {"cpp": f"native/{cpu_kernels.isa()}", "eager": "reference"}.get(impl, impl)
-
-
-def _optim_kernel_name(name: str) -> str:
-    import torch
-
-    from dsq.optim import kernels as K
-
-    dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    k = K.get_kernel(name, dev)
-    return {"cpp": f"native/{K.isa()}", "eager": "reference"}.get(k.name, k.name)
 
 
 def _cuda_present() -> bool:

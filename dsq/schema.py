@@ -5,12 +5,48 @@ validates the result.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any, List, Optional
+from typing import Any, List, Optional, Sequence
+
+from dsq.kernel_choice import ALIASES as _KERNEL_ALIASES
+from dsq.kernel_choice import NAMES as _KERNEL_NAMES
 
 PACKAGE_DIR = Path(__file__).resolve().parent
 DEFAULT_CORPUS = PACKAGE_DIR / "data" / "corpus" / "shakespeare"
+
+
+class ConfigError(ValueError):
+    """A configuration problem a user can fix; the message names the key and the fix."""
+
+
+def check(cond: bool, msg: str) -> None:
+    """Raise :class:`ConfigError` with ``msg`` unless ``cond``."""
+    if not cond:
+        raise ConfigError(msg)
+
+
+def choice(default: str, choices: Sequence[str], aliases: Sequence[str] = ()):
+    """A string field that takes one of ``choices`` (or an old name in ``aliases``); the
+    section's :func:`check_choices` refuses anything else, naming the key and the choices."""
+    return field(default=default, metadata={"choices": tuple(choices), "aliases": tuple(aliases)})
+
+
+def _words(names: Sequence) -> str:
+    names = [str(n) for n in names]
+    return names[0] if len(names) == 1 else ", ".join(names[:-1]) + " or " + names[-1]
+
+
+def check_choices(section: str, obj) -> None:
+    """Every :func:`choice` field of the dataclass ``obj`` holds one of its values."""
+    for f in fields(obj):
+        allowed = f.metadata.get("choices")
+        value = getattr(obj, f.name)
+        if allowed and value not in allowed + f.metadata.get("aliases", ()):
+            raise ConfigError(f"{section}.{f.name}={value!r} is unknown: use {_words(allowed)}")
+
+
+_KERNEL = dict(choices=_KERNEL_NAMES, aliases=tuple(_KERNEL_ALIASES))
 
 
 # ----------------------------------------------------------------------------- presets
@@ -48,6 +84,19 @@ class ModelConfig:
     """Hidden and attention dropout."""
     init_std: float = 0.02
 
+    def validate(self) -> None:
+        check(self.preset in PRESETS,
+              f"model.preset={self.preset!r} is unknown: use {_words(sorted(PRESETS))}")
+        for k in ("num_layers", "hidden_size", "num_heads", "ffn_hidden_size", "seq_len",
+                  "vocab_size"):
+            check(getattr(self, k) > 0, f"model.{k}={getattr(self, k)} must be positive")
+        check(self.hidden_size % self.num_heads == 0,
+              f"model.num_heads={self.num_heads} does not divide model.hidden_size="
+              f"{self.hidden_size}: choose heads that divide the hidden size")
+        check(self.vocab_size >= 64, f"model.vocab_size={self.vocab_size} is too small: use at "
+              f"least 64")
+        check(0.0 <= self.dropout < 1.0, f"model.dropout={self.dropout} must be in [0, 1)")
+
 
 @dataclass
 class ParallelConfig:
@@ -56,18 +105,30 @@ class ParallelConfig:
     timeout_s: int = 600
     """Collective timeout: a rank stuck this long (a hung peer) fails the job instead of hanging."""
 
+    def validate(self) -> None:
+        check(self.tp >= 1, f"parallel.tp={self.tp} must be >= 1")
+        check(self.timeout_s >= 10, f"parallel.timeout_s={self.timeout_s} must be >= 10 seconds")
+
 
 @dataclass
 class DeepSpeedConfig:
     zero_stage: int = 2
     """ZeRO stage 0, 1 or 2."""
-    precision: str = "fp32"
+    precision: str = choice("fp32", ("fp32", "bf16"))
     """fp32 | bf16 (bf16 weights and activations, fp32 master weights and optimizer states)."""
+
+    def validate(self) -> None:
+        check(self.zero_stage in (0, 1, 2),
+              f"deepspeed.zero_stage={self.zero_stage} is not supported: use 0, 1 or 2")
+        check_choices("deepspeed", self)
+        check(not (self.precision == "bf16" and self.zero_stage == 0),
+              "deepspeed.precision=bf16 needs deepspeed.zero_stage=1 or 2 (DeepSpeed keeps fp32 "
+              "master weights and optimizer states only there): set deepspeed.zero_stage=1")
 
 
 @dataclass
 class OptimConfig:
-    name: str = "adamw"
+    name: str = choice("adamw", ("adamw", "qadamw"))
     """adamw | qadamw (quantized optimizer states, see dsq.optim)."""
     lr: float = 6e-4
     min_lr: float = 0.0
@@ -88,17 +149,47 @@ class OptimConfig:
     block_size: Any = 256
     """qadamw: elements per scale block, "tensor" for one scale per parameter, or "row" for one
     per row of a weight (the study's per-channel state scales)."""
-    quantize: str = "linear"
+    quantize: str = choice("linear", ("linear", "linear+embedding", "all"))
     """qadamw: which parameters keep quantized states: linear | linear+embedding | all."""
-    v_domain: str = "linear"
+    v_domain: str = choice("linear", ("linear", "sqrt"))
     """qadamw: quantize v linearly (the study) or its square root (sqrt: finer for small v)."""
     v_signed: bool = False
     """qadamw: quantize v with the signed symmetric quantizer, as the study's code does (half the
     levels, small v flushed to 0): it diverges; kept to show why dsq's v is unsigned."""
-    kernel: str = "auto"
-    """qadamw update kernel: auto (native where a C compiler exists, else reference) | native
-    (C/OpenMP, CPU) | reference (PyTorch, any device) | compile (torch.compile); ``cpp`` and
-    ``eager`` are the old names of native and reference. ``$DSQ_OPTIM_KERNEL`` overrides it."""
+    kernel: str = field(default="auto", metadata=_KERNEL)
+    """qadamw update kernel: auto | native | reference | compile (dsq.kernel_choice; ``cpp`` and
+    ``eager`` are old names of native and reference). ``$DSQ_OPTIM_KERNEL`` wins over it."""
+
+    def validate(self) -> None:
+        check_choices("optim", self)
+        check(self.lr > 0 and 0 <= self.min_lr <= self.lr,
+              f"optim.lr={self.lr} must be > 0 and optim.min_lr in [0, lr]")
+        check(0 <= self.warmup_steps, f"optim.warmup_steps={self.warmup_steps} must be >= 0")
+        check(0 < self.beta1 < 1 and 0 < self.beta2 < 1,
+              "optim.beta1 and optim.beta2 must be in (0, 1)")
+        check(self.grad_clip >= 0, f"optim.grad_clip={self.grad_clip} must be >= 0")
+        if self.name != "qadamw":
+            return
+        for k in ("m_bits", "v_bits"):
+            check(getattr(self, k) in (4, 8, 32),
+                  f"optim.{k}={getattr(self, k)} is not supported: use 8 or 4, or 32 to keep "
+                  f"{k[0]} in fp32")
+        check(not (self.m_bits == 32 and self.v_bits == 32),
+              "optim.m_bits=32 and optim.v_bits=32 quantize neither moment: use optim.name=adamw "
+              "for fp32 AdamW")
+        from dsq.optim.layout import check_block
+
+        try:
+            check_block(self.block_size, self.m_bits, self.v_bits)
+        except ValueError as e:
+            msg = str(e)
+            raise ConfigError(msg if msg.startswith("optim.") else f"optim.{msg}") from None
+        check(not (self.v_domain == "sqrt" and self.v_bits == 32),
+              "optim.v_domain=sqrt applies to a quantized v: with optim.v_bits=32 set "
+              "optim.v_domain=linear")
+        check(not self.v_signed or (self.v_bits != 32 and self.v_domain == "linear"),
+              "optim.v_signed=true applies to a linearly quantized v: set optim.v_bits to 8 or 4 "
+              "and optim.v_domain=linear")
 
 
 @dataclass
@@ -109,7 +200,7 @@ class QuantConfig:
     """Activation (linear-input) format, e.g. "int8:token"; null = off."""
     grad: Any = None
     """Output-gradient format, e.g. "int8:token"; null = off."""
-    grad_gemms: str = "weight"
+    grad_gemms: str = choice("weight", ("weight", "input", "both"))
     """Backward GEMMs that see the quantized gradient: weight | input | both."""
     lm_head: bool = False
     """Quantize the LM head too (the study does)."""
@@ -119,17 +210,31 @@ class QuantConfig:
     """fnmatch patterns over module names excluded from quantization."""
     check_finite: bool = False
     """Stop with an error naming the operand when a quantizer sees inf/nan (one sync each)."""
-    compute: str = "simulate"
+    compute: str = choice("simulate", ("simulate", "int8"))
     """simulate: quantize-dequantize, floating-point GEMMs (the study's method); int8: integer
     GEMMs with int32 accumulation where the formats allow it."""
-    kernel: str = "auto"
-    """Quantization and rescale kernels of compute: int8: auto (native on CPU, Triton through
-    torch.compile on CUDA where installed, else reference) | native (C/OpenMP, CPU) | reference
-    (PyTorch, any device) | compile (torch.compile). ``$DSQ_QUANT_KERNEL`` overrides it."""
-    backward_operands: str = "quantized"
+    kernel: str = field(default="auto", metadata=_KERNEL)
+    """Quantization and rescale kernels of compute: int8: auto | native | reference | compile
+    (dsq.kernel_choice). ``$DSQ_QUANT_KERNEL`` wins over it."""
+    backward_operands: str = choice("quantized", ("quantized", "full"))
     """quantized: backward GEMMs use the quantized W and X (the gradient of the quantized
     forward); full: W and X in full precision, as the study's code does (keeps X for backward
     in its own dtype; with compute: int8 the backward GEMMs then run in floating point)."""
+
+    def validate(self) -> None:
+        """Choices, and every operand's format and the recipe they make (dsq.quant)."""
+        check_choices("quant", self)
+        from dsq.quant import LinearQuant, QuantFormat
+
+        for name in ("weight", "activation", "grad"):
+            try:
+                QuantFormat.parse(getattr(self, name))
+            except (ValueError, TypeError) as e:
+                raise ConfigError(f"quant.{name}: {e}") from None
+        try:
+            LinearQuant.from_config(self)
+        except (ValueError, TypeError) as e:
+            raise ConfigError(f"quant: {e}") from None
 
 
 @dataclass
@@ -148,6 +253,16 @@ class DataConfig:
     """Existing sentencepiece .model to use; null trains one on the training data."""
     cache_dir: str = "runs/data_cache"
     """Where prepared (tokenized, packed) data is written, keyed by a hash of its inputs."""
+
+    def validate(self) -> None:
+        check(bool(self.train), "data.train is empty: give at least one file or folder")
+        check(0.0 <= self.val_fraction < 0.5,
+              f"data.val_fraction={self.val_fraction} must be in [0, 0.5)")
+        check(not (self.val_fraction > 0 and self.val),
+              "data.val and data.val_fraction are both set: give data.val: [] to hold out "
+              "data.val_fraction of the training documents, or data.val_fraction=0")
+        check(bool(self.val) or self.val_fraction > 0,
+              "data.val is empty: give at least one file or folder, or a data.val_fraction > 0")
 
 
 @dataclass
@@ -176,9 +291,27 @@ class TrainConfig:
     seed: int = 1234
     progress: bool = True
     """Show a progress bar on rank 0."""
-    reshard: str = "off"
+    reshard: str = choice("off", ("off", "auto"))
     """Resuming a ZeRO checkpoint written by another data-parallel size: off (stop and say how
     to convert it) | auto (convert it in place first, the original kept beside it)."""
+
+    def validate(self) -> None:
+        check_choices("train", self)
+        check(self.steps >= 1, f"train.steps={self.steps} must be >= 1")
+        check(self.micro_batch >= 1, f"train.micro_batch={self.micro_batch} must be >= 1")
+        check(self.global_batch % self.micro_batch == 0,
+              f"train.global_batch={self.global_batch} is not a multiple of "
+              f"train.micro_batch={self.micro_batch}: make it micro_batch x data-parallel size "
+              f"x accumulation steps")
+        check(self.eval_every >= 0 and self.ckpt_every >= 0 and self.log_every >= 1,
+              "train.eval_every and train.ckpt_every must be >= 0 (0 = only at the end), "
+              "train.log_every >= 1")
+        check(self.spike_factor == 0 or self.spike_factor > 1,
+              f"train.spike_factor={self.spike_factor} must be > 1 (or 0 to disable the spike "
+              f"guard)")
+        check(self.spike_window >= 2, f"train.spike_window={self.spike_window} must be >= 2")
+        check(self.eval_samples >= 1, f"train.eval_samples={self.eval_samples} must be >= 1")
+        check(self.keep_ckpts >= 1, f"train.keep_ckpts={self.keep_ckpts} must be >= 1")
 
 
 @dataclass
@@ -208,3 +341,25 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
+
+    def validate(self, world_size: Optional[int] = None) -> None:
+        """Every section's checks, then those across sections; ``world_size`` (when known)
+        checks the parallel layout too. Side-effect free: no process group, file or data."""
+        for sec in (self.model, self.parallel, self.deepspeed, self.optim, self.quant,
+                    self.data, self.train):
+            sec.validate()
+        m, p, t = self.model, self.parallel, self.train
+        for key, n in (("model.num_heads", m.num_heads), ("model.ffn_hidden_size",
+                                                         m.ffn_hidden_size),
+                       ("model.vocab_size", m.vocab_size)):
+            check(n % p.tp == 0, f"parallel.tp={p.tp} does not divide {key}={n}: choose a tp "
+                  f"that divides it")
+        if world_size is not None:
+            check(world_size % p.tp == 0,
+                  f"parallel.tp={p.tp} does not divide the world size {world_size}: "
+                  f"launch a multiple of tp processes or change parallel.tp")
+            dp = world_size // p.tp
+            check(t.global_batch % (t.micro_batch * dp) == 0,
+                  f"train.global_batch={t.global_batch} is not a multiple of train.micro_batch x "
+                  f"data-parallel size = {t.micro_batch} x {dp}: change train.global_batch or "
+                  f"train.micro_batch")

@@ -10,7 +10,7 @@ import sys
 import pytest
 
 from dsq.config import ConfigError, check_paths, load_config
-from dsq.progress import Progress, SpikeGuard
+from dsq.train.progress import Progress, SpikeGuard
 
 from .conftest import ROOT, dsq
 

@@ -76,6 +76,12 @@ def test_layering_order(tmp_path):
     (["optim.name=qadamw", "optim.m_bits=32", "optim.v_bits=32"], None, "optim.name=adamw"),
     (["optim.name=qadamw", "optim.v_bits=32", "optim.v_domain=sqrt"], None,
      "optim.v_domain=linear"),
+    (["optim.name=qadamw", "optim.block_size=32768"], None, "optim.block_size"),
+    (["optim.name=qadamw", "optim.block_size=wide"], None, "optim.block_size"),
+    (["optim.name=qadamw", "optim.quantize=some"], None, "optim.quantize"),
+    (["optim.name=qadamw", "optim.kernel=fast"], None, "optim.kernel"),
+    (["train.reshard=maybe"], None, "train.reshard"),
+    (["quant.compute=int4"], None, "quant.compute"),
 ])
 def test_bad_values_name_the_key(overrides, world, key):
     with pytest.raises(ConfigError) as e:
@@ -124,6 +130,16 @@ def test_deepspeed_json_is_generated():
     assert ds["bf16"] == {"enabled": True}
     assert ds["gradient_clipping"] == cfg.optim.grad_clip
     assert ds["zero_optimization"]["stage"] == cfg.deepspeed.zero_stage
+
+
+def test_optimizer_block_too_wide_is_refused_by_dsq_config():
+    """Every component's validation runs in `dsq config` (before any process group or data):
+    a block wider than the update kernel takes is one line naming the key, exit 2."""
+    res = dsq("config", "configs/tiny.yaml", "optim.name=qadamw", "optim.block_size=32768",
+              check=False)
+    err = [ln for ln in res.stderr.splitlines() if ln.strip()]
+    assert res.returncode == 2 and len(err) == 1, res.stderr
+    assert err[0].startswith("dsq: error: optim.block_size=32768") and res.stdout == ""
 
 
 @pytest.mark.slow

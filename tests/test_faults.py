@@ -182,7 +182,7 @@ def test_stale_build_lock_is_cleared_and_the_run_goes_on(tmp_path, data_cache, m
 def test_stop_signal_during_data_preparation_ends_cleanly(tmp_path):
     """SIGTERM while rank 0 trains the tokenizer (before any step): the handler is already in
     place, so the run stops at its first step boundary with a checkpoint and exit code 75."""
-    from dsq.stop import PREEMPTED_EXIT_CODE
+    from dsq.train.stop import PREEMPTED_EXIT_CODE
 
     out = tmp_path / "run"
     env = {**os.environ, "PYTHONWARNINGS": "ignore"}

@@ -7,6 +7,8 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+
+from dsq import log as dsq_log
 import torch
 
 from dsq import native
@@ -54,7 +56,7 @@ def test_dispatcher_picks_the_variant_of_the_flags(cpu, monkeypatch):
 
 
 def test_dsq_isa_lowers_the_choice_and_refuses_what_the_cpu_lacks(monkeypatch, capsys):
-    monkeypatch.setattr(native, "_WARNED", set())
+    monkeypatch.setattr(dsq_log, "_seen", set())
     zen4, zen2 = CPUS["Zen 4"], CPUS["Zen 2"]
     assert native.select_isa(zen4, "avx2") == "avx2"
     assert native.select_isa(zen4, "portable") == "portable"
@@ -73,7 +75,7 @@ def fresh_dispatch(monkeypatch):
     """The kernels' modules as in a fresh process (their choice is made on first use)."""
     monkeypatch.setattr(native, "_CHOSEN", {})
     monkeypatch.setattr(native, "_VARIANTS", {})  # nothing built in this process yet
-    monkeypatch.setattr(native, "_WARNED", set())
+    monkeypatch.setattr(dsq_log, "_seen", set())
     monkeypatch.delenv("DSQ_ISA", raising=False)
     fused.set_kernel("auto")
     yield monkeypatch

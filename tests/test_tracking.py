@@ -56,3 +56,30 @@ def test_ui_link_opens_the_model_training_view():
         "(then open http://127.0.0.1:5000/#/experiments/3?workflowType=machine_learning)")
     assert ui_command("http://h:5000/", "7") == \
         "open http://h:5000/#/experiments/7?workflowType=machine_learning in a browser"
+
+
+def test_sync_uploads_every_record_of_a_run_directory(tmp_path):
+    """`dsq mlflow sync` of a run that trained without MLflow: params, metrics and every file
+    of RUN_ARTIFACTS that the trainer writes, the tokenizer included (bytes unchanged)."""
+    import json
+    from pathlib import Path
+
+    from dsq.config import load_config, to_yaml
+    from dsq.tracking import RUN_ARTIFACTS, sync_run
+
+    root = Path(__file__).resolve().parents[1]
+    out = tmp_path / "run"
+    out.mkdir()
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    (out / "config.yaml").write_text(to_yaml(load_config([str(root / "configs/tiny.yaml")])))
+    (out / "ds_config.json").write_text("{}")
+    (out / "tokenizer.model").write_bytes(bytes(range(256)) * 3)
+    (out / "metrics.jsonl").write_text(json.dumps({"step": 1, "train/loss": 7.0}) + "\n")
+    (out / "summary.json").write_text(json.dumps({"final_step": 1}))
+    run_id = sync_run(out, uri=uri, log=lambda *a: None)
+    c = MlflowClient(uri)
+    names = {a.path for a in c.list_artifacts(run_id)}
+    assert names == set(RUN_ARTIFACTS) and "tokenizer.model" in names
+    local = c.download_artifacts(run_id, "tokenizer.model", str(tmp_path / "dl"))
+    assert Path(local).read_bytes() == (out / "tokenizer.model").read_bytes()
+    assert [m.value for m in c.get_metric_history(run_id, "train/loss")] == [7.0]

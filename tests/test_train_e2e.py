@@ -69,6 +69,16 @@ def test_reference_run_trains_and_reports(ref):
     assert latest == f"step_{STEPS:08d}"
     assert (ref["out"] / "checkpoints" / latest / "config.yaml").is_file()
     assert "mlflow ui --backend-store-uri sqlite:///" in ref["stdout"]
+    # the tokenizer is a record of the run directory (`dsq mlflow sync` uploads it), and part
+    # of the checkpoint its marker lists
+    tok = (ref["out"] / "checkpoints" / latest / "tokenizer.model").read_bytes()
+    assert (ref["out"] / "tokenizer.model").read_bytes() == tok and len(tok) > 1000
+    marker = json.loads((ref["out"] / "checkpoints" / latest / "dsq_complete.json").read_text())
+    assert marker["files"]["tokenizer.model"] == len(tok)
+    from mlflow.tracking import MlflowClient
+
+    c = MlflowClient(f"sqlite:///{ref['db']}")
+    assert "tokenizer.model" in {a.path for a in c.list_artifacts(s["mlflow_run_id"])}
 
 
 def test_run_leaves_no_shared_memory_behind(ref):
@@ -208,7 +218,7 @@ def _rank_pids(out: Path):
 def test_stop_signal_on_one_rank_checkpoints_all_and_resumes(ref, tmp_path):
     """SIGUSR1 (SLURM's warning) to one rank: all ranks checkpoint at the same step boundary,
     exit with code 75, and a rerun finishes with the reference losses."""
-    from dsq.stop import PREEMPTED_EXIT_CODE
+    from dsq.train.stop import PREEMPTED_EXIT_CODE
 
     out = tmp_path / "run"
     args = base_args(out, ref["cache"], tmp_path / "db.db", "train.ckpt_every=0")

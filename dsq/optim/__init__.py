@@ -60,18 +60,13 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> List[Dict]:
     return groups
 
 
-LEGACY_KERNEL_NAMES = {"native": "cpp", "reference": "eager"}
-"""Config names of the kernels (``optim.kernel``, ``quant.kernel``) -> the implementation names
-of :func:`dsq.optim.kernels.get_kernel` and :func:`dsq.quant.fused.set_kernel`."""
-
-
-def build_optimizer(model: torch.nn.Module, cfg) -> torch.optim.Optimizer:
+def build_optimizer(model: torch.nn.Module, cfg, kernel=None) -> torch.optim.Optimizer:
     """The client optimizer handed to ``deepspeed.initialize`` (``cfg`` is the ``optim`` section).
 
     ``adamw``: ``torch.optim.AdamW`` (foreach). ``qadamw``: :class:`QAdamW` with ``m_bits``,
     ``v_bits``, ``block_size`` and, per group, ``quantize`` from the group's kind and
     ``cfg.quantize``, ``v_domain`` (linear | sqrt) and ``kernel`` (auto | native | reference |
-    compile).
+    compile); ``kernel`` (a resolved :class:`dsq.kernel_choice.Kernel`) wins over ``cfg.kernel``.
     """
     groups = param_groups(model, cfg.weight_decay)
     if cfg.name == "adamw":
@@ -87,7 +82,7 @@ def build_optimizer(model: torch.nn.Module, cfg) -> torch.optim.Optimizer:
                       weight_decay=cfg.weight_decay, m_bits=cfg.m_bits, v_bits=cfg.v_bits,
                       block_size=cfg.block_size, v_domain=cfg.v_domain,
                       v_signed=bool(getattr(cfg, "v_signed", False)),
-                      kernel=LEGACY_KERNEL_NAMES.get(cfg.kernel, cfg.kernel))
+                      kernel=cfg.kernel if kernel is None else kernel)
     raise ValueError(f"optim.name={cfg.name!r} is not available")
 
 

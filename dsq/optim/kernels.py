@@ -47,6 +47,7 @@ from typing import NamedTuple, Optional, Tuple
 
 import torch
 
+from dsq import kernel_choice
 from dsq.native import Library
 from dsq.optim.codec import (
     FP32,
@@ -389,19 +390,15 @@ def _check(fmt: Fmt, p, g, mc, ms, vc, vs, n: int, lm: int, lv: int, ns: int) ->
         raise ValueError("QAdamW C kernel: a quantized moment without its scales")
 
 
-KERNELS = ("auto", "eager", "cpp", "compile")
-
-
 def get_kernel(name: str, device: torch.device):
     """Resolve a kernel name for tensors on ``device``.
 
     ``auto`` (default, overridable with ``$DSQ_OPTIM_KERNEL``): ``cpp`` on CPU when a C
     compiler is available, else ``eager``; ``eager`` on GPUs (use ``compile`` there).
     """
+    name = kernel_choice.impl(name)
     if name == "auto":
-        name = os.environ.get("DSQ_OPTIM_KERNEL", "auto")
-    if name not in KERNELS:
-        raise ValueError(f"kernel={name!r} is unknown: use one of {KERNELS}")
+        name = kernel_choice.impl(os.environ.get("DSQ_OPTIM_KERNEL", "").strip() or "auto")
     if name in ("auto", "cpp") and device.type == "cpu":
         lib = cpp_library()
         if lib is not None:

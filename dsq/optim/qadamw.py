@@ -40,6 +40,7 @@ from typing import Dict, List, Optional, Tuple
 import torch
 import torch.distributed as dist
 
+from dsq import kernel_choice
 from dsq.optim import kernels as K
 from dsq.optim.codec import FP32, Fmt, dequantize_into, new_state
 from dsq.optim.layout import (
@@ -70,7 +71,7 @@ class QAdamW(torch.optim.Optimizer):
         v_signed: quantize v with the signed symmetric quantizer (the study's code: half the
             levels, small v flushed to 0; diverges, kept to show it). Eager kernel only.
         quantize: False keeps fp32 moments for the group.
-        kernel: ``auto`` | ``cpp`` | ``eager`` | ``compile`` (see :func:`kernels.get_kernel`).
+        kernel: ``auto`` | ``native`` | ``reference`` | ``compile`` (:mod:`dsq.kernel_choice`).
     """
 
     def __init__(self, params, lr: float = 1e-3, betas: Tuple[float, float] = (0.9, 0.999),
@@ -83,9 +84,7 @@ class QAdamW(torch.optim.Optimizer):
         super().__init__(params, defaults)
         for g in self.param_groups:
             _check_group(g)
-        if kernel not in K.KERNELS:
-            raise ValueError(f"kernel={kernel!r}: use one of {K.KERNELS}")
-        self.kernel = kernel
+        self.kernel = kernel_choice.impl(kernel)
         self._kernels: Dict[str, object] = {}
         self._layouts: Dict[int, Layout] = {}  # id(flat tensor) -> layout
         self._dp_group: Dict[int, object] = {}  # id(flat tensor) -> process group of its exchange

@@ -44,35 +44,30 @@ import os
 import torch
 from torch import Tensor
 
+from dsq import kernel_choice
 from dsq.quant.format import QuantFormat
 from dsq.quant.functional import Reduce, quantize
 
 _TINY = torch.finfo(torch.float32).tiny
 _FUSED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
-KERNELS = ("auto", "eager", "cpp", "compile")
 _kernel: str | None = None
 _compiled: dict[str, object] = {}
 
 
 def set_kernel(name: str | None) -> None:
-    """Use kernel ``name`` (auto | eager | cpp | compile) from now on; None: the environment's
-    ``DSQ_QUANT_KERNEL``."""
+    """Use kernel ``name`` from now on (a :mod:`dsq.kernel_choice` name or old alias); None: the
+    environment's ``DSQ_QUANT_KERNEL``."""
     global _kernel
-    if name is not None and name not in KERNELS:
-        raise ValueError(f"kernel {name!r} is unknown: use one of {', '.join(KERNELS)}")
-    _kernel = name
+    _kernel = None if name is None else kernel_choice.impl(name)
 
 
 def kernel() -> str:
-    """The configured kernel (``DSQ_QUANT_KERNEL``, default auto)."""
+    """The implementation in effect: auto | eager | cpp | compile (``DSQ_QUANT_KERNEL``, default
+    auto, unless :func:`set_kernel` chose one)."""
     global _kernel
     if _kernel is None:
-        name = os.environ.get("DSQ_QUANT_KERNEL", "auto").strip().lower() or "auto"
-        if name not in KERNELS:
-            raise ValueError(f"DSQ_QUANT_KERNEL={name!r} is unknown: use one of "
-                             f"{', '.join(KERNELS)}")
-        _kernel = name
+        _kernel = kernel_choice.impl(os.environ.get("DSQ_QUANT_KERNEL", "").strip() or "auto")
     return _kernel
 
 

@@ -6,6 +6,8 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+
+from dsq import log as dsq_log
 import torch
 
 from dsq import native
@@ -59,7 +61,7 @@ def test_a_failing_driver_build_is_one_line_with_the_log(monkeypatch, tmp_path, 
     monkeypatch.setattr(native, "_CHOSEN", {})
     monkeypatch.setattr(native, "_VARIANTS", {})
     monkeypatch.setattr(native, "cpu_flags", lambda: frozenset(native.AMX_NEEDS))
-    monkeypatch.setattr(native, "_WARNED", set())
+    monkeypatch.setattr(dsq_log, "_seen", set())
     monkeypatch.setenv("DSQ_CACHE_DIR", str(tmp_path))
     cc = tmp_path / "broken-c++"
     cc.write_text("#!/bin/sh\nfor i in $(seq 200); do\n"

@@ -1,0 +1,110 @@
+"""The trainer's components, each owning its cadence: the loop asks them, it does no arithmetic
+on steps itself.
+
+* :class:`EvalSchedule`: which steps evaluate (``train.eval_every``, and the last), shared by
+  the validation loss and the SQNR capture of quantized layers.
+* :class:`Checkpointer`: ``maybe_save(step, last)`` writes a checkpoint on ``train.ckpt_every``
+  and at the end (or on a stop), never twice for one step; ``load`` restores one.
+* :class:`StepLogger`: rank 0's record of a step: ``metrics.jsonl``, MLflow (every
+  ``train.log_every`` steps and at every evaluation), the progress bar or plain lines, and the
+  loss-spike guard.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Dict, List, Optional
+
+from dsq import checkpoint
+from dsq.train.progress import Progress, SpikeGuard
+
+
+@dataclass(frozen=True)
+class EvalSchedule:
+    every: int
+    """``train.eval_every`` (0: only at the end)."""
+    last: int
+    """``train.steps``."""
+
+    def due(self, step: int) -> bool:
+        """Whether ``step`` is an evaluation step (the last step always is)."""
+        return step == self.last or bool(self.every and step % self.every == 0)
+
+    def mid_run(self, step: int) -> bool:
+        """An evaluation inside the loop (the final one runs after it)."""
+        return step < self.last and self.due(step)
+
+
+class Checkpointer:
+    """Complete-or-absent checkpoints of one run (:mod:`dsq.checkpoint`), on all ranks."""
+
+    def __init__(self, engine, root: Path, every: int, last: int, keep: int,
+                 state: Callable[[int], Dict], files: Callable[[], Dict[str, object]]):
+        """``state(step)``: the client state to save; ``files()``: extra files of the tag
+        (name -> text or bytes, written by rank 0 before the tag is marked complete)."""
+        self.engine, self.root = engine, root
+        self.every, self.last, self.keep = every, last, keep
+        self._state, self._files = state, files
+
+    def exists(self, step: int) -> bool:
+        return (self.root / checkpoint.tag_for(step) / checkpoint.MARKER).exists()
+
+    def maybe_save(self, step: int, last: bool = False) -> bool:
+        """Save on the cadence, or (``last``: the end of the run, a stop) unless this step is
+        saved already. Returns whether a checkpoint was written."""
+        due = (not self.exists(step)) if last else bool(
+            self.every and step % self.every == 0 and step < self.last)
+        if due:
+            checkpoint.save(self.engine, self.root, step, self._state(step), self.keep,
+                            extra_files=self._files())
+        return due
+
+    def load(self, tag: str) -> Dict:
+        return checkpoint.load(self.engine, self.root, tag)
+
+
+class StepLogger:
+    """Rank 0's per-step record; on other ranks every method is a no-op."""
+
+    def __init__(self, out_dir: Path, tracker, cfg, start_step: int, enabled: bool):
+        self.out_dir, self.tracker, self.enabled = out_dir, tracker, enabled
+        self.log_every = cfg.log_every
+        self.spike_factor = cfg.spike_factor
+        self.guard = SpikeGuard(cfg.spike_factor, cfg.spike_window)
+        self.bar: Optional[Progress] = (Progress(cfg.steps, start_step, cfg.log_every,
+                                                 enabled=cfg.progress) if enabled else None)
+
+    @property
+    def spikes(self) -> List[int]:
+        return self.guard.spikes
+
+    def spike(self, step: int, loss: float, metrics: Dict[str, float]) -> None:
+        """Run the spike guard on this step's loss (every rank keeps the same history); a spike
+        is warned about and added to ``metrics`` as ``train/loss_spike``."""
+        ratio = self.guard.check(step, loss)
+        if ratio is None:
+            return
+        metrics["train/loss_spike"] = ratio
+        if self.bar is not None:
+            self.bar.write(f"dsq: warning: loss spike at step {step}: {loss:.4f} is "
+                           f"{ratio:.2f}x the median of the steps before "
+                           f"(train.spike_factor={self.spike_factor:g})")
+
+    def log(self, step: int, metrics: Dict[str, float]) -> None:
+        """Append to ``metrics.jsonl``; MLflow every ``log_every`` steps and at evaluations."""
+        if not self.enabled:
+            return
+        with open(self.out_dir / "metrics.jsonl", "a") as fh:
+            fh.write(json.dumps({"step": step, **metrics}) + "\n")
+        if step % self.log_every == 0 or "val/loss" in metrics:
+            self.tracker.log_metrics(metrics, step)
+
+    def progress(self, step: int, post: Dict[str, str]) -> None:
+        if self.bar is not None:
+            self.bar.update(step, post)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()

@@ -1,0 +1,103 @@
+"""Rank 0's record of a run: the files of its run directory that tell what happened
+(``config_changes.jsonl``, ``metrics.jsonl`` trimmed on resume, ``summary.json``, the loss
+plot) and its MLflow run (params, tags, artifacts, system metrics). On other ranks every
+method is a no-op."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+from typing import Dict, List, Optional
+
+from dsq.config import Config, flatten, to_dict
+from dsq.runinfo import run_provenance
+from dsq.tracking import RUN_ARTIFACTS, Tracker, plot_loss_curve, read_metrics_log
+
+
+class RunRecord:
+    def __init__(self, cfg: Config, out_dir: Path, enabled: bool, log=print):
+        self.cfg, self.out_dir, self.enabled, self.log = cfg, out_dir, enabled, log
+        self.tracker = Tracker.from_config(cfg, out_dir, enabled=enabled)
+        self._sysmon = None
+        self.close_s: Optional[float] = None
+
+    def record_changes(self, tag: Optional[str], changes: List) -> None:
+        """Log the allowed config changes of a resume from ``tag`` and append them to
+        ``config_changes.jsonl`` (MLflow gets them as the tag ``dsq.config_changes``)."""
+        if not (self.enabled and changes):
+            return
+        text = ", ".join(f"{k} {a} -> {b}" for k, a, b in changes)
+        self.log(f"resuming {tag} with changed settings: {text}")
+        with open(self.out_dir / "config_changes.jsonl", "a") as fh:
+            fh.write(json.dumps({"resume_from": tag, "time": time.time(),
+                                 "changes": [[k, a, b] for k, a, b in changes]},
+                                default=str) + "\n")
+
+    def start(self, step: int, kernels: Dict[str, str], tp: int, dp: int) -> None:
+        """Trim ``metrics.jsonl`` to ``step`` (a resume computes the rest again), send MLflow
+        what it has not seen, and the run's params, tags and config artifacts."""
+        if not self.enabled:
+            return
+        cfg, t = self.cfg, self.tracker
+        rows = read_metrics_log(self.out_dir, up_to_step=step)
+        (self.out_dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+        for row in rows:
+            t.log_metrics({k: v for k, v in row.items() if k != "step"}, row["step"])
+        t.log_params({**flatten(to_dict(cfg)), **run_provenance(), **kernels})
+        t.set_tags({"dsq.recipe": cfg.tracking.recipe, "dsq.precision": cfg.deepspeed.precision,
+                    "dsq.layout": f"tp{tp}xdp{dp}",
+                    "dsq.zero_stage": cfg.deepspeed.zero_stage, "dsq.preset": cfg.model.preset,
+                    "dsq.slurm_job_id": os.environ.get("SLURM_JOB_ID", "none")})
+        changes = self.out_dir / "config_changes.jsonl"
+        if changes.is_file():
+            t.set_tags({"dsq.config_changes": changes.read_text()[-5000:]})
+        for name in ("config.yaml", "ds_config.json", "tokenizer.model"):
+            t.log_artifact(self.out_dir / name)
+        if cfg.tracking.system_metrics and t.enabled and t.flush(5.0) and t.run_id:
+            try:
+                from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+                self._sysmon = SystemMetricsMonitor(t.run_id, sampling_interval=10,
+                                                    resume_logging=True, tracking_uri=t.uri)
+                self._sysmon.start()
+            except Exception:  # optional: psutil/pynvml missing or an old MLflow
+                self._sysmon = None
+
+    def await_run_id(self) -> None:
+        """Wait briefly for the MLflow run id (it comes with the first contact)."""
+        if self.enabled and self.tracker.enabled and self.tracker.run_id is None:
+            self.tracker.flush(5.0)
+
+    def finish(self, summary: Dict, rss: List[int], gpu: List[int], state_bytes: List[int],
+               params: int, device_type: str) -> None:
+        """Write ``summary.json`` and the loss plot; send the summary metrics and artifacts."""
+        if not self.enabled:
+            return
+        (self.out_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+        self.tracker.log_metrics({
+            "summary/tokens_per_s": summary["tokens_per_s"], "summary/peak_rss_bytes": max(rss),
+            **({"summary/peak_gpu_bytes": max(gpu)} if device_type == "cuda" else {}),
+            "summary/optimizer_state_bytes": max(state_bytes),
+            "summary/optimizer_state_bytes_per_param": sum(state_bytes) / params,
+            "summary/train_loss": summary["train_loss"], "summary/val_loss": summary["val_loss"],
+            "summary/val_ppl": summary["val_ppl"]}, summary["final_step"])
+        plot_loss_curve(self.out_dir)
+        for name in RUN_ARTIFACTS:
+            if name in ("summary.json", "loss_curve.png") and (self.out_dir / name).is_file():
+                self.tracker.log_artifact(self.out_dir / name)
+
+    def close(self, status: str) -> None:
+        """End the MLflow run with ``status`` (idempotent); says so when operations are left."""
+        if self._sysmon is not None:
+            self._sysmon.finish()
+            self._sysmon = None
+        if not self.enabled or self.close_s is not None:
+            return
+        t0 = time.perf_counter()
+        sent = self.tracker.close(status)
+        self.close_s = time.perf_counter() - t0
+        if not sent:
+            self.log(f"MLflow: {self.tracker.pending} operations not sent; later run "
+                     f"`dsq mlflow sync {self.out_dir}`")
