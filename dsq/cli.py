@@ -94,7 +94,7 @@ def cmd_train(argv: List[str]) -> None:
     quiet_libraries()
     from dsq.config import ConfigError, check_paths
     from dsq.data.prepare import DataError
-    from dsq.distributed import env_from_launcher, shutdown
+    from dsq.parallel import env_from_launcher, shutdown
 
     env = env_from_launcher()
     cfg = _load(ns.args, world_size=env.world_size)
@@ -103,7 +103,7 @@ def cmd_train(argv: List[str]) -> None:
     except ConfigError as e:
         _fail(str(e))
     set_threads_per_rank()
-    from dsq.rundir import RunDirError
+    from dsq.run.rundir import RunDirError
     from dsq.train.stop import PREEMPTED_EXIT_CODE, Preempted
     from dsq.train import run
 
@@ -163,11 +163,12 @@ def cmd_eval(argv: List[str]) -> None:
     p.add_argument("--max-seqs", type=int, default=None, help="evaluate at most this many windows")
     ns = p.parse_args(argv)
     from dsq.data.prepare import DataError
-    from dsq.evaluate import EvalError, evaluate_checkpoint
+    from dsq.run.load import CheckpointError
+    from dsq.tools.evaluate import EvalError, evaluate_checkpoint
 
     try:
         result = evaluate_checkpoint(ns.checkpoint, ns.data, ns.max_seqs)
-    except (EvalError, DataError) as e:
+    except (CheckpointError, EvalError, DataError) as e:
         _fail(str(e))
     print(f"loss {result['loss']:.4f}  ppl {result['ppl']:.2f}  tokens {result['tokens']:,}  "
           f"({result['checkpoint']})")
@@ -188,12 +189,12 @@ def cmd_export(argv: List[str]) -> None:
                         "computed with (default: the model that was trained and evaluated) or "
                         "the full-precision master weights")
     ns = p.parse_args(argv)
-    from dsq.evaluate import EvalError
-    from dsq.export import export
+    from dsq.run.load import CheckpointError
+    from dsq.tools.export import ExportError, export
 
     try:
         info = export(ns.checkpoint, ns.out_dir, ns.weights)
-    except EvalError as e:
+    except (CheckpointError, ExportError) as e:
         _fail(str(e))
     print(f"exported {info['checkpoint']} -> {ns.out_dir} ({info['architecture']}, "
           f"{info['weights']} weights)")
@@ -210,13 +211,13 @@ def cmd_generate(argv: List[str]) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto", help="auto (GPU if any), cpu, cuda, cuda:N")
     ns = p.parse_args(argv)
-    from dsq.evaluate import EvalError
-    from dsq.generate import generate
+    from dsq.run.load import CheckpointError
+    from dsq.tools.generate import GenerateError, generate
 
     try:
         out = generate(ns.checkpoint, ns.prompt, ns.max_new_tokens, ns.temperature, ns.top_k,
                        ns.seed, ns.device)
-    except EvalError as e:
+    except (CheckpointError, GenerateError) as e:
         _fail(str(e))
     print(out["text"])
 
@@ -247,7 +248,7 @@ def cmd_report(argv: List[str]) -> None:
     p.add_argument("--tracking-uri", default="sqlite:///runs/mlflow.db")
     p.add_argument("--out", default=None, help="output folder (default runs/report-EXPERIMENT)")
     ns = p.parse_args(argv)
-    from dsq.report import ReportError, report
+    from dsq.tracking.report import ReportError, report
 
     out = ns.out or f"runs/report-{ns.experiment}"
     try:
@@ -266,7 +267,7 @@ def cmd_ckpt(argv: List[str]) -> None:
         sys.exit(0)
     if not argv or argv[0] != "reshard":
         _fail("usage: dsq ckpt reshard CKPT_DIR --dp N [--tag TAG] [--out DIR]")
-    from dsq.reshard import main as reshard_main
+    from dsq.run.reshard import main as reshard_main
 
     reshard_main(argv[1:])
 

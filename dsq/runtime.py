@@ -1,5 +1,6 @@
-"""Process-level settings: the host memory allocator, torch threads per rank, library logging,
-and where native extensions are built.
+"""Process-level settings: the kernels this process runs (:func:`resolve_kernels`), the host
+memory allocator, torch threads per rank, library logging, and where native extensions are
+built.
 
 Threads (:func:`set_threads_per_rank`, ``dsq train``): cores / ranks per node unless
 ``OMP_NUM_THREADS`` is set. Logging (:func:`quiet_libraries`): DeepSpeed's, MLflow's and
@@ -42,10 +43,13 @@ import ctypes.util
 import os
 import sys
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import List, Optional
+from typing import Dict, List, Mapping, Optional
 
 from dsq.log import warn
+from dsq.native import kernel_choice
+from dsq.native.kernel_choice import Kernel
 
 _M_TRIM_THRESHOLD, _M_TOP_PAD, _M_MMAP_THRESHOLD, _M_ARENA_MAX = -1, -2, -3, -8
 _done = False
@@ -209,9 +213,8 @@ def quiet_libraries() -> None:
             os.environ.setdefault("DS_ACCELERATOR", "cpu")
         try:
             import contextlib
-            import io
-
             import importlib
+            import io
 
             # the module itself: ``deepspeed.comm.torch`` as an attribute is PyTorch
             ds_torch = importlib.import_module("deepspeed.comm.torch")
@@ -226,6 +229,82 @@ def quiet_libraries() -> None:
                 ds_torch.build_shm_op = quiet_build
         except Exception:  # another DeepSpeed layout: its message stays
             pass
+
+
+# ----------------------------------------------------------------------------- kernels
+@dataclass(frozen=True)
+class KernelChoice:
+    quant: Kernel = Kernel.AUTO
+    optim: Kernel = Kernel.AUTO
+    env: Dict[str, str] = field(default_factory=dict)
+    """The overriding environment variables that were set (name -> value)."""
+
+
+def resolve_kernels(cfg, environ: Optional[Mapping[str, str]] = None) -> KernelChoice:
+    """The kernels of a run: ``$DSQ_*_KERNEL`` when set, else ``quant.kernel`` / ``optim.kernel``.
+    ValueError names the variable or key of an unknown name."""
+    environ = os.environ if environ is None else environ
+    chosen = {}
+    for family, var in kernel_choice.ENV.items():
+        value = environ.get(var, "").strip()
+        chosen[family] = (kernel_choice.parse(value, var) if value
+                          else kernel_choice.parse(getattr(cfg, family).kernel, f"{family}.kernel"))
+    env = {k: environ[k] for k in kernel_choice.OVERRIDES if environ.get(k, "").strip()}
+    return KernelChoice(chosen["quant"], chosen["optim"], env)
+
+
+def apply_kernels(choice: KernelChoice) -> None:
+    """Make ``choice.quant`` the quantization kernel of this process (the optimizer's goes to
+    :func:`dsq.optim.build_optimizer`)."""
+    from dsq.quant import fused
+
+    fused.set_kernel(kernel_choice.impl(choice.quant))
+
+
+def describe_kernels(choice: KernelChoice, qadamw: bool) -> Dict[str, str]:
+    """What runs, as MLflow params: ``kernels.quant`` (and ``kernels.optim`` for QAdamW), the
+    implementation with its instruction set where native, and ``env.NAME`` for each override."""
+    out = {f"env.{k}": v for k, v in choice.env.items()}
+    out["kernels.quant"] = _quant_running()
+    if qadamw:
+        out["kernels.optim"] = _optim_running(choice.optim)
+    return out
+
+
+def kernels_line(params: Dict[str, str]) -> str:
+    """The start-up line of :func:`describe_kernels`'s params."""
+    parts = [f"quantization {params['kernels.quant']}"]
+    if "kernels.optim" in params:
+        parts.append(f"optimizer {params['kernels.optim']}")
+    env = [f"{k[4:]}={v}" for k, v in params.items() if k.startswith("env.")]
+    return "kernels: " + ", ".join(parts) + (f" (set by {', '.join(env)})" if env else "")
+
+
+def _running_name(name: str, isa: str) -> str:
+    return {"cpp": f"native/{isa}", "eager": "reference"}.get(name, name)
+
+
+def _quant_running() -> str:
+    import torch
+
+    from dsq.quant import cpu_kernels, fused
+
+    if torch.cuda.is_available():
+        name = ("compile" if fused.kernel() in ("auto", "compile") and fused.has_triton()
+                else "eager")
+    else:
+        name = fused._impl(torch.empty(0, 0))
+    return _running_name(name, cpu_kernels.isa() if name == "cpp" else "")
+
+
+def _optim_running(kernel: Kernel) -> str:
+    import torch
+
+    from dsq.optim import kernels as K
+
+    dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    k = K.get_kernel(kernel_choice.impl(kernel), dev)
+    return _running_name(k.name, K.isa() if k.name == "cpp" else "")
 
 
 def _cuda_present() -> bool:

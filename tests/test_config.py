@@ -98,7 +98,7 @@ def test_optimizer_state_recipes_and_their_report_label(recipe, label, bits):
     """The study's optimizer-state settings; a 32-bit moment is fp32 (what dsq report shows,
     from the params as MLflow stores them: strings)."""
     from dsq.config import flatten, to_dict
-    from dsq.report import _optim_states
+    from dsq.tracking.report import _optim_states
 
     cfg = load_config([str(ROOT / "configs/tiny.yaml"),
                        str(ROOT / f"configs/recipes/optim/{recipe}.yaml")], world_size=2)
@@ -120,7 +120,7 @@ def test_missing_and_broken_files(tmp_path):
 
 
 def test_deepspeed_json_is_generated():
-    from dsq.distributed import deepspeed_config
+    from dsq.parallel.engine import deepspeed_config
 
     cfg = load_config([str(ROOT / "configs/tiny.yaml")],
                       ["train.global_batch=32", "train.micro_batch=4", "deepspeed.precision=bf16"])
@@ -165,7 +165,7 @@ def test_bad_config_cli_fails_fast_and_writes_nothing(tmp_path):
 
 
 def test_the_study_setup_for_32_ranks():
-    from dsq.distributed import deepspeed_config
+    from dsq.parallel.engine import deepspeed_config
 
     owt = str(ROOT / "configs/gpt2-small-owt.yaml")
     cfg = load_config([owt, str(ROOT / "configs/recipes/w8a8g8.yaml")], world_size=32)

@@ -38,7 +38,7 @@ def runs(tmp_path_factory, data_cache):
 
 @pytest.fixture(scope="module")
 def exported(runs):
-    from dsq.export import export
+    from dsq.tools.export import export
 
     out = {}
     for name in ("tp1", "tp2"):
@@ -49,8 +49,8 @@ def exported(runs):
 
 
 def _dsq_logits(run, ids, quantize=True):
-    from dsq.distributed import shutdown
-    from dsq.evaluate import load_model
+    from dsq.parallel import shutdown
+    from dsq.run.load import load_model
 
     try:
         model, cfg, _ = load_model(str(run), quantize=quantize)
@@ -91,7 +91,7 @@ def test_transformers_logits_equal_dsq(runs, exported, name):
 def test_transformers_loss_equals_dsq_eval(runs, exported, tmp_path):
     from transformers import AutoTokenizer
 
-    from dsq.evaluate import evaluate_checkpoint
+    from dsq.tools.evaluate import evaluate_checkpoint
 
     text = tmp_path / "val.txt"
     text.write_text(VAL.read_text()[:40_000])
@@ -131,7 +131,7 @@ def test_exported_tokenizer_equals_sentencepiece(exported):
 
 def _copy_with_config(run, dst, *overrides):
     """A copy of ``run``'s latest checkpoint whose config.yaml has ``overrides`` applied."""
-    from dsq import checkpoint
+    from dsq.run import checkpoint
     from dsq.config import load_config, to_yaml
 
     src = run / "checkpoints" / (run / "checkpoints" / "latest").read_text().strip()
@@ -144,7 +144,7 @@ def _copy_with_config(run, dst, *overrides):
 
 
 def _reseal(tag_dir):
-    from dsq import checkpoint
+    from dsq.run import checkpoint
 
     files = {str(p.relative_to(tag_dir)): p.stat().st_size for p in sorted(tag_dir.rglob("*"))
              if p.is_file() and p.name != checkpoint.MARKER}
@@ -154,7 +154,7 @@ def _reseal(tag_dir):
 def test_weight_quantized_export(runs, tmp_path):
     """A w8 (per-channel) checkpoint with a quantized LM head and tied embeddings (TP=2):
     quantized export equals dsq's quantized forward; trained export equals the fp model."""
-    from dsq.export import ExportError, export
+    from dsq.tools.export import ExportError, export
 
     ck = _copy_with_config(runs / "tp2", tmp_path / "w8", "quant.weight=int8:channel",
                            "quant.lm_head=true")
@@ -185,7 +185,7 @@ def test_weight_quantized_export(runs, tmp_path):
 
 
 def test_generate_is_deterministic_for_a_seed(runs):
-    from dsq.generate import generate
+    from dsq.tools.generate import generate
 
     a = generate(str(runs / "tp2"), "KING.\n", max_new_tokens=12, top_k=20, seed=7)
     b = generate(str(runs / "tp2"), "KING.\n", max_new_tokens=12, top_k=20, seed=7)
@@ -198,14 +198,14 @@ def test_generate_is_deterministic_for_a_seed(runs):
 
 
 def test_bad_path_and_corrupt_checkpoint_fail_with_one_message(runs, tmp_path):
-    from dsq.evaluate import EvalError
-    from dsq.export import export
-    from dsq.generate import generate
+    from dsq.run.load import CheckpointError
+    from dsq.tools.export import ExportError, export
+    from dsq.tools.generate import generate
 
     res = dsq("export", str(tmp_path / "nothing"), str(tmp_path / "o"), check=False)
     assert res.returncode == 2 and "Traceback" not in res.stderr
     assert res.stderr.startswith("dsq: error:") and "does not exist" in res.stderr
-    with pytest.raises(EvalError, match="does not exist"):
+    with pytest.raises(CheckpointError, match="does not exist"):
         generate(str(tmp_path / "nothing"), "x")
     bad = _copy_with_config(runs / "tp1", tmp_path / "bad")
     shard = bad / "mp_rank_00_model_states.pt"
@@ -214,14 +214,15 @@ def test_bad_path_and_corrupt_checkpoint_fail_with_one_message(runs, tmp_path):
     assert res.returncode == 2 and "Traceback" not in res.stderr
     assert res.stderr.startswith(f"dsq: error: checkpoint file {shard} is corrupt")
     assert not (tmp_path / "o").exists() and not list(tmp_path.glob(".o.*"))
-    with pytest.raises(EvalError, match="corrupt"):
+    with pytest.raises(CheckpointError, match="corrupt"):
         generate(str(bad), "x")
-    with pytest.raises(EvalError, match="already exists"):
+    with pytest.raises(ExportError, match="already exists"):
         export(str(runs / "tp1"), str(runs / "hf-tp1"))
 
 
 def test_eval_loads_weights_strictly(runs, tmp_path):
-    from dsq.evaluate import EvalError, evaluate_checkpoint, merged_state_dict
+    from dsq.run.load import CheckpointError, merged_state_dict
+    from dsq.tools.evaluate import evaluate_checkpoint
 
     ck = _copy_with_config(runs / "tp2", tmp_path / "ck")
     shards = sorted(ck.glob("mp_rank_*_model_states.pt"))
@@ -239,18 +240,18 @@ def test_eval_loads_weights_strictly(runs, tmp_path):
         for f in shards:
             shutil.copy(tmp_path / f.name, bad / f.name)
         _reseal(bad)
-        with pytest.raises(EvalError, match=match):
+        with pytest.raises(CheckpointError, match=match):
             merged_state_dict(bad, ref)
     merged = merged_state_dict(ck, ref)  # the untouched copy loads, _extra_state included
     assert set(merged) == set(ref)
-    with pytest.raises(EvalError, match="decoder.extra.weight"):  # what dsq eval reports
+    with pytest.raises(CheckpointError, match="decoder.extra.weight"):  # what dsq eval reports
         evaluate_checkpoint(str(bad), [str(VAL)], max_seqs=1)
 
 
 def _full_reference():
     """State dict of a TP=1 tied tiny model (the keys and full shapes a TP=2 run must merge to)."""
     from dsq.config import load_config
-    from dsq.distributed import DistEnv, init_distributed, shutdown
+    from dsq.parallel import DistEnv, init_distributed, shutdown
     from dsq.models.gpt import build_gpt
 
     cfg = load_config([str(ROOT / "configs/tiny.yaml")], ["model.tie_embeddings=true"])
@@ -264,7 +265,7 @@ def _full_reference():
 def test_export_without_transformers_says_how_to_install(runs, monkeypatch, tmp_path):
     import builtins
 
-    from dsq import export as ex
+    from dsq.tools import export as ex
 
     real = builtins.__import__
 

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from dsq import checkpoint
+from dsq.run import checkpoint
 from dsq.data.prepare import load_manifest
 
 from .conftest import ROOT, dsq, launch, read_metrics

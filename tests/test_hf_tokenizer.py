@@ -74,7 +74,7 @@ def _fuzz(n, seed=0):
 
 
 def test_tokenizer_json_equals_sentencepiece(model):
-    from dsq.hf_tokenizer import build, verify
+    from dsq.tools.hf_tokenizer import build, verify
 
     kind, mb, sp, enc = model
     tok, special = build(mb, encode=enc)
@@ -91,7 +91,7 @@ def test_tokenizer_json_equals_sentencepiece(model):
 def test_transformers_loads_it_and_round_trips(model, tmp_path):
     from transformers import AutoTokenizer, GPT2Config
 
-    from dsq.hf_tokenizer import build, tokenizer_config
+    from dsq.tools.hf_tokenizer import build, tokenizer_config
 
     kind, mb, sp, enc = model
     tok, special = build(mb, encode=enc)
@@ -112,7 +112,7 @@ def test_transformers_loads_it_and_round_trips(model, tmp_path):
 def test_unsupported_models_are_refused():
     import sentencepiece as spm
 
-    from dsq.hf_tokenizer import TokenizerExportError, build
+    from dsq.tools.hf_tokenizer import TokenizerExportError, build
 
     buf = io.BytesIO()
     spm.SentencePieceTrainer.train(sentence_iterator=_lines("current"), model_writer=buf,

@@ -1,13 +1,14 @@
-"""dsq.kernel_choice: one set of kernel names, one precedence rule (environment > config >
+"""dsq.native.kernel_choice: one set of kernel names, one precedence rule (environment > config >
 auto) for the quantization and optimizer kernels alike, and what runs as MLflow params."""
 
 from pathlib import Path
 
 import pytest
 
-from dsq import kernel_choice
+from dsq import runtime
 from dsq.config import ConfigError, load_config
-from dsq.kernel_choice import Kernel
+from dsq.native import kernel_choice
+from dsq.native.kernel_choice import Kernel
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -28,7 +29,7 @@ def test_names_and_old_aliases_parse(name, kernel):
 def test_unknown_name_names_where_it_came_from():
     with pytest.raises(ValueError, match=r"DSQ_OPTIM_KERNEL='fast': use auto, native, "
                                          r"reference or compile"):
-        kernel_choice.resolve(_cfg(), {"DSQ_OPTIM_KERNEL": "fast"})
+        runtime.resolve_kernels(_cfg(), {"DSQ_OPTIM_KERNEL": "fast"})
     with pytest.raises(ConfigError, match=r"quant.kernel='fast' is unknown: use auto, native, "
                                           r"reference or compile"):
         _cfg("quant.kernel=fast")
@@ -40,12 +41,12 @@ def test_one_precedence_rule_for_both_families(family):
     takes the config's names."""
     var = kernel_choice.ENV[family]
     cfg = _cfg(f"{family}.kernel=reference")
-    assert getattr(kernel_choice.resolve(cfg, {}), family) is Kernel.REFERENCE
-    got = kernel_choice.resolve(cfg, {var: "native"})
+    assert getattr(runtime.resolve_kernels(cfg, {}), family) is Kernel.REFERENCE
+    got = runtime.resolve_kernels(cfg, {var: "native"})
     assert getattr(got, family) is Kernel.NATIVE and got.env == {var: "native"}
     other = "optim" if family == "quant" else "quant"
     assert getattr(got, other) is Kernel.AUTO
-    assert getattr(kernel_choice.resolve(_cfg(), {var: "eager"}), family) is Kernel.REFERENCE
+    assert getattr(runtime.resolve_kernels(_cfg(), {var: "eager"}), family) is Kernel.REFERENCE
 
 
 def test_apply_and_describe_report_what_runs(monkeypatch):
@@ -55,23 +56,23 @@ def test_apply_and_describe_report_what_runs(monkeypatch):
     for k in kernel_choice.OVERRIDES:
         monkeypatch.delenv(k, raising=False)
     try:
-        choice = kernel_choice.resolve(_cfg("quant.kernel=reference", "optim.kernel=reference"))
-        kernel_choice.apply(choice)
+        choice = runtime.resolve_kernels(_cfg("quant.kernel=reference", "optim.kernel=reference"))
+        runtime.apply_kernels(choice)
         assert fused.kernel() == "eager"
-        got = kernel_choice.describe(choice, qadamw=True)
+        got = runtime.describe_kernels(choice, qadamw=True)
         assert got == {"kernels.quant": "reference", "kernels.optim": "reference"}
-        assert kernel_choice.summary_line(got) == ("kernels: quantization reference, optimizer "
+        assert runtime.kernels_line(got) == ("kernels: quantization reference, optimizer "
                                                    "reference")
         env = {"DSQ_QUANT_KERNEL": "native", "DSQ_OPTIM_KERNEL": "native"}
-        choice = kernel_choice.resolve(_cfg("quant.kernel=reference", "optim.kernel=reference"),
+        choice = runtime.resolve_kernels(_cfg("quant.kernel=reference", "optim.kernel=reference"),
                                        env)
-        kernel_choice.apply(choice)
+        runtime.apply_kernels(choice)
         assert fused.kernel() == "cpp"
-        got = kernel_choice.describe(choice, qadamw=True)
+        got = runtime.describe_kernels(choice, qadamw=True)
         assert got == {"env.DSQ_QUANT_KERNEL": "native", "env.DSQ_OPTIM_KERNEL": "native",
                        "kernels.quant": f"native/{cpu_kernels.isa()}",
                        "kernels.optim": f"native/{K.isa()}"}
-        assert kernel_choice.summary_line(got).endswith(
+        assert runtime.kernels_line(got).endswith(
             "(set by DSQ_QUANT_KERNEL=native, DSQ_OPTIM_KERNEL=native)")
     finally:
         fused.set_kernel(None)

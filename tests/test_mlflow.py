@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from dsq.distributed import free_port
+from dsq.parallel import free_port
 
 from .conftest import ROOT, dsq, launch, read_metrics
 

@@ -7,7 +7,7 @@ from types import SimpleNamespace as NS
 
 import pytest
 
-from dsq.report import collect, markdown, styles, t975
+from dsq.tracking.report import collect, markdown, styles, t975
 
 
 class FakeClient:
@@ -110,7 +110,7 @@ def test_formats_given_as_mappings_are_shown_as_short_strings():
 
 
 def test_a_diverging_curve_is_drawn_off_scale():
-    from dsq.report import _y_range
+    from dsq.tracking.report import _y_range
 
     near = {"a": ([100, 200], [5.8, 5.3], [0.01, 0.01]), "b": ([100, 200], [5.9, 5.4], [0, 0])}
     assert _y_range(near) is None

@@ -13,17 +13,17 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from dsq import checkpoint
+from dsq.run import checkpoint
 from dsq.config import flatten, load_config, to_dict
 from dsq.data.prepare import sampled_sha256, split_record, verify
-from dsq.rundir import RunDirError, RunLock, check_resume, resume_changes
+from dsq.run.rundir import RunDirError, RunLock, check_resume, resume_changes
 from dsq.runtime import clear_stale_build_locks
 
 
 def test_second_holder_is_refused_with_the_holder_named(tmp_path):
     a = RunLock(tmp_path / "run")
     a.acquire()
-    code = ("import sys; from dsq.rundir import RunLock, RunDirError\n"
+    code = ("import sys; from dsq.run.rundir import RunLock, RunDirError\n"
             "try:\n    RunLock(sys.argv[1]).acquire()\nexcept RunDirError as e:\n"
             "    print(e); sys.exit(3)\n")
     res = subprocess.run([sys.executable, "-c", code, str(tmp_path / "run")],

@@ -4,9 +4,7 @@ the kernels a run selects and records."""
 import os
 import subprocess
 import sys
-from pathlib import Path
 
-import pytest
 
 PROBE = ("import os; from dsq.runtime import tune_allocator; "
          "print(tune_allocator(), tune_allocator(), os.environ.get('THP_MEM_ALLOC_ENABLE'))")

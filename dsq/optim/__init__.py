@@ -20,8 +20,6 @@ Training-loop API::
     attach_to_engine(engine)              # ZeRO-1/2: blocks follow parameters; no-op otherwise
     ...
     optimizer_state_bytes(engine.optimizer)   # this rank's optimizer state
-    reshard_checkpoint(ckpt_dir, tag, new_dp) # a ZeRO checkpoint for another DP size
-                                              # (dsq.reshard, re-exported here)
 """
 
 from __future__ import annotations
@@ -66,7 +64,7 @@ def build_optimizer(model: torch.nn.Module, cfg, kernel=None) -> torch.optim.Opt
     ``adamw``: ``torch.optim.AdamW`` (foreach). ``qadamw``: :class:`QAdamW` with ``m_bits``,
     ``v_bits``, ``block_size`` and, per group, ``quantize`` from the group's kind and
     ``cfg.quantize``, ``v_domain`` (linear | sqrt) and ``kernel`` (auto | native | reference |
-    compile); ``kernel`` (a resolved :class:`dsq.kernel_choice.Kernel`) wins over ``cfg.kernel``.
+    compile); ``kernel`` (a resolved :class:`dsq.native.kernel_choice.Kernel`) wins over ``cfg.kernel``.
     """
     groups = param_groups(model, cfg.weight_decay)
     if cfg.name == "adamw":
@@ -86,16 +84,6 @@ def build_optimizer(model: torch.nn.Module, cfg, kernel=None) -> torch.optim.Opt
     raise ValueError(f"optim.name={cfg.name!r} is not available")
 
 
-def __getattr__(name: str):
-    # dsq.optim.reshard_checkpoint, kept importable from here: dsq.reshard sits beside
-    # dsq.checkpoint and imports this package's codec, so it is imported on first use
-    if name == "reshard_checkpoint":
-        from dsq.reshard import reshard_checkpoint
-
-        return reshard_checkpoint
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
 def optimizer_state_bytes(optimizer) -> int:
     """Bytes of tensors held in the optimizer state of this rank (its ZeRO partition only).
 
@@ -113,4 +101,4 @@ def optimizer_state_bytes(optimizer) -> int:
 
 
 __all__ = ["QAdamW", "attach_to_engine", "build_optimizer", "optimizer_state_bytes",
-           "param_groups", "param_kind", "reshard_checkpoint"]
+           "param_groups", "param_kind"]

@@ -8,7 +8,7 @@ which partition this rank owns, and gives QAdamW that geometry (:mod:`dsq.optim.
 blocks follow parameters, each rank allocates codes and scales for its partition only, and
 the maxima of the (at most ``dp - 1``) blocks cut by partition boundaries are combined with
 one small all-reduce per group and step. Checkpoints of another data-parallel size:
-:mod:`dsq.reshard`.
+:mod:`dsq.run.reshard`.
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ def attach_to_engine(engine) -> Optional[QAdamW]:
         return base
     if getattr(wrapper, "elastic_checkpoint", False):
         raise ValueError("QAdamW state is not element-wise: zero_optimization.elastic_checkpoint "
-                         "must be false (use dsq.optim.reshard_checkpoint to change DP size)")
+                         "must be false (use `dsq ckpt reshard` to change DP size)")
     for i, group in enumerate(base.param_groups):
         if hasattr(wrapper, "round_robin_bit16_groups"):  # ZeRO-1/2
             params = wrapper.round_robin_bit16_groups[i]

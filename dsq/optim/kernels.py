@@ -47,7 +47,7 @@ from typing import NamedTuple, Optional, Tuple
 
 import torch
 
-from dsq import kernel_choice
+from dsq.native import kernel_choice
 from dsq.native import Library
 from dsq.optim.codec import (
     FP32,

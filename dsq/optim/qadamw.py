@@ -40,7 +40,7 @@ from typing import Dict, List, Optional, Tuple
 import torch
 import torch.distributed as dist
 
-from dsq import kernel_choice
+from dsq.native import kernel_choice
 from dsq.optim import kernels as K
 from dsq.optim.codec import FP32, Fmt, dequantize_into, new_state
 from dsq.optim.layout import (
@@ -71,7 +71,7 @@ class QAdamW(torch.optim.Optimizer):
         v_signed: quantize v with the signed symmetric quantizer (the study's code: half the
             levels, small v flushed to 0; diverges, kept to show it). Eager kernel only.
         quantize: False keeps fp32 moments for the group.
-        kernel: ``auto`` | ``native`` | ``reference`` | ``compile`` (:mod:`dsq.kernel_choice`).
+        kernel: ``auto`` | ``native`` | ``reference`` | ``compile`` (:mod:`dsq.native.kernel_choice`).
     """
 
     def __init__(self, params, lr: float = 1e-3, betas: Tuple[float, float] = (0.9, 0.999),
@@ -262,7 +262,7 @@ class QAdamW(torch.optim.Optimizer):
                     raise ValueError(
                         f"param group {gi}: the checkpoint's optimizer state was partitioned "
                         f"differently ({_short(metas[gi][j])} vs {_short(self.layout(p, g).meta)});"
-                        f" convert it with dsq.optim.reshard_checkpoint")
+                        f" convert it with `dsq ckpt reshard`")
         state = defaultdict(dict)
         for pid, s in state_dict["state"].items():
             p = id_map[pid]

@@ -44,7 +44,7 @@ import os
 import torch
 from torch import Tensor
 
-from dsq import kernel_choice
+from dsq.native import kernel_choice
 from dsq.quant.format import QuantFormat
 from dsq.quant.functional import Reduce, quantize
 
@@ -56,7 +56,7 @@ _compiled: dict[str, object] = {}
 
 
 def set_kernel(name: str | None) -> None:
-    """Use kernel ``name`` from now on (a :mod:`dsq.kernel_choice` name or old alias); None: the
+    """Use kernel ``name`` from now on (a :mod:`dsq.native.kernel_choice` name or old alias); None: the
     environment's ``DSQ_QUANT_KERNEL``."""
     global _kernel
     _kernel = None if name is None else kernel_choice.impl(name)

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Dict, List, Optional
 
-from dsq import checkpoint
+from dsq.run import checkpoint
 from dsq.train.progress import Progress, SpikeGuard
 
 
@@ -38,7 +38,7 @@ class EvalSchedule:
 
 
 class Checkpointer:
-    """Complete-or-absent checkpoints of one run (:mod:`dsq.checkpoint`), on all ranks."""
+    """Complete-or-absent checkpoints of one run (:mod:`dsq.run.checkpoint`), on all ranks."""
 
     def __init__(self, engine, root: Path, every: int, last: int, keep: int,
                  state: Callable[[int], Dict], files: Callable[[], Dict[str, object]]):

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Dict, List, Optional
 
 from dsq.config import Config, flatten, to_dict
-from dsq.runinfo import run_provenance
+from dsq.run.info import run_provenance
 from dsq.tracking import RUN_ARTIFACTS, Tracker, plot_loss_curve, read_metrics_log
 
 

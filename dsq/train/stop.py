@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import signal
 
-from dsq.distributed import all_reduce_max
+from dsq.parallel import all_reduce_max
 
 PREEMPTED_EXIT_CODE = 75  # EX_TEMPFAIL: checkpoint written on a stop signal; resubmit to resume
 

@@ -15,11 +15,12 @@ from typing import Dict, List, Optional
 
 import torch
 
-from dsq import kernel_choice
+from dsq import runtime
 from dsq.config import Config, to_dict, to_yaml
 from dsq.data.dataset import GlobalSchedule, TokenBlocks, eval_indices
 from dsq.data.prepare import DataError, load_manifest, prepare
-from dsq.distributed import (
+from dsq.models.quant_layers import collect_sqnr, set_sqnr_capture
+from dsq.parallel import (
     DistEnv,
     all_reduce_host,
     all_reduce_mean,
@@ -27,18 +28,15 @@ from dsq.distributed import (
     bcast_error,
     broadcast_object,
     device,
-    dumps,
     gather_ints,
     init_distributed,
-    initialize_engine,
 )
-from dsq.evaluate import token_loss
-from dsq.models.quant_layers import collect_sqnr, set_sqnr_capture
-from dsq.rundir import RunDirError, RunLock, claim
-from dsq.runinfo import num_nodes, peak_gpu_bytes, peak_rss_bytes
-from dsq.runtime import clear_stale_build_locks
+from dsq.parallel.engine import dumps, initialize_engine
+from dsq.run.info import num_nodes, peak_gpu_bytes, peak_rss_bytes
+from dsq.run.rundir import RunDirError, RunLock, claim
 from dsq.tracking import Tracker, normalize_uri, ui_command
 from dsq.train.components import Checkpointer, EvalSchedule, StepLogger
+from dsq.train.evaluation import token_loss
 from dsq.train.record import RunRecord
 from dsq.train.schedule import lr_lambda
 from dsq.train.stop import Preempted, StopRequest
@@ -114,11 +112,11 @@ class Trainer:
         """Process groups, the kernels of this run, this rank's place in the layout."""
         from megatron.core import parallel_state as ps
 
-        clear_stale_build_locks()
+        runtime.clear_stale_build_locks()
         init_distributed(self.env, self.cfg.parallel.tp, timeout_s=self.cfg.parallel.timeout_s)
-        self.kernel_choice = kernel_choice.resolve(self.cfg)
-        kernel_choice.apply(self.kernel_choice)
-        self.kernels = kernel_choice.describe(self.kernel_choice, self.cfg.optim.name == "qadamw")
+        self.kernel_choice = runtime.resolve_kernels(self.cfg)
+        runtime.apply_kernels(self.kernel_choice)
+        self.kernels = runtime.describe_kernels(self.kernel_choice, self.cfg.optim.name == "qadamw")
         self.dp_rank, self.dp_size = ps.get_data_parallel_rank(), ps.get_data_parallel_world_size()
         self.tp_size = ps.get_tensor_model_parallel_world_size()
         self.dp_group = ps.get_data_parallel_group()
@@ -208,7 +206,7 @@ class Trainer:
                  f"tp={self.tp_size} dp={self.dp_size} zero={cfg.deepspeed.zero_stage} "
                  f"{cfg.deepspeed.precision}; quantized linears: {len(self.quantized)}")
         if cfg.quant.compute == "int8" or cfg.optim.name == "qadamw" or self.kernel_choice.env:
-            self.log(kernel_choice.summary_line(self.kernels))
+            self.log(runtime.kernels_line(self.kernels))
 
     def _checkpoint_state(self, step: int) -> Dict:
         """The client state of a checkpoint; MLflow's queue is flushed first, so a run resumed

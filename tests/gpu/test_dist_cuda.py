@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from dsq import distributed as D
+from dsq import parallel as D
 from tests.dist_utils import spawn
 
 pytestmark = pytest.mark.gpu

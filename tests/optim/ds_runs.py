@@ -5,7 +5,7 @@
 another and write rank 0's results to ``out`` (a pickle: one result per job). A job with
 ``dp=1`` runs on each process separately (each in its own one-rank data-parallel group, given
 to DeepSpeed through ``mpu``; saving to ``<save>.rank1`` on the second process); ``dp=2`` jobs
-use both. ``{"reshard": ...}`` jobs run :func:`dsq.optim.reshard_checkpoint` on rank 0
+use both. ``{"reshard": ...}`` jobs run :func:`dsq.run.reshard.reshard_checkpoint` on rank 0
 between runs. One launch pays the imports (torch, dynamo, DeepSpeed: most of the time) once.
 
 Models: ``exact`` has only bias-free linear weights whose sizes are multiples of the block
@@ -221,7 +221,7 @@ def _entry(rank: int, world: int, port: int, jobs: list, out: str) -> None:
                       WORLD_SIZE=str(world), LOCAL_RANK=str(rank))
     torch.set_num_threads(1)
     deepspeed.init_distributed(dist_backend="gloo", verbose=False)
-    from dsq.distributed import release_shm_names
+    from dsq.parallel import release_shm_names
 
     release_shm_names(rank)  # DeepSpeed's CPU all-reduce segment: gone when the ranks exit
     singles = [dist.new_group([r]) for r in range(world)]
@@ -231,7 +231,7 @@ def _entry(rank: int, world: int, port: int, jobs: list, out: str) -> None:
     for job in jobs:
         if "reshard" in job:
             if rank == 0:
-                from dsq.optim import reshard_checkpoint
+                from dsq.run.reshard import reshard_checkpoint
 
                 reshard_checkpoint(**job["reshard"])
             dist.barrier()

@@ -158,7 +158,7 @@ def test_zero1_round_robin_and_bf16(runs):
 
 def test_reshard_round_trip_is_exact(runs, tmp_path):
     """dp2 -> dp1 -> dp2 gives back the ZeRO files DeepSpeed wrote (tensors bit for bit)."""
-    from dsq.optim import reshard_checkpoint
+    from dsq.run.reshard import reshard_checkpoint
 
     src = runs["tmp"] / "ckpt_dp2_as_dp1"
     back = reshard_checkpoint(src, "t", 2, out_dir=tmp_path)

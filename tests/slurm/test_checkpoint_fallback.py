@@ -1,7 +1,7 @@
 """What a requeued or resubmitted job resumes from when the newest checkpoint is damaged
 (a kill during the write, a full disk, a file cut short on a shared file system).
 
-Checkpoints are built by hand here in the layout ``dsq.checkpoint.save`` writes (files, then
+Checkpoints are built by hand here in the layout ``dsq.run.checkpoint.save`` writes (files, then
 the ``dsq_complete.json`` marker with every file's size, then ``latest``); the end-to-end
 case through SLURM is in test_sbatch.py.
 """
@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from dsq import checkpoint
+from dsq.run import checkpoint
 
 
 def fake_checkpoint(root: Path, step: int, complete: bool = True) -> Path:

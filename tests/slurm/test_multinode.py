@@ -141,7 +141,7 @@ class LogWatch:
 
 @pytest.fixture(scope="module")
 def lifecycle(cluster, two_nodes, tmp_path_factory, data_cache, mlflow_db):
-    from dsq import checkpoint
+    from dsq.run import checkpoint
 
     root = tmp_path_factory.mktemp("lifecycle")
     out, db = root / "run", mlflow_db

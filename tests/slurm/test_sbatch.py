@@ -134,7 +134,7 @@ def lifecycle(slurm, reference, tmp_path_factory, data_cache):
     3. the newest checkpoint is truncated on purpose, and the same command is resubmitted.
     One chain rather than three jobs keeps the suite short (each job start costs ~40 s here).
     """
-    from dsq import checkpoint
+    from dsq.run import checkpoint
 
     root = tmp_path_factory.mktemp("slurm_lifecycle")
     out, db = root / "run", root / "mlflow.db"

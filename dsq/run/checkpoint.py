@@ -23,7 +23,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from dsq.distributed import barrier
+from dsq.parallel import barrier
 
 MARKER = "dsq_complete.json"
 LATEST = "latest"

@@ -20,13 +20,15 @@ from typing import Dict, Optional
 import torch
 
 
+class GenerateError(ValueError):
+    """A generation option that cannot be honoured; the message names it."""
+
+
 def pick_device(device: str = "auto") -> str:
     if device == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
     if device.startswith("cuda") and not torch.cuda.is_available():
-        from dsq.evaluate import EvalError
-
-        raise EvalError(f"--device {device}: no CUDA device is available here")
+        raise GenerateError(f"--device {device}: no CUDA device is available here")
     return device
 
 
@@ -62,16 +64,16 @@ def sample(model, prompt_ids, seq_len: int, vocab: int, eos_id: int, max_new_tok
 def generate(path: str, prompt: str, max_new_tokens: int = 50, temperature: float = 1.0,
              top_k: Optional[int] = None, seed: int = 0, device: str = "auto") -> Dict:
     """``{"text": prompt + continuation, "continuation", "ids" (new), "device"}``."""
-    from dsq.distributed import shutdown
-    from dsq.evaluate import EvalError, load_model, load_tokenizer, resolve_checkpoint
-    from dsq.hf_tokenizer import dsq_encoder
+    from dsq.parallel import shutdown
+    from dsq.run.load import load_model, load_tokenizer, resolve_checkpoint
+    from dsq.tools.hf_tokenizer import dsq_encoder
 
     if max_new_tokens < 0:
-        raise EvalError(f"--max-new-tokens {max_new_tokens} must be 0 or more")
+        raise GenerateError(f"--max-new-tokens {max_new_tokens} must be 0 or more")
     if temperature < 0:
-        raise EvalError(f"--temperature {temperature} must be 0 (greedy) or more")
+        raise GenerateError(f"--temperature {temperature} must be 0 (greedy) or more")
     if top_k is not None and top_k < 1:
-        raise EvalError(f"--top-k {top_k} must be 1 or more")
+        raise GenerateError(f"--top-k {top_k} must be 1 or more")
     device = pick_device(device)
     tag_dir = resolve_checkpoint(path)
     sp = load_tokenizer(tag_dir)

@@ -1,4 +1,6 @@
-"""Evaluate a checkpoint on text in one process, whatever tensor-parallel size trained it.
+"""Checkpoint loading for every reader (``dsq eval``, ``export``, ``generate``, resharding):
+which checkpoint a path means, its tensor-parallel shards merged into one model, the run's
+tokenizer.
 
 Tensor-parallel shards (``mp_rank_XX_model_states.pt``) are merged by concatenating each
 sharded tensor along the dimension where its shape differs from the unsharded model's:
@@ -9,30 +11,28 @@ concatenation is the exact inverse.
 from __future__ import annotations
 
 import json
-import math
 import sys
 from pathlib import Path
-from typing import Dict, Iterable, List, Optional, Tuple
+from typing import Dict
 
-import numpy as np
 import torch
 
-from dsq import checkpoint
+from dsq.run import checkpoint
 
 
-class EvalError(ValueError):
-    pass
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be read as asked; the message names it and what to do."""
 
 
 def resolve_checkpoint(path: str) -> Path:
     p = Path(path)
     if not p.exists():
-        raise EvalError(f"{path!r} does not exist: give a run directory (train.out_dir), its "
+        raise CheckpointError(f"{path!r} does not exist: give a run directory (train.out_dir), its "
                         f"checkpoints/ folder or one checkpoint folder")
     if (p / checkpoint.MARKER).is_file():
         problem = checkpoint.check(p)
         if problem:
-            raise EvalError(f"checkpoint {p} is incomplete: {problem}")
+            raise CheckpointError(f"checkpoint {p} is incomplete: {problem}")
         return p
     root = p / "checkpoints" if (p / "checkpoints").is_dir() else p
     notes = []
@@ -50,7 +50,7 @@ def resolve_checkpoint(path: str) -> Path:
             notes.append(f"summary.json names step {step}, but {problem}")
     tag = checkpoint.find_resume(root, warn=notes.append)
     if tag is None:
-        raise EvalError(f"no complete checkpoint under {root}" +
+        raise CheckpointError(f"no complete checkpoint under {root}" +
                         (f" ({'; '.join(notes)})" if notes else ""))
     if notes:
         print(f"dsq: note: evaluating {tag}, the newest complete checkpoint: "
@@ -63,9 +63,9 @@ def _read_shard(f: Path) -> Dict:
         state = torch.load(f, map_location="cpu", weights_only=False)
     except Exception as e:  # truncated, overwritten, not a torch file: one message
         first = str(e).splitlines()[0] if str(e) else ""
-        raise EvalError(f"checkpoint file {f} is corrupt: {type(e).__name__}: {first}") from None
+        raise CheckpointError(f"checkpoint file {f} is corrupt: {type(e).__name__}: {first}") from None
     if not isinstance(state, dict) or not isinstance(state.get("module"), dict):
-        raise EvalError(f"checkpoint file {f} holds no model state ('module')")
+        raise CheckpointError(f"checkpoint file {f} holds no model state ('module')")
     return state["module"]
 
 
@@ -73,24 +73,24 @@ def merged_state_dict(tag_dir: Path, reference: Dict[str, torch.Tensor]) -> Dict
     """The full (TP=1) state dict of ``reference``'s keys from the shards in ``tag_dir``, strictly.
 
     Every key of ``reference`` must be in the checkpoint and every checkpoint key in
-    ``reference``, else :class:`EvalError` names the key. ``*._extra_state`` entries are
+    ``reference``, else :class:`CheckpointError` names the key. ``*._extra_state`` entries are
     megatron's per-module extra state (Transformer Engine keeps fp8 metadata there; dsq's
     torch linears keep None): one the checkpoint lacks takes the model's own value, and a
     checkpoint entry the model does not have is an error only when it holds state (not None).
     """
     files = sorted(tag_dir.glob("mp_rank_*_model_states.pt"))
     if not files:
-        raise EvalError(f"{tag_dir} holds no mp_rank_*_model_states.pt files")
+        raise CheckpointError(f"{tag_dir} holds no mp_rank_*_model_states.pt files")
     shards = [_read_shard(f) for f in files]
     for f, s in zip(files[1:], shards[1:]):
         if set(s) != set(shards[0]):
             diff = sorted(set(s) ^ set(shards[0]))
-            raise EvalError(f"tensor-parallel shards of {tag_dir} hold different tensors "
+            raise CheckpointError(f"tensor-parallel shards of {tag_dir} hold different tensors "
                             f"({f.name} vs {files[0].name}: {diff[:3]})")
     unexpected = [k for k in shards[0] if k not in reference
                   and not (k.endswith("_extra_state") and shards[0][k] is None)]
     if unexpected:
-        raise EvalError(f"checkpoint {tag_dir} has tensors the model does not: "
+        raise CheckpointError(f"checkpoint {tag_dir} has tensors the model does not: "
                         f"{', '.join(map(repr, unexpected[:5]))}: it was written by a different "
                         f"model configuration (its config.yaml does not match its weights)")
     out = {}
@@ -99,7 +99,7 @@ def merged_state_dict(tag_dir: Path, reference: Dict[str, torch.Tensor]) -> Dict
             if key.endswith("_extra_state"):
                 out[key] = ref
                 continue
-            raise EvalError(f"checkpoint {tag_dir} has no tensor {key!r}: it was written by a "
+            raise CheckpointError(f"checkpoint {tag_dir} has no tensor {key!r}: it was written by a "
                             f"different model configuration")
         parts = [s[key] for s in shards]
         if not torch.is_tensor(parts[0]) or parts[0].shape == ref.shape:
@@ -108,7 +108,7 @@ def merged_state_dict(tag_dir: Path, reference: Dict[str, torch.Tensor]) -> Dict
         dims = [d for d in range(ref.ndim) if parts[0].shape[d] != ref.shape[d]]
         merged = torch.cat(parts, dim=dims[0]) if len(dims) == 1 else None
         if merged is None or merged.shape != ref.shape:
-            raise EvalError(f"cannot merge the {len(parts)} shards of {key!r} "
+            raise CheckpointError(f"cannot merge the {len(parts)} shards of {key!r} "
                             f"({tuple(parts[0].shape)} each) into the model's {tuple(ref.shape)}")
         out[key] = merged
     return out
@@ -120,27 +120,27 @@ def load_model(path: str, quantize: bool = True, device: str = "cpu"):
     quantization applied when ``quantize`` (the model that was trained and evaluated).
 
     Initialises a one-process megatron/torch.distributed group; call
-    :func:`dsq.distributed.shutdown` when done."""
+    :func:`dsq.parallel.shutdown` when done."""
     from dsq.config import ConfigError, load_config
-    from dsq.distributed import DistEnv, init_distributed
     from dsq.models.gpt import build_gpt
+    from dsq.parallel import DistEnv, init_distributed
 
     tag_dir = resolve_checkpoint(path)
     if not (tag_dir / "config.yaml").is_file():
-        raise EvalError(f"checkpoint {tag_dir} has no config.yaml")
+        raise CheckpointError(f"checkpoint {tag_dir} has no config.yaml")
     try:
         cfg = load_config([str(tag_dir / "config.yaml")], ["parallel.tp=1"])
     except ConfigError as e:
-        raise EvalError(f"checkpoint {tag_dir}: config.yaml: {e}") from None
+        raise CheckpointError(f"checkpoint {tag_dir}: config.yaml: {e}") from None
     init_distributed(DistEnv(0, 1, 0), tp=1)
     model = build_gpt(cfg.model, "fp32", seed=0)
     sd = merged_state_dict(tag_dir, model.state_dict())
     model.load_state_dict(sd, strict=True)
     if quantize:
+        from dsq import runtime
         from dsq.models.quant_layers import apply_quantization
-        from dsq import kernel_choice
 
-        kernel_choice.apply(kernel_choice.resolve(cfg))
+        runtime.apply_kernels(runtime.resolve_kernels(cfg))
         apply_quantization(model, cfg.quant)
     model.eval()
     return model.to(device), cfg, tag_dir
@@ -152,72 +152,8 @@ def load_tokenizer(tag_dir: Path):
 
     f = tag_dir / "tokenizer.model"
     if not f.is_file():
-        raise EvalError(f"checkpoint {tag_dir} has no tokenizer.model")
+        raise CheckpointError(f"checkpoint {tag_dir} has no tokenizer.model")
     try:
         return spm.SentencePieceProcessor(model_file=str(f))
     except Exception as e:
-        raise EvalError(f"{f} is not a sentencepiece model: {str(e).splitlines()[0]}") from None
-
-
-def token_loss(model, batches: Iterable[Tuple[torch.Tensor, torch.Tensor, torch.Tensor]],
-               device, group=None) -> Dict:
-    """Mean token loss of ``model`` over ``batches`` of ``(ids, position_ids, labels)``, summed
-    in fp64 on ``device`` and over the ranks of ``group`` (one host sync at the end): the
-    evaluation of both the trainer (each data-parallel rank its share of the validation
-    sequences) and ``dsq eval``. Returns ``{"loss", "ppl", "tokens"}``."""
-    from dsq.distributed import all_reduce_host
-
-    total = torch.zeros((), dtype=torch.float64, device=device)
-    count = 0
-    with torch.no_grad():
-        for ids, pos, labels in batches:
-            losses = model(ids, pos, None, labels=labels).float()
-            total += losses.double().sum()
-            count += losses.numel()
-    loss_sum, count = all_reduce_host([total.item(), count], "sum", group=group)
-    if count == 0:
-        raise EvalError("no validation tokens to evaluate")
-    loss = loss_sum / count
-    return {"loss": loss, "ppl": math.exp(min(loss, 50.0)), "tokens": int(count)}
-
-
-def evaluate_checkpoint(path: str, data: List[str], max_seqs: Optional[int] = None) -> Dict:
-    from dsq.data.prepare import load_documents
-    from dsq.distributed import shutdown
-
-    tag_dir = resolve_checkpoint(path)
-    sp = load_tokenizer(tag_dir)
-    docs = load_documents(list(data))
-    enc = _encoder(sp)
-    ids = []
-    for text in docs["text"]:
-        ids.extend(enc(text))
-        ids.append(sp.eos_id())
-    try:
-        model, cfg, tag_dir = load_model(str(tag_dir))
-        L = cfg.model.seq_len
-        n = (len(ids) - 1) // L
-        if n < 1:
-            raise EvalError(f"{data} has {len(ids)} tokens, fewer than one window of {L + 1}")
-        if max_seqs:
-            n = min(n, max_seqs)
-        tokens = torch.from_numpy(np.asarray(ids[: n * L + 1], dtype=np.int64))
-        bs = max(1, cfg.train.micro_batch)
-        pos = torch.arange(L).unsqueeze(0)
-
-        def batches():
-            for i in range(0, n, bs):
-                rows = torch.stack([tokens[j * L: j * L + L + 1] for j in range(i, min(n, i + bs))])
-                yield rows[:, :-1], pos.expand(rows.shape[0], -1), rows[:, 1:]
-
-        res = token_loss(model, batches(), "cpu")
-    finally:
-        shutdown()
-    return dict(res, checkpoint=str(tag_dir))
-
-
-def _encoder(sp):
-    """dsq's text encoder for ``sp`` (the same one ``dsq prepare`` uses)."""
-    from dsq.hf_tokenizer import dsq_encoder
-
-    return dsq_encoder(sp)
+        raise CheckpointError(f"{f} is not a sentencepiece model: {str(e).splitlines()[0]}") from None

@@ -22,7 +22,6 @@ from typing import Dict, List, Optional
 
 import torch
 
-from dsq.checkpoint import MARKER
 from dsq.optim.codec import (
     Fmt,
     fp32_index,
@@ -32,6 +31,7 @@ from dsq.optim.codec import (
     piece_codes,
 )
 from dsq.optim.layout import layout_from_meta, n_blocks
+from dsq.run.checkpoint import MARKER
 
 ZERO_RE = re.compile(r"^(bf16_)?zero_pp_rank_(\d+)_mp_rank_(\d+)_optim_states\.pt$")
 MODEL_RE = re.compile(r"^mp_rank_(\d+)_model_states\.pt$")
@@ -291,7 +291,7 @@ def _reshard_qadamw(states: List[Dict], metas: List[Dict], group: Dict, L: int, 
 
 def main(argv=None) -> None:
     """``dsq ckpt reshard CKPT_DIR --dp N [--tag TAG] [--out DIR]`` (also
-    ``python -m dsq.reshard ...``)."""
+    ``python -m dsq.run.reshard ...``)."""
     import argparse
 
     ap = argparse.ArgumentParser(prog="dsq ckpt reshard", description=reshard_checkpoint.__doc__

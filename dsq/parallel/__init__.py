@@ -1,4 +1,5 @@
-"""Process groups, megatron-core parallel state, and the one place DeepSpeed is initialised.
+"""Process groups, megatron-core parallel state, and the host-side collectives (DeepSpeed's
+engine and config: :mod:`dsq.parallel.engine`).
 
 Launchers: ``deepspeed`` and ``torchrun`` set RANK / WORLD_SIZE / LOCAL_RANK /
 MASTER_ADDR / MASTER_PORT; under ``srun`` they are derived from SLURM's variables; with no
@@ -20,7 +21,6 @@ tensors inside the model and the optimizer (tested by ``tests/test_architecture.
 
 from __future__ import annotations
 
-import json
 import os
 import socket
 from dataclasses import dataclass
@@ -141,77 +141,6 @@ def shutdown() -> None:
         else:
             os.environ[k] = v
     _ENV_BEFORE.clear()
-
-
-class MegatronMPU:
-    """The ``mpu`` object DeepSpeed expects, backed by megatron-core's ``parallel_state``."""
-
-    # DeepSpeed's name -> megatron-core's (model parallelism is tensor parallelism here)
-    NAMES = {
-        "get_model_parallel_rank": "get_tensor_model_parallel_rank",
-        "get_model_parallel_world_size": "get_tensor_model_parallel_world_size",
-        "get_model_parallel_group": "get_tensor_model_parallel_group",
-        **{n: n for n in ("get_tensor_model_parallel_rank", "get_tensor_model_parallel_world_size",
-                          "get_tensor_model_parallel_group", "get_tensor_model_parallel_src_rank",
-                          "get_data_parallel_rank", "get_data_parallel_world_size",
-                          "get_data_parallel_group")},
-    }
-
-    def __init__(self):
-        from megatron.core import parallel_state as ps
-
-        self.ps = ps
-
-    def __getattr__(self, name: str):
-        if name in MegatronMPU.NAMES:
-            return getattr(self.ps, MegatronMPU.NAMES[name])
-        raise AttributeError(name)
-
-    def get_pipeline_model_parallel_world_size(self) -> int:
-        return 1
-
-    def get_pipeline_model_parallel_rank(self) -> int:
-        return 0
-
-
-def deepspeed_config(cfg, dp_size: int) -> dict:
-    """The DeepSpeed JSON, generated from the typed config (never edited by hand)."""
-    t, ds = cfg.train, cfg.deepspeed
-    gas = t.global_batch // (t.micro_batch * dp_size)
-    out = {
-        "train_batch_size": t.global_batch,
-        "train_micro_batch_size_per_gpu": t.micro_batch,
-        "gradient_accumulation_steps": gas,
-        "gradient_clipping": cfg.optim.grad_clip,
-        "zero_allow_untested_optimizer": True,
-        "zero_optimization": {"stage": ds.zero_stage},
-        "steps_per_print": 10**9,
-        "wall_clock_breakdown": False,
-        "checkpoint": {"load_universal": False},
-    }
-    if ds.zero_stage > 0:
-        out["zero_optimization"].update(
-            contiguous_gradients=True, overlap_comm=False, reduce_scatter=True,
-            round_robin_gradients=False)
-    if ds.precision == "bf16":
-        out["bf16"] = {"enabled": True}
-        out["data_types"] = {"grad_accum_dtype": "fp32"}
-    return out
-
-
-def initialize_engine(cfg, model, optimizer, lr_scheduler, dp_size: int):
-    """``deepspeed.initialize`` for dsq: the only call site in the code base."""
-    import deepspeed
-
-    ds_cfg = deepspeed_config(cfg, dp_size)
-    engine, optimizer, _, lr_scheduler = deepspeed.initialize(
-        model=model, optimizer=optimizer, lr_scheduler=lr_scheduler, config=ds_cfg,
-        mpu=MegatronMPU(), dist_init_required=False)
-    return engine, optimizer, lr_scheduler, ds_cfg
-
-
-def dumps(obj) -> str:
-    return json.dumps(obj, indent=2, sort_keys=True)
 
 
 def device() -> torch.device:

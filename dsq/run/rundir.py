@@ -210,9 +210,9 @@ def claim(lock: RunLock, cfg, dp_size: int, tp_size: int, log=print
     :class:`RunDirError` says why the run cannot start."""
     from omegaconf import OmegaConf
 
-    from dsq import checkpoint
     from dsq.config import flatten, to_dict
     from dsq.log import warn
+    from dsq.run import checkpoint
 
     out_dir = Path(cfg.train.out_dir).resolve()
     ckpt_dir = out_dir / "checkpoints"
@@ -233,7 +233,7 @@ def claim(lock: RunLock, cfg, dp_size: int, tp_size: int, log=print
                 f"run has {dp_size}: convert it first with `dsq ckpt reshard "
                 f"{ckpt_dir} --dp {dp_size}` (or set train.reshard=auto), or "
                 f"launch {old_dp * tp_size} ranks")
-        from dsq.reshard import reshard_checkpoint
+        from dsq.run.reshard import reshard_checkpoint
 
         reshard_checkpoint(ckpt_dir, tag, dp_size)
         log(f"resharded {tag_dir} from dp={old_dp} to dp={dp_size} "

@@ -16,7 +16,7 @@ LayerNorm and a bias-free LM head, tied or not to the input embedding. That is
 that differs (gated MLP, RMSNorm, grouped-query attention, rotary positions, ...).
 
 Weight layout: the checkpoint's tensor-parallel shards are merged first
-(:func:`dsq.evaluate.merged_state_dict`); megatron's fused QKV weight ``[heads*3*head_dim,
+(:func:`dsq.run.load.merged_state_dict`); megatron's fused QKV weight ``[heads*3*head_dim,
 hidden]`` holds, per head, that head's q, k, v rows one after the other, GPT-2's ``c_attn``
 is a ``Conv1D`` (``y = x W + b``, weight ``[in, out]``) whose outputs are all q, then all k,
 then all v; the other linears are transposed into ``Conv1D``'s ``[in, out]``.
@@ -43,14 +43,13 @@ from typing import Dict, List
 import torch
 
 from dsq import log
-from dsq.evaluate import EvalError
 
 WEIGHTS = ("quantized", "trained")
 INSTALL_HINT = ("dsq export needs transformers and safetensors: pip install 'dsq[export]' "
                 "(or pip install transformers safetensors)")
 
 
-class ExportError(EvalError):
+class ExportError(ValueError):
     """The checkpoint cannot be exported as asked; the message says why and what to do."""
 
 
@@ -172,15 +171,15 @@ def export(path: str, out_dir: str, weights: str = "quantized",
            warn=log.warn) -> Dict:
     """Export the checkpoint at ``path`` into the new directory ``out_dir``; returns the
     contents of ``dsq_export.json``. Raises :class:`ExportError` (or
-    :class:`dsq.evaluate.EvalError`) with one message on any problem."""
+    :class:`dsq.run.load.CheckpointError`) with one message on any problem."""
     if weights not in WEIGHTS:
         raise ExportError(f"--weights {weights!r}: use one of {', '.join(WEIGHTS)}")
     out = Path(out_dir)
     if out.exists():
         raise ExportError(f"{out_dir} already exists: give a new directory")
-    from dsq import hf_tokenizer
-    from dsq.distributed import shutdown
-    from dsq.evaluate import load_model, load_tokenizer, resolve_checkpoint
+    from dsq.parallel import shutdown
+    from dsq.run.load import load_model, load_tokenizer, resolve_checkpoint
+    from dsq.tools import hf_tokenizer
 
     tag_dir = resolve_checkpoint(path)
     require_transformers()

@@ -9,10 +9,10 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, List, Optional, Sequence
 
-from dsq.kernel_choice import ALIASES as _KERNEL_ALIASES
-from dsq.kernel_choice import NAMES as _KERNEL_NAMES
+from dsq.native.kernel_choice import ALIASES as _KERNEL_ALIASES
+from dsq.native.kernel_choice import NAMES as _KERNEL_NAMES
 
-PACKAGE_DIR = Path(__file__).resolve().parent
+PACKAGE_DIR = Path(__file__).resolve().parents[1]
 DEFAULT_CORPUS = PACKAGE_DIR / "data" / "corpus" / "shakespeare"
 
 
@@ -157,7 +157,7 @@ class OptimConfig:
     """qadamw: quantize v with the signed symmetric quantizer, as the study's code does (half the
     levels, small v flushed to 0): it diverges; kept to show why dsq's v is unsigned."""
     kernel: str = field(default="auto", metadata=_KERNEL)
-    """qadamw update kernel: auto | native | reference | compile (dsq.kernel_choice; ``cpp`` and
+    """qadamw update kernel: auto | native | reference | compile (dsq.native.kernel_choice; ``cpp`` and
     ``eager`` are old names of native and reference). ``$DSQ_OPTIM_KERNEL`` wins over it."""
 
     def validate(self) -> None:
@@ -215,7 +215,7 @@ class QuantConfig:
     GEMMs with int32 accumulation where the formats allow it."""
     kernel: str = field(default="auto", metadata=_KERNEL)
     """Quantization and rescale kernels of compute: int8: auto | native | reference | compile
-    (dsq.kernel_choice). ``$DSQ_QUANT_KERNEL`` wins over it."""
+    (dsq.native.kernel_choice). ``$DSQ_QUANT_KERNEL`` wins over it."""
     backward_operands: str = choice("quantized", ("quantized", "full"))
     """quantized: backward GEMMs use the quantized W and X (the gradient of the quantized
     forward); full: W and X in full precision, as the study's code does (keeps X for backward

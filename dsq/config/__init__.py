@@ -1,4 +1,4 @@
-"""Typed configuration: dataclasses are the schema (:mod:`dsq.schema`), YAML files and ``a.b=c``
+"""Typed configuration: dataclasses are the schema (:mod:`dsq.config.schema`), YAML files and ``a.b=c``
 overrides are data.
 
 Precedence (later wins): dataclass defaults < model preset < YAML files in the order given <
@@ -17,7 +17,7 @@ from typing import List, Optional, Sequence
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from dsq.schema import (  # noqa: F401  (the schema is part of this module's interface)
+from dsq.config.schema import (  # noqa: F401  (the schema is part of this module's interface)
     DEFAULT_CORPUS,
     PACKAGE_DIR,
     PRESETS,

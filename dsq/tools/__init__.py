@@ -1,0 +1,1 @@
+"""Commands on finished or running runs: eval, generate, export to Hugging Face."""
