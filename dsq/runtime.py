@@ -21,7 +21,7 @@ first large allocation.
 A training step allocates and frees tens of megabytes of activations, codes and gradients. With
 glibc's defaults, tensors above a moving mmap threshold are fresh ``mmap``s that page-fault in
 4 KiB pages on first touch and are unmapped again on free, and freed heap tops are returned to
-the kernel: a noticeable share of a CPU step (README, Performance), by how much depends on
+the kernel: a noticeable share of a CPU step (docs/performance.md), by how much depends on
 what ran before. dsq therefore
 
 * sets ``THP_MEM_ALLOC_ENABLE=1`` (PyTorch's CPU allocator then asks for transparent huge pages

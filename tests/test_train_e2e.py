@@ -282,11 +282,14 @@ def _run_in_terminal(cmd, timeout: int = 600):
 
 
 def test_readme_first_command_is_smooth_and_quiet(data_cache, tmp_path):
-    """The README's first command (tiny config, 2 ranks, in a terminal): no loss spike (no step
-    after step 10 above 1.15x the lowest loss before it) and at most 10 lines besides the
-    progress bar and the final summary."""
+    """The README's first command (tiny config, w8a8g8 with 8-bit states and integer GEMMs, 2
+    ranks, in a terminal): no loss spike (no step after step 10 above 1.15x the lowest loss
+    before it), every linear quantized, and at most 10 lines besides the progress bar and the
+    final summary."""
     out = tmp_path / "run"
     code, text = _run_in_terminal(["bash", "launch/local.sh", "2", "configs/tiny.yaml",
+                                   "configs/recipes/w8a8g8.yaml",
+                                   "configs/recipes/optim/m8v8.yaml", "quant.compute=int8",
                                    f"train.out_dir={out}", f"data.cache_dir={data_cache}",
                                    f"tracking.uri=sqlite:///{tmp_path / 'mlflow.db'}"])
     assert code == 0, text[-3000:]
@@ -296,6 +299,8 @@ def test_readme_first_command_is_smooth_and_quiet(data_cache, tmp_path):
     assert spikes == [], {s: loss[s] for s in spikes}
     summary = json.loads((out / "summary.json").read_text())
     assert summary["loss_spikes"] == [] and summary["train_loss"] < 5.2
+    assert summary["quantized_layers"] == 9, summary
+    assert "quantized linears: 9" in text, text[-3000:]
     lines = [ln for ln in text.replace("\r\n", "\n").split("\n") if ln.strip()]
     bar = [ln for ln in lines if "\r" in ln or ln.startswith("train:")]
     final = [ln for ln in lines if ln.startswith(("done:", "results:", "MLflow:", "  view it:"))]

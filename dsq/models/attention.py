@@ -23,7 +23,7 @@ def cpu_upcast(q: torch.Tensor) -> bool:
 
     PyTorch's CPU flash attention handles small heads badly in bf16: with head dimensions of at
     most 32 and at most 512 positions a causal layer runs faster in fp32, the casts included;
-    from head dimension 64 or 1024 positions on, bf16 wins (timings: README, Performance).
+    from head dimension 64 or 1024 positions on, bf16 wins (timings: docs/performance.md).
     """
     if q.device.type != "cpu" or q.dtype not in (torch.bfloat16, torch.float16):
         return False

@@ -9,7 +9,7 @@ micro-kernel's VNNI layout, each ``64 x 64`` int32 tile is rescaled (``acc * row
 col_scale + bias``, the arithmetic of :func:`dsq.quant.gemm.rescale` operation for operation)
 and written as fp32 or bf16 while it is in cache, so no int32 matrix ever reaches memory.
 
-Its throughput against ``torch.mm`` and ``torch._int_mm``: the README's Performance section.
+Its throughput against ``torch.mm`` and ``torch._int_mm``: docs/performance.md.
 
 Built once (:data:`LIBRARY`, :mod:`dsq.native`) with the system C++ compiler against the
 installed PyTorch headers with explicit flags for its AVX-512 epilogue
@@ -108,7 +108,7 @@ def status() -> str:
 def int8_outlook(flags=None) -> tuple[bool, str]:
     """Whether integer GEMMs are expected to beat the fastest float GEMM on a CPU with
     ``flags`` (default: this one's), and the hardware that decides it, as one clause. From the
-    measurements in the README's Performance section (``torch._int_mm`` against fp32 and bf16
+    measurements in docs/performance.md (``torch._int_mm`` against fp32 and bf16
     GEMMs at ``dsq bench linear``'s shapes)."""
     from dsq.native import cpu_flags, has_native_bf16, int8_units
 

@@ -27,8 +27,8 @@ first call) or :func:`set_kernel`:
 * ``compile`` (opt-in): the same kernels as plain tensor code under ``torch.compile``
   (inductor's C++/OpenMP on CPU, Triton on GPU), also bit-identical on CPU. On a CPU it costs
   compilation time per kernel (a training run compiles some 15 graphs), the resident memory of
-  dynamo and inductor and guard checks per call, and runs slower than ``cpp`` (README,
-  Performance), so it is not the default there.
+  dynamo and inductor and guard checks per call, and runs slower than ``cpp`` (docs/performance.md),
+  so it is not the default there.
 
 Stochastic rounding and ``check_finite`` always run eager.
 

@@ -61,7 +61,7 @@ def test_start_up_line_names_the_cpu_and_its_kernels(monkeypatch):
 
 
 def test_int8_outlook_by_cpu():
-    """Where integer GEMMs beat the fastest float GEMM (the README's measurements), and why."""
+    """Where integer GEMMs beat the fastest float GEMM (measured: docs/performance.md), and why."""
     from dsq.quant.cpu_gemm import int8_outlook
     from tests.test_isa import CPUS
 
