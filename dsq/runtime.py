@@ -198,6 +198,16 @@ def log_level() -> int:
     return level if isinstance(level, int) else logging.WARNING
 
 
+class _KnownDeepSpeedWarnings:
+    """Drops DeepSpeed warnings about choices dsq makes deliberately."""
+
+    KNOWN = ("You are using ZeRO with an untested optimizer",)
+
+    def filter(self, record) -> bool:
+        msg = record.getMessage()
+        return not any(k in msg for k in self.KNOWN)
+
+
 def quiet_libraries() -> None:
     """Hide the INFO lines of DeepSpeed, MLflow (database set-up, system metrics) and alembic
     unless ``DSQ_LOG_LEVEL`` is INFO or lower; also the shm op's build message on CPU ranks."""
@@ -209,6 +219,10 @@ def quiet_libraries() -> None:
     for name in ("mlflow", "alembic", "DeepSpeed", "deepspeed", "datasets"):
         logging.getLogger(name).setLevel(level)
     if not verbose:
+        # dsq hands DeepSpeed QAdamW on purpose (zero_allow_untested_optimizer): not a warning
+        ds_logger = logging.getLogger("DeepSpeed")
+        if not any(isinstance(f, _KnownDeepSpeedWarnings) for f in ds_logger.filters):
+            ds_logger.addFilter(_KnownDeepSpeedWarnings())
         if not _cuda_present():  # DeepSpeed's "unable to detect" warning becomes an INFO line
             os.environ.setdefault("DS_ACCELERATOR", "cpu")
         try:

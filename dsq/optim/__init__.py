@@ -84,6 +84,18 @@ def build_optimizer(model: torch.nn.Module, cfg, kernel=None) -> torch.optim.Opt
     raise ValueError(f"optim.name={cfg.name!r} is not available")
 
 
+def optimizer_line(cfg) -> str:
+    """The start-up line of the ``optim`` section: the optimizer and its state format."""
+    if cfg.name != "qadamw":
+        return f"{cfg.name}, fp32 moments"
+    fmt = lambda bits, name: f"{name} fp32" if bits == 32 else f"{name} {bits}-bit"
+    block = (f"blocks of {cfg.block_size}" if isinstance(cfg.block_size, int)
+             else f"one scale per {cfg.block_size}")
+    return (f"qadamw, {fmt(cfg.m_bits, 'm')}, {fmt(cfg.v_bits, 'v')} ({cfg.v_domain}"
+            f"{', signed' if cfg.v_signed else ''}), {block}, quantized states for "
+            f"{cfg.quantize} parameters")
+
+
 def optimizer_state_bytes(optimizer) -> int:
     """Bytes of tensors held in the optimizer state of this rank (its ZeRO partition only).
 
@@ -100,5 +112,6 @@ def optimizer_state_bytes(optimizer) -> int:
     return total
 
 
-__all__ = ["QAdamW", "attach_to_engine", "build_optimizer", "optimizer_state_bytes",
+__all__ = ["QAdamW", "attach_to_engine", "build_optimizer", "optimizer_line",
+           "optimizer_state_bytes",
            "param_groups", "param_kind"]

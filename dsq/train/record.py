@@ -13,7 +13,14 @@ from typing import Dict, List, Optional
 
 from dsq.config import Config, flatten, to_dict
 from dsq.run.info import run_provenance
-from dsq.tracking import RUN_ARTIFACTS, Tracker, plot_loss_curve, read_metrics_log
+from dsq.tracking import (
+    RUN_ARTIFACTS,
+    Tracker,
+    normalize_uri,
+    plot_loss_curve,
+    read_metrics_log,
+    ui_command,
+)
 
 
 class RunRecord:
@@ -87,6 +94,20 @@ class RunRecord:
         for name in RUN_ARTIFACTS:
             if name in ("summary.json", "loss_curve.png") and (self.out_dir / name).is_file():
                 self.tracker.log_artifact(self.out_dir / name)
+
+    def print_result(self, summary: Dict) -> None:
+        """The last lines of a run: its numbers, where they are, and how to see them."""
+        if not self.enabled:
+            return
+        print(f"\ndone: step {summary['final_step']}  train loss {summary['train_loss']:.4f}  "
+              f"val loss {summary['val_loss']:.4f}  val ppl {summary['val_ppl']:.2f}  "
+              f"{summary['tokens_per_s']:,.0f} tokens/s")
+        print(f"results: {self.out_dir / 'summary.json'}")
+        if self.cfg.tracking.enabled:
+            uri = normalize_uri(self.cfg.tracking.uri)
+            print(f"MLflow: experiment '{self.cfg.tracking.experiment}', run "
+                  f"{summary['mlflow_run_id']} in {uri}\n  view it: "
+                  f"{ui_command(uri, self.tracker.experiment_id)}")
 
     def close(self, status: str) -> None:
         """End the MLflow run with ``status`` (idempotent); says so when operations are left."""

@@ -33,8 +33,10 @@ from dsq.parallel import (
 )
 from dsq.parallel.engine import dumps, initialize_engine
 from dsq.run.info import num_nodes, peak_gpu_bytes, peak_rss_bytes
+from dsq.optim import optimizer_line
+from dsq.quant import LinearQuant
 from dsq.run.rundir import RunDirError, RunLock, claim
-from dsq.tracking import Tracker, normalize_uri, ui_command
+from dsq.tracking import Tracker
 from dsq.train.components import Checkpointer, EvalSchedule, StepLogger
 from dsq.train.evaluation import token_loss
 from dsq.train.record import RunRecord
@@ -204,7 +206,10 @@ class Trainer:
                                  enabled=self.env.is_main)
         self.log(f"model: {cfg.model.preset} {self.params / 1e6:.2f}M parameters, "
                  f"tp={self.tp_size} dp={self.dp_size} zero={cfg.deepspeed.zero_stage} "
-                 f"{cfg.deepspeed.precision}; quantized linears: {len(self.quantized)}")
+                 f"{cfg.deepspeed.precision}; quantized linears: {len(self.quantized)}"
+                 + (f" ({LinearQuant.from_config(cfg.quant)}, {cfg.quant.compute})"
+                    if self.quantized else ""))
+        self.log(f"optimizer: {optimizer_line(cfg.optim)}")
         if cfg.quant.compute == "int8" or cfg.optim.name == "qadamw" or self.kernel_choice.env:
             self.log(runtime.kernels_line(self.kernels))
 
@@ -384,13 +389,5 @@ def run(cfg: Config, env: DistEnv) -> Dict:
             if env.is_main:
                 print(f"\n{e}", flush=True)
             raise
-    if env.is_main:
-        uri = normalize_uri(cfg.tracking.uri)
-        print(f"\ndone: step {summary['final_step']}  train loss {summary['train_loss']:.4f}  "
-              f"val loss {summary['val_loss']:.4f}  val ppl {summary['val_ppl']:.2f}  "
-              f"{summary['tokens_per_s']:,.0f} tokens/s")
-        print(f"results: {trainer.out_dir / 'summary.json'}")
-        if cfg.tracking.enabled:
-            print(f"MLflow: experiment '{cfg.tracking.experiment}', run {summary['mlflow_run_id']}"
-                  f" in {uri}\n  view it: {ui_command(uri, trainer.tracker.experiment_id)}")
+    trainer.record.print_result(summary)
     return summary
