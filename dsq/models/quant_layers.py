@@ -216,7 +216,7 @@ def apply_quantization(model: torch.nn.Module, quant_section: Any) -> list[str]:
 def _report_int8(qc: LinearQuant, names: list[str]) -> None:
     """Say once (rank 0, on stderr, whatever the warning filters) which GEMMs run as integer
     GEMMs and which fall back to simulation."""
-    from dsq.quant.recipe import describe_plan
+    from dsq.quant.plan import describe_plan
 
     if dist.is_available() and dist.is_initialized() and dist.get_rank() != 0:
         return

@@ -159,7 +159,7 @@ def test_quantized_backward_operands_differ_from_the_authors_backward(bits, lo, 
 
 
 def test_full_backward_under_int8_runs_float_backward_gemms_equal_to_simulate():
-    from dsq.quant.recipe import describe_plan
+    from dsq.quant.plan import describe_plan
 
     qc = _study_qc(8, compute="int8")
     nomin = dataclasses.replace(
