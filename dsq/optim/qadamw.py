@@ -262,11 +262,13 @@ class QAdamW(torch.optim.Optimizer):
                         f"differently ({_short(metas[gi][j])} vs {_short(self.layout(p, g).meta)});"
                         f" convert it with dsq.optim.reshard_checkpoint")
         state = defaultdict(dict)
+        groups = {id(p): g for g in self.param_groups for p in g["params"]}
         for pid, s in state_dict["state"].items():
             p = id_map[pid]
-            state[p] = {k: (v.to(p.device) if torch.is_tensor(v) else v) for k, v in s.items()}
-            if torch.is_tensor(state[p].get("step")):
-                state[p]["step"] = int(state[p]["step"].item())
+            if s:
+                g = groups[id(p)]
+                state[p] = MomentState.of(s, self.layout(p, g), Fmt.of(g)).loaded(
+                    p.device).state_dict()
         self.state = state
         for g, sg in zip(self.param_groups, saved_groups):
             for k, v in sg.items():

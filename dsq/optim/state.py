@@ -67,6 +67,22 @@ class MomentState:
         return cls(lay, fmt, sd["step"], sd.get(m.key), sd.get(v.key), sd.get(m.scales_key),
                    sd.get(v.scales_key), sd["exp_avg"], sd["exp_avg_sq"])
 
+    def loaded(self, device) -> "MomentState":
+        """This state (read from a checkpoint) on ``device``, checked against its layout and
+        formats: the dtype and size of every tensor; ValueError otherwise."""
+        want = MomentState.zeros(self.lay, self.fmt, torch.empty(self.lay.numel, device="meta"))
+        step = int(self.step.item()) if torch.is_tensor(self.step) else self.step
+        got = [None if t is None else t.to(device) for t in (
+            self.m, self.v, self.m_scales, self.v_scales, self.exp_avg, self.exp_avg_sq)]
+        for name, t, w in zip(("m", "v", "m_scales", "v_scales", "exp_avg", "exp_avg_sq"), got,
+                              (want.m, want.v, want.m_scales, want.v_scales, want.exp_avg,
+                               want.exp_avg_sq)):
+            if (t is None) != (w is None) or (t is not None and (
+                    t.dtype != w.dtype or t.numel() != w.numel())):
+                raise ValueError(f"optimizer state {name}: the checkpoint holds "
+                                 f"{_describe(t)}, this layout needs {_describe(w)}")
+        return MomentState(self.lay, self.fmt, step, *got)
+
     def state_dict(self) -> Dict:
         """``state[p]`` as the optimizer holds it and checkpoints store it (same tensors)."""
         sd: Dict = {"step": self.step}
@@ -160,3 +176,7 @@ def _per_element(scales: torch.Tensor, pc: Piece):
     if pc.kind == "rows":
         return scales.repeat_interleave(pc.width)[:pc.length]
     return scales[0]
+
+
+def _describe(t: Optional[torch.Tensor]) -> str:
+    return "nothing" if t is None else f"{t.numel()} {t.dtype}"

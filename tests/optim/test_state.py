@@ -179,3 +179,23 @@ def test_formats_layout_state_import_one_way():
         got |= {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names
                 if a.name.startswith("dsq")}
         assert got == allowed, mod
+
+
+def test_a_state_that_does_not_fit_its_layout_is_refused_on_load():
+    torch.manual_seed(0)
+    ps = [torch.randn(512)]
+    opt = QAdamW(ps, kernel="eager")
+    ps[0].grad = torch.randn(512)
+    opt.step()
+    sd = opt.state_dict()
+    bad = {k: v for k, v in sd.items()}
+    bad["state"] = {0: dict(sd["state"][0], m_codes=sd["state"][0]["m_codes"].to(torch.uint8))}
+    with pytest.raises(ValueError, match="optimizer state m: the checkpoint holds 512 "
+                                         "torch.uint8, this layout needs 512 torch.int8"):
+        QAdamW([torch.zeros(512)], kernel="eager").load_state_dict(bad)
+    bad["state"] = {0: dict(sd["state"][0], v_scales=sd["state"][0]["v_scales"][:1])}
+    with pytest.raises(ValueError, match="optimizer state v_scales: the checkpoint holds 1 "):
+        QAdamW([torch.zeros(512)], kernel="eager").load_state_dict(bad)
+    again = QAdamW([torch.zeros(512)], kernel="eager")
+    again.load_state_dict(sd)
+    assert again.state[again.param_groups[0]["params"][0]]["step"] == 1
