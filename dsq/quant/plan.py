@@ -196,52 +196,51 @@ def plan_for(qc: LinearQuant, dw_x_left: bool | None) -> LinearPlan:
     """The plan of ``qc`` when ``dW``'s GEMM takes ``X`` (True: ``in <= out``, ``dW^T = X^T G``)
     or ``G`` (False) as its row-major left operand, or, with None, a plan whose codes are never
     packed (a description)."""
-    fwd, dx, dw = _gemm_fallbacks(qc)
-    k_fwd, k_dx, k_dw = (GemmKind.FLOAT if r else GemmKind.INT8 for r in (fwd, dx, dw))
-    reasons = tuple(r or "both operands are integer codes with scales off its reduced "
-                    "dimension" for r in (fwd, dx, dw))
-    full = qc.backward_operands is BackwardOperands.FULL
+    reasons = _gemm_fallbacks(qc)
+    k_fwd, k_dx, k_dw = (GemmKind.FLOAT if r else GemmKind.INT8 for r in reasons)
+    X, W, G = Operand.X, Operand.W, Operand.G
+    FWD, DX, DW = Gemm.FORWARD, Gemm.INPUT_GRAD, Gemm.WEIGHT_GRAD
     a, w, g = qc.activation, qc.weight, qc.grad
-    g_dx = g if qc.grad_gemms is not GradGemms.WEIGHT else None
-    g_dw = g if qc.grad_gemms is not GradGemms.INPUT else None
-    F, I, G = Gemm.FORWARD, Gemm.INPUT_GRAD, Gemm.WEIGHT_GRAD
-    X, W, Gr = Operand.X, Operand.W, Operand.G
+    grad_gemms = f"grad_gemms={qc.grad_gemms}"
+
+    def held(fmt):  # a backward use of the forward's cast: its codes, or the operand itself
+        return Saved.CODES if fmt is not None else Saved.FULL
 
     # backward's W and X: the forward's codes, the full operand requantized per column (an
     # integer GEMM's scales must not vary along its reduced dimension), or the full operand
-    if full:
-        w_dx = Cast(W, I, None, Axis.ROW, Saved.FULL, False, k_dx, "backward_operands=full")
-        x_dw = Cast(X, G, None, Axis.ROW, Saved.FULL, False, k_dw, "backward_operands=full")
+    if qc.backward_operands is BackwardOperands.FULL:
+        why = "backward_operands=full"
+        w_dx = Cast(W, DX, None, Axis.ROW, Saved.FULL, False, k_dx, why)
+        x_dw = Cast(X, DW, None, Axis.ROW, Saved.FULL, False, k_dw, why)
     else:
         if k_dx is GemmKind.INT8 and w.granularity != "tensor":
-            w_dx = Cast(W, I, _per_column(w), Axis.COLUMN, Saved.FULL, True, k_dx,
+            w_dx = Cast(W, DX, _per_column(w), Axis.COLUMN, Saved.FULL, True, k_dx,
                         "requantized per input column in backward: dX reduces over out")
         else:
-            w_dx = Cast(W, I, w, Axis.ROW, Saved.CODES if w else Saved.FULL, False, k_dx,
-                        "the forward's Qw(W)")
+            w_dx = Cast(W, DX, w, Axis.ROW, held(w), False, k_dx, "the forward's Qw(W)")
         if k_dw is GemmKind.INT8 and a.granularity != "tensor":
-            x_dw = Cast(X, G, _per_column(a), Axis.COLUMN, Saved.CODES, dw_x_left is False,
+            x_dw = Cast(X, DW, _per_column(a), Axis.COLUMN, Saved.CODES, dw_x_left is False,
                         k_dw, "quantized per column in the forward: dW reduces over tokens")
         else:
-            x_dw = Cast(X, G, a, Axis.ROW, Saved.CODES if a else Saved.FULL, False, k_dw,
-                        "the forward's Qa(X)")
+            x_dw = Cast(X, DW, a, Axis.ROW, held(a), False, k_dw, "the forward's Qa(X)")
     if k_dw is GemmKind.INT8 and g.granularity != "tensor":
-        g_dw_cast = Cast(Gr, G, _per_column(g), Axis.COLUMN, Saved.NO, dw_x_left is True, k_dw,
-                         "quantized per column: dW reduces over tokens")
+        g_dw = Cast(G, DW, _per_column(g), Axis.COLUMN, Saved.NO, dw_x_left is True, k_dw,
+                    "quantized per column: dW reduces over tokens")
     else:
-        g_dw_cast = Cast(Gr, G, g_dw, Axis.ROW, Saved.NO, False, k_dw,
-                         f"grad_gemms={qc.grad_gemms}")
-    reuse = ((x_dw.saved is Saved.CODES and x_dw.axis is Axis.ROW),
-             w_dx.saved is Saved.CODES)
+        g_dw = Cast(G, DW, g if qc.grad_gemms is not GradGemms.INPUT else None, Axis.ROW,
+                    Saved.NO, False, k_dw, grad_gemms)
+    g_dx = Cast(G, DX, g if qc.grad_gemms is not GradGemms.WEIGHT else None, Axis.ROW,
+                Saved.NO, False, k_dx, grad_gemms)
+    # the forward's casts are saved where backward uses them as they are
+    x_saved = Saved.CODES if x_dw.saved is Saved.CODES and x_dw.axis is Axis.ROW else Saved.NO
+    w_saved = Saved.CODES if w_dx.saved is Saved.CODES else Saved.NO
     return LinearPlan(
-        recipe=qc, dw_left=None if dw_x_left is None else X if dw_x_left else Gr,
-        x_for_y=Cast(X, F, a, Axis.ROW, Saved.CODES if reuse[0] else Saved.NO, False, k_fwd,
-                     "the recipe's Qa"),
-        w_for_y=Cast(W, F, w, Axis.ROW, Saved.CODES if reuse[1] else Saved.NO, False, k_fwd,
-                     "the recipe's Qw"),
-        g_for_dx=Cast(Gr, I, g_dx, Axis.ROW, Saved.NO, False, k_dx,
-                      f"grad_gemms={qc.grad_gemms}"),
-        w_for_dx=w_dx, g_for_dw=g_dw_cast, x_for_dw=x_dw, gemm_reasons=reasons)
+        recipe=qc, dw_left=None if dw_x_left is None else X if dw_x_left else G,
+        x_for_y=Cast(X, FWD, a, Axis.ROW, x_saved, False, k_fwd, "the recipe's Qa"),
+        w_for_y=Cast(W, FWD, w, Axis.ROW, w_saved, False, k_fwd, "the recipe's Qw"),
+        g_for_dx=g_dx, w_for_dx=w_dx, g_for_dw=g_dw, x_for_dw=x_dw,
+        gemm_reasons=tuple(r or "both operands are integer codes with scales off its reduced "
+                           "dimension" for r in reasons))
 
 
 def describe_plan(qc: LinearQuant, kinds: list[str] | None = None) -> tuple[str, bool]:
