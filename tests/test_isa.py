@@ -13,7 +13,7 @@ import torch
 
 from dsq import native
 from dsq.optim import kernels as K
-from dsq.optim.codec import Fmt
+from dsq.optim.formats import Fmt
 from dsq.quant import cpu_kernels, fused, gemm
 from dsq.quant.format import QuantFormat
 from dsq.quant.functional import quantize

@@ -180,7 +180,7 @@ class OptimConfig:
         from dsq.optim.layout import check_block
 
         try:
-            check_block(self.block_size, self.m_bits, self.v_bits)
+            check_block(self.block_size)
         except ValueError as e:
             msg = str(e)
             raise ConfigError(msg if msg.startswith("optim.") else f"optim.{msg}") from None

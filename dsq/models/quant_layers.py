@@ -215,12 +215,13 @@ def apply_quantization(model: torch.nn.Module, quant_section: Any) -> list[str]:
 
 def _report_int8(qc: LinearQuant, names: list[str]) -> None:
     """Say once (rank 0, on stderr, whatever the warning filters) which GEMMs run as integer
-    GEMMs and which fall back to simulation."""
-    from dsq.quant.recipe import describe_plan
+    GEMMs and which in floating point; a warning where a quantized format keeps a GEMM from the
+    integer path, or where int8 does not pay on this CPU."""
+    from dsq.quant.plan import describe_plan
 
     if dist.is_available() and dist.is_initialized() and dist.get_rank() != 0:
         return
-    msg, fallback = describe_plan(qc, sorted({_kind(n) for n in names}))
+    msg, warn = describe_plan(qc, sorted({_kind(n) for n in names}))
     from dsq.quant.fused import engine
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -232,9 +233,9 @@ def _report_int8(qc: LinearQuant, names: list[str]) -> None:
 
         pays, why = int8_outlook()
         if not pays:  # the recipe trains the same, only slower than a float GEMM
-            fallback = True
+            warn = True
             msg += f"; int8 does not pay on this CPU: {why}"
-    print(f"dsq: {'warning: ' if fallback else ''}{msg}", file=sys.stderr, flush=True)
+    print(f"dsq: {'warning: ' if warn else ''}{msg}", file=sys.stderr, flush=True)
 
 
 def set_sqnr_capture(model: torch.nn.Module, on: bool) -> None:

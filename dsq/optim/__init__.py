@@ -8,8 +8,9 @@ into DeepSpeed as separate param groups so that ZeRO's flattening keeps them apa
 - ``no_decay``: biases and norm parameters (weight decay off).
 
 ``optim.name=qadamw`` builds :class:`QAdamW` (quantized moments: step in
-:mod:`dsq.optim.qadamw`, state codec :mod:`dsq.optim.codec`, layout :mod:`dsq.optim.layout`,
-update kernels :mod:`dsq.optim.kernels`, DeepSpeed attachment :mod:`dsq.optim.attach`);
+:mod:`dsq.optim.qadamw`; formats :mod:`dsq.optim.formats` <- layout :mod:`dsq.optim.layout`
+<- a flat tensor's state :mod:`dsq.optim.state`; update kernels :mod:`dsq.optim.kernels`,
+DeepSpeed attachment :mod:`dsq.optim.attach`);
 ``optim.quantize`` picks the kinds whose moments are quantized (``linear`` |
 ``linear+embedding`` | ``all``), the others keep fp32 moments.
 

@@ -34,7 +34,8 @@ whether it is processed whole by ``rows`` on one rank or split over two ranks th
 * ``compile``: :func:`rows_update` under ``torch.compile`` (opt-in, for GPUs; split blocks
   stay eager).
 
-The number formats and their storage are :mod:`dsq.optim.codec`'s.
+The number formats and their storage are :mod:`dsq.optim.formats`'s; the views of a piece's
+state come from :class:`dsq.optim.state.MomentState`.
 """
 
 
@@ -49,14 +50,7 @@ import torch
 
 from dsq.native import kernel_choice
 from dsq.native import Library
-from dsq.optim.codec import (
-    FP32,
-    Fmt,
-    code_len,
-    dequantize_m,
-    dequantize_v_raw,
-    quantize_moments,
-)
+from dsq.optim.formats import Fmt, code_len, quantize_moments
 
 EAGER_CHUNK = 1 << 17
 """Elements per eager chunk (temporaries of a chunk stay in L2)."""
@@ -115,9 +109,9 @@ def _f32(x: float) -> float:
 # ============================================================================ eager
 def _moments(g, mc, ms, vc, vs, n, fmt: Fmt, h: Hyper):
     """fp32 m, v and the stored v quantity (v or sqrt(v)) and sqrt(v); same op order as C."""
-    m = dequantize_m(mc, n, fmt.m_bits, ms)
+    m = fmt.m.dequantize(mc, n, ms)
     m = m * h.b1 + g * h.omb1
-    vr = dequantize_v_raw(vc, n, fmt.v_bits, vs)
+    vr = fmt.v.dequantize(vc, n, vs)
     v = vr * vr if fmt.v_sqrt else vr
     v = v * h.b2 + (g * g) * h.omb2
     r = _sqrt(v)
@@ -157,32 +151,22 @@ def rows_update(p, g, mc, ms, vc, vs, width: int, fmt: Fmt, h) -> None:
 
 
 class Kernel:
-    """Piece-level entry points used by QAdamW (``st``: a flat tensor's state, ``pc``: a piece
-    of :mod:`dsq.optim.layout`); they slice the state and call the tensor-level methods."""
+    """Piece-level entry points used by QAdamW (``state``: a flat tensor's
+    :class:`~dsq.optim.state.MomentState`, ``pc``: a piece of :mod:`dsq.optim.layout`); they
+    take the piece's views and call the tensor-level methods."""
 
-    def rows_piece(self, pf, gf, st, pc, fmt: Fmt, h: Hyper) -> None:
+    def rows_piece(self, pf, gf, state, pc, h: Hyper) -> None:
         a, r, w = pc.start, pc.rows, pc.width
-        lm, lv = code_len(w, fmt.m_bits), code_len(w, fmt.v_bits)
-        self.rows(pf[a:a + r * w].view(r, w), gf[a:a + r * w].view(r, w),
-                  st[fmt.m_key][pc.cm:pc.cm + r * lm].view(r, lm),
-                  st["m_scales"][pc.s:pc.s + r] if fmt.m_q else None,
-                  st[fmt.v_key][pc.cv:pc.cv + r * lv].view(r, lv),
-                  st["v_scales"][pc.s:pc.s + r] if fmt.v_q else None, r, w, fmt, h)
+        self.rows(pf[a:a + r * w].view(r, w), gf[a:a + r * w].view(r, w), *state.views(pc), r, w,
+                  state.fmt, h)
 
-    def _split_state(self, st, pc, fmt):
-        n = pc.length
-        return (st[fmt.m_key][pc.cm:pc.cm + code_len(n, fmt.m_bits)],
-                st["m_scales"][pc.s:pc.s + 1] if fmt.m_q else None,
-                st[fmt.v_key][pc.cv:pc.cv + code_len(n, fmt.v_bits)],
-                st["v_scales"][pc.s:pc.s + 1] if fmt.v_q else None)
-
-    def pass1_piece(self, pf, gf, st, pc, fmt: Fmt, h: Hyper) -> Tuple[float, float]:
+    def pass1_piece(self, pf, gf, state, pc, h: Hyper) -> Tuple[float, float]:
         a, n = pc.start, pc.length
-        return self.pass1(pf[a:a + n], gf[a:a + n], *self._split_state(st, pc, fmt), n, fmt, h)
+        return self.pass1(pf[a:a + n], gf[a:a + n], *state.views(pc), n, state.fmt, h)
 
-    def pass2_piece(self, gf, st, pc, fmt: Fmt, h: Hyper, am: float, av: float) -> None:
+    def pass2_piece(self, gf, state, pc, h: Hyper, am: float, av: float) -> None:
         a, n = pc.start, pc.length
-        self.pass2(gf[a:a + n], *self._split_state(st, pc, fmt), n, fmt, h, am, av)
+        self.pass2(gf[a:a + n], *state.views(pc), n, state.fmt, h, am, av)
 
 
 class EagerKernel(Kernel):
@@ -338,37 +322,36 @@ class CppKernel(Kernel):
         self._pass2(g.data_ptr(), mc.data_ptr(), _ptr(ms), vc.data_ptr(), _ptr(vs), n,
                     fmt, h, am, av)
 
-    # pieces of a flat tensor's state
+    # pieces of a flat tensor's state: pointers into its tensors, checked
     @staticmethod
-    def _ptrs(pf, gf, st, pc, fmt):
+    def _ptrs(pf, gf, state, pc):
         r = pc.rows if pc.kind == "rows" else 1
         w = pc.width if pc.kind == "rows" else pc.length
-        _check(fmt, pf, gf, st[fmt.m_key], st.get("m_scales"), st[fmt.v_key], st.get("v_scales"),
+        fmt = state.fmt
+        _check(fmt, pf, gf, state.m, state.m_scales, state.v, state.v_scales,
                pc.start + r * w, pc.cm + r * code_len(w, fmt.m_bits),
                pc.cv + r * code_len(w, fmt.v_bits), pc.s + r)
-        return (pf.data_ptr() + 4 * pc.start, gf.data_ptr() + 4 * pc.start,
-                st[fmt.m_key].data_ptr() + fmt.m_esize * pc.cm,
-                st["m_scales"].data_ptr() + 4 * pc.s if fmt.m_q else None,
-                st[fmt.v_key].data_ptr() + fmt.v_esize * pc.cv,
-                st["v_scales"].data_ptr() + 4 * pc.s if fmt.v_q else None)
 
-    def rows_piece(self, pf, gf, st, pc, fmt, h):
-        self._rows(*self._ptrs(pf, gf, st, pc, fmt), pc.rows, pc.width, fmt, h)
+        def at(t, off):
+            return None if t is None else t.data_ptr() + t.element_size() * off
 
-    def pass1_piece(self, pf, gf, st, pc, fmt, h):
-        return self._pass1(*self._ptrs(pf, gf, st, pc, fmt), pc.length, fmt, h)
+        return (at(pf, pc.start), at(gf, pc.start), at(state.m, pc.cm),
+                at(state.m_scales if fmt.m_q else None, pc.s), at(state.v, pc.cv),
+                at(state.v_scales if fmt.v_q else None, pc.s))
 
-    def pass2_piece(self, gf, st, pc, fmt, h, am, av):
-        _, g, mc, ms, vc, vs = self._ptrs(gf, gf, st, pc, fmt)
-        self._pass2(g, mc, ms, vc, vs, pc.length, fmt, h, am, av)
+    def rows_piece(self, pf, gf, state, pc, h):
+        self._rows(*self._ptrs(pf, gf, state, pc), pc.rows, pc.width, state.fmt, h)
+
+    def pass1_piece(self, pf, gf, state, pc, h):
+        return self._pass1(*self._ptrs(pf, gf, state, pc), pc.length, state.fmt, h)
+
+    def pass2_piece(self, gf, state, pc, h, am, av):
+        _, g, mc, ms, vc, vs = self._ptrs(gf, gf, state, pc)
+        self._pass2(g, mc, ms, vc, vs, pc.length, state.fmt, h, am, av)
 
 
 def _ptr(t: Optional[torch.Tensor]):
     return None if t is None else t.data_ptr()
-
-
-_M_DTYPE = {8: torch.int8, 4: torch.uint8, FP32: torch.float32}
-_V_DTYPE = {8: torch.uint8, 4: torch.uint8, FP32: torch.float32}
 
 
 def _check(fmt: Fmt, p, g, mc, ms, vc, vs, n: int, lm: int, lv: int, ns: int) -> None:
@@ -377,8 +360,8 @@ def _check(fmt: Fmt, p, g, mc, ms, vc, vs, n: int, lm: int, lv: int, ns: int) ->
     quantized moments' scales fp32 with ``ns``; all contiguous CPU tensors."""
     for t, dtype, k, what in ((p, torch.float32, n, "the parameter"),
                               (g, torch.float32, n, "the gradient"),
-                              (mc, _M_DTYPE[fmt.m_bits], lm, "m's storage"),
-                              (vc, _V_DTYPE[fmt.v_bits], lv, "v's storage"),
+                              (mc, fmt.m.dtype, lm, "m's storage"),
+                              (vc, fmt.v.dtype, lv, "v's storage"),
                               (ms if fmt.m_q else None, torch.float32, ns, "m's scales"),
                               (vs if fmt.v_q else None, torch.float32, ns, "v's scales")):
         if t is not None and (t.device.type != "cpu" or t.dtype != dtype

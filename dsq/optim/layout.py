@@ -43,7 +43,7 @@ from bisect import bisect_right
 from dataclasses import dataclass, field
 from typing import Dict, List, Sequence, Union
 
-from dsq.optim.codec import FP32, code_len
+from dsq.optim.formats import Fmt, code_len
 
 FUSE_MAX = 16384
 """Widest block updated by the one-pass ``rows`` kernel; wider per-tensor blocks are ``split``."""
@@ -51,14 +51,18 @@ FUSE_MAX = 16384
 Block = Union[int, str, List[int]]
 
 
-def check_block(block: Block, m_bits: int, v_bits: int) -> None:
-    if block in ("tensor", "row"):
+def check_block(block_size: Block) -> None:
+    """Raise ValueError unless ``block_size`` (``optim.block_size``, as configured) is an even
+    int in ``[2, FUSE_MAX]``, ``"tensor"`` or ``"row"``; pure (the config's validation calls
+    it). Even for every format: a block's 4-bit codes are packed in pairs, and the blocks of a
+    model do not depend on its moments' bits."""
+    if block_size in ("tensor", "row"):
         return
-    if not isinstance(block, int) or isinstance(block, bool) or block < 2 or block > FUSE_MAX:
-        raise ValueError(f"block_size={block!r}: use an even int in [2, {FUSE_MAX}], 'tensor' "
-                         f"or 'row'")
-    if block % 2:
-        raise ValueError(f"block_size={block} must be even (4-bit codes are packed in pairs)")
+    if (not isinstance(block_size, int) or isinstance(block_size, bool) or block_size < 2
+            or block_size > FUSE_MAX or block_size % 2):
+        raise ValueError(f"optim.block_size={block_size!r}: use an even number of elements in "
+                         f"[2, {FUSE_MAX}], 'tensor' (one scale per parameter) or 'row' (one "
+                         f"per row of a weight)")
 
 
 def resolve_block(block: Block, shapes: Sequence[Sequence[int]]) -> Block:
@@ -129,10 +133,12 @@ class Layout:
         return any(self.meta.get("quantized", ()))
 
     def state_bytes(self) -> int:
-        mb, vb = self.meta.get("m_bits", 8), self.meta.get("v_bits", 8)
-        scaled = (mb != FP32) + (vb != FP32)
-        return (self.m_code_len * (4 if mb == FP32 else 1)
-                + self.v_code_len * (4 if vb == FP32 else 1)
+        """Bytes of the state of this layout (:attr:`dsq.optim.state.MomentState.nbytes`)."""
+        fmt = Fmt.of(self.meta)
+        if not self.quantized:
+            return 8 * self.numel
+        scaled = fmt.m_q + fmt.v_q
+        return (self.m_code_len * fmt.m.dtype.itemsize + self.v_code_len * fmt.v.dtype.itemsize
                 + 4 * scaled * self.n_scales + 8 * self.n_fp32)
 
 

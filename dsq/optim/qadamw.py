@@ -11,9 +11,10 @@ bits), v unsigned (8 bits; 4 allowed with a warning), both with one absmax scale
 ``block_size`` elements of a parameter (default 256) or per parameter (``"tensor"``, the
 study's per-tensor quantization). ``m_bits=32`` or ``v_bits=32`` keeps that moment in fp32
 (the study's m8, m4 and v8 settings quantize one moment only); not both: that is
-``torch.optim.AdamW``. Formats and state storage: :mod:`dsq.optim.codec`; the update kernels:
-:mod:`dsq.optim.kernels`; state layout and ZeRO partitions: :mod:`dsq.optim.layout`; DeepSpeed
-attachment: :mod:`dsq.optim.attach`. This module orchestrates a step.
+``torch.optim.AdamW``. Formats: :mod:`dsq.optim.formats`; state layout and ZeRO partitions:
+:mod:`dsq.optim.layout`; a flat tensor's state: :class:`dsq.optim.state.MomentState`; the
+update kernels: :mod:`dsq.optim.kernels`; DeepSpeed attachment: :mod:`dsq.optim.attach`. This
+module orchestrates a step.
 
 Quality notes. The quantizer is linear, as in the study. Two details keep small second
 moments from blowing up ``m / sqrt(v)``: v uses the full unsigned range (no wasted sign bit)
@@ -42,7 +43,7 @@ import torch.distributed as dist
 
 from dsq.native import kernel_choice
 from dsq.optim import kernels as K
-from dsq.optim.codec import FP32, Fmt, dequantize_into, new_state
+from dsq.optim.formats import BITS, FP32, Fmt
 from dsq.optim.layout import (
     Layout,
     build_layout,
@@ -51,6 +52,7 @@ from dsq.optim.layout import (
     param_layout,
     resolve_block,
 )
+from dsq.optim.state import MomentState
 
 FORMAT_KEYS = ("m_bits", "v_bits", "block_size", "v_domain", "v_signed", "quantize")
 
@@ -163,7 +165,7 @@ class QAdamW(torch.optim.Optimizer):
             lay = self.layout(p, group)
             st = self.state[p]
             if not st:
-                _init_state(st, p, lay, fmt)
+                st.update(MomentState.zeros(lay, fmt, p).state_dict())
             st["step"] += 1
             if not lay.quantized:
                 lists = fp32[st["step"]]
@@ -188,7 +190,7 @@ class QAdamW(torch.optim.Optimizer):
         if gf.dtype != torch.float32 or not gf.is_contiguous():
             gf = gf.float().contiguous()
         ker = self._kernel(p.device, fmt)
-        ea, eas = st["exp_avg"], st["exp_avg_sq"]
+        state = MomentState.of(st, lay, fmt)
         splits = []
         buf = torch.zeros(lay.n_slots, 2, dtype=torch.float32, device=p.device) \
             if lay.n_slots else None
@@ -197,11 +199,10 @@ class QAdamW(torch.optim.Optimizer):
                 continue
             a, n = pc.start, pc.length
             if pc.kind == "fp32":
-                for lst, t in zip(fp32_lists, (pf[a:a + n], gf[a:a + n], ea[pc.f_off:pc.f_off + n],
-                                               eas[pc.f_off:pc.f_off + n])):
+                for lst, t in zip(fp32_lists, (pf[a:a + n], gf[a:a + n], *state.fp32(pc))):
                     lst.append(t)
                 continue
-            am, av = ker.pass1_piece(pf, gf, st, pc, fmt, h)
+            am, av = ker.pass1_piece(pf, gf, state, pc, h)
             splits.append((pc, am, av))
             if pc.slot >= 0:
                 buf[pc.slot, 0] = am
@@ -212,27 +213,23 @@ class QAdamW(torch.optim.Optimizer):
                                    async_op=True)
         for pc in lay.pieces:
             if pc.kind == "rows":
-                ker.rows_piece(pf, gf, st, pc, fmt, h)
+                ker.rows_piece(pf, gf, state, pc, h)
         if work is not None:
             work.wait()
             gmax = buf.tolist()
         for pc, am, av in splits:
             if pc.slot >= 0:
                 am, av = gmax[pc.slot]
-            ker.pass2_piece(gf, st, pc, fmt, h, am, av)
+            ker.pass2_piece(gf, state, pc, h, am, av)
 
     # ------------------------------------------------------------------ state
     def dequantized(self, p: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         """fp32 (m, v) of the flat tensor ``p`` as stored (zeros before the first step)."""
         lay = self.layout(p)
         st = self.state.get(p)
-        m = torch.zeros(lay.numel, device=p.device)
-        v = torch.zeros(lay.numel, device=p.device)
         if not st:
-            return m, v
-        g = self._group_of(p)
-        dequantize_into(st, lay, Fmt.of(g), m, v)
-        return m, v
+            return torch.zeros(lay.numel, device=p.device), torch.zeros(lay.numel, device=p.device)
+        return MomentState.of(st, lay, Fmt.of(self._group_of(p))).dequantize()
 
     def state_dict(self):
         sd = super().state_dict()
@@ -264,11 +261,13 @@ class QAdamW(torch.optim.Optimizer):
                         f"differently ({_short(metas[gi][j])} vs {_short(self.layout(p, g).meta)});"
                         f" convert it with `dsq ckpt reshard`")
         state = defaultdict(dict)
+        groups = {id(p): g for g in self.param_groups for p in g["params"]}
         for pid, s in state_dict["state"].items():
             p = id_map[pid]
-            state[p] = {k: (v.to(p.device) if torch.is_tensor(v) else v) for k, v in s.items()}
-            if torch.is_tensor(state[p].get("step")):
-                state[p]["step"] = int(state[p]["step"].item())
+            if s:
+                g = groups[id(p)]
+                state[p] = MomentState.of(s, self.layout(p, g), Fmt.of(g)).loaded(
+                    p.device).state_dict()
         self.state = state
         for g, sg in zip(self.param_groups, saved_groups):
             for k, v in sg.items():
@@ -278,9 +277,6 @@ class QAdamW(torch.optim.Optimizer):
 
 def _short(meta: Dict) -> str:
     return f"dp={meta.get('dp')} partition=[{meta.get('part_start')}, +{meta.get('part_size')})"
-
-
-BITS = (4, 8, FP32)
 
 
 def _check_group(g: Dict) -> None:
@@ -299,15 +295,11 @@ def _check_group(g: Dict) -> None:
     if g.get("v_signed") and (g["v_bits"] == FP32 or g["v_domain"] == "sqrt"):
         raise ValueError("v_signed applies to a linearly quantized v (v_bits 8 or 4, "
                          "v_domain='linear')")
-    check_block(g["block_size"], g["m_bits"], g["v_bits"])
+    check_block(g["block_size"])
     if g["quantize"] and g["v_bits"] == 4:
         warnings.warn("QAdamW with 4-bit v: the second moment has 16 levels per block; "
                       "training may be unstable (v_domain='sqrt' helps)", stacklevel=3)
     g["betas"] = tuple(g["betas"])
-
-
-def _init_state(st: Dict, p: torch.Tensor, lay: Layout, fmt: Fmt) -> None:
-    st.update(new_state(lay, fmt, p))
 
 
 def _adamw_fp32(params, grads, exp_avgs, exp_avg_sqs, step: int, group: Dict) -> None:

@@ -3,9 +3,11 @@
 * :mod:`dsq.quant.format`: :class:`QuantFormat`, the number formats and their short strings;
 * :mod:`dsq.quant.functional`: quantize / dequantize / fake-quantize and SQNR;
 * :mod:`dsq.quant.recipe`: :class:`LinearQuant` (the formats of one linear layer and how its
-  backward uses them), :class:`Reducers` and the per-GEMM plan, as plain data;
-* :mod:`dsq.quant.linear`: :func:`quantized_linear`, the one autograd Function of the three
-  quantized GEMMs (simulated or integer);
+  backward uses them) and :class:`Reducers`, as plain data;
+* :mod:`dsq.quant.plan`: the recipe's plan, one cast per operand of each GEMM (format, axis,
+  what backward keeps, packing, integer or float GEMM, and why), as plain data;
+* :mod:`dsq.quant.linear`: :func:`quantized_linear`, the three quantized GEMMs run as the
+  plan says (a simulated and an integer autograd Function);
 * :mod:`dsq.quant.fused`, :mod:`dsq.quant.gemm`, :mod:`dsq.quant.cpu_kernels`,
   :mod:`dsq.quant.cpu_gemm`: the kernels.
 

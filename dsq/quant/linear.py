@@ -1,19 +1,26 @@
-"""The quantized linear layer: one autograd Function, three GEMMs, each with its quantizers.
+"""The quantized linear layer: three GEMMs, each operand cast as its plan says.
 
-With ``X[tokens, in]`` (any leading shape, flattened), ``W[out, in]`` and the output gradient
-``G = dL/dY [tokens, out]``::
+With ``X[T, in]`` (any leading shape, flattened to ``T`` tokens), ``W[out, in]`` and the output
+gradient ``G = dL/dY [T, out]``::
 
-    forward       Y  = Qa(X)  @ Qw(W)^T          [tokens, out]
-    input grad    dX = Qg'(G) @ Qw(W)            [tokens, in]
-    weight grad   dW = Qg''(G)^T @ Qa(X)         [out, in]
+    forward       Y[T, out]  = Qa(X) @ Qw(W)^T       reduces over in
+    input grad    dX[T, in]  = Qg'(G) @ Qw'(W)       reduces over out
+    weight grad   dW[out, in] = Qg''(G)^T @ Qa''(X)  reduces over T
 
-``Qa``, ``Qw``, ``Qg`` are fake quantizers (quantize then dequantize, :mod:`dsq.quant.functional`)
-with the formats of :class:`~dsq.quant.recipe.LinearQuant`; a format of None is the identity. ``grad_gemms``
-chooses which backward GEMM sees the quantized gradient: ``weight`` (the study's default,
-``Qg''= Qg``, ``Qg' = id``), ``input`` (the reverse) or ``both`` (one ``Qg(G)`` shared by the two).
-The quantizers are straight-through: ``dX`` and ``dW`` are the exact gradients of the quantized
-forward with ``dQ(x)/dx = 1``, so ``dW`` sees the same ``Qa(X)`` the forward used. Bias is
-added in full precision.
+Each ``Q`` is one :class:`~dsq.quant.plan.Cast` of the recipe's plan
+(:meth:`LinearQuant.plan <dsq.quant.recipe.LinearQuant.plan>`, :mod:`dsq.quant.plan`): a fake
+quantizer (quantize then dequantize, :mod:`dsq.quant.functional`) of the recipe's format, or
+the identity. ``grad_gemms`` chooses which backward GEMM sees the quantized gradient:
+``weight`` (the study's default, ``Qg'' = Qg``, ``Qg' = id``), ``input`` (the reverse) or
+``both`` (one ``Qg(G)`` shared by the two). The quantizers are straight-through: ``dX`` and
+``dW`` are the exact gradients of the quantized forward with ``dQ(x)/dx = 1``, so ``dW`` sees
+the same ``Qa(X)`` the forward used (``Qw' = Qw``, ``Qa'' = Qa``). Bias is added in full
+precision.
+
+Two autograd Functions run a plan: :class:`_SimulatedLinear` when every GEMM is a float GEMM on
+dequantized operands (``compute: simulate``, or ``int8`` where no GEMM can be integer), and
+:class:`_IntegerLinear` when at least one is an integer GEMM (its other GEMMs run as the
+simulated ones do).
 
 ``backward_operands: full`` is the study's backward instead (its code saves the full-precision
 ``X`` and ``W``): ``dX = Qg'(G) @ W`` and ``dW = Qg''(G)^T @ X``. The forward is the same; the
@@ -64,10 +71,10 @@ always equals it (same codes, same scales).
 A GEMM runs as an integer GEMM only when both of its operands are quantized, symmetric (no zero
 point), per tensor/channel/token (not per group), at most 8 bits (always, here). Stochastic
 rounding is allowed (its codes are codes). Otherwise that GEMM is simulated exactly as
-``compute: simulate`` does, and :func:`~dsq.quant.recipe.gemm_plan` says which and why, e.g.
+``compute: simulate`` does, and the plan (:class:`~dsq.quant.plan.LinearPlan`) says which and why, e.g.
 the input gradient under
 ``grad_gemms: weight``: the recipe leaves ``G`` in full precision there, and it is not quantized
-for speed's sake. :func:`~dsq.quant.recipe.describe_plan` is the start-up line naming what
+for speed's sake. :func:`~dsq.quant.plan.describe_plan` is the start-up line naming what
 falls back.
 
 Saved for backward by integer GEMMs: for ``dW``, the int8 codes of ``X`` (per column for an integer ``dW``, the
@@ -95,7 +102,7 @@ column-parallel layer; ``X``'s and ``G``'s over tokens); the caller
 
 from __future__ import annotations
 
-import dataclasses
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
@@ -104,12 +111,23 @@ from dsq.quant.format import QuantFormat
 from dsq.quant.functional import QTensor, Reduce, quantize, signal_noise, signal_noise_q
 from dsq.quant.fused import can_pack, quantize_cols, quantize_rows, quantize_rows_cols
 from dsq.quant.gemm import scaled_mm
-from dsq.quant.recipe import NO_REDUCERS, GemmPlan, LinearQuant, Reducers, gemm_plan, int8_reason
+from dsq.quant.plan import Axis, Cast, Compute, GemmKind, LinearPlan, Operand, Saved, int8_reason
+from dsq.quant.recipe import NO_REDUCERS, LinearQuant, Reducers
+
+_NOTHING = (None, None, None)
 
 
-def _col_fmt(fmt: QuantFormat) -> QuantFormat:
-    """The per-column version of a per-row format (per-tensor stays)."""
-    return fmt if fmt.granularity == "tensor" else dataclasses.replace(fmt, granularity="channel")
+@dataclass(frozen=True)
+class _Run:
+    """What backward needs besides the saved tensors (``ctx.run``)."""
+
+    plan: LinearPlan
+    red: Reducers
+    capture: dict[str, Tensor] | None
+    x_shape: torch.Size
+    w_dtype: torch.dtype
+    x_packed: bool = False
+    """X's per-column codes are dW's packed right-hand operand."""
 
 
 def _tscale(s: Tensor | None) -> Tensor | None:
@@ -125,9 +143,9 @@ def _record(capture, name: str, x: Tensor, q: QTensor, simulate: bool) -> None:
         capture[name] = capture[name] + terms if name in capture else terms
 
 
-def _quant(x: Tensor, fmt: QuantFormat | None, reduce: Reduce | None, qc: LinearQuant,
+def _quant(x: Tensor, fmt: QuantFormat | None, reduce: Reduce | None, plan: LinearPlan,
            name: str, capture) -> QTensor | None:
-    """The recipe's quantization of ``x`` (None: not quantized), recorded for SQNR.
+    """``x`` cast to ``fmt`` along its rows (None: not quantized), recorded for SQNR.
 
     Under ``compute: int8``, integer-GEMM formats go through
     :func:`dsq.quant.fused.quantize_rows` (eager: the very
@@ -135,17 +153,21 @@ def _quant(x: Tensor, fmt: QuantFormat | None, reduce: Reduce | None, qc: Linear
     through ``quantize`` (their GEMM is simulated)."""
     if fmt is None:
         return None
-    if qc.compute == "int8" and int8_reason(fmt, name) is None:
+    qc = plan.recipe
+    if qc.compute is Compute.INT8 and int8_reason(fmt, name) is None:
         codes, scale = quantize_rows(x, fmt, reduce, check_finite=qc.check_finite, name=name)
         q = QTensor(codes, scale, None, fmt, x.dtype)
     else:
         q = quantize(x, fmt, reduce=reduce, check_finite=qc.check_finite, name=name)
-    _record(capture, name, x, q, qc.compute == "simulate")
+    _record(capture, name, x, q, qc.compute is Compute.SIMULATE)
     return q
 
 
-def _pack(q: QTensor | None, full: Tensor) -> tuple:
-    return (full, None, None) if q is None else (q.codes, q.scale, q.zero_point)
+def _saved(cast: Cast, q: QTensor | None, full: Tensor) -> tuple:
+    """What the forward saves for ``cast``: the forward's codes, or the full operand."""
+    if cast.saved is Saved.CODES and q is not None:
+        return q.codes, q.scale, q.zero_point
+    return full, None, None
 
 
 def _unpack(saved, fmt: QuantFormat | None, dtype: torch.dtype) -> Tensor:
@@ -159,137 +181,162 @@ def _value(q: QTensor | None, full: Tensor, dtype: torch.dtype) -> Tensor:
     return full.to(dtype) if q is None else q.dequantize(dtype)
 
 
-class _QuantizedLinear(torch.autograd.Function):
+def _float_dx(g2: Tensor, qg: QTensor | None, saved_w, cast: Cast) -> Tensor:
+    """``dX = Qg'(G) @ W'`` in floating point (``qg`` None: ``G`` as it is)."""
+    return _value(qg, g2, g2.dtype) @ _unpack(saved_w, cast.format, g2.dtype)
+
+
+def _float_dw(g2: Tensor, qg: QTensor | None, saved_x, cast: Cast, w_dtype) -> Tensor:
+    """``dW = Qg''(G)^T @ X''`` in floating point (``qg`` None: ``G`` as it is)."""
+    return (_value(qg, g2, g2.dtype).t() @ _unpack(saved_x, cast.format, g2.dtype)).to(w_dtype)
+
+
+class _SimulatedLinear(torch.autograd.Function):
+    """Every GEMM a float GEMM on dequantized operands; bias is added outside."""
+
     @staticmethod
-    def forward(ctx, x, w, bias, qc: LinearQuant, plan: GemmPlan, red: Reducers, capture):
-        rx, rw, rxt = red.x, red.w, red.xt
+    def forward(ctx, x, w, plan: LinearPlan, red: Reducers, capture):
         needs_dx, needs_dw = ctx.needs_input_grad[:2]
         x2 = x.reshape(-1, x.shape[-1])
-        n_in, n_out = w.shape[1], w.shape[0]
-        cf = qc.check_finite
-        # dW's GEMM takes the smaller of X[tok, in] and G[tok, out] as its row-major left
-        # operand: that one's per-column codes are written transposed ([features, tok])
-        xt = n_in <= n_out
-        saved_x = saved_w = (None, None, None)
-        a = qc.activation
+        qx = _quant(x2, plan.x_for_y.format, red.x, plan, "activation", capture)
+        qw = _quant(w, plan.w_for_y.format, red.w, plan, "weight", capture)
+        y = torch.matmul(_value(qx, x2, x.dtype).view(x.shape), _value(qw, w, x.dtype).t())
+        ctx.save_for_backward(*(_saved(plan.x_for_dw, qx, x2) if needs_dw else _NOTHING),
+                              *(_saved(plan.w_for_dx, qw, w) if needs_dx else _NOTHING))
+        ctx.run = _Run(plan, red, capture, x.shape, w.dtype)
+        return y
+
+    @staticmethod
+    def backward(ctx, g):
+        run, saved = ctx.run, ctx.saved_tensors
+        plan = run.plan
+        needs_dx, needs_dw = ctx.needs_input_grad[:2]
+        g2 = g.reshape(-1, g.shape[-1])
+        q_dx = needs_dx and plan.g_for_dx.format is not None
+        q_dw = needs_dw and plan.g_for_dw.format is not None
+        qg = (_quant(g2, plan.recipe.grad, run.red.g, plan, "grad", run.capture)
+              if q_dx or q_dw else None)
+        dx = dw = None
+        if needs_dx:
+            dx = _float_dx(g2, qg if q_dx else None, saved[3:], plan.w_for_dx).view(run.x_shape)
+        if needs_dw:
+            dw = _float_dw(g2, qg if q_dw else None, saved[:3], plan.x_for_dw, run.w_dtype)
+        return dx, dw, None, None, None
+
+
+class _IntegerLinear(torch.autograd.Function):
+    """At least one integer GEMM (:mod:`dsq.quant.gemm`); the others as :class:`_SimulatedLinear`
+    runs them. Bias goes into the forward GEMM's epilogue, its gradient into G's pass."""
+
+    @staticmethod
+    def forward(ctx, x, w, bias, plan: LinearPlan, red: Reducers, capture):
+        needs_dx, needs_dw = ctx.needs_input_grad[:2]
+        cf = plan.recipe.check_finite
+        x2 = x.reshape(-1, x.shape[-1])
+        xy, xd = plan.x_for_y, plan.x_for_dw
+        saved_x = saved_w = _NOTHING
         x_packed = False
-        if needs_dw and plan.weight_grad is None and a.granularity != "tensor":
+        if needs_dw and xd.axis is Axis.COLUMN:
             # X per token for Y and per column for dW, in one pass; only the latter is saved
             # (as dW's packed B operand when X is the right-hand side and the driver runs)
-            x_packed = not xt and can_pack(x2, a, cf)
-            rc, rs, cc, cs, _ = quantize_rows_cols(x2, a, reduce=rx, col_reduce=rxt,
-                                                   transpose=xt, pack=x_packed,
-                                                   check_finite=cf, name="activation")
-            qx = QTensor(rc, rs, None, a, x.dtype)
+            x_packed = xd.packed and can_pack(x2, xy.format, cf)
+            rc, rs, cc, cs, _ = quantize_rows_cols(
+                x2, xy.format, reduce=red.x, col_reduce=red.xt,
+                transpose=plan.dw_left is Operand.X, pack=x_packed, check_finite=cf,
+                name="activation")
+            qx = QTensor(rc, rs, None, xy.format, x.dtype)
             _record(capture, "activation", x2, qx, False)
             saved_x = (cc, cs, None)
         else:
-            qx = _quant(x2, a, rx, qc, "activation", capture)
+            qx = _quant(x2, xy.format, red.x, plan, "activation", capture)
             if needs_dw:
-                if plan.weight_grad is not None:
-                    saved_x = (x2, None, None) if qc.full_backward else _pack(qx, x2)
-                else:  # per tensor: the forward's codes
-                    saved_x = (qx.codes, qx.scale, None)
-        qw = _quant(w, qc.weight, rw, qc, "weight", capture)
+                saved_x = _saved(xd, qx, x2)
+        qw = _quant(w, plan.w_for_y.format, red.w, plan, "weight", capture)
         # a fresh output of x's leading shape, not a view: callers such as megatron's
         # vocab-parallel cross entropy modify it in place
-        if plan.forward is None:
+        if xy.kind is GemmKind.INT8:
             y = scaled_mm(qx.codes, qw.codes.t(), qx.scale, _tscale(qw.scale), bias, x.dtype,
-                          out_shape=(*x.shape[:-1], n_out))
+                          out_shape=(*x.shape[:-1], w.shape[0]))
         else:
             y = torch.matmul(_value(qx, x2, x.dtype).view(x.shape), _value(qw, w, x.dtype).t())
             if bias is not None:
                 y = y + bias
         if needs_dx:
-            if qc.full_backward:
-                saved_w = (w, None, None)
-            elif plan.input_grad is not None or qc.weight.granularity == "tensor":
-                saved_w = _pack(qw, w)
-            else:
-                saved_w = (w, None, None)  # requantized per input column in backward
+            saved_w = _saved(plan.w_for_dx, qw, w)  # W itself when requantized in backward
         ctx.save_for_backward(*saved_x, *saved_w)
-        ctx.meta = (qc, plan, red, capture, x.shape, w.dtype, xt, x_packed)
+        ctx.run = _Run(plan, red, capture, x.shape, w.dtype, x_packed)
         return y
 
     @staticmethod
     def backward(ctx, g):
-        qc, plan, red, capture, x_shape, w_dtype, xt, x_packed = ctx.meta
-        rg, rwt, rgt = red.g, red.wt, red.gt
-        saved = ctx.saved_tensors
+        run, saved = ctx.run, ctx.saved_tensors
+        plan, red, capture = run.plan, run.red, run.capture
+        gx, wd, gd, xd = plan.g_for_dx, plan.w_for_dx, plan.g_for_dw, plan.x_for_dw
         needs_dx, needs_dw, needs_db = ctx.needs_input_grad[:3]
         g2 = g.reshape(-1, g.shape[-1])
-        cf, fg = qc.check_finite, qc.grad
-        q_dx = fg is not None and qc.grad_gemms in ("input", "both") and needs_dx
-        q_dw = fg is not None and qc.grad_gemms in ("weight", "both") and needs_dw
-        int8_dw = needs_dw and plan.weight_grad is None
-        # G's quantizations: the recipe's Qg(G) (per token/tensor) for dX and simulated GEMMs,
-        # per column for an integer dW; with the bias gradient, in one pass where possible
-        want_rows = q_dx or (q_dw and (not int8_dw or fg.granularity == "tensor"))
-        want_cols = int8_dw and fg.granularity != "tensor"
+        cf, fg = plan.recipe.check_finite, plan.recipe.grad
+        q_dx = needs_dx and gx.format is not None
+        q_dw = needs_dw and gd.format is not None
+        # G's casts: the recipe's Qg(G) (per token/tensor) for dX and row-wise dW casts, per
+        # column for an integer dW; with the bias gradient, in one pass where possible
+        want_rows = q_dx or (q_dw and gd.axis is Axis.ROW)
+        want_cols = needs_dw and gd.axis is Axis.COLUMN
         qg = g_cols = db = None
         # G as dW's right-hand side: packed for the driver, unless its codes are recorded
-        g_packed = (want_cols and xt and (want_rows or capture is None)
+        g_packed = (want_cols and gd.packed and (want_rows or capture is None)
                     and can_pack(g2, fg, cf))
+        g_left = plan.dw_left is Operand.G
         if want_cols:
             rc, rs, cc, cs, colsum = quantize_rows_cols(
-                g2, fg, rows=want_rows, col_sum=needs_db, reduce=rg, col_reduce=rgt,
-                transpose=not xt, pack=g_packed, check_finite=cf, name="grad")
+                g2, fg, rows=want_rows, col_sum=needs_db, reduce=red.g, col_reduce=red.gt,
+                transpose=g_left, pack=g_packed, check_finite=cf, name="grad")
             g_cols = (cc, cs)
             if want_rows:
                 qg = QTensor(rc, rs, None, fg, g.dtype)
                 _record(capture, "grad", g2, qg, False)
             else:  # G's only quantization: record it
                 _record(capture, "grad", g2,
-                        QTensor(cc if xt else cc.t(), cs, None, fg, g.dtype), False)
+                        QTensor(cc.t() if g_left else cc, cs, None, fg, g.dtype), False)
             if needs_db:
                 db = colsum.to(g.dtype)
         elif want_rows:
-            qg = _quant(g2, fg, rg, qc, "grad", capture)
+            qg = _quant(g2, fg, red.g, plan, "grad", capture)
         if needs_db and db is None:
             db = g2.sum(0)
 
         dx = dw = None
-        if needs_dx:
-            if plan.input_grad is None:
-                w_codes, w_scale, _ = saved[3:]
-                w_shape = None
-                if w_codes.dtype != torch.int8:  # per input column, from W itself
-                    fw = _col_fmt(qc.weight)
-                    if can_pack(w_codes, fw, cf):
-                        w_shape = tuple(w_codes.shape)
-                    w_codes, w_scale = quantize_cols(w_codes, fw, rwt, pack=w_shape is not None,
-                                                     check_finite=cf, name="weight")
-                else:
-                    w_scale = _tscale(w_scale)
-                dx = scaled_mm(qg.codes, w_codes, qg.scale, w_scale, None, g.dtype,
-                               b_shape=w_shape)
+        if needs_dx and wd.kind is GemmKind.INT8:
+            w_codes, w_scale, _ = saved[3:]
+            w_shape = None
+            if wd.axis is Axis.COLUMN:  # per input column, from W itself
+                if wd.packed and can_pack(w_codes, wd.format, cf):
+                    w_shape = tuple(w_codes.shape)
+                w_codes, w_scale = quantize_cols(w_codes, wd.format, red.wt,
+                                                 pack=w_shape is not None, check_finite=cf,
+                                                 name="weight")
             else:
-                gd = _value(qg, g2, g.dtype) if q_dx else g2
-                dx = gd @ _unpack(saved[3:], None if qc.full_backward else qc.weight, g.dtype)
-            dx = dx.view(x_shape)
-        if needs_dw:
-            if int8_dw:
-                x_codes, x_scale, _ = saved[:3]
-                if g_cols is None:  # per tensor: the same Qg(G) as the input gradient
-                    g_cols = (qg.codes, qg.scale)
-                g_codes, g_scale = g_cols
-                # per-column codes of the left operand come transposed ([features, tok]);
-                # per-tensor ones are the forward's [tok, features] codes: transposed here
-                if xt:  # dW^T[in, out] = X''^T[in, tok] @ G''[tok, out]
-                    xT = (x_codes if qc.activation.granularity != "tensor"
-                          else x_codes.t().contiguous())
-                    dw = scaled_mm(xT, g_codes, _tscale(x_scale), g_scale, None,
-                                   w_dtype, transpose=True,
-                                   b_shape=tuple(g2.shape) if g_packed else None)
-                else:  # dW[out, in] = G''^T[out, tok] @ X''[tok, in]
-                    gT = g_codes if fg.granularity != "tensor" else g_codes.t().contiguous()
-                    dw = scaled_mm(gT, x_codes, _tscale(g_scale), x_scale, None, w_dtype,
-                                   b_shape=(g2.shape[0], x_shape[-1]) if x_packed else None)
-            else:
-                gw = _value(qg, g2, g.dtype) if q_dw else g2
-                dw = (gw.t() @ _unpack(saved[:3], None if qc.full_backward else qc.activation,
-                                       g.dtype)).to(w_dtype)
-        return dx, dw, db, None, None, None, None
+                w_scale = _tscale(w_scale)
+            dx = scaled_mm(qg.codes, w_codes, qg.scale, w_scale, None, g.dtype, b_shape=w_shape)
+        elif needs_dx:
+            dx = _float_dx(g2, qg if q_dx else None, saved[3:], wd)
+        if dx is not None:
+            dx = dx.view(run.x_shape)
+        if needs_dw and xd.kind is GemmKind.INT8:
+            x_codes, x_scale, _ = saved[:3]
+            g_codes, g_scale = g_cols or (qg.codes, qg.scale)  # per tensor: dX's Qg(G)
+            # per-column codes of the left operand come transposed ([features, tok]);
+            # per-tensor ones are the forward's [tok, features] codes: transposed here
+            if plan.dw_left is Operand.X:  # dW^T[in, out] = X''^T[in, tok] @ G''[tok, out]
+                xT = x_codes if xd.axis is Axis.COLUMN else x_codes.t().contiguous()
+                dw = scaled_mm(xT, g_codes, _tscale(x_scale), g_scale, None, run.w_dtype,
+                               transpose=True, b_shape=tuple(g2.shape) if g_packed else None)
+            else:  # dW[out, in] = G''^T[out, tok] @ X''[tok, in]
+                gT = g_codes if gd.axis is Axis.COLUMN else g_codes.t().contiguous()
+                dw = scaled_mm(gT, x_codes, _tscale(g_scale), x_scale, None, run.w_dtype,
+                               b_shape=(g2.shape[0], run.x_shape[-1]) if run.x_packed else None)
+        elif needs_dw:
+            dw = _float_dw(g2, qg if q_dw else None, saved[:3], xd, run.w_dtype)
+        return dx, dw, db, None, None, None
 
 
 def quantized_linear(
@@ -302,7 +349,7 @@ def quantized_linear(
     capture: dict[str, Tensor] | None = None,
 ) -> Tensor:
     """``Qa(x) @ Qw(weight)^T (+ bias)`` with the quantized backward described in the module
-    docstring; each GEMM runs as :func:`~dsq.quant.recipe.gemm_plan` says.
+    docstring; each operand cast as ``qconfig.plan(weight.shape)`` says.
 
     ``bias`` is added in full precision (by an integer forward GEMM in its epilogue).
     ``reducers`` max-reduce the statistics of each operand across tensor-parallel ranks
@@ -311,9 +358,9 @@ def quantized_linear(
     ``activation`` and ``grad`` (see :func:`dsq.quant.functional.signal_noise`); None (default)
     costs nothing.
     """
-    plan = gemm_plan(qconfig)
+    plan = qconfig.plan(weight.shape)
     red = reducers or NO_REDUCERS
     if not plan.any_int8:  # bias outside: its gradient is autograd's own reduction
-        y = _QuantizedLinear.apply(x, weight, None, qconfig, plan, red, capture)
+        y = _SimulatedLinear.apply(x, weight, plan, red, capture)
         return y if bias is None else y + bias
-    return _QuantizedLinear.apply(x, weight, bias, qconfig, plan, red, capture)
+    return _IntegerLinear.apply(x, weight, bias, plan, red, capture)

@@ -1,23 +1,20 @@
-"""The recipe of a quantized linear layer as plain data: the formats of its three operands,
+"""The recipe of a quantized linear layer as plain data: the formats of its three operands and
 how the backward GEMMs use them (:class:`LinearQuant`), the tensor-parallel reducers of their
-statistics (:class:`Reducers`), and how each GEMM runs (:func:`gemm_plan`).
+statistics (:class:`Reducers`), and the plan of casts it makes (:meth:`LinearQuant.plan`,
+:class:`LinearPlan`, in :mod:`dsq.quant.plan`).
 
 Nothing here computes; :mod:`dsq.quant.linear` runs what these describe.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import functools
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Sequence
 
 from dsq.quant.format import QuantFormat
 from dsq.quant.functional import Reduce
+from dsq.quant.plan import BackwardOperands, Compute, GradGemms, LinearPlan, plan_for
 
-GRAD_GEMMS = ("weight", "input", "both")
-COMPUTES = ("simulate", "int8")
-BACKWARD_OPERANDS = ("quantized", "full")
 _ALLOWED = {"weight": ("tensor", "channel", "group"),
             "activation": ("tensor", "token", "group"),
             "grad": ("tensor", "token", "group")}
@@ -35,14 +32,14 @@ class LinearQuant:
     weight: QuantFormat | None = None
     activation: QuantFormat | None = None
     grad: QuantFormat | None = None
-    grad_gemms: str = "weight"
+    grad_gemms: GradGemms = GradGemms.WEIGHT
     """Backward GEMMs that use the quantized output gradient: weight | input | both."""
     check_finite: bool = False
     """Raise FloatingPointError at a quantizer fed inf/nan (costs a host sync per operand)."""
-    compute: str = "simulate"
+    compute: Compute = Compute.SIMULATE
     """simulate: float GEMMs on dequantized operands; int8: integer GEMMs where the formats
-    allow (:func:`int8_plan`, :mod:`dsq.quant.linear`), simulated GEMMs elsewhere."""
-    backward_operands: str = "quantized"
+    allow (:meth:`plan`, :mod:`dsq.quant.linear`), simulated GEMMs elsewhere."""
+    backward_operands: BackwardOperands = BackwardOperands.QUANTIZED
     """quantized: the backward GEMMs use ``Qw(W)`` and ``Qa(X)`` (the gradient of the quantized
     forward); full: ``W`` and ``X`` in full precision, as the study's code does."""
 
@@ -53,15 +50,14 @@ class LinearQuant:
                 raise ValueError(f"{name} format {fmt}: granularity {fmt.granularity!r} does "
                                  f"not apply to the {name}; use one of {', '.join(allowed)}")
             object.__setattr__(self, name, fmt)
-        if self.grad_gemms not in GRAD_GEMMS:
-            raise ValueError(f"grad_gemms={self.grad_gemms!r} is unknown: "
-                             f"use one of {', '.join(GRAD_GEMMS)}")
-        if self.compute not in COMPUTES:
-            raise ValueError(f"compute={self.compute!r} is unknown: "
-                             f"use one of {', '.join(COMPUTES)}")
-        if self.backward_operands not in BACKWARD_OPERANDS:
-            raise ValueError(f"backward_operands={self.backward_operands!r} is unknown: "
-                             f"use one of {', '.join(BACKWARD_OPERANDS)}")
+        for name, option in (("grad_gemms", GradGemms), ("compute", Compute),
+                             ("backward_operands", BackwardOperands)):
+            value = getattr(self, name)
+            try:
+                object.__setattr__(self, name, option(value))
+            except ValueError:
+                raise ValueError(f"{name}={value!r} is unknown: use one of "
+                                 f"{', '.join(o.value for o in option)}") from None
 
     @property
     def enabled(self) -> bool:
@@ -79,17 +75,20 @@ class LinearQuant:
 
     @property
     def full_backward(self) -> bool:
-        return self.backward_operands == "full"
+        return self.backward_operands is BackwardOperands.FULL
 
     def __str__(self) -> str:
         full = ", full-precision backward operands" if self.full_backward else ""
         return (f"w={self.weight} a={self.activation} g={self.grad} "
                 f"(grad GEMMs: {self.grad_gemms}{full})")
 
-    def plan(self) -> GemmPlan:
-        """How each GEMM runs (:func:`gemm_plan`)."""
-        return gemm_plan(self)
-
+    def plan(self, weight_shape: Sequence[int] | None = None) -> LinearPlan:
+        """The casts of this recipe's six operand uses and how each GEMM runs
+        (:class:`~dsq.quant.plan.LinearPlan`) for a weight of ``weight_shape`` ``[out, in]``
+        (which decides ``dW``'s operand order and so which of ``X``, ``G`` may be packed); none:
+        the plan as described at start-up, nothing packed."""
+        dw_x_left = None if weight_shape is None else weight_shape[1] <= weight_shape[0]
+        return plan_for(self, dw_x_left)
 
 
 @dataclass(frozen=True)
@@ -108,88 +107,3 @@ class Reducers:
 
 
 NO_REDUCERS = Reducers()
-
-
-GEMMS = {"forward": "forward Y = X W^T", "input_grad": "input grad dX = G W",
-         "weight_grad": "weight grad dW = G^T X"}
-
-
-def int8_reason(fmt: QuantFormat | None, operand: str) -> str | None:
-    """Why ``fmt`` cannot feed an integer GEMM (None: it can)."""
-    if fmt is None:
-        return f"{operand} is not quantized"
-    if not fmt.symmetric:
-        return f"{operand} {fmt} is asymmetric (zero point)"
-    if fmt.granularity == "group":
-        return f"{operand} {fmt} has group scales"
-    if fmt.bits > 8:
-        return f"{operand} {fmt} is wider than 8 bits"
-    if fmt.min_range is not None:
-        return f"{operand} {fmt} has a range floor (min_range), which the integer kernels do not apply"
-    return None
-
-
-@dataclass(frozen=True)
-class GemmPlan:
-    """For each GEMM of a quantized linear, None when it runs as an integer GEMM (int8 x int8 ->
-    int32 with its scale layout, see :mod:`dsq.quant.linear`), else why it is a floating-point
-    GEMM on dequantized operands (simulated quantization)."""
-
-    forward: str | None
-    input_grad: str | None
-    weight_grad: str | None
-
-    @property
-    def any_int8(self) -> bool:
-        return None in (self.forward, self.input_grad, self.weight_grad)
-
-    def fallbacks(self) -> dict[str, str]:
-        return {k: v for k, v in dataclasses.asdict(self).items() if v is not None}
-
-
-def _first(*reasons: str | None) -> str | None:
-    return "; ".join(r for r in reasons if r) or None
-
-
-_SIMULATE = GemmPlan(*(("quant.compute=simulate",) * 3))
-
-
-def gemm_plan(qc: LinearQuant) -> GemmPlan:
-    """How each GEMM of ``qc``'s recipe runs: with ``compute: simulate`` all in floating point,
-    with ``compute: int8`` as :func:`int8_plan` says."""
-    return _SIMULATE if qc.compute == "simulate" else int8_plan(qc)
-
-
-@functools.lru_cache(maxsize=64)
-def int8_plan(qc: LinearQuant) -> GemmPlan:
-    """Which GEMMs of ``qc``'s recipe run as integer GEMMs under ``compute: int8``: those whose
-    two operands allow it (symmetric, per tensor/channel/token, no range floor) and which the
-    recipe quantizes for that GEMM."""
-    a, w = int8_reason(qc.activation, "activation"), int8_reason(qc.weight, "weight")
-    g = int8_reason(qc.grad, "grad")
-    if qc.full_backward:  # the study's backward: W and X in full precision, float GEMMs
-        a_bw = w_bw = "backward_operands=full keeps X and W in full precision for backward"
-        return GemmPlan(forward=_first(a, w),
-                        input_grad=w_bw, weight_grad=a_bw)
-    gd = {"input": "input", "both": "input"}.get(qc.grad_gemms)
-    gw = {"weight": "weight", "both": "weight"}.get(qc.grad_gemms)
-    return GemmPlan(
-        forward=_first(a, w),
-        input_grad=_first(g if gd else f"grad is not quantized for this GEMM "
-                          f"(grad_gemms={qc.grad_gemms})", w),
-        weight_grad=_first(g if gw else f"grad is not quantized for this GEMM "
-                           f"(grad_gemms={qc.grad_gemms})", a))
-
-
-def describe_plan(qc: LinearQuant, kinds: list[str] | None = None) -> tuple[str, bool]:
-    """A one-line account of what ``compute: int8`` does with ``qc`` on layers ``kinds``,
-    and whether any GEMM falls back to simulation."""
-    plan = int8_plan(qc)
-    where = f" ({', '.join(kinds)})" if kinds else ""
-    int8 = [GEMMS[k] for k, v in dataclasses.asdict(plan).items() if v is None]
-    fb = plan.fallbacks()
-    msg = f"quant.compute=int8 for {qc}{where}: integer GEMMs: {', '.join(int8) or 'none'}"
-    if fb:
-        msg += "; simulated (float GEMM on dequantized operands): " + "; ".join(
-            f"{GEMMS[k]} because {v}" for k, v in fb.items())
-    return msg, bool(fb)

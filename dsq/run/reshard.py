@@ -22,16 +22,10 @@ from typing import Dict, List, Optional
 
 import torch
 
-from dsq.optim.codec import (
-    Fmt,
-    fp32_index,
-    moment_dtypes,
-    new_state,
-    pack_piece_codes,
-    piece_codes,
-)
-from dsq.optim.layout import layout_from_meta, n_blocks
 from dsq.run.checkpoint import MARKER
+from dsq.optim.formats import Fmt
+from dsq.optim.layout import layout_from_meta, n_blocks
+from dsq.optim.state import MomentState
 
 ZERO_RE = re.compile(r"^(bf16_)?zero_pp_rank_(\d+)_mp_rank_(\d+)_optim_states\.pt$")
 MODEL_RE = re.compile(r"^mp_rank_(\d+)_model_states\.pt$")
@@ -232,13 +226,13 @@ def _reshard_elementwise(states: List[Dict], old_size: int, L: int, new_dp: int,
 def _reshard_qadamw(states: List[Dict], metas: List[Dict], group: Dict, L: int, new_dp: int,
                     size: int):
     """Global per-element codes (values of a 32-bit moment) and per-block scales from the old
-    partitions, cut anew."""
+    partitions, cut anew; each partition's state is read and written as a
+    :class:`~dsq.optim.state.MomentState`."""
     fmt = Fmt.of(group)
-    dm, dv = moment_dtypes(fmt)  # codes, or the values of a 32-bit (fp32) moment
-    qm = torch.zeros(L, dtype=dm)
-    qv = torch.zeros(L, dtype=dv)
-    fm = torch.zeros(L)
-    fv = torch.zeros(L)
+    # per element: codes (int16), or the values of a 32-bit (fp32) moment
+    qm, qv = (torch.zeros(L, dtype=torch.int16 if mo.quantized else torch.float32)
+              for mo in (fmt.m, fmt.v))
+    fm, fv = torch.zeros(L), torch.zeros(L)
     nb = n_blocks(metas[0])
     gsm, gsv = torch.zeros(nb), torch.zeros(nb)
     steps = {s["step"] for s in states if s}
@@ -247,45 +241,37 @@ def _reshard_qadamw(states: List[Dict], metas: List[Dict], group: Dict, L: int, 
     for st, meta in zip(states, metas):
         if not st:
             continue
-        lay = layout_from_meta(meta)
+        old = MomentState.of(st, layout_from_meta(meta), fmt)
         lo = meta["part_start"]
-        for pc in lay.pieces:
+        for pc in old.lay.pieces:
             a, n = lo + pc.start, pc.length
             if pc.kind == "fp32":
-                f = fp32_index(lay, pc)
-                fm[a:a + n] = st["exp_avg"].view(-1)[f:f + n]
-                fv[a:a + n] = st["exp_avg_sq"].view(-1)[f:f + n]
+                fm[a:a + n], fv[a:a + n] = old.fp32(pc)
                 continue
-            qm[a:a + n], qv[a:a + n] = piece_codes(st, pc, fmt)
-            if fmt.m_q:
-                gsm[pc.block:pc.block + pc.rows] = st["m_scales"][pc.s:pc.s + pc.rows]
-            if fmt.v_q:
-                gsv[pc.block:pc.block + pc.rows] = st["v_scales"][pc.s:pc.s + pc.rows]
+            qm[a:a + n], qv[a:a + n] = old.piece_codes(pc)
+            for glob, sc in zip((gsm, gsv), old.scales(pc)):
+                if sc is not None:
+                    glob[pc.block:pc.block + pc.rows] = sc
     out_states, out_metas = [], []
     for r in range(new_dp):
         meta = dict(metas[0], part_start=r * size, part_size=size, dp=new_dp)
-        lay = layout_from_meta(meta)
         out_metas.append(meta)
         if not steps:  # no step taken yet: state is created lazily
             out_states.append({})
             continue
-        st = new_state(lay, fmt, torch.zeros(size))
-        st["step"] = next(iter(steps))
-        for pc in lay.pieces:
+        new = MomentState.zeros(layout_from_meta(meta), fmt, torch.zeros(size))
+        new.step = next(iter(steps))
+        for pc in new.lay.pieces:
             a, n = r * size + pc.start, pc.length
             if pc.kind == "fp32":
-                f = fp32_index(lay, pc)
-                st["exp_avg"].view(-1)[f:f + n] = fm[a:a + n]
-                st["exp_avg_sq"].view(-1)[f:f + n] = fv[a:a + n]
+                for t, full in zip(new.fp32(pc), (fm, fv)):
+                    t.copy_(full[a:a + n])
                 continue
-            cm, cv = pack_piece_codes(qm[a:a + n], qv[a:a + n], fmt)
-            st[fmt.m_key][pc.cm:pc.cm + cm.numel()] = cm
-            st[fmt.v_key][pc.cv:pc.cv + cv.numel()] = cv
-            if fmt.m_q:
-                st["m_scales"][pc.s:pc.s + pc.rows] = gsm[pc.block:pc.block + pc.rows]
-            if fmt.v_q:
-                st["v_scales"][pc.s:pc.s + pc.rows] = gsv[pc.block:pc.block + pc.rows]
-        out_states.append(st)
+            new.set_piece_codes(pc, qm[a:a + n], qv[a:a + n])
+            for glob, sc in zip((gsm, gsv), new.scales(pc)):
+                if sc is not None:
+                    sc.copy_(glob[pc.block:pc.block + pc.rows])
+        out_states.append(new.state_dict())
     return out_states, out_metas
 
 

@@ -6,7 +6,7 @@ import random
 
 import pytest
 
-from dsq.optim.codec import code_bytes
+from dsq.optim.formats import code_bytes
 from dsq.optim.layout import build_layout, is_quantized, n_blocks, straddling_blocks
 
 

@@ -10,9 +10,8 @@ import pytest
 import torch
 
 from dsq.optim import QAdamW, build_optimizer, optimizer_state_bytes
-from dsq.optim import codec
+from dsq.optim import formats as codec
 from dsq.optim import kernels as K
-from dsq.optim.codec import pack_piece_codes, piece_codes
 
 FORMATS = [(8, 8, "linear"), (4, 8, "linear"), (4, 4, "sqrt"), (8, 8, "sqrt")]
 # one moment quantized, the other fp32 (32 bits): the study's m8, m4 and v8
@@ -41,6 +40,17 @@ def _step(opt, params, grads):
     opt.step()
 
 
+def pack_piece_codes(qm, qv, fmt):
+    """Storage of per-element codes (fp32 values of a 32-bit moment) of m and v."""
+    return fmt.m.encode(qm), fmt.v.encode(qv)
+
+
+def unpack_codes(mc, vc, n, fmt):
+    """Per-element int16 codes of m's and v's storage (a copy of a 32-bit moment's values)."""
+    return tuple(mo.codes(c.reshape(-1), n, torch.int16).clone()
+                 for mo, c in ((fmt.m, mc), (fmt.v, vc)))
+
+
 def cpp_or_skip():
     lib = K.cpp_library()
     if lib is None:
@@ -58,8 +68,7 @@ def test_pack4_round_trip(n):
     qm = torch.randint(-7, 8, (n,), dtype=torch.int16)
     qv = torch.randint(0, 16, (n,), dtype=torch.int16)
     cm, cv = pack_piece_codes(qm, qv, codec.Fmt(4, 4, False))
-    piece = types.SimpleNamespace(kind="split", length=n, cm=0, cv=0)
-    qm2, qv2 = piece_codes({"m_codes": cm, "v_codes": cv}, piece, codec.Fmt(4, 4, False))
+    qm2, qv2 = unpack_codes(cm, cv, n, codec.Fmt(4, 4, False))
     assert torch.equal(qm, qm2) and torch.equal(qv, qv2)
 
 
@@ -256,8 +265,7 @@ def test_block_split_in_two_equals_whole_block(kernel, m_bits, v_bits, v_domain,
 
 
 def _codes(mc, vc, fmt, n):
-    piece = types.SimpleNamespace(kind="split", length=n, cm=0, cv=0)
-    return piece_codes({fmt.m_key: mc.reshape(-1), fmt.v_key: vc.reshape(-1)}, piece, fmt)
+    return unpack_codes(mc, vc, n, fmt)
 
 
 # ----------------------------------------------------------------------------- quality

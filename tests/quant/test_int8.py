@@ -17,7 +17,7 @@ import torch
 from dsq.quant import LinearQuant, QuantFormat, fake_quantize, quantized_linear, sqnr_db
 from dsq.quant.fused import quantize_cols, quantize_rows, quantize_rows_cols, set_kernel
 from dsq.quant.gemm import int_mm, rescale
-from dsq.quant.recipe import describe_plan, int8_plan
+from dsq.quant.plan import Gemm, GemmKind, describe_plan
 from tests.dist_utils import spawn
 
 IN, OUT = 32, 48  # in < out: dW transposes X; the (64, 24) case transposes G
@@ -27,6 +27,11 @@ INT8_FORMATS = [
     ("int4:channel", "int8:tensor", "int4:token"),
     ("int8:tensor", "int6:token", "int8:tensor"),
 ]
+
+
+def integer(plan, gemm: Gemm) -> bool:
+    """Whether the plan runs ``gemm`` as an integer GEMM."""
+    return plan.kind(gemm) is GemmKind.INT8
 
 
 def operands(n_in=IN, n_out=OUT, dtype=torch.float32, seed=0):
@@ -55,18 +60,18 @@ def fq_cols(t, fmt):
 def matched_reference(qc, x, w, b, gy):
     """The simulation with int8's granularities: W per input column in dX, G and X per column
     in dW (where those GEMMs are integer GEMMs)."""
-    plan = int8_plan(qc)
+    plan = qc.plan()
     x2, g2 = x.reshape(-1, x.shape[-1]), gy.reshape(-1, gy.shape[-1])
     x_hat, w_hat = fake_quantize(x2, qc.activation), fake_quantize(w, qc.weight)
     y = x_hat @ w_hat.t() + b
     q_dx = qc.grad is not None and qc.grad_gemms in ("input", "both")
     q_dw = qc.grad is not None and qc.grad_gemms in ("weight", "both")
     g_hat = fake_quantize(g2, qc.grad)
-    if plan.input_grad is None:
+    if integer(plan, Gemm.INPUT_GRAD):
         dx = g_hat @ fq_cols(w, qc.weight)
     else:
         dx = (g_hat if q_dx else g2) @ w_hat
-    if plan.weight_grad is None:
+    if integer(plan, Gemm.WEIGHT_GRAD):
         dw = fq_cols(g2, qc.grad).t() @ fq_cols(x2, qc.activation)
     else:
         dw = (g_hat if q_dw else g2).t() @ x_hat
@@ -98,9 +103,10 @@ def test_int8_equals_simulation_of_the_same_quantization(fmts, grad_gemms, shape
     sim = dataclasses.replace(qc, compute="simulate")
     ops = operands(*shape)
     got = run(qc, *ops)
-    plan = int8_plan(qc)
+    plan = qc.plan()
     assert len(int_mm_calls) == 3 - len(plan.fallbacks())  # the integer GEMMs really ran
-    assert plan.forward is None and (plan.input_grad is None) == (grad_gemms != "weight")
+    assert integer(plan, Gemm.FORWARD)
+    assert integer(plan, Gemm.INPUT_GRAD) == (grad_gemms != "weight")
     ref = matched_reference(qc, *ops)
     for name, a, r in zip(("y", "dx", "dw", "db"), got, ref):
         torch.testing.assert_close(a, r, rtol=1e-5, atol=1e-5 * float(r.abs().max()),
@@ -108,8 +114,8 @@ def test_int8_equals_simulation_of_the_same_quantization(fmts, grad_gemms, shape
     # where the quantization is the recipe's own, int8 equals compute=simulate itself
     want = run(sim, *ops)
     same = {"y": True,
-            "dx": plan.input_grad is not None or qc.weight.granularity == "tensor",
-            "dw": plan.weight_grad is not None or (qc.grad.granularity == "tensor" and
+            "dx": not integer(plan, Gemm.INPUT_GRAD) or qc.weight.granularity == "tensor",
+            "dw": not integer(plan, Gemm.WEIGHT_GRAD) or (qc.grad.granularity == "tensor" and
                                                    qc.activation.granularity == "tensor"),
             "db": True}
     for (name, is_same), a, r in zip(same.items(), got, want):
@@ -143,8 +149,8 @@ def test_int8_bf16_close_to_simulation(kernel):
 def test_fallback_gemms_are_simulated_and_reported(fmts, grad_gemms, fallback, int_mm_calls,
                                                    kernel):
     qc = LinearQuant(*fmts, grad_gemms=grad_gemms, compute="int8")
-    plan = int8_plan(qc)
-    assert set(plan.fallbacks()) == fallback
+    plan = qc.plan()
+    assert {g.value for g in plan.fallbacks()} == fallback
     ops = operands()
     torch.manual_seed(3)
     got = run(qc, *ops)
@@ -152,8 +158,8 @@ def test_fallback_gemms_are_simulated_and_reported(fmts, grad_gemms, fallback, i
     torch.manual_seed(3)
     ref = run(dataclasses.replace(qc, compute="simulate"), *ops)
     matched = matched_reference(qc, *ops)  # where int8 requantizes per column
-    ref = (ref[0], ref[1] if plan.input_grad else matched[1],
-           ref[2] if plan.weight_grad else matched[2], ref[3])
+    ref = (ref[0], matched[1] if integer(plan, Gemm.INPUT_GRAD) else ref[1],
+           matched[2] if integer(plan, Gemm.WEIGHT_GRAD) else ref[2], ref[3])
     for a, r in zip(got, ref):
         torch.testing.assert_close(a, r, rtol=1e-5, atol=1e-5 * float(r.abs().max()))
     msg, any_fallback = describe_plan(qc, ["fc1", "qkv"])
@@ -164,10 +170,11 @@ def test_fallback_gemms_are_simulated_and_reported(fmts, grad_gemms, fallback, i
 
 
 def test_plan_messages():
-    p = int8_plan(LinearQuant("int8:channel:asym", "int8:group32", "int8:token", "weight"))
-    assert "weight int8:channel:asym is asymmetric (zero point)" in p.forward
-    assert "activation int8:group32 has group scales" in p.forward
-    assert p.input_grad.startswith("grad is not quantized for this GEMM (grad_gemms=weight)")
+    p = LinearQuant("int8:channel:asym", "int8:group32", "int8:token", "weight",
+                    compute="int8").plan()
+    assert "weight int8:channel:asym is asymmetric (zero point)" in p.reason(Gemm.FORWARD)
+    assert "activation int8:group32 has group scales" in p.reason(Gemm.FORWARD)
+    assert p.reason(Gemm.INPUT_GRAD).startswith("grad is not quantized for this GEMM (grad_gemms=weight)")
     msg, fb = describe_plan(LinearQuant("int8:channel", "int8:token", "int8:token", "both",
                                         compute="int8"))
     assert not fb and "integer GEMMs: forward Y = X W^T, input grad dX = G W, weight grad" in msg

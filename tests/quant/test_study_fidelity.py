@@ -159,15 +159,15 @@ def test_quantized_backward_operands_differ_from_the_authors_backward(bits, lo, 
 
 
 def test_full_backward_under_int8_runs_float_backward_gemms_equal_to_simulate():
-    from dsq.quant.recipe import describe_plan
+    from dsq.quant.plan import describe_plan
 
     qc = _study_qc(8, compute="int8")
     nomin = dataclasses.replace(
         qc, weight=dataclasses.replace(qc.weight, min_range=None),
         activation=dataclasses.replace(qc.activation, min_range=None),
         grad=dataclasses.replace(qc.grad, min_range=None))
-    msg, fallback = describe_plan(nomin)
-    assert fallback and "integer GEMMs: forward Y = X W^T;" in msg
+    msg, warn = describe_plan(nomin)
+    assert not warn and "integer GEMMs: forward Y = X W^T;" in msg
     assert "backward_operands=full keeps X and W in full precision" in msg
     # the backward GEMMs are the simulation's: same dX, dW for the same G
     x, w, b, gy = _tensors(5, False)
@@ -176,8 +176,8 @@ def test_full_backward_under_int8_runs_float_backward_gemms_equal_to_simulate():
     for i in (1, 2, 3):
         assert torch.equal(i8[i], sim[i])
     # with the floors every GEMM is simulated, and says why
-    msg, _ = describe_plan(qc)
-    assert "integer GEMMs: none" in msg and "range floor" in msg
+    msg, warn = describe_plan(qc)
+    assert warn and "integer GEMMs: none" in msg and "range floor" in msg
 
 
 def test_saved_for_backward_bytes_of_both_backward_operands():
