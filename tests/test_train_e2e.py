@@ -308,6 +308,11 @@ def test_readme_first_command_is_smooth_and_quiet(data_cache, tmp_path):
     assert bar and len(final) == 4, text[-3000:]
     assert len(other) <= 10, "\n".join(other)
     assert not any("INFO" in ln or "Traceback" in ln for ln in other), "\n".join(other)
+    # nothing is wrong, so nothing warns; the start-up lines say what runs
+    assert not any("warning" in ln.lower() for ln in other), "\n".join(other)
+    assert any(ln.startswith("dsq: quant.compute=int8 for w=int8:channel") for ln in other)
+    assert "optimizer: qadamw, m 8-bit, v 8-bit (linear), blocks of 256" in text
+    assert any(ln.startswith("kernels: quantization ") for ln in other), "\n".join(other)
 
 
 def test_ctrl_c_checkpoints_and_exits_130_without_traceback(ref, tmp_path):
