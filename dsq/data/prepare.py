@@ -58,13 +58,15 @@ def held_out(start: int, n: int, fraction: float) -> np.ndarray:
 
 
 # --------------------------------------------------------------------------- tokenizer
-def train_tokenizer(texts, vocab_size: int) -> bytes:
+def train_tokenizer(texts, vocab_size: int, sources_=None) -> bytes:
     """dsq's lossless BPE tokenizer (:mod:`dsq.data.tokenizer`) trained on the documents."""
     try:
         return tokenizer.train(texts, vocab_size)
     except RuntimeError as e:
         import re
 
+        if "sentences_.empty()" in str(e):
+            raise DataError(f"data {sources_} holds no text: every document is empty") from None
         need = re.search(r"smaller than required_chars\. \d+ vs (\d+)", str(e))
         if need:
             raise DataError(f"model.vocab_size={vocab_size} is too small for this text: the "
@@ -173,6 +175,7 @@ def prepare(data_cfg, vocab_size: int, log=print, verify_full: bool = False) -> 
 
 def _build(data_cfg, vocab_size: int, out: Path, hashes: SourceHashes, log) -> None:
     partial = Partial(out)
+    created = not out.parent.exists()
     partial.lock()
     try:
         model_bytes = partial.tokenizer()
@@ -181,7 +184,8 @@ def _build(data_cfg, vocab_size: int, out: Path, hashes: SourceHashes, log) -> N
                 model_bytes = read_tokenizer(data_cfg.tokenizer)
             else:
                 log(f"data: training a {vocab_size}-token sentencepiece BPE")
-                model_bytes = train_tokenizer(_tokenizer_text(data_cfg, log), vocab_size)
+                model_bytes = train_tokenizer(_tokenizer_text(data_cfg, log), vocab_size,
+                                              list(data_cfg.train))
         sp = tokenizer.load(model_bytes)
         _check_vocab(sp, vocab_size, data_cfg.tokenizer)
         state = partial.start(model_bytes)
@@ -210,6 +214,11 @@ def _build(data_cfg, vocab_size: int, out: Path, hashes: SourceHashes, log) -> N
         raise
     except DataError:
         partial.remove()  # bad input: nothing half-written stays
+        if created:
+            try:
+                out.parent.rmdir()
+            except OSError:
+                pass
         raise
     finally:
         partial.unlock()  # killed or interrupted: kept, the same command resumes
