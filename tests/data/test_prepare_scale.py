@@ -297,7 +297,7 @@ def test_tokenizer_sample_is_seeded_and_spread(tmp_path):
 
 def test_small_config_corpus_ships_with_the_package():
     cfg = load_config([str(ROOT / "configs/small.yaml")], [])
-    for spec, n in ((cfg.data.train[0], 71), (cfg.data.val[0], 5)):
+    for spec, n in ((cfg.data.train[0], 68), (cfg.data.val[0], 5)):
         kind, files = sources.expand(spec)
         assert kind == "text" and len(files) == n and "shared" not in str(files[0])
     first = next(sources.iter_documents([cfg.data.val[0]]))
