@@ -9,7 +9,7 @@ tokenizing, writing, the manifest), its peak memory is sampled over the process 
 (summed proportional set sizes, shared pages counted once). sentencepiece's rate: ``SentencePieceProcessor.encode(texts, num_threads=N)`` on the
 same documents held in memory. MB are MB of UTF-8 text.
 
-Usage: ``dsq bench prepare [--mb 32] [--workers N] [--dir DIR] [--json out.json]``.
+Usage: ``dsq bench prepare [--mb 32] [--workers 1,N] [--dir DIR] [--json out.json]``.
 """
 
 from __future__ import annotations
@@ -109,7 +109,7 @@ def _sha(path: Path) -> str:
     return h.hexdigest()
 
 
-def bench(mb: float, workers: int, vocab: int, work: Path, log=print) -> Dict:
+def bench(mb: float, workers: List[int], vocab: int, work: Path, log=print) -> Dict:
     from dsq.data import tokenizer
     from dsq.data.prepare import max_vocab_size
 
@@ -129,7 +129,7 @@ def bench(mb: float, workers: int, vocab: int, work: Path, log=print) -> Dict:
     val = work / "val.jsonl"
     val.write_text("".join(json.dumps({"text": d}) + "\n" for d in docs[:20]))
     rows, outs = [], {}
-    for w in sorted({1, workers}):
+    for w in workers:
         args = [f"data.train=[{corpus}]", f"data.val=[{val}]", f"data.tokenizer={model}",
                 f"data.cache_dir={work / f'cache-{w}'}", f"model.vocab_size={max_vocab_size(pieces)}",
                 f"data.workers={w}"]
@@ -150,14 +150,16 @@ def table(res: Dict) -> str:
              f"documents, {res['text_mb']:.0f} MB of text), tokenizer of "
              f"{res['tokenizer_pieces']} pieces, {os.cpu_count()} CPUs",
              "| workers | MB/s | tokens/s | peak RSS | sentencepiece MB/s (same threads) | "
-             "ratio | vs 1 worker |", "| ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+             f"ratio | vs {res['rows'][0]['workers']} worker |",
+             "| ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for r in res["rows"]:
         lines.append(f"| {r['workers']} | {r['mb_s']:.2f} | {r['tokens_s'] / 1e6:.2f}M | "
                      f"{r['peak_rss_mb']:.0f} MB | {r['sp_mb_s']:.2f} | {r['ratio']:.2f} | "
                      f"{r['speedup']:.2f}x |")
     ws = [str(r["workers"]) for r in res["rows"]]
-    lines.append(f"train.bin byte-identical for {' and '.join(ws)} workers: "
-                 f"{'yes' if res['identical'] else 'NO'}")
+    if len(ws) > 1:
+        lines.append(f"train.bin byte-identical for {' and '.join(ws)} workers: "
+                     f"{'yes' if res['identical'] else 'NO'}")
     return "\n".join(lines)
 
 
@@ -166,11 +168,18 @@ def main(argv: List[str]) -> None:
 
     p = argparse.ArgumentParser(prog="dsq bench prepare", description=__doc__.split("\n\n")[0])
     p.add_argument("--mb", type=float, default=32, help="corpus size in MB of JSON lines")
-    p.add_argument("--workers", type=int, default=node_cores(), help="all cores by default")
+    p.add_argument("--workers", default=f"1,{node_cores()}",
+                   help="worker counts to compare, comma-separated (default: 1 and all cores)")
     p.add_argument("--vocab", type=int, default=8192, help="tokenizer pieces (configs/small.yaml)")
     p.add_argument("--dir", default=None, help="work folder (kept; default: a temporary one)")
     p.add_argument("--json", default=None, help="write the results to this JSON file")
     ns = p.parse_args(argv)
+    try:
+        workers = sorted({int(w) for w in ns.workers.split(",")})
+        assert workers and workers[0] >= 1
+    except (ValueError, AssertionError):
+        p.error(f"--workers {ns.workers!r}: give counts >= 1, e.g. 1,{node_cores()}")
+    ns.workers = workers
     if ns.dir:
         Path(ns.dir).mkdir(parents=True, exist_ok=True)
         res = bench(ns.mb, ns.workers, ns.vocab, Path(ns.dir))

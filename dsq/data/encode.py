@@ -79,6 +79,8 @@ class Encoder:
             self.pool = ProcessPoolExecutor(
                 self.workers, mp_context=multiprocessing.get_context("spawn"),
                 initializer=_init, initargs=(self.model_bytes,))
+            for _ in range(self.workers):  # start them now: they load while the reader opens
+                self.pool.submit(int)
         return self
 
     def __exit__(self, *exc) -> None:
