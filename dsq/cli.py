@@ -19,7 +19,7 @@ USAGE = """dsq <command> ... [--verbose]     (dsq <command> --help, dsq --versio
 
 commands:
   train CONFIG... [key.sub=value ...]   pre-train (under deepspeed/torchrun/srun, or one process)
-  prepare CONFIG... [key.sub=value ...] tokenize and pack the data of a config
+  prepare CONFIG... [key.sub=value ...] [--workers N] [--verify]   tokenize and pack the data
   eval RUN_OR_CHECKPOINT --data PATH... [--json OUT]   loss and perplexity of a checkpoint
   export RUN_OR_CHECKPOINT OUT_DIR [--weights quantized|trained]   as a transformers GPT-2 model
   generate RUN_OR_CHECKPOINT --prompt TEXT [--max-new-tokens N --temperature T --top-k K --seed S]
@@ -27,7 +27,7 @@ commands:
   mlflow sync RUN_DIR... [--tracking-uri URI]   upload what a run could not send to MLflow
   report --experiment NAME [--tracking-uri URI] [--out DIR]   the recipes' comparison table + plot
   ckpt reshard CKPT_DIR --dp N [--tag T] [--out DIR]   convert a ZeRO checkpoint to another DP size
-  bench optim|linear|train ...          benchmarks (tables, --json)
+  bench optim|linear|train|prepare ...  benchmarks (tables, --json)
 """
 
 
@@ -98,6 +98,16 @@ def cmd_train(argv: List[str]) -> None:
 
     env = env_from_launcher()
     cfg = _load(ns.args, world_size=env.world_size)
+    from dsq.data.prepare import unprepared_too_big
+
+    try:
+        too_big = unprepared_too_big(cfg.data, cfg.model.vocab_size)
+    except DataError as e:
+        _fail(str(e))
+    if too_big:
+        args = " ".join(ns.args)
+        _fail(f"{too_big}: prepare it first, as its own job: dsq prepare {args} (on a cluster: "
+              f"sbatch slurm/prepare.sbatch {args}), then start dsq train again")
     try:
         check_paths(cfg)
     except ConfigError as e:
@@ -119,8 +129,15 @@ def cmd_train(argv: List[str]) -> None:
 
 
 def cmd_prepare(argv: List[str]) -> None:
-    ns = _parse_config_args("prepare", "Tokenize and pack the data of a config (data.*, "
-                            "model.vocab_size) into data.cache_dir; prints the folder.", argv)
+    ns = _parse_config_args(
+        "prepare", "Tokenize and pack the data of a config (data.*, model.vocab_size) into "
+        "data.cache_dir; prints the folder. A killed preparation resumes where it stopped when "
+        "the same command runs again (docs/data.md).", argv,
+        **{"--workers": dict(type=int, default=None, help="tokenizer processes (data.workers; "
+                             "default: the cores of the node)"),
+           "--verify": dict(action="store_true", help="re-hash the sources and the prepared "
+                            "token files in full (a start compares sizes and modification "
+                            "times); prepare again what changed")})
     from dsq.runtime import quiet_libraries
 
     quiet_libraries()
@@ -128,9 +145,13 @@ def cmd_prepare(argv: List[str]) -> None:
     from dsq.data.prepare import DataError, prepare
 
     cfg = _load(ns.args)
+    if ns.workers is not None:
+        if ns.workers < 1:
+            _fail(f"--workers {ns.workers} must be >= 1")
+        cfg.data.workers = ns.workers
     try:
         check_paths(cfg)
-        path = prepare(cfg.data, cfg.model.vocab_size)
+        path = prepare(cfg.data, cfg.model.vocab_size, verify_full=ns.verify)
     except (DataError, ConfigError) as e:
         _fail(str(e))
     print(path)

@@ -161,7 +161,7 @@ def test_damaged_data_whose_sources_cannot_be_read_is_one_clear_error(tmp_path, 
         raise P.DataError("data 'user/corpus' is neither an existing file or folder nor a Hub "
                           "dataset that could be loaded")
 
-    monkeypatch.setattr(P, "load_documents", gone)
+    monkeypatch.setattr(P.sources, "iter_documents", gone)
     said = []
     with pytest.raises(P.DataError, match=r"was damaged \(val.bin has 1 bytes.*cannot be "
                                           r"prepared again: data 'user/corpus'"):

@@ -1,4 +1,4 @@
-"""``dsq bench optim|linear|train``: side-by-side benchmarks that print a table (and --json)."""
+"""``dsq bench optim|linear|train|prepare``: side-by-side benchmarks that print a table (and --json)."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ BENCHES = {
     "optim": "dsq.bench.optim",
     "linear": "dsq.bench.linear",
     "train": "dsq.bench.train",
+    "prepare": "dsq.bench.prepare",
 }
 
 
@@ -71,7 +72,9 @@ def main(argv: List[str]) -> None:
         print(f"usage: dsq bench {{{'|'.join(BENCHES)}}} [options]\n\n"
               f"  optim    optimizer step: fp32 AdamW vs quantized states\n"
               f"  linear   one linear layer forward + backward, per recipe and compute mode\n"
-              f"  train    training steps of a config, per recipe, side by side\n\n"
+              f"  train    training steps of a config, per recipe, side by side\n"
+              f"  prepare  dsq prepare on a generated corpus: 1 worker vs all cores, beside "
+              f"sentencepiece\n\n"
               f"dsq bench NAME --help shows the options of each.")
         sys.exit(0)
     if not argv or argv[0] not in BENCHES:

@@ -240,12 +240,13 @@ class QuantConfig:
 @dataclass
 class DataConfig:
     train: List[str] = field(default_factory=lambda: [str(DEFAULT_CORPUS / "train")])
-    """Text files or folders, .jsonl/.json or .parquet files, or a Hub dataset name."""
+    """Text files or folders (.txt, .txt.xz), .jsonl/.json or .parquet files, ``dsq:NAME`` (a
+    corpus shipped with dsq: dsq:shakespeare_full/train), or a Hub dataset name (docs/data.md)."""
     val: List[str] = field(default_factory=lambda: [str(DEFAULT_CORPUS / "val")])
     """Validation text, as ``train``; empty (``[]``) with ``val_fraction`` > 0."""
     val_fraction: float = 0.0
-    """Hold out this fraction of the training documents (a seeded random split, the same on
-    every machine) as the validation set, for corpora without one (OpenWebText); needs
+    """Hold out this fraction of the training documents (a seeded hash of each document's
+    index: the same split on every machine, about this fraction) as the validation set, for corpora without one (OpenWebText); needs
     ``data.val: []``."""
     text_field: str = "text"
     """Column holding the text in JSON lines / Parquet / Hub data."""
@@ -253,9 +254,19 @@ class DataConfig:
     """Existing sentencepiece .model to use; null trains one on the training data."""
     cache_dir: str = "runs/data_cache"
     """Where prepared (tokenized, packed) data is written, keyed by a hash of its inputs."""
+    workers: int = 0
+    """Tokenizer processes of ``dsq prepare`` (0: the cores of the node; --workers N)."""
+    tokenizer_sample_bytes: int = 1_000_000_000
+    """The tokenizer trains on a seeded sample of at most this much of the training data."""
+    prepare_limit_bytes: int = 256_000_000
+    """``dsq train`` prepares unprepared data itself up to this size of sources; above it (or
+    for a Hub dataset) it stops and says to run ``dsq prepare`` as its own job. 0: no limit."""
 
     def validate(self) -> None:
         check(bool(self.train), "data.train is empty: give at least one file or folder")
+        check(min(self.workers, self.tokenizer_sample_bytes, self.prepare_limit_bytes) >= 0,
+              "data.workers, data.tokenizer_sample_bytes and data.prepare_limit_bytes must be "
+              ">= 0")
         check(0.0 <= self.val_fraction < 0.5,
               f"data.val_fraction={self.val_fraction} must be in [0, 0.5)")
         check(not (self.val_fraction > 0 and self.val),

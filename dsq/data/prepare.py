@@ -1,169 +1,72 @@
-"""Prepare training data: load text with Hugging Face ``datasets``, train or load a
-sentencepiece tokenizer, and write each split as one flat memory-mapped token stream.
+"""Prepare training data: stream the documents (:mod:`dsq.data.sources`), train or load a
+sentencepiece tokenizer, tokenize in ``data.workers`` processes (:mod:`dsq.data.encode`) and
+write each split as one flat memory-mapped token stream, shard by shard (:mod:`dsq.data.shards`).
 
 Layout of a prepared directory (``<data.cache_dir>/<fingerprint>/``)::
 
     tokenizer.model     sentencepiece model (lossless BPE, see dsq.data.tokenizer; EOS between
                         documents)
-    train.bin, val.bin  token ids, uint16 (or uint32 for vocabularies over 65536)
-    manifest.json       written last: sources, token counts, dtype, tokenizer, fingerprint
+    train.bin, val.bin  token ids, uint16 (or uint32 for vocabularies over 65536): every
+                        document's ids then EOS, in source order
+    manifest.json       written last: sources (with sizes, mtimes, SHA-256), token counts,
+                        dtype, tokenizer, fingerprint
 
-A block of ``seq_len`` training positions is ``tokens[i*L : i*L + L + 1]`` (inputs and
-shifted labels), so the same prepared data serves every sequence length. The fingerprint
-hashes the sources' contents, the vocabulary size and the tokenizer (its file, or the trainer
-settings of :data:`dsq.data.tokenizer.SETTINGS`): a changed input re-prepares. The
-directory is built under a temporary name and renamed into place, so a failed or
-interrupted preparation never leaves a directory that looks complete.
+A block of ``seq_len`` training positions is ``tokens[i*L : i*L + L + 1]`` (inputs and shifted
+labels), so the same prepared data serves every sequence length. Memory stays bounded: a few
+batches of documents are in flight, token ids go to disk as they come. The bytes do not depend
+on the number of workers. The fingerprint (:mod:`dsq.data.fingerprint`) keys the directory; a
+changed source prepares again. A killed preparation resumes from its last complete shard;
+nothing looks complete before ``manifest.json`` is in place.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
 import os
-import shutil
-import tempfile
 import time
 from pathlib import Path
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, Iterator, List, Optional
 
 import numpy as np
 
-from dsq.data import tokenizer
+from dsq.data import sources, tokenizer
+from dsq.data.encode import Encoder, WorkerDied, node_cores
+from dsq.data.fingerprint import (  # noqa: F401  (part of this module's interface)
+    FORMAT_VERSION, SourceHashes, data_fingerprint, load_manifest, sampled_sha256, split_record,
+    verify)
+from dsq.data.progress import PrepareProgress
+from dsq.data.shards import Partial, StreamWriter
+from dsq.data.sources import DataError, load_documents  # noqa: F401
 
-TEXT_EXT = {".txt", ".text", ".md"}
-JSON_EXT = {".jsonl", ".json"}
-PARQUET_EXT = {".parquet"}
-FORMAT_VERSION = 2  # 2: lossless tokenizer (dsq.data.tokenizer)
-
-
-class DataError(ValueError):
-    """Missing, empty or undecodable input; the message names the input and the fix."""
-
-
-# --------------------------------------------------------------------------- sources
-def _expand(spec: str) -> Tuple[str, List[Path]]:
-    """A source spec -> (kind, files). kind: text | json | parquet | hub."""
-    path = Path(os.path.expanduser(spec))
-    if path.is_dir():
-        files = sorted(p for p in path.rglob("*") if p.is_file() and not p.name.startswith("."))
-        files = [p for p in files if p.suffix.lower() in TEXT_EXT | JSON_EXT | PARQUET_EXT]
-        if not files:
-            raise DataError(f"data folder {spec!r} holds no .txt, .jsonl/.json or .parquet files")
-        kinds = {_kind(p) for p in files}
-        if len(kinds) > 1:
-            raise DataError(f"data folder {spec!r} mixes file types {sorted(kinds)}: "
-                            f"give one type per folder")
-        return kinds.pop(), files
-    if path.is_file():
-        return _kind(path), [path]
-    looks_local = spec.startswith((".", "/", "~")) or bool(path.suffix) or spec.count("/") > 1
-    if looks_local:
-        raise DataError(f"data path {spec!r} does not exist: give an existing file or folder "
-                        f"(data.train / data.val)")
-    return "hub", []
-
-
-def _kind(p: Path) -> str:
-    ext = p.suffix.lower()
-    if ext in JSON_EXT:
-        return "json"
-    if ext in PARQUET_EXT:
-        return "parquet"
-    return "text"
-
-
-def _fingerprint_sources(specs: List[str]) -> List[Dict]:
-    out = []
-    for spec in specs:
-        kind, files = _expand(spec)
-        if kind == "hub":
-            out.append({"hub": spec})
-            continue
-        for f in files:
-            h = hashlib.sha256()
-            with open(f, "rb") as fh:
-                for chunk in iter(lambda: fh.read(1 << 20), b""):
-                    h.update(chunk)
-            out.append({"path": str(f.resolve()), "sha256": h.hexdigest()})
-    return out
-
-
-def load_documents(specs: List[str], text_field: str = "text", split: str = "train"):
-    """All documents of the sources, as a ``datasets.Dataset`` with one ``text`` column."""
-    import datasets
-
-    datasets.disable_progress_bars()
-    parts = []
-    for spec in specs:
-        kind, files = _expand(spec)
-        try:
-            if kind == "text":
-                for f in files:
-                    _check_utf8(f)
-                ds = datasets.load_dataset("text", data_files=[str(f) for f in files],
-                                           sample_by="document", split="train")
-            elif kind == "json":
-                ds = datasets.load_dataset("json", data_files=[str(f) for f in files],
-                                           split="train")
-            elif kind == "parquet":
-                ds = datasets.load_dataset("parquet", data_files=[str(f) for f in files],
-                                           split="train")
-            else:
-                ds = datasets.load_dataset(spec, split=split)
-        except DataError:
-            raise
-        except Exception as e:  # datasets raises many types; name the input
-            what = ("is neither an existing file or folder nor a Hub dataset that could be "
-                    "loaded" if kind == "hub" else "could not be read")
-            first = str(e).splitlines()[0] if str(e) else ""
-            raise DataError(f"data {spec!r} {what}: {type(e).__name__}: {first}") from e
-        if text_field not in ds.column_names:
-            raise DataError(f"data {spec!r} has no column {text_field!r} (columns: "
-                            f"{ds.column_names}): set data.text_field")
-        parts.append(ds.select_columns([text_field]).rename_column(text_field, "text")
-                     if text_field != "text" else ds.select_columns(["text"]))
-    ds = datasets.concatenate_datasets(parts) if len(parts) > 1 else parts[0]
-    ds = ds.filter(lambda r: bool(r["text"] and r["text"].strip()))
-    if len(ds) == 0:
-        raise DataError(f"data {specs} holds no text: every document is empty")
-    return ds
-
-
-def _check_utf8(path: Path) -> None:
-    if path.stat().st_size == 0:
-        raise DataError(f"data file {str(path)!r} is empty: remove it or give another file")
-    try:
-        with open(path, encoding="utf-8") as fh:
-            for _ in iter(lambda: fh.read(1 << 20), ""):
-                pass
-    except UnicodeDecodeError as e:
-        raise DataError(f"data file {str(path)!r} is not UTF-8 text (byte {e.start}): "
-                        f"convert it to UTF-8") from e
-
-
+BATCH_BYTES, BATCH_DOCS = 1 << 20, 4096  # documents sent to a worker at once
 HOLD_OUT_SEED = 1234
-"""Seed of the ``data.val_fraction`` split (part of the data, not of the run: fixed)."""
+"""Seed of the ``data.val_fraction`` hold-out (part of the data, not of the run: fixed)."""
+TOKENIZER_SEED = 1234
+"""Seed of the tokenizer's training sample (sources larger than data.tokenizer_sample_bytes)."""
 
 
-def hold_out(docs, fraction: float):
-    """``(train, val)``: a seeded random ``fraction`` of ``docs`` (at least one) as validation."""
-    if len(docs) < 2:
-        raise DataError(f"data.val_fraction={fraction} needs at least 2 training documents, "
-                        f"found {len(docs)}: give data.val instead")
-    n_val = min(len(docs) - 1, max(1, round(fraction * len(docs))))
-    split = docs.train_test_split(test_size=n_val, seed=HOLD_OUT_SEED, shuffle=True)
-    return split["train"], split["test"]
+def held_out(start: int, n: int, fraction: float) -> np.ndarray:
+    """Whether documents ``start .. start+n-1`` (source order) are held out for validation: a
+    seeded hash of the index below ``fraction``, so the split needs no document count and the
+    same documents are held out on every machine, whatever the batching."""
+    with np.errstate(over="ignore"):
+        z = (np.arange(start, start + n, dtype=np.uint64) + np.uint64(HOLD_OUT_SEED)) \
+            * np.uint64(0x9E3779B97F4A7C15)
+        z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+        z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+        z ^= z >> np.uint64(31)
+    return (z >> np.uint64(11)).astype(np.float64) / float(1 << 53) < fraction
 
 
 # --------------------------------------------------------------------------- tokenizer
-def train_tokenizer(docs, vocab_size: int) -> bytes:
+def train_tokenizer(texts, vocab_size: int, sources_=None) -> bytes:
     """dsq's lossless BPE tokenizer (:mod:`dsq.data.tokenizer`) trained on the documents."""
     try:
-        return tokenizer.train(docs["text"], vocab_size)
+        return tokenizer.train(texts, vocab_size)
     except RuntimeError as e:
         import re
 
+        if "sentences_.empty()" in str(e):
+            raise DataError(f"data {sources_} holds no text: every document is empty") from None
         need = re.search(r"smaller than required_chars\. \d+ vs (\d+)", str(e))
         if need:
             raise DataError(f"model.vocab_size={vocab_size} is too small for this text: the "
@@ -179,120 +82,35 @@ def max_vocab_size(tokenizer_vocab_size: int) -> int:
     return -(-tokenizer_vocab_size // 128) * 128
 
 
-def encode(docs, sp) -> np.ndarray:
-    eos = sp.eos_id()
-    chunks = []
-    for text in docs["text"]:
-        ids = tokenizer.encode(sp, text)
-        ids.append(eos)
-        chunks.append(np.asarray(ids, dtype=np.int64))
-    return np.concatenate(chunks) if chunks else np.zeros(0, dtype=np.int64)
+def _tokenizer_text(data_cfg, log) -> Iterator[str]:
+    """The training documents the tokenizer learns from: all of them (held-out ones excluded)
+    when the sources fit in data.tokenizer_sample_bytes, else a seeded sample."""
+    limit = data_cfg.tokenizer_sample_bytes
+    sample = sources.sample_texts(list(data_cfg.train), data_cfg.text_field, limit,
+                                  TOKENIZER_SEED) if limit else None
+    if sample is not None:
+        log(f"data: training the tokenizer on a seeded sample of {len(sample):,} documents "
+            f"({sum(map(len, sample)) / 1e6:.0f} MB, data.tokenizer_sample_bytes={limit:,})")
+        yield from sample
+        return
+    frac = data_cfg.val_fraction
+    for i, text in enumerate(sources.iter_documents(list(data_cfg.train), data_cfg.text_field)):
+        if not (frac and held_out(i, 1, frac)[0]):
+            yield text
 
 
-# --------------------------------------------------------------------------- prepare
-def data_fingerprint(data_cfg, vocab_size: int) -> str:
-    tok = data_cfg.tokenizer
-    key = {
-        "version": FORMAT_VERSION,
-        "train": _fingerprint_sources(list(data_cfg.train)),
-        "val": _fingerprint_sources(list(data_cfg.val)),
-        "text_field": data_cfg.text_field,
-        "vocab_size": vocab_size,
-        "tokenizer": _fingerprint_sources([tok]) if tok else None,
-        "tokenizer_settings": None if tok else tokenizer.SETTINGS,
-    }
-    if getattr(data_cfg, "val_fraction", 0.0):
-        key["val_fraction"] = data_cfg.val_fraction
-    return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
-
-
-def prepared_dir(data_cfg, vocab_size: int) -> Path:
-    return Path(data_cfg.cache_dir) / data_fingerprint(data_cfg, vocab_size)
-
-
-def is_prepared(path: Path) -> bool:
-    return (path / "manifest.json").is_file()
-
-
-def prepare(data_cfg, vocab_size: int, log=print) -> Path:
-    """Prepare (or find already prepared) data for ``data_cfg``; returns its directory."""
-    out = prepared_dir(data_cfg, vocab_size)
-    damaged = None
-    if is_prepared(out):
-        damaged = verify(out)
-        if damaged is None:
-            log(f"data: using prepared {out}")
-            return out
-        aside = out.with_name(f"{out.name}.damaged-{time.strftime('%Y%m%d-%H%M%S')}")
-        os.replace(out, aside)
-        log(f"dsq: warning: prepared data {out} is damaged ({damaged}): moved aside to "
-            f"{aside.name}, preparing it again from the sources")
-    model_bytes = read_tokenizer(data_cfg.tokenizer) if data_cfg.tokenizer else None
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
-        try:
-            train_docs = load_documents(list(data_cfg.train), data_cfg.text_field, "train")
-        except DataError as e:
-            if damaged:
-                raise DataError(f"prepared data {out} was damaged ({damaged}) and cannot be "
-                                f"prepared again: {e}") from e
-            raise
-        if getattr(data_cfg, "val_fraction", 0.0) > 0:
-            train_docs, val_docs = hold_out(train_docs, data_cfg.val_fraction)
-            log(f"data: held out {len(val_docs)} of {len(train_docs) + len(val_docs)} "
-                f"documents for validation (data.val_fraction={data_cfg.val_fraction})")
-        else:
-            val_docs = load_documents(list(data_cfg.val), data_cfg.text_field, "validation")
-        if model_bytes is None:
-            log(f"data: training a {vocab_size}-token sentencepiece BPE on "
-                f"{len(train_docs)} documents")
-            model_bytes = train_tokenizer(train_docs, vocab_size)
-        sp = tokenizer.load(model_bytes)
-        n = sp.vocab_size()
-        what = (f"data.tokenizer={data_cfg.tokenizer!r} has" if data_cfg.tokenizer else
-                "the training text yields a tokenizer of")
-        if n > vocab_size:
-            raise DataError(f"{what} {n} tokens, more than model.vocab_size={vocab_size}: "
-                            f"set model.vocab_size={max_vocab_size(n)}")
-        if vocab_size > max_vocab_size(n):
-            raise DataError(f"model.vocab_size={vocab_size} is larger than the tokenizer can "
-                            f"provide: {what} {n} tokens, so {vocab_size - n} embedding rows "
-                            f"would never be used: set model.vocab_size={max_vocab_size(n)} (or "
-                            f"less), or train on more text")
-        (tmp / "tokenizer.model").write_bytes(model_bytes)
-        dtype = np.uint16 if vocab_size <= 65536 else np.uint32
-        counts = {}
-        for split, docs in (("train", train_docs), ("val", val_docs)):
-            ids = encode(docs, sp).astype(dtype)
-            ids.tofile(tmp / f"{split}.bin")
-            counts[split] = int(ids.size)
-        splits = {split: split_record(tmp / f"{split}.bin") for split in counts}
-        manifest = {
-            "format_version": FORMAT_VERSION,
-            "splits": splits,
-            "fingerprint": out.name,
-            "dtype": np.dtype(dtype).name,
-            "tokens": counts,
-            "documents": {"train": len(train_docs), "val": len(val_docs)},
-            "vocab_size": vocab_size,
-            "tokenizer_vocab_size": sp.vocab_size(),
-            "tokenizer_settings": tokenizer.SETTINGS,
-            "eos_id": sp.eos_id(),
-            "sources": {"train": list(data_cfg.train), "val": list(data_cfg.val)},
-        }
-        (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2))
-        try:
-            os.replace(tmp, out)
-        except OSError:  # another process finished first
-            if not is_prepared(out):
-                raise
-            shutil.rmtree(tmp, ignore_errors=True)
-        log(f"data: prepared {out} (train {counts['train']:,} tokens, val {counts['val']:,})")
-        return out
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
+def _check_vocab(sp, vocab_size: int, given: Optional[str]) -> None:
+    n = sp.vocab_size()
+    what = (f"data.tokenizer={given!r} has" if given else
+            "the training text yields a tokenizer of")
+    if n > vocab_size:
+        raise DataError(f"{what} {n} tokens, more than model.vocab_size={vocab_size}: "
+                        f"set model.vocab_size={max_vocab_size(n)}")
+    if vocab_size > max_vocab_size(n):
+        raise DataError(f"model.vocab_size={vocab_size} is larger than the tokenizer can "
+                        f"provide: {what} {n} tokens, so {vocab_size - n} embedding rows "
+                        f"would never be used: set model.vocab_size={max_vocab_size(n)} (or "
+                        f"less), or train on more text")
 
 
 def read_tokenizer(path: str) -> bytes:
@@ -311,52 +129,204 @@ def read_tokenizer(path: str) -> bytes:
     return model_bytes
 
 
-def load_manifest(path: Path) -> Dict:
-    return json.loads((Path(path) / "manifest.json").read_text())
+# --------------------------------------------------------------------------- prepare
+def prepared_dir(data_cfg, vocab_size: int, hashes: Optional[SourceHashes] = None) -> Path:
+    return Path(data_cfg.cache_dir) / data_fingerprint(data_cfg, vocab_size, hashes)
 
 
-# --------------------------------------------------------------------------- verification
-SAMPLE_WINDOWS, SAMPLE_BYTES = 64, 1 << 16
+def is_prepared(path: Path) -> bool:
+    return (path / "manifest.json").is_file()
 
 
-def sampled_sha256(path: Path) -> str:
-    """SHA-256 of the size and of up to 64 evenly spaced 64 KiB windows of a file (the whole
-    file when smaller than that): a few MiB read whatever the file's size, so every run can
-    afford it at start."""
-    size = path.stat().st_size
-    h = hashlib.sha256(str(size).encode())
-    with open(path, "rb") as fh:
-        if size <= SAMPLE_WINDOWS * SAMPLE_BYTES:
-            h.update(fh.read())
-        else:
-            span = size - SAMPLE_BYTES  # first window at 0, last one ends at the file's end
-            for i in range(SAMPLE_WINDOWS):
-                fh.seek(span * i // (SAMPLE_WINDOWS - 1))
-                h.update(fh.read(SAMPLE_BYTES))
-    return h.hexdigest()
+def workers_of(data_cfg) -> int:
+    """``data.workers``, 0 meaning the cores of the node."""
+    return getattr(data_cfg, "workers", 0) or node_cores()
 
 
-def split_record(path: Path) -> Dict:
-    return {"bytes": path.stat().st_size, "sha256_sampled": sampled_sha256(path)}
-
-
-def verify(path: Path) -> Optional[str]:
-    """None when the prepared directory's token files match its manifest (sizes, token counts
-    and sampled hashes), else what does not."""
+def prepare(data_cfg, vocab_size: int, log=print, verify_full: bool = False) -> Path:
+    """Prepare (or find already prepared) data for ``data_cfg``; returns its directory.
+    ``verify_full`` (``dsq prepare --verify``): re-hash the sources and token files in full."""
+    hashes = SourceHashes(data_cfg.cache_dir, full=verify_full)
+    out = prepared_dir(data_cfg, vocab_size, hashes)
+    for f in hashes.changed:
+        log(f"dsq: warning: {f} changed although its size and modification time did not: "
+            f"its data is prepared again")
+    damaged = None
+    if is_prepared(out):
+        damaged = verify(out, full=verify_full)
+        if damaged is None:
+            hashes.save()
+            log(f"data: using prepared {out}" + (" (verified in full)" if verify_full else ""))
+            return out
+        aside = out.with_name(f"{out.name}.damaged-{time.strftime('%Y%m%d-%H%M%S')}")
+        os.replace(out, aside)
+        log(f"dsq: warning: prepared data {out} is damaged ({damaged}): moved aside to "
+            f"{aside.name}, preparing it again from the sources")
     try:
-        manifest = load_manifest(path)
-    except (OSError, ValueError) as e:
-        return f"manifest.json is unreadable ({type(e).__name__})"
-    itemsize = np.dtype(manifest.get("dtype", "uint16")).itemsize
-    for split, tokens in manifest.get("tokens", {}).items():
-        f = Path(path) / f"{split}.bin"
-        if not f.is_file():
-            return f"{f.name} is missing"
-        size = f.stat().st_size
-        if size != tokens * itemsize:
-            return (f"{f.name} has {size:,} bytes, the manifest's {tokens:,} tokens need "
-                    f"{tokens * itemsize:,}")
-        rec = manifest.get("splits", {}).get(split)
-        if rec and rec.get("sha256_sampled") and sampled_sha256(f) != rec["sha256_sampled"]:
-            return f"{f.name}'s content differs from what was prepared"
-    return None
+        _build(data_cfg, vocab_size, out, hashes, log)
+    except DataError as e:
+        if damaged:
+            raise DataError(f"prepared data {out} was damaged ({damaged}) and cannot be "
+                            f"prepared again: {e}") from e
+        raise
+    hashes.save()
+    return out
+
+
+def _build(data_cfg, vocab_size: int, out: Path, hashes: SourceHashes, log) -> None:
+    partial = Partial(out)
+    created = not out.parent.exists()
+    partial.lock()
+    try:
+        model_bytes = partial.tokenizer()
+        if model_bytes is None:
+            if data_cfg.tokenizer:
+                model_bytes = read_tokenizer(data_cfg.tokenizer)
+            else:
+                log(f"data: training a {vocab_size}-token sentencepiece BPE")
+                model_bytes = train_tokenizer(_tokenizer_text(data_cfg, log), vocab_size,
+                                              list(data_cfg.train))
+        sp = tokenizer.load(model_bytes)
+        _check_vocab(sp, vocab_size, data_cfg.tokenizer)
+        state = partial.start(model_bytes)
+        dtype = np.dtype(np.uint16 if vocab_size <= 65536 else np.uint32)
+        frac = data_cfg.val_fraction
+        passes = [("train", list(data_cfg.train), "train", ["train", "val"] if frac else ["train"])]
+        if not frac:
+            passes.append(("val", list(data_cfg.val), "validation", ["val"]))
+        workers = workers_of(data_cfg)
+        writer = StreamWriter(partial, state, ["train", "val"], dtype.itemsize)
+        log(f"data: tokenizing into {partial.dir} with {workers} worker"
+            f"{'s' if workers > 1 else ''}")
+        with Encoder(model_bytes, workers, dtype.name, n_groups=2 if frac else 1) as enc:
+            for name, specs, split, outputs in passes:
+                _run_pass(name, specs, split, outputs, data_cfg, writer, enc, log)
+        writer.close()
+        counts = state["outputs"]
+        _check_counts(data_cfg, counts)
+        manifest = _manifest(data_cfg, vocab_size, out, partial.dir, sp, dtype, counts, hashes)
+        manifest["workers"] = workers
+        partial.finish(manifest)
+        log(f"data: prepared {out} (train {counts['train']['tokens']:,} tokens, val "
+            f"{counts['val']['tokens']:,})")
+    except WorkerDied:
+        partial.unlock()  # kept: the same command resumes
+        raise
+    except DataError:
+        partial.remove()  # bad input: nothing half-written stays
+        if created:
+            try:
+                out.parent.rmdir()
+            except OSError:
+                pass
+        raise
+    finally:
+        partial.unlock()  # killed or interrupted: kept, the same command resumes
+
+
+def _run_pass(name: str, specs: List[str], split: str, outputs: List[str], data_cfg,
+              writer: StreamWriter, enc: Encoder, log) -> None:
+    done = writer.state["passes"].get(name, {})
+    if done.get("done"):
+        log(f"data: the {name} sources were tokenized already (resuming)")
+        return
+    skip = done.get("documents_read", 0)
+    if skip:
+        written = ", ".join(f"{o} {writer.live[o]['tokens']:,} tokens" for o in outputs)
+        log(f"data: resuming the {name} sources from shard {done['shards']} (after document "
+            f"{skip:,}; {written} already written)")
+    frac = data_cfg.val_fraction if len(outputs) > 1 else 0.0
+    tokens = sum(writer.live[o]["tokens"] for o in outputs)
+    progress = PrepareProgress(name, sources.total_bytes(specs), log)
+    progress.rebase(0, 0, tokens)
+    position = {"docs": 0, "bytes": 0}
+
+    def jobs():
+        batch: List[str] = []
+        size = 0
+        for text in sources.iter_documents(specs, data_cfg.text_field, split):
+            position["docs"] += 1
+            position["bytes"] += len(text)
+            if position["docs"] <= skip:
+                if position["docs"] == skip:
+                    progress.rebase(skip, position["bytes"], tokens)
+                continue
+            batch.append(text)
+            size += len(text)
+            if size >= BATCH_BYTES or len(batch) >= BATCH_DOCS:
+                yield _job(batch, position, frac)
+                batch, size = [], 0
+        if batch:
+            yield _job(batch, position, frac)
+
+    end = skip
+    for (end, nbytes, per_group), arrays in enc.map(jobs()):
+        for o, ids, n in zip(outputs, arrays, per_group):
+            writer.write(o, ids, int(n))
+            tokens += int(ids.size)
+        if writer.due():
+            writer.commit(name, end)
+        progress.update(end, nbytes, tokens)
+    progress.update(end, position["bytes"], tokens, force=True)
+    progress.close()
+    writer.commit(name, position["docs"], done=True)
+
+
+def _job(batch: List[str], position: Dict, frac: float):
+    end = position["docs"]
+    groups = held_out(end - len(batch), len(batch), frac).astype(np.int8) if frac else None
+    per_group = np.bincount(groups, minlength=2) if frac else [len(batch)]
+    return (end, position["bytes"], per_group), batch, groups
+
+
+def _check_counts(data_cfg, counts: Dict) -> None:
+    if not counts["train"]["documents"]:
+        raise DataError(f"data {list(data_cfg.train)} holds no text: every document is empty")
+    if not counts["val"]["documents"]:
+        if data_cfg.val_fraction:
+            raise DataError(f"data.val_fraction={data_cfg.val_fraction} held out none of the "
+                            f"{counts['train']['documents']} training documents: give data.val "
+                            f"instead, or a larger fraction")
+        raise DataError(f"data {list(data_cfg.val)} holds no text: every document is empty")
+
+
+def _manifest(data_cfg, vocab_size, out, folder, sp, dtype, counts, hashes) -> Dict:
+    files = []
+    for spec in list(data_cfg.train) + list(data_cfg.val):
+        kind, paths = sources.expand(spec)
+        for f in paths:
+            st = f.stat()
+            files.append({"path": str(f.resolve()), "bytes": st.st_size,
+                          "mtime_ns": st.st_mtime_ns, "sha256": hashes.sha256(f)})
+    return {
+        "format_version": FORMAT_VERSION,
+        "splits": {s: split_record(folder / f"{s}.bin") for s in ("train", "val")},
+        "fingerprint": out.name,
+        "dtype": dtype.name,
+        "tokens": {s: counts[s]["tokens"] for s in ("train", "val")},
+        "documents": {s: counts[s]["documents"] for s in ("train", "val")},
+        "vocab_size": vocab_size,
+        "tokenizer_vocab_size": sp.vocab_size(),
+        "tokenizer_settings": tokenizer.SETTINGS,
+        "eos_id": sp.eos_id(),
+        "sources": {"train": list(data_cfg.train), "val": list(data_cfg.val)},
+        "source_files": files,
+    }
+
+
+def unprepared_too_big(data_cfg, vocab_size: int) -> Optional[str]:
+    """Why ``dsq train`` should not prepare this data itself (sources over
+    ``data.prepare_limit_bytes`` and not prepared), or None. Reads no source: ``stat`` only."""
+    limit = data_cfg.prepare_limit_bytes
+    specs = list(data_cfg.train) + list(data_cfg.val)
+    size = sources.total_bytes(specs)
+    if not limit or (size is not None and size <= limit):
+        return None
+    hashes = SourceHashes(data_cfg.cache_dir)
+    files = [f for s in specs for f in sources.expand(s)[1]]
+    if all(hashes.lookup(f) for f in files) and is_prepared(prepared_dir(data_cfg, vocab_size,
+                                                                          hashes)):
+        return None
+    what = "of unknown size (a Hub dataset)" if size is None else f"{size / 1e9:.2f} GB"
+    return (f"the data ({what}) is not prepared and is larger than data.prepare_limit_bytes="
+            f"{limit:,}, too big to prepare while the other ranks wait")

@@ -1,0 +1,157 @@
+"""Writing token streams incrementally, in shards that survive a kill.
+
+A preparation in progress lives in ``<data.cache_dir>/.<fingerprint>.partial/`` (a hidden
+name, and no ``manifest.json``: it never looks complete)::
+
+    tokenizer.model     the tokenizer, written before any token
+    train.bin, val.bin  token ids appended in source order
+    progress.json       the last complete shard: bytes, tokens and documents of each file,
+                        documents read from each pass over the sources
+    lock                held (flock) by the process preparing
+
+Every ``SHARD_BYTES`` of tokens the files are flushed to disk and ``progress.json`` is
+replaced atomically: a shard is complete. A preparation killed at any point (``kill -9``,
+out of memory, a node failure) is resumed by the same command from its last complete shard:
+the files are cut back to what ``progress.json`` records and the pass skips the documents
+already written. When every pass is done the folder gets its manifest and is renamed to
+``<fingerprint>/``.
+"""
+
+from __future__ import annotations
+
+import copy
+import fcntl
+import hashlib
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Dict, Optional
+
+import numpy as np
+
+from dsq.data.sources import DataError
+
+SHARD_BYTES = 64 << 20  # tokens written between two complete shards
+
+
+class Partial:
+    """The ``.partial`` folder of a preparation: lock, tokenizer, resumable state."""
+
+    def __init__(self, out: Path):
+        self.out = out
+        self.dir = out.with_name(f".{out.name}.partial")
+        self.progress = self.dir / "progress.json"
+        self._lock = None
+
+    def lock(self) -> None:
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self._lock = open(self.dir / "lock", "a+")
+        try:
+            fcntl.flock(self._lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            self._lock.close()
+            self._lock = None
+            raise DataError(f"another process is preparing {self.out} now (it holds "
+                            f"{self.dir / 'lock'}): wait for it to finish, or stop it") from None
+
+    def unlock(self) -> None:
+        if self._lock is not None:
+            self._lock.close()
+            self._lock = None
+
+    def tokenizer(self) -> Optional[bytes]:
+        """The tokenizer of a preparation to resume (None: start from zero)."""
+        f = self.dir / "tokenizer.model"
+        return f.read_bytes() if f.is_file() and self.progress.is_file() else None
+
+    def start(self, model_bytes: bytes) -> Dict:
+        """The state to continue from: the recorded one when it was made with this tokenizer,
+        else a fresh one (old token files removed)."""
+        sha = hashlib.sha256(model_bytes).hexdigest()
+        try:
+            state = json.loads(self.progress.read_text())
+            files_ok = all((self.dir / f"{name}.bin").is_file() and
+                           (self.dir / f"{name}.bin").stat().st_size >= rec["bytes"]
+                           for name, rec in state["outputs"].items())
+            if state.get("tokenizer_sha256") == sha and files_ok:
+                return state
+        except (OSError, ValueError, KeyError, TypeError):
+            pass
+        for f in self.dir.glob("*.bin"):
+            f.unlink()
+        (self.dir / "tokenizer.model").write_bytes(model_bytes)
+        state = {"tokenizer_sha256": sha, "outputs": {}, "passes": {}}
+        self.save(state)
+        return state
+
+    def save(self, state: Dict) -> None:
+        tmp = self.progress.with_suffix(".tmp")
+        with open(tmp, "w") as fh:
+            json.dump(state, fh, indent=1)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, self.progress)
+
+    def finish(self, manifest: Dict) -> Path:
+        """Write the manifest and rename the folder into place."""
+        (self.dir / "manifest.json").write_text(json.dumps(manifest, indent=2))
+        for name in ("progress.json", "lock"):
+            (self.dir / name).unlink(missing_ok=True)
+        self.unlock()
+        try:
+            os.replace(self.dir, self.out)
+        except OSError:  # another process finished first
+            if not (self.out / "manifest.json").is_file():
+                raise
+            shutil.rmtree(self.dir, ignore_errors=True)
+        return self.out
+
+    def remove(self) -> None:
+        self.unlock()
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+class StreamWriter:
+    """Appends token arrays to ``<name>.bin`` files; :meth:`commit` completes a shard."""
+
+    def __init__(self, partial: Partial, state: Dict, names, itemsize: int):
+        self.partial, self.state, self.itemsize = partial, state, itemsize
+        self.files = {}
+        self.live = copy.deepcopy(state["outputs"])
+        for name in names:
+            rec = self.live.setdefault(name, {"bytes": 0, "tokens": 0, "documents": 0})
+            path = partial.dir / f"{name}.bin"
+            fh = open(path, "r+b" if path.exists() else "w+b")
+            fh.truncate(rec["bytes"])  # drop what the last complete shard does not cover
+            fh.seek(rec["bytes"])
+            self.files[name] = fh
+        self.pending = 0
+
+    def write(self, name: str, ids: np.ndarray, documents: int) -> None:
+        self.files[name].write(ids.tobytes())
+        rec = self.live[name]
+        rec["bytes"] += ids.nbytes
+        rec["tokens"] += int(ids.size)
+        rec["documents"] += documents
+        self.pending += ids.nbytes
+
+    def due(self) -> bool:
+        return self.pending >= SHARD_BYTES
+
+    def commit(self, pass_name: str, docs_read: int, done: bool = False) -> int:
+        """Flush to disk and record a complete shard; returns the shard number."""
+        for fh in self.files.values():
+            fh.flush()
+            os.fsync(fh.fileno())
+        p = self.state["passes"].setdefault(pass_name, {"documents_read": 0, "shards": 0,
+                                                        "done": False})
+        p.update(documents_read=docs_read, shards=p["shards"] + 1, done=done)
+        self.state["outputs"] = copy.deepcopy(self.live)
+        self.partial.save(self.state)
+        self.pending = 0
+        return p["shards"]
+
+    def close(self) -> None:
+        for fh in self.files.values():
+            fh.close()
