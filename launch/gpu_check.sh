@@ -108,7 +108,7 @@ fi
 
 PLAN=(
   "install: pip install --no-index --no-deps --target \$OUT/site WHEELS/*.whl; PYTHONPATH=repo:\$OUT/site (${T_INSTALL}s)"
-  "pytest: python3 -m pytest -m gpu tests/gpu (${T_PYTEST}s)"
+  "pytest: python3 -m pytest -m gpu tests/e2e/gpu (${T_PYTEST}s)"
   "bench linear: dsq bench linear --device cuda --tokens 4096 --shapes 768x3072,3072x768,1024x4096 (${T_LINEAR}s)"
   "bench optim: dsq bench optim --device cuda --params 100e6 (${T_OPTIM}s)"
   "bench train: dsq bench train --nproc 1 --steps 30 gpt2-small shapes (12 x 768, 1024 positions, vocab 8192, 8 x 1024 tokens a step), bf16 against w8a8g8+qadamw+int8 (${T_TRAIN}s)"
@@ -145,7 +145,7 @@ cat "$OUT/env.txt"
 run_step install "$T_INSTALL" "$PY" -m pip install -q --no-index --no-deps --no-compile \
   --no-cache-dir --upgrade --target "$SITE" "$WHEELS"/*.whl
 export PYTHONPATH="$ROOT:$SITE${PYTHONPATH:+:$PYTHONPATH}" PYTHON="$PY" PYTHONWARNINGS=ignore
-run_step pytest "$T_PYTEST" "$PY" -m pytest -m gpu tests/gpu -q -rs -p no:cacheprovider \
+run_step pytest "$T_PYTEST" "$PY" -m pytest -m gpu tests/e2e/gpu -q -rs -p no:cacheprovider \
   --junitxml "$OUT/pytest.xml"
 run_step "bench linear" "$T_LINEAR" "$PY" -m dsq.cli bench linear --device cuda --tokens 4096 \
   --shapes 768x3072,3072x768,1024x4096 --no-torchao --json "$OUT/bench_linear.json"

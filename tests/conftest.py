@@ -9,6 +9,20 @@ ROOT = Path(__file__).resolve().parents[1]
 CORPUS = ROOT / "dsq" / "data" / "corpus" / "shakespeare"
 
 
+def pytest_collection_modifyitems(config, items):
+    """Mark each test ``unit`` or ``e2e`` by its folder (``pytest -m unit`` runs the unit tests
+    alone), and keep each module on one xdist worker (``-n 2 --dist loadgroup``, as CI runs
+    it): module fixtures (a reference run, a server, a spawned TP group) are built once, and
+    the SLURM clusters of ``tests/e2e/slurm`` never start side by side."""
+    for item in items:
+        rel = Path(str(item.fspath)).resolve().relative_to(ROOT / "tests")
+        kind = rel.parts[0] if rel.parts[0] in ("unit", "e2e") else None
+        if kind:
+            item.add_marker(getattr(pytest.mark, kind))
+        group = "slurm" if rel.parts[:2] == ("e2e", "slurm") else rel.as_posix()
+        item.add_marker(pytest.mark.xdist_group(group))
+
+
 @pytest.fixture(scope="session")
 def data_cache(tmp_path_factory) -> Path:
     """One prepared-data cache for the whole session (tokenizer training happens once)."""

@@ -16,7 +16,7 @@ through the helpers at the end of this module (:func:`all_reduce_host`, :func:`a
 :func:`barrier`): each puts its tensor on :func:`host_device` of the group, the CPU when the
 group has a CPU backend and the current CUDA device otherwise, so they work on every backend.
 Nothing else in ``dsq`` calls ``torch.distributed`` collectives, except reductions of device
-tensors inside the model and the optimizer (tested by ``tests/test_architecture.py``).
+tensors inside the model and the optimizer (tested by ``tests/unit/test_architecture.py``).
 """
 
 from __future__ import annotations

@@ -64,7 +64,7 @@ for the weight gradient with one scale per feature (column), ``X``'s in the forw
 are what is saved for backward, in place of the per-token ones) and ``G``'s in backward. These
 backward GEMMs therefore differ from ``compute: simulate`` in exactly that granularity: the
 simulation of the same granularities (``Qw`` per input column in ``dX``; ``Qg``, ``Qa`` per
-column in ``dW``) is what int8 equals to float rounding (tests/quant/test_int8.py). With
+column in ``dW``) is what int8 equals to float rounding (tests/unit/quant/test_int8.py). With
 per-tensor formats nothing is requantized and int8 equals ``simulate`` itself; the forward
 always equals it (same codes, same scales).
 

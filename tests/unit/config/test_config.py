@@ -1,0 +1,227 @@
+"""Every shipped config loads; bad configs fail with one message naming the key and the fix."""
+
+from pathlib import Path
+
+import pytest
+
+from dsq.config import PRESETS, ConfigError, load_config, to_yaml
+
+from tests.conftest import ROOT, dsq, launch
+
+CONFIGS = sorted((ROOT / "configs").rglob("*.yaml"))
+
+
+def test_configs_exist():
+    names = {p.relative_to(ROOT / "configs").as_posix() for p in CONFIGS}
+    assert {"tiny.yaml", "small.yaml"} <= names
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.relative_to(ROOT).as_posix())
+def test_every_config_loads(path):
+    base = [] if path.name in ("tiny.yaml", "small.yaml") else [str(ROOT / "configs/tiny.yaml")]
+    cfg = load_config(base + [str(path)], world_size=2)
+    assert cfg.model.hidden_size % cfg.model.num_heads == 0
+
+
+@pytest.mark.parametrize("preset", sorted(PRESETS))
+def test_presets_fill_model(preset):
+    cfg = load_config([], [f"model.preset={preset}"])
+    for k, v in PRESETS[preset].items():
+        assert getattr(cfg.model, k) == v
+
+
+def test_param_counts_of_presets():
+    # analytic GPT parameter count (megatron layout: biases on every linear, LayerNorm w+b)
+    def count(m):
+        h, f, v, s, n = m.hidden_size, m.ffn_hidden_size, m.vocab_size, m.seq_len, m.num_layers
+        layer = 4 * h + (3 * h * h + 3 * h) + (h * h + h) + (h * f + f) + (f * h + h)
+        head = 0 if m.tie_embeddings else v * h
+        return v * h + s * h + n * layer + 2 * h + head
+
+    assert 8e6 < count(load_config([], ["model.preset=small"]).model) < 12e6
+    assert 120e6 < count(load_config([], ["model.preset=gpt2-small"]).model) < 130e6
+    assert 340e6 < count(load_config([], ["model.preset=gpt2-medium"]).model) < 360e6
+
+
+def test_layering_order(tmp_path):
+    a, b = tmp_path / "a.yaml", tmp_path / "b.yaml"
+    a.write_text("train: {steps: 10, seed: 1}\n")
+    b.write_text("train: {steps: 20}\n")
+    cfg = load_config([str(ROOT / "configs/tiny.yaml"), str(a), str(b)], ["train.seed=7"])
+    assert (cfg.train.steps, cfg.train.seed) == (20, 7)
+    assert cfg.model.hidden_size == PRESETS["tiny"]["hidden_size"]
+    # explicit fields win over the preset
+    cfg = load_config([], ["model.preset=small", "model.num_layers=3"])
+    assert cfg.model.num_layers == 3 and cfg.model.hidden_size == 256
+    assert "preset: small" in to_yaml(cfg)
+
+
+@pytest.mark.parametrize("overrides, world, key", [
+    (["train.stepz=3"], None, "train.stepz"),
+    (["train.steps=many"], None, "train.steps"),
+    (["model.num_heads=3"], None, "model.num_heads"),
+    (["parallel.tp=3", "model.num_heads=6", "model.hidden_size=96",
+      "model.ffn_hidden_size=384", "model.vocab_size=2050"], None, "model.vocab_size"),
+    (["parallel.tp=8"], None, "parallel.tp"),
+    (["parallel.tp=2"], 3, "parallel.tp"),
+    (["train.global_batch=12", "train.micro_batch=8"], None, "train.global_batch"),
+    (["train.global_batch=8", "train.micro_batch=8"], 2, "train.global_batch"),
+    (["deepspeed.zero_stage=3"], None, "deepspeed.zero_stage"),
+    (["deepspeed.precision=fp16"], None, "deepspeed.precision"),
+    (["deepspeed.precision=bf16", "deepspeed.zero_stage=0"], None, "deepspeed.zero_stage"),
+    (["model.preset=huge"], None, "model.preset"),
+    (["quant.grad_gemms=sideways"], None, "quant.grad_gemms"),
+    (["optim.name=qadamw", "optim.m_bits=16"], None, "optim.m_bits"),
+    (["optim.name=qadamw", "optim.v_bits=2"], None, "optim.v_bits"),
+    (["optim.name=qadamw", "optim.m_bits=32", "optim.v_bits=32"], None, "optim.name=adamw"),
+    (["optim.name=qadamw", "optim.v_bits=32", "optim.v_domain=sqrt"], None,
+     "optim.v_domain=linear"),
+    (["optim.name=qadamw", "optim.block_size=32768"], None, "optim.block_size"),
+    (["optim.name=qadamw", "optim.block_size=wide"], None, "optim.block_size"),
+    (["optim.name=qadamw", "optim.quantize=some"], None, "optim.quantize"),
+    (["optim.name=qadamw", "optim.kernel=fast"], None, "optim.kernel"),
+    (["train.reshard=maybe"], None, "train.reshard"),
+    (["quant.compute=int4"], None, "quant.compute"),
+])
+def test_bad_values_name_the_key(overrides, world, key):
+    with pytest.raises(ConfigError) as e:
+        load_config([str(ROOT / "configs/tiny.yaml")], overrides, world_size=world)
+    assert key in str(e.value)
+
+
+@pytest.mark.parametrize("recipe, label, bits", [
+    ("m8v8", "m8/v8 b256", (8, 8)), ("m4v8", "m4/v8 b256", (4, 8)),
+    ("m8", "m8/fp32 v b256", (8, 32)), ("m4", "m4/fp32 v b256", (4, 32)),
+    ("v8", "fp32 m/v8 b256", (32, 8)), ("m8v8-tensor", "m8/v8 btensor", (8, 8)),
+])
+def test_optimizer_state_recipes_and_their_report_label(recipe, label, bits):
+    """The study's optimizer-state settings; a 32-bit moment is fp32 (what dsq report shows,
+    from the params as MLflow stores them: strings)."""
+    from dsq.config import flatten, to_dict
+    from dsq.tracking.report import _optim_states
+
+    cfg = load_config([str(ROOT / "configs/tiny.yaml"),
+                       str(ROOT / f"configs/recipes/optim/{recipe}.yaml")], world_size=2)
+    assert (cfg.optim.name, cfg.optim.m_bits, cfg.optim.v_bits) == ("qadamw", *bits)
+    params = {k: str(v) for k, v in flatten(to_dict(cfg)).items()}
+    assert _optim_states(params) == label
+    assert _optim_states({"optim.name": "adamw", "optim.m_bits": "8"}) == "fp32"
+
+
+def test_missing_and_broken_files(tmp_path):
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config([str(tmp_path / "nope.yaml")])
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("train: [unclosed\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config([str(bad)])
+    with pytest.raises(ConfigError, match="key.sub=value"):
+        load_config([], ["train.steps"])
+
+
+def test_deepspeed_json_is_generated():
+    from dsq.parallel.engine import deepspeed_config
+
+    cfg = load_config([str(ROOT / "configs/tiny.yaml")],
+                      ["train.global_batch=32", "train.micro_batch=4", "deepspeed.precision=bf16"])
+    ds = deepspeed_config(cfg, dp_size=2)
+    assert ds["train_batch_size"] == 32
+    assert ds["train_micro_batch_size_per_gpu"] * ds["gradient_accumulation_steps"] * 2 == 32
+    assert ds["bf16"] == {"enabled": True}
+    assert ds["gradient_clipping"] == cfg.optim.grad_clip
+    assert ds["zero_optimization"]["stage"] == cfg.deepspeed.zero_stage
+
+
+def test_optimizer_block_too_wide_is_refused_by_dsq_config():
+    """Every component's validation runs in `dsq config` (before any process group or data):
+    a block wider than the update kernel takes is one line naming the key, exit 2."""
+    res = dsq("config", "configs/tiny.yaml", "optim.name=qadamw", "optim.block_size=32768",
+              check=False)
+    err = [ln for ln in res.stderr.splitlines() if ln.strip()]
+    assert res.returncode == 2 and len(err) == 1, res.stderr
+    assert err[0].startswith("dsq: error: optim.block_size=32768") and res.stdout == ""
+
+
+@pytest.mark.slow
+def test_bad_config_cli_fails_fast_and_writes_nothing(tmp_path):
+    out = tmp_path / "run"
+    res = dsq("train", "configs/tiny.yaml", "model.num_heads=3", f"train.out_dir={out}",
+              check=False)
+    assert res.returncode == 2
+    err = [ln for ln in res.stderr.splitlines() if ln.strip()]
+    assert len(err) == 1 and "model.num_heads" in err[0], res.stderr
+    assert not out.exists()
+    # through the launcher: the layout is checked before any rank starts
+    res = launch(2, "configs/tiny.yaml", "parallel.tp=4", f"train.out_dir={out}", check=False)
+    assert res.returncode == 2
+    assert "parallel.tp" in res.stderr and "deepspeed" not in res.stdout.lower()
+    assert not out.exists()
+    # bad data: one message, no run directory
+    res = dsq("train", "configs/tiny.yaml", f"data.train=[{tmp_path}/missing.txt]",
+              f"train.out_dir={out}", f"data.cache_dir={tmp_path}/cache", check=False)
+    assert res.returncode == 2 and "missing.txt" in res.stderr and "does not exist" in res.stderr
+    assert not out.exists()
+    assert not list(Path(tmp_path / "cache").glob("*/manifest.json"))
+
+
+def test_the_study_setup_for_32_ranks():
+    from dsq.parallel.engine import deepspeed_config
+
+    owt = str(ROOT / "configs/gpt2-small-owt.yaml")
+    cfg = load_config([owt, str(ROOT / "configs/recipes/w8a8g8.yaml")], world_size=32)
+    m, t, o = cfg.model, cfg.train, cfg.optim
+    assert (m.num_layers, m.hidden_size, m.num_heads, m.seq_len, m.dropout) == (
+        12, 768, 12, 1024, 0.1)
+    assert t.global_batch * m.seq_len == 524_288 and t.steps == 300_000
+    assert (o.lr, o.warmup_steps, o.min_lr, o.weight_decay, o.grad_clip) == (
+        6e-4, 1000, 0.0, 0.1, 1.0)
+    assert cfg.deepspeed.precision == "bf16" and cfg.data.val == []
+    assert cfg.data.val_fraction == 0.0005 and cfg.data.train == ["Skylion007/openwebtext"]
+    ds = deepspeed_config(cfg, dp_size=32)
+    assert ds["gradient_accumulation_steps"] == 1 and ds["train_batch_size"] == 512
+    assert deepspeed_config(load_config([owt], ["parallel.tp=2"], world_size=32), 16)[
+        "gradient_accumulation_steps"] == 2
+    with pytest.raises(ConfigError, match="train.global_batch=512"):
+        load_config([owt], world_size=24)
+
+
+def test_val_fraction_and_val_are_exclusive():
+    with pytest.raises(ConfigError, match="data.val and data.val_fraction"):
+        load_config([], ["data.val_fraction=0.01"])
+    with pytest.raises(ConfigError, match="data.val is empty"):
+        load_config([], ["data.val=[]"])
+    with pytest.raises(ConfigError, match="data.val_fraction=0.7"):
+        load_config([], ["data.val=[]", "data.val_fraction=0.7"])
+
+
+def test_list_keys_take_one_plain_value(tmp_path):
+    cfg = load_config([str(ROOT / "configs/tiny.yaml")], ["data.train=/my/corpus",
+                                                          "quant.exclude=fc1"])
+    assert cfg.data.train == ["/my/corpus"] and cfg.quant.exclude == ["fc1"]
+    assert load_config([], ["data.train=[a,b]"]).data.train == ["a", "b"]
+    y = tmp_path / "d.yaml"
+    y.write_text("data:\n  val: /my/val.txt\n  train: [x, y]\n")
+    cfg = load_config([str(y)])
+    assert cfg.data.val == ["/my/val.txt"] and cfg.data.train == ["x", "y"]
+
+
+def test_dsq_config_accepts_a_plain_path(tmp_path):
+    res = dsq("config", "configs/tiny.yaml", f"data.train={tmp_path}")
+    assert f"train:\n  - {tmp_path}\n" in res.stdout
+
+
+@pytest.mark.parametrize("override, message", [
+    ("train.steps=abc", "command line: train.steps='abc' is not an integer: give e.g. "
+                        "train.steps=200"),
+    ("optim.lr=fast", "command line: optim.lr='fast' is not a number: give e.g. optim.lr=0.0006"),
+    ("train.progress=maybe", "train.progress='maybe' is not true or false: give e.g. "
+                             "train.progress=true"),
+    ("data.train={a: 1}", "data.train={'a': 1} is not a list of strings (or one string): give "
+                          "e.g. data.train=/path/to/texts or data.train=[a,b]"),
+    ("train.stepz=3", "key 'train.stepz' is not a config key"),
+])
+def test_type_errors_name_key_type_and_example(override, message):
+    with pytest.raises(ConfigError) as e:
+        load_config([], [override])
+    assert message in str(e.value)
+    assert "AnyNode" not in str(e.value) and "\n" not in str(e.value)
