@@ -9,6 +9,7 @@ ROOT = Path(__file__).resolve().parents[1]
 CORPUS = ROOT / "dsq" / "data" / "corpus" / "shakespeare"
 
 
+@pytest.hookimpl(tryfirst=True)  # before xdist reads the groups
 def pytest_collection_modifyitems(config, items):
     """Mark each test ``unit`` or ``e2e`` by its folder (``pytest -m unit`` runs the unit tests
     alone), and keep each module on one xdist worker (``-n 2 --dist loadgroup``, as CI runs

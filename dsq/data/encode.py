@@ -14,6 +14,8 @@ from __future__ import annotations
 import collections
 import multiprocessing
 import os
+import threading
+import time
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from typing import Iterable, Iterator, List, Optional, Sequence, Tuple
@@ -38,9 +40,18 @@ def node_cores() -> int:
         return os.cpu_count() or 1
 
 
-def _init(model_bytes: bytes) -> None:
+def _init(model_bytes: bytes, parent: int) -> None:
     global _SP
     _SP = tokenizer.load(model_bytes)
+    threading.Thread(target=_exit_with, args=(parent,), daemon=True).start()
+
+
+def _exit_with(parent: int) -> None:
+    """A worker whose preparation was killed (``kill -9``, a node's OOM killer) exits within a
+    second instead of waiting on its queue forever."""
+    while os.getppid() == parent:
+        time.sleep(1.0)
+    os._exit(1)
 
 
 def encode_batch(texts: Sequence[str], groups: Optional[Sequence[int]], n_groups: int,
@@ -78,7 +89,7 @@ class Encoder:
         if self.workers > 1:
             self.pool = ProcessPoolExecutor(
                 self.workers, mp_context=multiprocessing.get_context("spawn"),
-                initializer=_init, initargs=(self.model_bytes,))
+                initializer=_init, initargs=(self.model_bytes, os.getpid()))
             for _ in range(self.workers):  # start them now: they load while the reader opens
                 self.pool.submit(int)
         return self

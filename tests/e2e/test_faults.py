@@ -84,24 +84,41 @@ def test_corrupt_newest_checkpoint_is_moved_aside_and_written_again(tmp_path, da
 
 def test_second_run_on_the_same_directory_stops_at_once(tmp_path, data_cache):
     out, db = tmp_path / "run", tmp_path / "mlflow.db"
-    env = {**os.environ, "PYTHON": sys.executable, "PYTHONWARNINGS": "ignore"}
-    # long enough to outlive the second process's start-up (imports) on an idle machine
-    run = args(out, data_cache, db, "train.steps=300", "train.ckpt_every=100")
+    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    # long enough to outlive the second process's start-up (imports); stopped once it has asked
+    run = args(out, data_cache, db, "train.steps=100000", "train.ckpt_every=0")
     first = subprocess.Popen(["bash", str(ROOT / "launch/local.sh"), "2", *run], cwd=ROOT,
-                             env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                             env={**env, "PYTHON": sys.executable}, stdout=subprocess.PIPE,
+                             stderr=subprocess.STDOUT, text=True, start_new_session=True)
     lock = out / ".dsq.lock"
     deadline = time.time() + 300
-    while time.time() < deadline and not (lock.is_file() and lock.stat().st_size):
-        assert first.poll() is None, first.communicate()[0][-3000:]
-        time.sleep(0.05)
-    t0 = time.time()
-    second = dsq("train", *run, check=False)
-    assert first.poll() is None, "the first run ended before the second one asked"
-    assert second.returncode == 2 and time.time() - t0 < 60
-    assert "is in use by pid" in second.stderr and "another train.out_dir" in second.stderr
-    log, _ = first.communicate(timeout=900)
-    assert first.returncode == 0, log[-3000:]
-    assert consistent(out, db) == 300
+    try:
+        while time.time() < deadline and not (lock.is_file() and lock.stat().st_size):
+            assert first.poll() is None, first.communicate()[0][-3000:]
+            time.sleep(0.05)
+        t0 = time.time()
+        second = dsq("train", *run, check=False)
+        assert first.poll() is None, "the first run ended before the second one asked"
+        assert second.returncode == 2 and time.time() - t0 < 60
+        assert "is in use by pid" in second.stderr and "another train.out_dir" in second.stderr
+        assert not (out / "summary.json").exists()  # the second run wrote nothing
+    finally:
+        os.killpg(first.pid, signal.SIGINT)  # the first run checkpoints and stops (Ctrl-C)
+    log, _ = first.communicate(timeout=300)
+    assert first.returncode == 130, log[-3000:]
+    # the first run's records are whole: the second touched none
+    from mlflow.tracking import MlflowClient
+
+    stopped = max(read_metrics(out))
+    assert sorted(read_metrics(out)) == list(range(1, stopped + 1))
+    root = out / "checkpoints"
+    assert (root / "latest").read_text().strip() == checkpoint.tag_for(stopped)
+    assert checkpoint.check(root / checkpoint.tag_for(stopped)) is None
+    client = MlflowClient(f"sqlite:///{db}")
+    runs = client.search_runs([client.get_experiment_by_name("faults").experiment_id])
+    assert len(runs) == 1
+    hist = client.get_metric_history(runs[0].info.run_id, "train/loss")
+    assert sorted(m.step for m in hist) == list(range(1, stopped + 1))
 
 
 def test_incompatible_rerun_changes_nothing_and_says_how(tmp_path, data_cache):
@@ -157,24 +174,31 @@ def test_damaged_prepared_data_is_prepared_again_or_refused(tmp_path):
 def test_stale_build_lock_is_cleared_and_the_run_goes_on(tmp_path, data_cache, monkeypatch):
     """A build of DeepSpeed's CPU op killed half-way leaves its ``lock``: PyTorch's builder would
     wait on it forever. The run reports and clears it, and goes on with the built op."""
+    import shutil
+
     import torch.utils.cpp_extension as ce
 
-    # where dsq's ranks build the op: <venv>/torch_extensions (launch/setup.sh builds it there)
-    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(Path(sys.prefix) / "torch_extensions"))
-    op = Path(ce._get_build_directory("deepspeed_shm_comm", verbose=False))
-    monkeypatch.delenv("TORCH_EXTENSIONS_DIR")
-    if not list(op.glob("*.so")):
+    # the built op (launch/setup.sh builds it in <venv>/torch_extensions), copied to a folder of
+    # this test's own: the lock planted there is seen by this run only, not by tests beside it
+    venv = Path(sys.prefix) / "torch_extensions"
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(venv))
+    built = Path(ce._get_build_directory("deepspeed_shm_comm", verbose=False))
+    if not list(built.glob("*.so")):
+        monkeypatch.delenv("TORCH_EXTENSIONS_DIR")
         launch(2, *args(tmp_path / "warm", data_cache, None, "train.steps=1",
                         "train.ckpt_every=0"))
+    own = tmp_path / "torch_extensions"
+    shutil.copytree(venv, own)
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(own))
+    op = Path(ce._get_build_directory("deepspeed_shm_comm", verbose=False))
+    assert list(op.glob("*.so")), op
     lock = op / "lock"
     lock.write_text("")
     past = time.time() - 3600
     os.utime(lock, (past, past))
-    try:
-        res = launch(2, *args(tmp_path / "run", data_cache, None, "train.steps=2",
-                              "train.ckpt_every=0"), timeout=300)
-    finally:
-        lock.unlink(missing_ok=True)
+    res = launch(2, *args(tmp_path / "run", data_cache, None, "train.steps=2",
+                          "train.ckpt_every=0"), timeout=300)
+    assert not lock.exists()
     assert f"removed the stale build lock {lock}" in res.stderr
     assert json.loads((tmp_path / "run" / "summary.json").read_text())["final_step"] == 2
 

@@ -141,6 +141,8 @@ def test_kill_9_then_the_same_command_resumes(tmp_path):
     proc = subprocess.Popen([sys.executable, "-c", DRIVER, *args], cwd=ROOT,
                             env=dict(os.environ, PYTHONPATH=str(ROOT)),
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    import psutil
+
     cache, deadline = Path(cfg.data.cache_dir), time.time() + 60
     try:
         while time.time() < deadline:
@@ -150,9 +152,14 @@ def test_kill_9_then_the_same_command_resumes(tmp_path):
                 break
             assert proc.poll() is None, "finished before it could be killed"
             time.sleep(0.05)
+        workers = [c for c in psutil.Process(proc.pid).children(recursive=True)
+                   if "spawn_main" in " ".join(c.cmdline())]
     finally:
-        os.kill(proc.pid, signal.SIGKILL)  # its spawned workers exit when the pipe closes
+        os.kill(proc.pid, signal.SIGKILL)
         proc.wait()
+    assert len(workers) == 2
+    gone, alive = psutil.wait_procs(workers, timeout=10)  # orphaned workers exit by themselves
+    assert alive == [], alive
     said = []
     out = P.prepare(cfg.data, 384, log=said.append)
     assert any("resuming the train sources from shard" in s for s in said), said
