@@ -9,19 +9,14 @@ ROOT = Path(__file__).resolve().parents[1]
 CORPUS = ROOT / "dsq" / "data" / "corpus" / "shakespeare"
 
 
-@pytest.hookimpl(tryfirst=True)  # before xdist reads the groups
 def pytest_collection_modifyitems(config, items):
-    """Mark each test ``unit`` or ``e2e`` by its folder (``pytest -m unit`` runs the unit tests
-    alone), and keep each module on one xdist worker (``-n 2 --dist loadgroup``, as CI runs
-    it): module fixtures (a reference run, a server, a spawned TP group) are built once, and
-    the SLURM clusters of ``tests/e2e/slurm`` never start side by side."""
+    """Mark each test ``unit`` or ``e2e`` by its folder: ``pytest -m unit`` runs the unit tests
+    alone. (``-n 2`` runs each module on one xdist worker, ``--dist loadscope`` in
+    pyproject.toml: a module's reference run, server or spawned TP group is built once.)"""
     for item in items:
-        rel = Path(str(item.fspath)).resolve().relative_to(ROOT / "tests")
-        kind = rel.parts[0] if rel.parts[0] in ("unit", "e2e") else None
-        if kind:
+        kind = Path(str(item.fspath)).resolve().relative_to(ROOT / "tests").parts[0]
+        if kind in ("unit", "e2e"):
             item.add_marker(getattr(pytest.mark, kind))
-        group = "slurm" if rel.parts[:2] == ("e2e", "slurm") else rel.as_posix()
-        item.add_marker(pytest.mark.xdist_group(group))
 
 
 @pytest.fixture(scope="session")
