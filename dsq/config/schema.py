@@ -1,6 +1,6 @@
 """The configuration schema: one dataclass per section, with defaults and a docstring per key
-(the model presets and architectures: :mod:`dsq.config.presets`). :mod:`dsq.config` layers YAML files and overrides over it and
-validates the result.
+(the model presets and architectures: :mod:`dsq.config.presets`). :mod:`dsq.config` layers YAML
+files and overrides over it and validates the result.
 """
 
 from __future__ import annotations
