@@ -17,13 +17,20 @@ os.environ["HF_HUB_OFFLINE"] = "1"  # nothing may come from the Hub
 
 @pytest.fixture(scope="module")
 def dist_one():
-    from dsq.parallel import DistEnv, init_distributed, shutdown
+    """A one-process gloo group and megatron's parallel state (TP=1), torn down after."""
+    import torch.distributed as dist
+
+    from tests.dist_utils import free_port
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        init_distributed(DistEnv(0, 1, 0), tp=1)
+        from megatron.core import parallel_state
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0,
+                            world_size=1)
+    parallel_state.initialize_model_parallel(tensor_model_parallel_size=1)
     yield
-    shutdown()
+    parallel_state.destroy_model_parallel()
+    dist.destroy_process_group()
 
 
 def _model(*overrides, quant=None):
