@@ -21,7 +21,7 @@ commands:
   train CONFIG... [key.sub=value ...]   pre-train (under deepspeed/torchrun/srun, or one process)
   prepare CONFIG... [key.sub=value ...] [--workers N] [--verify]   tokenize and pack the data
   eval RUN_OR_CHECKPOINT --data PATH... [--json OUT]   loss and perplexity of a checkpoint
-  export RUN_OR_CHECKPOINT OUT_DIR [--weights quantized|trained]   as a transformers GPT-2 model
+  export RUN_OR_CHECKPOINT OUT_DIR [--weights quantized|trained]   as a transformers GPT-2 / Llama model
   generate RUN_OR_CHECKPOINT --prompt TEXT [--max-new-tokens N --temperature T --top-k K --seed S]
   config CONFIG... [key.sub=value ...] [--world-size N]  validate and print the resolved config
   mlflow sync RUN_DIR... [--tracking-uri URI]   upload what a run could not send to MLflow
@@ -202,7 +202,8 @@ def cmd_eval(argv: List[str]) -> None:
 
 def cmd_export(argv: List[str]) -> None:
     p = argparse.ArgumentParser(prog="dsq export", description="Write a checkpoint as a Hugging "
-                                "Face transformers model directory (GPT-2 architecture)")
+                                "Face transformers model directory (GPT2LMHeadModel, or "
+                                "LlamaForCausalLM for model.positions=rope)")
     p.add_argument("checkpoint", help="run directory, its checkpoints/ folder, or one checkpoint")
     p.add_argument("out_dir", help="new directory to create")
     p.add_argument("--weights", choices=["quantized", "trained"], default="quantized",

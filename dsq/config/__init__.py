@@ -1,8 +1,9 @@
 """Typed configuration: dataclasses are the schema (:mod:`dsq.config.schema`), YAML files and ``a.b=c``
 overrides are data.
 
-Precedence (later wins): dataclass defaults < model preset < YAML files in the order given <
-command-line ``key.sub=value`` overrides. Unknown keys, wrong types and inconsistent values
+Precedence (later wins): dataclass defaults < model preset and the switches of the model's
+``arch`` (:mod:`dsq.config.presets`) < YAML files in the order given < command-line
+``key.sub=value`` overrides. Unknown keys, wrong types and inconsistent values
 raise :class:`ConfigError` naming the key and the fix, before any process group starts.
 """
 
@@ -32,6 +33,7 @@ from dsq.config.schema import (  # noqa: F401  (the schema is part of this modul
     TrackingConfig,
     TrainConfig,
 )
+from dsq.config.presets import ARCHS, fill_model  # noqa: F401
 
 
 # ----------------------------------------------------------------------------- loading
@@ -179,9 +181,7 @@ def _fill_preset(cfg: Config) -> None:
     m = cfg.model
     if m.preset not in PRESETS:
         raise ConfigError(f"model.preset={m.preset!r} is unknown: use one of {sorted(PRESETS)}")
-    for k, v in PRESETS[m.preset].items():
-        if getattr(m, k) is None:
-            setattr(m, k, v)
+    fill_model(m)
 
 
 def validate(cfg: Config, world_size: Optional[int] = None) -> None:

@@ -1,6 +1,6 @@
-"""The configuration schema: one dataclass per section, with defaults and a docstring per key,
-and the architecture presets. :mod:`dsq.config` layers YAML files and overrides over it and
-validates the result.
+"""The configuration schema: one dataclass per section, with defaults and a docstring per key
+(the model presets and architectures: :mod:`dsq.config.presets`). :mod:`dsq.config` layers YAML
+files and overrides over it and validates the result.
 """
 
 from __future__ import annotations
@@ -11,6 +11,7 @@ from typing import Any, List, Optional, Sequence
 
 from dsq.native.kernel_choice import ALIASES as _KERNEL_ALIASES
 from dsq.native.kernel_choice import NAMES as _KERNEL_NAMES
+from dsq.config.presets import ARCHS, PRESETS  # noqa: F401  (part of this module's interface)
 
 PACKAGE_DIR = Path(__file__).resolve().parents[1]
 DEFAULT_CORPUS = PACKAGE_DIR / "data" / "corpus" / "shakespeare"
@@ -49,27 +50,29 @@ def check_choices(section: str, obj) -> None:
 _KERNEL = dict(choices=_KERNEL_NAMES, aliases=tuple(_KERNEL_ALIASES))
 
 
-# ----------------------------------------------------------------------------- presets
-# Architecture presets. Fields set explicitly in YAML or overrides win over the preset.
-PRESETS = {
-    # fits a CPU unit test: ~0.6M parameters
-    "tiny": dict(num_layers=2, hidden_size=128, num_heads=4, ffn_hidden_size=512,
-                 seq_len=128, vocab_size=2048, tie_embeddings=False),
-    # ~9M parameters: CPU studies
-    "small": dict(num_layers=6, hidden_size=256, num_heads=8, ffn_hidden_size=1024,
-                  seq_len=256, vocab_size=8192, tie_embeddings=False),
-    # the study's model (GPT-2 small, 124M with the GPT-2 vocabulary)
-    "gpt2-small": dict(num_layers=12, hidden_size=768, num_heads=12, ffn_hidden_size=3072,
-                       seq_len=1024, vocab_size=50304, tie_embeddings=True),
-    "gpt2-medium": dict(num_layers=24, hidden_size=1024, num_heads=16, ffn_hidden_size=4096,
-                        seq_len=1024, vocab_size=50304, tie_embeddings=True),
-}
-
-
 @dataclass
 class ModelConfig:
     preset: str = "tiny"
-    """One of tiny | small | gpt2-small | gpt2-medium; fills every field left unset (null)."""
+    """A size (dsq/config/presets.py): tiny | small | gpt2-small | gpt2-medium | llama-tiny |
+    llama-small | llama-150m | llama-1b; fills every field left unset (null)."""
+    arch: Optional[str] = field(default=None, metadata={"choices": tuple(ARCHS)})
+    """gpt2 | llama: fills the switches norm, mlp, positions and bias left unset (null);
+    null: the preset's."""
+    norm: Optional[str] = field(default=None, metadata={"choices": ("layernorm", "rmsnorm")})
+    """layernorm | rmsnorm."""
+    mlp: Optional[str] = field(default=None, metadata={"choices": ("gelu", "swiglu")})
+    """gelu (fc1 -> GELU -> fc2) | swiglu (silu(gate) * up -> fc2; gate and up are
+    ffn_hidden_size wide each, fused in fc1)."""
+    positions: Optional[str] = field(default=None, metadata={"choices": ("learned", "rope")})
+    """learned (absolute position embeddings, seq_len of them) | rope (rotary, as megatron)."""
+    rope_base: float = 10000.0
+    """Base period of the rotary frequencies (positions: rope)."""
+    num_query_groups: Optional[int] = None
+    """Key/value heads of grouped-query attention (dividing num_heads); null: num_heads."""
+    bias: Optional[bool] = None
+    """Biases on the linears (never on the LM head)."""
+    norm_eps: float = 1e-5
+    """Epsilon of every LayerNorm / RMSNorm."""
     num_layers: Optional[int] = None
     hidden_size: Optional[int] = None
     num_heads: Optional[int] = None
@@ -87,12 +90,22 @@ class ModelConfig:
     def validate(self) -> None:
         check(self.preset in PRESETS,
               f"model.preset={self.preset!r} is unknown: use {_words(sorted(PRESETS))}")
+        check_choices("model", self)
         for k in ("num_layers", "hidden_size", "num_heads", "ffn_hidden_size", "seq_len",
                   "vocab_size"):
             check(getattr(self, k) > 0, f"model.{k}={getattr(self, k)} must be positive")
         check(self.hidden_size % self.num_heads == 0,
               f"model.num_heads={self.num_heads} does not divide model.hidden_size="
               f"{self.hidden_size}: choose heads that divide the hidden size")
+        g = self.num_query_groups
+        check(g is None or (g > 0 and self.num_heads % g == 0),
+              f"model.num_query_groups={g} does not divide model.num_heads={self.num_heads}: "
+              f"choose key/value groups that divide the heads (null: one per head)")
+        check(self.positions != "rope" or (self.hidden_size // self.num_heads) % 2 == 0,
+              f"model.positions=rope needs an even head dimension; hidden_size/num_heads = "
+              f"{self.hidden_size // self.num_heads}: change model.num_heads")
+        check(self.rope_base > 1, f"model.rope_base={self.rope_base} must be > 1")
+        check(self.norm_eps > 0, f"model.norm_eps={self.norm_eps} must be > 0")
         check(self.vocab_size >= 64, f"model.vocab_size={self.vocab_size} is too small: use at "
               f"least 64")
         check(0.0 <= self.dropout < 1.0, f"model.dropout={self.dropout} must be in [0, 1)")
@@ -362,6 +375,7 @@ class Config:
         m, p, t = self.model, self.parallel, self.train
         for key, n in (("model.num_heads", m.num_heads), ("model.ffn_hidden_size",
                                                          m.ffn_hidden_size),
+                       ("model.num_query_groups", m.num_query_groups or m.num_heads),
                        ("model.vocab_size", m.vocab_size)):
             check(n % p.tp == 0, f"parallel.tp={p.tp} does not divide {key}={n}: choose a tp "
                   f"that divides it")

@@ -4,6 +4,11 @@ megatron-core's local ``DotProductAttention`` asks CUDA for its memory buffer an
 tracker; this module has the same constructor and ``forward`` contract (inputs
 ``[s, b, heads_per_partition, head_dim]``, output ``[s, b, hidden_per_partition]``) and
 runs on any device. On GPU, SDPA dispatches to flash / memory-efficient kernels.
+
+Grouped-query attention (``num_query_groups`` < heads: megatron passes ``key`` and ``value``
+with one head per group) runs with SDPA's ``enable_gqa``: query head ``h`` attends with key/value
+head ``h // (heads / groups)`` (megatron's layout: a group's query heads are consecutive), and
+the repeated K/V are never materialised by dsq.
 """
 
 from __future__ import annotations
@@ -70,10 +75,7 @@ class SDPAttention(MegatronModule):
         mask_type = attn_mask_type if attn_mask_type is not None else self.attn_mask_type
         # [s, b, h, d] -> [b, h, s, d]
         q, k, v = (t.permute(1, 2, 0, 3) for t in (query, key, value))
-        rep = self.heads_per_partition // self.groups_per_partition
-        if rep > 1:
-            k = k.repeat_interleave(rep, dim=1)
-            v = v.repeat_interleave(rep, dim=1)
+        gqa = self.heads_per_partition != self.groups_per_partition
         causal = mask_type == AttnMaskType.causal and attention_mask is None
         mask = None
         if not causal and attention_mask is not None:
@@ -83,7 +85,7 @@ class SDPAttention(MegatronModule):
             q, k, v = (t.float() for t in (q, k, v))
         out = F.scaled_dot_product_attention(
             q, k, v, attn_mask=mask, dropout_p=self.dropout_p if self.training else 0.0,
-            is_causal=causal, scale=self.softmax_scale,
+            is_causal=causal, scale=self.softmax_scale, enable_gqa=gqa,
         )
         s, b = query.shape[0], query.shape[1]
         return out.to(dtype).permute(2, 0, 1, 3).reshape(s, b, self.hidden_size_per_partition)

@@ -6,6 +6,13 @@ attention (:class:`dsq.models.attention.SDPAttention`, which needs no CUDA). Ten
 parallelism comes from megatron-core's ``parallel_state``; weights are initialised on the
 CPU from the torch default generator (``use_cpu_initialization``), so the same seed gives
 the same full weights at every tensor-parallel size.
+
+The architecture switches of ``model`` (``dsq.config.presets``) map onto megatron-core's:
+``norm: rmsnorm`` -> ``normalization="RMSNorm"`` (``torch.nn.RMSNorm``), ``mlp: swiglu`` ->
+``gated_linear_unit`` with ``F.silu`` (fc1 holds [gate; up], built with ``partition_stride=2``:
+each TP rank holds [gate_r; up_r], see :func:`dsq.run.load.merged_state_dict`), ``bias`` ->
+``add_bias_linear``, ``num_query_groups``, ``positions: rope`` -> megatron's rotary embedding
+(:class:`RotaryEmbedding`, made device-agnostic) applied by its attention.
 """
 
 from __future__ import annotations
@@ -14,15 +21,20 @@ import warnings
 from typing import Optional, Tuple
 
 import torch
+import torch.nn.functional as F
 
 with warnings.catch_warnings():
     warnings.simplefilter("ignore")  # "Apex/Transformer Engine not installed" notices
+    from megatron.core.models.common.embeddings.rotary_pos_embedding import (
+        RotaryEmbedding as _MegatronRotary,
+    )
     from megatron.core.models.gpt import GPTModel
     from megatron.core.models.gpt.gpt_layer_specs import get_mlp_module_spec_for_backend
     from megatron.core.transformer.attention import SelfAttention, SelfAttentionSubmodules
     from megatron.core.transformer.enums import AttnMaskType
     from megatron.core.transformer.identity_op import IdentityOp
     from megatron.core.transformer.spec_utils import ModuleSpec
+    from megatron.core.transformer.transformer_block import TransformerBlockSubmodules
     from megatron.core.transformer.torch_norm import WrappedTorchNorm
     from megatron.core.transformer.transformer_config import TransformerConfig
     from megatron.core.transformer.transformer_layer import (
@@ -63,7 +75,7 @@ class DsqSpecProvider:
         raise NotImplementedError("dsq builds dense GPTs only")
 
     def activation_func(self) -> type:
-        raise NotImplementedError("dsq uses megatron's default GELU")
+        raise NotImplementedError("dsq uses TransformerConfig.activation_func (GELU or SiLU)")
 
 
 def layer_spec(provider: Optional[DsqSpecProvider] = None) -> ModuleSpec:
@@ -93,14 +105,43 @@ def layer_spec(provider: Optional[DsqSpecProvider] = None) -> ModuleSpec:
     )
 
 
+def _arch(m) -> dict:
+    """The architecture switches of a model section (an object without them, as an older
+    caller's namespace, is a GPT-2)."""
+    return dict(norm=getattr(m, "norm", None) or "layernorm",
+                mlp=getattr(m, "mlp", None) or "gelu",
+                positions=getattr(m, "positions", None) or "learned",
+                bias=True if getattr(m, "bias", None) is None else bool(m.bias),
+                groups=getattr(m, "num_query_groups", None) or m.num_heads,
+                eps=getattr(m, "norm_eps", 1e-5), rope_base=getattr(m, "rope_base", 10000.0))
+
+
+def block_spec(num_layers: int, provider: Optional[DsqSpecProvider] = None
+               ) -> TransformerBlockSubmodules:
+    """``num_layers`` of :func:`layer_spec` and the final norm, from the provider too (megatron
+    would otherwise pick Transformer Engine's or apex's norm where installed; apex's has no
+    RMSNorm)."""
+    b = provider or DsqSpecProvider()
+    return TransformerBlockSubmodules(layer_specs=[layer_spec(b)] * num_layers,
+                                      layer_norm=b.layer_norm())
+
+
 def transformer_config(model_cfg, precision: str = "fp32") -> TransformerConfig:
     m = model_cfg
+    a = _arch(m)
     bf16 = precision == "bf16"
+    swiglu = a["mlp"] == "swiglu"
     return TransformerConfig(
         num_layers=m.num_layers,
         hidden_size=m.hidden_size,
         num_attention_heads=m.num_heads,
+        num_query_groups=a["groups"],
         ffn_hidden_size=m.ffn_hidden_size,
+        normalization="RMSNorm" if a["norm"] == "rmsnorm" else "LayerNorm",
+        layernorm_epsilon=a["eps"],
+        gated_linear_unit=swiglu,
+        activation_func=F.silu if swiglu else F.gelu,
+        add_bias_linear=a["bias"],
         hidden_dropout=m.dropout,
         attention_dropout=m.dropout,
         init_method_std=m.init_std,
@@ -126,9 +167,50 @@ def _tp_size() -> int:
     return 1
 
 
+class RotaryEmbedding(_MegatronRotary):
+    """megatron-core's rotary embedding on any device.
+
+    megatron's keeps ``inv_freq`` as a plain attribute and moves it to
+    ``torch.cuda.current_device()`` at the first forward (which fails without CUDA), and caches
+    its output per sequence length (stale after the model moves). Here ``inv_freq`` follows the
+    module's device (``model.to(device)``) and stays fp32 whatever the module's dtype; the
+    frequencies are computed at each forward (an outer product of ``seq x head_dim/2``), by
+    megatron's own ``get_freqs_non_repeated``, in its layout (not interleaved: ``[f, f]``).
+    """
+
+    def _apply(self, fn, recurse=True):
+        moved = fn(self.inv_freq)  # .to(device) / .cuda() move it; a dtype cast is undone
+        self.inv_freq = self.inv_freq.to(device=moved.device, dtype=torch.float32)
+        return super()._apply(fn, recurse)
+
+    def get_emb(self, max_seq_len: int, offset: int = 0) -> torch.Tensor:
+        freqs = self.get_freqs_non_repeated(max_seq_len, offset)
+        if self.rotary_interleaved:
+            raise NotImplementedError("dsq's rotary embedding is not interleaved")
+        return torch.cat((freqs, freqs), dim=-1)[:, None, None, :]  # [s, 1, 1, head_dim]
+
+    def forward(self, max_seq_len: int, offset: int = 0, packed_seq: bool = False,
+                cp_group=None) -> torch.Tensor:
+        if cp_group is not None and cp_group.size() > 1:
+            raise NotImplementedError("dsq does not support context parallelism")
+        return self.get_emb(max_seq_len, offset)
+
+
 class DsqGPTModel(GPTModel):
     """megatron-core's ``GPTModel`` with dsq's chunked vocab-parallel cross entropy
-    (:mod:`dsq.models.loss`: no fp32 copy of the logits; the same loss to fp32 rounding)."""
+    (:mod:`dsq.models.loss`: no fp32 copy of the logits; the same loss to fp32 rounding) and
+    its device-agnostic :class:`RotaryEmbedding`."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        if self.position_embedding_type == "rope":
+            old = self.rotary_pos_emb
+            self.rotary_pos_emb = RotaryEmbedding(
+                kv_channels=self.config.kv_channels, rotary_percent=self.rotary_percent,
+                rotary_interleaved=self.config.rotary_interleaved,
+                seq_len_interpolation_factor=old.seq_len_interpolation_factor,
+                rotary_base=self.rotary_base, use_cpu_initialization=True,
+                cp_group=old.cp_group)
 
     def compute_language_model_loss(self, labels, logits):
         pgs = getattr(self, "pg_collection", None)
@@ -154,16 +236,18 @@ def build_gpt(model_cfg, precision: str = "fp32", seed: Optional[int] = None) ->
 
             tensor_parallel.model_parallel_cuda_manual_seed(seed)
     config = transformer_config(model_cfg, precision)
+    rope = _arch(model_cfg)["positions"] == "rope"
     return DsqGPTModel(
         config=config,
-        transformer_layer_spec=layer_spec(),
+        transformer_layer_spec=block_spec(model_cfg.num_layers),
         vocab_size=model_cfg.vocab_size,
         max_sequence_length=model_cfg.seq_len,
         pre_process=True,
         post_process=True,
         parallel_output=True,
         share_embeddings_and_output_weights=bool(model_cfg.tie_embeddings),
-        position_embedding_type="learned_absolute",
+        position_embedding_type="rope" if rope else "learned_absolute",
+        rotary_base=_arch(model_cfg)["rope_base"],
     )
 
 

@@ -30,7 +30,11 @@ per-column statistic spans the rows, so the column-parallel ``W[out/tp, in]`` pe
 max-reduced too (``X`` and ``G`` per column reduce over tokens, never sharded here).
 
 Group granularity needs no reduction when the group size divides the shard width (groups
-never straddle ranks); otherwise the layer raises. Replicated operands (column-parallel X,
+never straddle ranks); otherwise the layer raises. A gated fc1 (SwiGLU, ``partition_stride=2``)
+holds ``[gate_r; up_r]`` on each rank, so there the group size must divide each half. GQA's
+narrower QKV (``(heads + 2 * groups) * head_dim`` outputs, whole groups per rank) and the gated
+fc1 need nothing else: their maxima are over whole rows or whole sharded dimensions, which the
+reductions above make TP-invariant whatever order the shards hold. Replicated operands (column-parallel X,
 row-parallel G) need none. Stochastic rounding of a replicated operand draws different noise
 on each rank (unbiased, but not bit-identical to TP=1).
 
@@ -132,8 +136,8 @@ class _QuantLinearMixin:
             if sharded == "cols" and width % fmt.group_size:
                 raise ValueError(
                     f"{type(self).__name__}: {operand} format {fmt}: the group size must divide "
-                    f"the per-rank shard width {width} (TP={tp}) so that groups do not "
-                    f"straddle tensor-parallel shards")
+                    f"the per-rank shard width {width} (TP={tp}; of each of gate and up in a "
+                    f"gated fc1) so that groups do not straddle tensor-parallel shards")
             return None
         if fmt.granularity == "tensor" or sharded == "cols":
             return functools.partial(_max_reduce, group=self.tp_group)
@@ -154,7 +158,8 @@ class QuantColumnParallelLinear(_QuantLinearMixin, ColumnParallelLinear):
     _sharded: ClassVar[dict[str, str]] = {"weight": "rows", "grad": "cols"}
 
     def _shard_width(self) -> int:
-        return self.output_size_per_partition
+        # a strided shard ([gate_r; up_r] of a gated fc1) holds `stride` contiguous pieces
+        return self.output_size_per_partition // getattr(self.weight, "partition_stride", 1)
 
 
 class QuantRowParallelLinear(_QuantLinearMixin, RowParallelLinear):

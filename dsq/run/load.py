@@ -2,10 +2,16 @@
 which checkpoint a path means, its tensor-parallel shards merged into one model, the run's
 tokenizer.
 
-Tensor-parallel shards (``mp_rank_XX_model_states.pt``) are merged by concatenating each
-sharded tensor along the dimension where its shape differs from the unsharded model's:
-megatron-core initialises full weights and splits them into contiguous chunks, so
-concatenation is the exact inverse.
+Tensor-parallel shards (``mp_rank_XX_model_states.pt``) are merged as megatron-core split them
+(:func:`tp_layouts`, :func:`merge_shards`): it initialises a full weight, cuts it along the
+partition dimension into ``tp * stride`` chunks and gives rank ``r`` the chunks ``r, r + tp,
+...``. With stride 1 (every linear but one) that is a contiguous chunk per rank, and merging is
+concatenation. The gated fc1 of a SwiGLU MLP is built with ``partition_stride=2``: rank ``r``
+holds ``[gate_r; up_r]`` and the full weight is ``[gate_0; gate_1; ...; up_0; up_1; ...]``, not
+the concatenation of the shards. Grouped-query attention's fused QKV keeps, per key/value
+group, that group's query heads, its key and its value (``[q_g..., k_g, v_g]``), and every rank
+holds whole groups (``parallel.tp`` divides ``model.num_query_groups``): concatenation again.
+A sharded tensor whose layout the model does not describe is refused, never guessed.
 """
 
 from __future__ import annotations
@@ -13,7 +19,7 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
-from typing import Dict
+from typing import Dict, Optional, Tuple
 
 import torch
 
@@ -69,11 +75,40 @@ def _read_shard(f: Path) -> Dict:
     return state["module"]
 
 
-def merged_state_dict(tag_dir: Path, reference: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+def tp_layouts(model) -> Dict[str, Tuple[int, int]]:
+    """``{state-dict key: (partition dim, stride)}`` of ``model``'s tensor-parallel parameters,
+    as megatron-core marks them (``tensor_model_parallel``, ``partition_dim``,
+    ``partition_stride``)."""
+    return {name: (int(p.partition_dim), int(getattr(p, "partition_stride", 1)))
+            for name, p in model.named_parameters()
+            if getattr(p, "tensor_model_parallel", False)}
+
+
+def merge_shards(parts, dim: int, stride: int = 1) -> torch.Tensor:
+    """The full tensor of the TP shards ``parts`` (rank order) cut along ``dim`` with
+    ``stride``: the inverse of megatron-core's split (see the module docstring)."""
+    if stride == 1:
+        return torch.cat(parts, dim=dim)
+    pieces = [p.chunk(stride, dim=dim) for p in parts]
+    return torch.cat([pieces[r][j] for j in range(stride) for r in range(len(parts))], dim=dim)
+
+
+def split_full(full: torch.Tensor, tp: int, rank: int, dim: int, stride: int = 1) -> torch.Tensor:
+    """Rank ``rank``'s shard of ``full`` at TP size ``tp``, as megatron-core cuts it."""
+    chunks = full.chunk(tp * stride, dim=dim)
+    return torch.cat(chunks[rank::tp], dim=dim)
+
+
+def merged_state_dict(tag_dir: Path, reference: Dict[str, torch.Tensor],
+                      layouts: Optional[Dict[str, Tuple[int, int]]] = None
+                      ) -> Dict[str, torch.Tensor]:
     """The full (TP=1) state dict of ``reference``'s keys from the shards in ``tag_dir``, strictly.
 
-    Every key of ``reference`` must be in the checkpoint and every checkpoint key in
-    ``reference``, else :class:`CheckpointError` names the key. ``*._extra_state`` entries are
+    ``layouts`` (:func:`tp_layouts` of the reference model) says how each sharded tensor was cut;
+    without it, every tensor is taken as cut contiguously along the one dimension where its
+    shape differs from the reference (right for GPT-2, wrong for a gated fc1). Every key of
+    ``reference`` must be in the checkpoint and every checkpoint key in ``reference``, else
+    :class:`CheckpointError` names the key. ``*._extra_state`` entries are
     megatron's per-module extra state (Transformer Engine keeps fp8 metadata there; dsq's
     torch linears keep None): one the checkpoint lacks takes the model's own value, and a
     checkpoint entry the model does not have is an error only when it holds state (not None).
@@ -106,10 +141,17 @@ def merged_state_dict(tag_dir: Path, reference: Dict[str, torch.Tensor]) -> Dict
             out[key] = parts[0]
             continue
         dims = [d for d in range(ref.ndim) if parts[0].shape[d] != ref.shape[d]]
-        merged = torch.cat(parts, dim=dims[0]) if len(dims) == 1 else None
+        dim, stride = (layouts or {}).get(key, (dims[0] if len(dims) == 1 else None, 1))
+        if layouts is not None and key not in layouts:
+            dim = None  # the model does not say this tensor is sharded
+        merged = None
+        if dim is not None and dims == [dim] and parts[0].shape[dim] % stride == 0:
+            merged = merge_shards(parts, dim, stride)
         if merged is None or merged.shape != ref.shape:
             raise CheckpointError(f"cannot merge the {len(parts)} shards of {key!r} "
-                            f"({tuple(parts[0].shape)} each) into the model's {tuple(ref.shape)}")
+                            f"({tuple(parts[0].shape)} each) into the model's {tuple(ref.shape)}"
+                            f"{'' if dim is None else f' along dim {dim}, stride {stride}'}: "
+                            f"a tensor-parallel layout dsq does not know")
         out[key] = merged
     return out
 
@@ -134,7 +176,7 @@ def load_model(path: str, quantize: bool = True, device: str = "cpu"):
         raise CheckpointError(f"checkpoint {tag_dir}: config.yaml: {e}") from None
     init_distributed(DistEnv(0, 1, 0), tp=1)
     model = build_gpt(cfg.model, "fp32", seed=0)
-    sd = merged_state_dict(tag_dir, model.state_dict())
+    sd = merged_state_dict(tag_dir, model.state_dict(), tp_layouts(model))
     model.load_state_dict(sd, strict=True)
     if quantize:
         from dsq import runtime

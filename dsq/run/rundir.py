@@ -158,10 +158,13 @@ _NO_DEFAULT = object()
 
 
 def _default(key: str):
-    """The schema default of a flattened config key (a sentinel when it has none)."""
-    from dsq.config import Config
+    """The default of a flattened config key (a sentinel when it has none), with the model's
+    architecture switches filled as the default preset's (gpt2): the value a checkpoint written
+    before the key existed implies (every model before ``model.arch`` was a GPT-2)."""
+    from dsq.config import Config, fill_model
 
     obj = Config()
+    fill_model(obj.model)
     for part in key.split("."):
         obj = getattr(obj, part, _NO_DEFAULT)
         if obj is _NO_DEFAULT:

@@ -1,4 +1,4 @@
-"""Export a dsq checkpoint as a Hugging Face ``transformers`` GPT-2 model directory.
+"""Export a dsq checkpoint as a Hugging Face ``transformers`` GPT-2 or Llama model directory.
 
 ``export(path, out_dir, weights=...)`` writes ``config.json``, ``model.safetensors``,
 ``generation_config.json``, the tokenizer (``tokenizer.json``, ``tokenizer_config.json``,
@@ -14,6 +14,17 @@ multi-head attention scaled by 1/sqrt(head_dim), a GELU MLP (the exact, erf GELU
 LayerNorm and a bias-free LM head, tied or not to the input embedding. That is
 ``GPT2LMHeadModel`` exactly; :func:`check_representable` refuses (naming the setting) a model
 that differs (gated MLP, RMSNorm, grouped-query attention, rotary positions, ...).
+
+Why Llama: a model with ``positions: rope`` (``model.arch: llama``) is megatron-core's
+pre-RMSNorm decoder with rotary positions (not interleaved: dimension i pairs with i + d/2, as
+Hugging Face's ``rotate_half``), grouped-query attention, a gated SiLU MLP (fc1 holds [gate; up])
+and an untied or tied LM head: ``LlamaForCausalLM`` (``rope_theta``, ``num_key_value_heads``,
+``rms_norm_eps``, ``head_dim``; biases, where the model has them, as ``attention_bias`` and
+``mlp_bias``). :func:`check_llama` refuses a model that differs. megatron's fused QKV holds, per
+key/value group, the group's query heads, then its key and its value head; they are cut into
+``q_proj``, ``k_proj`` and ``v_proj`` (query head ``j`` belongs to group ``j // (heads /
+groups)`` in both). The export chooses the class from the positions: learned -> GPT-2, rope ->
+Llama.
 
 Weight layout: the checkpoint's tensor-parallel shards are merged first
 (:func:`dsq.run.load.merged_state_dict`); megatron's fused QKV weight ``[heads*3*head_dim,
@@ -86,6 +97,98 @@ def check_representable(model) -> None:
     for ok, what in checks:
         if not ok:
             raise ExportError(f"cannot export this model as GPT-2: it has {what}")
+
+
+def check_llama(model) -> None:
+    """Raise :class:`ExportError` naming the first setting ``LlamaForCausalLM`` cannot
+    represent."""
+    c = model.config
+    checks = [
+        (getattr(c, "normalization", "LayerNorm") == "RMSNorm",
+         f"normalization={getattr(c, 'normalization', None)!r} (Llama has RMSNorm)"),
+        (c.gated_linear_unit and c.activation_func is torch.nn.functional.silu,
+         "an MLP that is not SwiGLU (Llama: down(silu(gate) * up))"),
+        (not getattr(c, "rotary_interleaved", False), "interleaved rotary positions"),
+        (getattr(model, "rotary_percent", 1.0) == 1.0, "rotary positions on part of each head"),
+        (not getattr(c, "qk_layernorm", False), "query/key normalization"),
+        (not getattr(c, "layernorm_zero_centered_gamma", False), "zero-centered norm gamma"),
+        (not getattr(c, "apply_residual_connection_post_layernorm", False),
+         "residual connections after the norm"),
+        (getattr(c, "softmax_scale", None) is None, "a custom attention softmax scale"),
+    ]
+    for ok, what in checks:
+        if not ok:
+            raise ExportError(f"cannot export this model as Llama: it has {what}")
+
+
+def _split_qkv(w: torch.Tensor, heads: int, groups: int):
+    """megatron fused QKV ``[groups * (heads/groups + 2) * hd, ...]`` (per group: its query
+    heads, its key, its value) -> ``(q [heads*hd], k [groups*hd], v [groups*hd])`` on dim 0."""
+    rep = heads // groups
+    rest = w.shape[1:]
+    g = w.reshape(groups, rep + 2, -1, *rest)
+    hd = g.shape[2]
+    return (g[:, :rep].reshape(heads * hd, *rest), g[:, rep].reshape(groups * hd, *rest),
+            g[:, rep + 1].reshape(groups * hd, *rest))
+
+
+def llama_state_dict(model, weights: str = "quantized") -> Dict[str, torch.Tensor]:
+    """LlamaForCausalLM tensors (fp32, contiguous) of a TP=1 dsq model with rotary positions."""
+    c = model.config
+    heads, groups = c.num_attention_heads, c.num_query_groups or c.num_attention_heads
+    sd = {k: v for k, v in model.state_dict().items() if torch.is_tensor(v)}
+    q = quantized_weights(model) if weights == "quantized" else {}
+
+    def w(module: str) -> torch.Tensor:
+        return q.get(module, sd[f"{module}.weight"]).float()
+
+    out = {"model.embed_tokens.weight": sd["embedding.word_embeddings.weight"],
+           "model.norm.weight": sd["decoder.final_layernorm.weight"]}
+    for i in range(c.num_layers):
+        p, h = f"decoder.layers.{i}", f"model.layers.{i}"
+        qkv, fc1 = f"{p}.self_attention.linear_qkv", f"{p}.mlp.linear_fc1"
+        gate, up = w(fc1).chunk(2, 0)
+        qw, kw, vw = _split_qkv(w(qkv), heads, groups)
+        out.update({
+            f"{h}.input_layernorm.weight": sd[f"{p}.input_layernorm.weight"],
+            f"{h}.post_attention_layernorm.weight": sd[f"{p}.pre_mlp_layernorm.weight"],
+            f"{h}.self_attn.q_proj.weight": qw, f"{h}.self_attn.k_proj.weight": kw,
+            f"{h}.self_attn.v_proj.weight": vw,
+            f"{h}.self_attn.o_proj.weight": w(f"{p}.self_attention.linear_proj"),
+            f"{h}.mlp.gate_proj.weight": gate, f"{h}.mlp.up_proj.weight": up,
+            f"{h}.mlp.down_proj.weight": w(f"{p}.mlp.linear_fc2"),
+        })
+        if c.add_bias_linear:
+            qb, kb, vb = _split_qkv(sd[f"{qkv}.bias"], heads, groups)
+            gb, ub = sd[f"{fc1}.bias"].chunk(2, 0)
+            out.update({
+                f"{h}.self_attn.q_proj.bias": qb, f"{h}.self_attn.k_proj.bias": kb,
+                f"{h}.self_attn.v_proj.bias": vb,
+                f"{h}.self_attn.o_proj.bias": sd[f"{p}.self_attention.linear_proj.bias"],
+                f"{h}.mlp.gate_proj.bias": gb, f"{h}.mlp.up_proj.bias": ub,
+                f"{h}.mlp.down_proj.bias": sd[f"{p}.mlp.linear_fc2.bias"]})
+    if "output_layer" in q:
+        out["lm_head.weight"] = q["output_layer"]  # untied even when trained tied
+    elif not model.share_embeddings_and_output_weights:
+        out["lm_head.weight"] = sd["output_layer.weight"]
+    return {k: v.detach().float().contiguous().clone() for k, v in out.items()}
+
+
+def llama_config(cfg, model, tied: bool, eos_id: int):
+    from transformers import LlamaConfig
+
+    c = model.config
+    return LlamaConfig(
+        vocab_size=cfg.model.vocab_size, hidden_size=c.hidden_size,
+        intermediate_size=c.ffn_hidden_size, num_hidden_layers=c.num_layers,
+        num_attention_heads=c.num_attention_heads,
+        num_key_value_heads=c.num_query_groups or c.num_attention_heads, head_dim=c.kv_channels,
+        hidden_act="silu", max_position_embeddings=cfg.model.seq_len,
+        rms_norm_eps=c.layernorm_epsilon, rope_theta=float(model.rotary_base),
+        attention_bias=bool(c.add_bias_linear), mlp_bias=bool(c.add_bias_linear),
+        attention_dropout=0.0, initializer_range=cfg.model.init_std, tie_word_embeddings=tied,
+        bos_token_id=eos_id, eos_token_id=eos_id, architectures=["LlamaForCausalLM"],
+    )
 
 
 def _qkv_to_c_attn(w: torch.Tensor, heads: int) -> torch.Tensor:
@@ -191,7 +294,8 @@ def export(path: str, out_dir: str, weights: str = "quantized",
     notes: List[str] = []
     try:
         model, cfg, tag_dir = load_model(str(tag_dir), quantize=True)
-        check_representable(model)
+        llama = getattr(model, "position_embedding_type", None) == "rope"
+        (check_llama if llama else check_representable)(model)
         qc = cfg.quant
         if qc.activation is not None:
             notes.append(f"activation quantization ({qc.activation}) cannot be exported: the "
@@ -205,12 +309,12 @@ def export(path: str, out_dir: str, weights: str = "quantized",
             notes.append(f"--weights trained: the full-precision master weights, not the "
                          f"{qc.weight} weights the run computed with")
         with torch.no_grad():
-            tensors = gpt2_state_dict(model, weights_written)
+            tensors = (llama_state_dict if llama else gpt2_state_dict)(model, weights_written)
         tied = "lm_head.weight" not in tensors
         if bool(cfg.model.tie_embeddings) and not tied:
             notes.append("the LM head is written untied: its quantized weight differs from the "
                          "input embedding's")
-        hf_config = gpt2_config(cfg, model, tied, sp.eos_id())
+        hf_config = (llama_config if llama else gpt2_config)(cfg, model, tied, sp.eos_id())
     finally:
         shutdown()
     for n in notes:
@@ -233,7 +337,8 @@ def export(path: str, out_dir: str, weights: str = "quantized",
         (tmp / "tokenizer_config.json").write_text(json.dumps(
             hf_tokenizer.tokenizer_config(special, cfg.model.seq_len), indent=2))
         (tmp / "special_tokens_map.json").write_text(hf_tokenizer.special_tokens_map(special))
-        info = {"checkpoint": str(tag_dir), "architecture": "GPT2LMHeadModel",
+        info = {"checkpoint": str(tag_dir),
+                "architecture": "LlamaForCausalLM" if llama else "GPT2LMHeadModel",
                 "weights": weights_written, "tied_embeddings": tied,
                 "quant": {"weight": str(qc.weight) if qc.weight else None,
                           "activation": str(qc.activation) if qc.activation else None,

@@ -56,6 +56,7 @@ class RunRecord:
         t.set_tags({"dsq.recipe": cfg.tracking.recipe, "dsq.precision": cfg.deepspeed.precision,
                     "dsq.layout": f"tp{tp}xdp{dp}",
                     "dsq.zero_stage": cfg.deepspeed.zero_stage, "dsq.preset": cfg.model.preset,
+                    "dsq.arch": cfg.model.arch,
                     "dsq.slurm_job_id": os.environ.get("SLURM_JOB_ID", "none")})
         changes = self.out_dir / "config_changes.jsonl"
         if changes.is_file():

@@ -204,7 +204,8 @@ class Trainer:
         self.tracker = self.record.tracker
         self.logger = StepLogger(self.out_dir, self.tracker, cfg.train, self.step,
                                  enabled=self.env.is_main)
-        self.log(f"model: {cfg.model.preset} {self.params / 1e6:.2f}M parameters, "
+        self.log(f"model: {cfg.model.preset} ({cfg.model.arch}) {self.params / 1e6:.2f}M "
+                 f"parameters, "
                  f"tp={self.tp_size} dp={self.dp_size} zero={cfg.deepspeed.zero_stage} "
                  f"{cfg.deepspeed.precision}; quantized linears: {len(self.quantized)}"
                  + (f" ({LinearQuant.from_config(cfg.quant)}, {cfg.quant.compute})"

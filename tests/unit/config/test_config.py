@@ -43,6 +43,41 @@ def test_param_counts_of_presets():
     assert 340e6 < count(load_config([], ["model.preset=gpt2-medium"]).model) < 360e6
 
 
+def test_param_counts_of_llama_presets():
+    # analytic Llama count: RMSNorm (weight only), GQA's QKV, SwiGLU (gate, up, down), no
+    # biases, no position embeddings, untied head
+    def count(m):
+        h, f, v, n = m.hidden_size, m.ffn_hidden_size, m.vocab_size, m.num_layers
+        hd, g = h // m.num_heads, m.num_query_groups
+        layer = 2 * h + h * (h + 2 * g * hd) + h * h + 3 * h * f
+        return v * h + n * layer + h + (0 if m.tie_embeddings else v * h)
+
+    def of(preset):
+        return count(load_config([], [f"model.preset={preset}"]).model)
+
+    assert abs(of("llama-tiny") - 0.92e6) < 0.05e6  # as tiny (~0.92M)
+    assert 8e6 < of("llama-small") < 10e6  # as small
+    assert 140e6 < of("llama-150m") < 160e6
+    assert 1.05e9 < of("llama-1b") < 1.15e9  # TinyLlama: 1.1B
+
+
+def test_arch_fills_the_switches_left_unset():
+    m = load_config([], ["model.preset=llama-tiny"]).model
+    assert (m.arch, m.norm, m.mlp, m.positions, m.bias) == ("llama", "rmsnorm", "swiglu",
+                                                           "rope", False)
+    assert (m.num_query_groups, m.rope_base, m.norm_eps) == (2, 10000.0, 1e-5)
+    m = load_config([str(ROOT / "configs/tiny.yaml")]).model
+    assert (m.arch, m.norm, m.mlp, m.positions, m.bias, m.num_query_groups) == (
+        "gpt2", "layernorm", "gelu", "learned", True, None)
+    # a switch set explicitly wins over the arch, the arch set explicitly over the preset's
+    m = load_config([], ["model.preset=llama-tiny", "model.mlp=gelu", "model.bias=true"]).model
+    assert (m.norm, m.mlp, m.bias) == ("rmsnorm", "gelu", True)
+    m = load_config([], ["model.arch=llama"]).model
+    assert (m.hidden_size, m.norm, m.positions) == (128, "rmsnorm", "rope")
+    assert load_config([], ["model.preset=llama-1b", "parallel.tp=4", "train.micro_batch=1",
+                            "train.global_batch=64"], world_size=32).model.num_query_groups == 4
+
+
 def test_layering_order(tmp_path):
     a, b = tmp_path / "a.yaml", tmp_path / "b.yaml"
     a.write_text("train: {steps: 10, seed: 1}\n")
@@ -82,6 +117,16 @@ def test_layering_order(tmp_path):
     (["optim.name=qadamw", "optim.kernel=fast"], None, "optim.kernel"),
     (["train.reshard=maybe"], None, "train.reshard"),
     (["quant.compute=int4"], None, "quant.compute"),
+    (["model.arch=bert"], None, "model.arch"),
+    (["model.norm=batchnorm"], None, "model.norm"),
+    (["model.mlp=relu"], None, "model.mlp"),
+    (["model.positions=alibi"], None, "model.positions"),
+    (["model.preset=llama-tiny", "model.num_query_groups=3"], None, "model.num_query_groups"),
+    (["model.preset=llama-tiny", "parallel.tp=4"], None, "model.num_query_groups"),
+    (["model.preset=llama-tiny", "model.num_heads=8", "model.hidden_size=120"], None,
+     "model.positions=rope"),
+    (["model.preset=llama-tiny", "model.rope_base=0"], None, "model.rope_base"),
+    (["model.norm_eps=0"], None, "model.norm_eps"),
 ])
 def test_bad_values_name_the_key(overrides, world, key):
     with pytest.raises(ConfigError) as e:

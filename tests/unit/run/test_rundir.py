@@ -70,6 +70,18 @@ def test_resume_compatibility_refuses_a_different_experiment():
     assert check_resume(saved, _flat("train.steps=80"), Path("c")) == [("train.steps", 40, 80)]
 
 
+def test_a_checkpoint_from_before_the_architecture_keys_resumes():
+    """config.yaml of a run written before model.arch and its switches existed (a GPT-2)."""
+    new = _flat("train.steps=40")
+    added = ("model.arch", "model.norm", "model.mlp", "model.positions", "model.rope_base",
+             "model.num_query_groups", "model.bias", "model.norm_eps")
+    saved = {k: v for k, v in new.items() if k not in added}
+    assert check_resume(saved, new, Path("ckpt")) == []
+    refused, _ = resume_changes(saved, _flat("model.preset=llama-tiny"))
+    assert {r.split(":")[0] for r in refused} >= {"model.arch", "model.norm", "model.mlp",
+                                                  "model.positions", "model.bias"}
+
+
 def _tag(root: Path, step: int, complete: bool = True, corrupt: bool = False) -> str:
     tag = checkpoint.tag_for(step)
     (root / tag).mkdir(parents=True)
