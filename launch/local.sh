@@ -20,7 +20,6 @@ ARGS=()
 for a in "$@"; do
   if [ "$a" = "--verbose" ]; then export DSQ_LOG_LEVEL=INFO; else ARGS+=("$a"); fi
 done
-"$PYTHON" -m dsq.cli config --check-paths --world-size "$NPROC" "${ARGS[@]}" > /dev/null
 PORT=${MASTER_PORT:-$("$PYTHON" -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')}
 CORES=$("$PYTHON" -c 'import os; print(len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count())')
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-$(( CORES / NPROC > 0 ? CORES / NPROC : 1 ))}
@@ -30,20 +29,47 @@ case "${DSQ_LOG_LEVEL:-WARNING}" in
   [Ii][Nn][Ff][Oo]|[Dd][Ee][Bb][Uu][Gg]|10|20) LOG_LEVEL=info ;;
   *) if [ -z "${DS_ACCELERATOR:-}" ] && ! nvidia-smi -L > /dev/null 2>&1; then export DS_ACCELERATOR=cpu; fi ;;
 esac
+# One interpreter validates the config for NPROC ranks and its paths (nothing starts on a bad
+# config: one "dsq: error:" line, exit 2), then runs the deepspeed launcher's node agent
+# (deepspeed.launcher.launch, what `deepspeed --num_gpus NPROC` runs on one node) in-process.
 # Ctrl-C reaches every process of the foreground group: the ranks checkpoint at the next step
-# boundary (the launcher's agent also sends them SIGTERM and waits up to 30 s for them). This
-# wrapper keeps the runner itself from a KeyboardInterrupt traceback and makes the exit code 130.
+# boundary (the agent also sends them SIGTERM and waits up to 30 s for them). The exit code is
+# then 130, with no KeyboardInterrupt traceback from the launcher.
 exec "$PYTHON" -c '
-import signal, sys
+import base64, contextlib, gc, json, os, signal, sys
 hit = []
 signal.signal(signal.SIGINT, lambda *a: hit.append(1))
-from deepspeed.launcher.runner import main
-sys.argv[0] = "deepspeed"
+nproc, port, level, args = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4:]
+def leave(code):
+    gc.freeze()  # a quick exit: no garbage-collection pass over the libraries at shutdown
+    sys.exit(130 if hit else code)
+from dsq.cli import main as dsq
 try:
-    main()
+    with open(os.devnull, "w") as null, contextlib.redirect_stdout(null):
+        dsq(["config", "--check-paths", "--world-size", nproc, *args])
+except SystemExit as e:
+    if e.code:
+        leave(e.code if isinstance(e.code, int) else 2)
+if hit:
+    leave(130)
+import deepspeed.launcher.launch as agent
+class Signals:  # the agent installs its own SIGINT handler: it records the Ctrl-C too
+    def __getattr__(self, name):
+        return getattr(signal, name)
+    def signal(self, sig, handler):
+        if sig == signal.SIGINT and callable(handler):
+            inner = handler
+            handler = lambda *a: (hit.append(1), inner(*a))
+        return signal.signal(sig, handler)
+agent.signal = Signals()
+world = base64.urlsafe_b64encode(json.dumps({"localhost": list(range(int(nproc)))}).encode())
+sys.argv = ["deepspeed.launcher.launch", "--world_info=" + world.decode(),
+            "--master_addr=127.0.0.1", "--master_port=" + port, "--module", "--no_local_rank",
+            "--log_level=" + level, "dsq.cli", "train", *args]
+try:
+    agent.main()
     code = 0
 except SystemExit as e:
     code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
-sys.exit(130 if hit else code)
-' --num_gpus "$NPROC" --master_port "$PORT" --log_level "$LOG_LEVEL" \
-  --no_local_rank --module dsq.cli train "${ARGS[@]}"
+leave(code)
+' "$NPROC" "$PORT" "$LOG_LEVEL" "${ARGS[@]}"
