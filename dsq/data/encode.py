@@ -1,8 +1,9 @@
 """Tokenizing in ``data.workers`` processes, results in submission order.
 
-A job is a function and its arguments, run in a worker (:func:`encode_texts` tokenizes a
-batch of documents the main process read); it returns an :class:`Encoded`: every document's ids
-then EOS, and each document's length, so the caller splits documents between outputs (the
+A job is a function and its arguments, run in a worker: :func:`encode_texts` tokenizes a batch
+of documents the main process read, :func:`dsq.data.jsonl.encode_range` reads, parses and
+tokenizes a byte range of a JSON lines file. Both return an :class:`Encoded`: every document's
+ids then EOS, and each document's length, so the caller splits documents between outputs (the
 validation hold-out) in source order. Each worker loads the sentencepiece model once (pool
 initializer) and encodes a whole batch in one call (``SentencePieceProcessor.encode(list,
 num_threads=1)``, one thread per process). The main process submits jobs in source order with a

@@ -1,7 +1,8 @@
-"""Prepare training data: stream the documents (:mod:`dsq.data.sources`), train or load a
-sentencepiece tokenizer, tokenize in ``data.workers`` processes (:mod:`dsq.data.encode`) and
-write each split as one flat memory-mapped token stream, pass by pass (:mod:`dsq.data.passes`),
-shard by shard (:mod:`dsq.data.shards`).
+"""Prepare training data: stream the documents (:mod:`dsq.data.sources`; local JSON lines are
+read by the workers, :mod:`dsq.data.jsonl`), train or load a sentencepiece tokenizer, tokenize
+in ``data.workers`` processes (:mod:`dsq.data.encode`) and write each split as one flat
+memory-mapped token stream, pass by pass (:mod:`dsq.data.passes`), shard by shard
+(:mod:`dsq.data.shards`).
 
 Layout of a prepared directory (``<data.cache_dir>/<fingerprint>/``)::
 
@@ -38,7 +39,7 @@ from dsq.data.passes import HOLD_OUT_SEED, held_out  # noqa: F401
 from dsq.data.shards import Partial, StreamWriter
 from dsq.data.sources import DataError, load_documents  # noqa: F401
 
-BATCH_BYTES, BATCH_DOCS = 1 << 20, 4096  # documents sent to a worker at once
+BATCH_BYTES, BATCH_DOCS = 1 << 20, 4096  # a worker's job: documents, or bytes of JSON lines
 TOKENIZER_SEED = 1234
 """Seed of the tokenizer's training sample (sources larger than data.tokenizer_sample_bytes)."""
 
