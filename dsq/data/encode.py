@@ -1,24 +1,31 @@
-"""Tokenizing batches of documents in ``data.workers`` processes, results in submission order.
+"""Tokenizing in ``data.workers`` processes, results in submission order.
 
-Each worker loads the sentencepiece model once (pool initializer) and encodes a whole batch in
-one call (``SentencePieceProcessor.encode(list, num_threads=1)``, one thread per process). The
-main process submits batches in source order with a bounded number in flight and consumes the
-results in that order, so the bytes written do not depend on the number of workers, and memory
-holds a few batches, not the corpus. One worker encodes in this process (no pool). A worker
-that dies (out of memory, killed) stops the preparation with a :class:`DataError` instead of
-hanging it.
+A job is a function and its arguments, run in a worker: :func:`encode_texts` tokenizes a batch
+of documents the main process read, :func:`dsq.data.jsonl.encode_range` reads, parses and
+tokenizes a byte range of a JSON lines file. Both return an :class:`Encoded`: every document's
+ids then EOS, and each document's length, so the caller splits documents between outputs (the
+validation hold-out) in source order. Each worker loads the sentencepiece model once (pool
+initializer) and encodes a whole batch in one call (``SentencePieceProcessor.encode(list,
+num_threads=1)``, one thread per process). The main process submits jobs in source order with a
+bounded number in flight and consumes the results in that order, so the bytes written do not
+depend on the number of workers, and memory holds a few batches, not the corpus. One worker
+runs the jobs in this process (no pool). A worker that dies (out of memory, killed) stops the
+preparation with a :class:`DataError` instead of hanging it; a job that raises one (bad input)
+stops it with that error.
 """
 
 from __future__ import annotations
 
 import collections
+import itertools
 import multiprocessing
 import os
 import threading
 import time
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
-from typing import Iterable, Iterator, List, Optional, Sequence, Tuple
+from typing import (Callable, Iterable, Iterator, List, NamedTuple, Optional, Sequence,
+                    Tuple)
 
 import numpy as np
 
@@ -54,33 +61,43 @@ def _exit_with(parent: int) -> None:
     os._exit(1)
 
 
-def encode_batch(texts: Sequence[str], groups: Optional[Sequence[int]], n_groups: int,
-                 dtype: str, sp=None) -> List[np.ndarray]:
-    """The token stream of each group of documents: every document's ids followed by EOS, in
-    order (``groups[i]`` is document i's group; None: all in group 0)."""
+class Encoded(NamedTuple):
+    """A job's result."""
+
+    ids: np.ndarray  # every document's ids followed by EOS, in order
+    lengths: np.ndarray  # tokens of each document, EOS included
+    nbytes: int = 0  # source bytes the job covered (progress)
+    records: int = 0  # records read (documents and skipped ones)
+    columns: Optional[List[str]] = None  # records without data.text_field: their fields
+
+
+def encode_texts(texts: Sequence[str], dtype: str, sp=None) -> Encoded:
+    """The ids of each document then EOS (:func:`dsq.data.tokenizer.encode`'s ids)."""
     sp = sp or _SP
     ids = sp.encode(list(texts), num_threads=1)
     meta = [i for i, t in enumerate(texts) if "\u2581" in t]  # see tokenizer.encode
     for i in meta:
         ids[i] = tokenizer.encode(sp, texts[i])
-    eos = sp.eos_id()
-    out: List[List[int]] = [[] for _ in range(n_groups)]
-    for i, doc in enumerate(ids):
-        dst = out[groups[i] if groups is not None else 0]
-        dst.extend(doc)
-        dst.append(eos)
-    return [np.array(o, dtype=dtype) for o in out]
+    lengths = np.fromiter(map(len, ids), dtype=np.int64, count=len(ids)) + 1
+    ends = np.cumsum(lengths)
+    flat = np.empty(int(ends[-1]) if len(ends) else 0, dtype=dtype)
+    is_text = np.ones(flat.size, dtype=bool)
+    is_text[ends - 1] = False
+    flat[is_text] = np.fromiter(itertools.chain.from_iterable(ids), dtype=dtype,
+                                count=flat.size - len(ids))
+    flat[ends - 1] = sp.eos_id()
+    return Encoded(flat, lengths, sum(map(len, texts)), len(texts))
 
 
-Job = Tuple[object, Sequence[str], Optional[Sequence[int]]]  # (tag, texts, groups)
+Job = Tuple[object, Callable[..., Encoded], tuple]  # (tag, function, arguments)
 
 
 class Encoder:
-    """``with Encoder(model_bytes, workers, dtype, n_groups) as enc: for tag, arrays in
-    enc.map(jobs): ...`` -- results in the order of ``jobs``."""
+    """``with Encoder(model_bytes, workers) as enc: for tag, encoded in enc.map(jobs): ...``
+    -- results in the order of ``jobs``; a job's function gets ``sp=`` when run here."""
 
-    def __init__(self, model_bytes: bytes, workers: int, dtype: str, n_groups: int = 1):
-        self.workers, self.dtype, self.n_groups = max(1, workers), dtype, n_groups
+    def __init__(self, model_bytes: bytes, workers: int):
+        self.workers = max(1, workers)
         self.model_bytes = model_bytes
         self.pool: Optional[ProcessPoolExecutor] = None
         self.sp = tokenizer.load(model_bytes) if self.workers == 1 else None
@@ -98,16 +115,15 @@ class Encoder:
         if self.pool is not None:
             self.pool.shutdown(wait=exc[0] is None, cancel_futures=True)
 
-    def map(self, jobs: Iterable[Job]) -> Iterator[Tuple[object, List[np.ndarray]]]:
+    def map(self, jobs: Iterable[Job]) -> Iterator[Tuple[object, Encoded]]:
         if self.pool is None:
-            for tag, texts, groups in jobs:
-                yield tag, encode_batch(texts, groups, self.n_groups, self.dtype, self.sp)
+            for tag, fn, args in jobs:
+                yield tag, fn(*args, sp=self.sp)
             return
         pending: collections.deque = collections.deque()
         try:
-            for tag, texts, groups in jobs:
-                pending.append((tag, self.pool.submit(encode_batch, texts, groups,
-                                                      self.n_groups, self.dtype)))
+            for tag, fn, args in jobs:
+                pending.append((tag, self.pool.submit(fn, *args)))
                 if len(pending) >= 2 * self.workers:
                     tag0, fut = pending.popleft()
                     yield tag0, fut.result()

@@ -1,6 +1,8 @@
-"""Prepare training data: stream the documents (:mod:`dsq.data.sources`), train or load a
-sentencepiece tokenizer, tokenize in ``data.workers`` processes (:mod:`dsq.data.encode`) and
-write each split as one flat memory-mapped token stream, shard by shard (:mod:`dsq.data.shards`).
+"""Prepare training data: stream the documents (:mod:`dsq.data.sources`; local JSON lines are
+read by the workers, :mod:`dsq.data.jsonl`), train or load a sentencepiece tokenizer, tokenize
+in ``data.workers`` processes (:mod:`dsq.data.encode`) and write each split as one flat
+memory-mapped token stream, pass by pass (:mod:`dsq.data.passes`), shard by shard
+(:mod:`dsq.data.shards`).
 
 Layout of a prepared directory (``<data.cache_dir>/<fingerprint>/``)::
 
@@ -24,37 +26,22 @@ from __future__ import annotations
 import os
 import time
 from pathlib import Path
-from typing import Dict, Iterator, List, Optional
+from typing import Dict, Iterator, Optional
 
 import numpy as np
 
-from dsq.data import sources, tokenizer
+from dsq.data import passes, sources, tokenizer
 from dsq.data.encode import Encoder, WorkerDied, node_cores
 from dsq.data.fingerprint import (  # noqa: F401  (part of this module's interface)
     FORMAT_VERSION, SourceHashes, data_fingerprint, load_manifest, sampled_sha256, split_record,
     verify)
-from dsq.data.progress import PrepareProgress
+from dsq.data.passes import HOLD_OUT_SEED, held_out  # noqa: F401
 from dsq.data.shards import Partial, StreamWriter
 from dsq.data.sources import DataError, load_documents  # noqa: F401
 
-BATCH_BYTES, BATCH_DOCS = 1 << 20, 4096  # documents sent to a worker at once
-HOLD_OUT_SEED = 1234
-"""Seed of the ``data.val_fraction`` hold-out (part of the data, not of the run: fixed)."""
+BATCH_BYTES, BATCH_DOCS = 1 << 20, 4096  # a worker's job: documents, or bytes of JSON lines
 TOKENIZER_SEED = 1234
 """Seed of the tokenizer's training sample (sources larger than data.tokenizer_sample_bytes)."""
-
-
-def held_out(start: int, n: int, fraction: float) -> np.ndarray:
-    """Whether documents ``start .. start+n-1`` (source order) are held out for validation: a
-    seeded hash of the index below ``fraction``, so the split needs no document count and the
-    same documents are held out on every machine, whatever the batching."""
-    with np.errstate(over="ignore"):
-        z = (np.arange(start, start + n, dtype=np.uint64) + np.uint64(HOLD_OUT_SEED)) \
-            * np.uint64(0x9E3779B97F4A7C15)
-        z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
-        z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
-        z ^= z >> np.uint64(31)
-    return (z >> np.uint64(11)).astype(np.float64) / float(1 << 53) < fraction
 
 
 # --------------------------------------------------------------------------- tokenizer
@@ -191,16 +178,17 @@ def _build(data_cfg, vocab_size: int, out: Path, hashes: SourceHashes, log) -> N
         state = partial.start(model_bytes)
         dtype = np.dtype(np.uint16 if vocab_size <= 65536 else np.uint32)
         frac = data_cfg.val_fraction
-        passes = [("train", list(data_cfg.train), "train", ["train", "val"] if frac else ["train"])]
+        todo = [("train", list(data_cfg.train), "train", ["train", "val"] if frac else ["train"])]
         if not frac:
-            passes.append(("val", list(data_cfg.val), "validation", ["val"]))
+            todo.append(("val", list(data_cfg.val), "validation", ["val"]))
         workers = workers_of(data_cfg)
         writer = StreamWriter(partial, state, ["train", "val"], dtype.itemsize)
         log(f"data: tokenizing into {partial.dir} with {workers} worker"
             f"{'s' if workers > 1 else ''}")
-        with Encoder(model_bytes, workers, dtype.name, n_groups=2 if frac else 1) as enc:
-            for name, specs, split, outputs in passes:
-                _run_pass(name, specs, split, outputs, data_cfg, writer, enc, log)
+        with Encoder(model_bytes, workers) as enc:
+            for name, specs, split, outputs in todo:
+                passes.run_pass(name, specs, split, outputs, data_cfg, writer, enc, log,
+                                dtype.name, BATCH_BYTES, BATCH_DOCS)
         writer.close()
         counts = state["outputs"]
         _check_counts(data_cfg, counts)
@@ -222,61 +210,6 @@ def _build(data_cfg, vocab_size: int, out: Path, hashes: SourceHashes, log) -> N
         raise
     finally:
         partial.unlock()  # killed or interrupted: kept, the same command resumes
-
-
-def _run_pass(name: str, specs: List[str], split: str, outputs: List[str], data_cfg,
-              writer: StreamWriter, enc: Encoder, log) -> None:
-    done = writer.state["passes"].get(name, {})
-    if done.get("done"):
-        log(f"data: the {name} sources were tokenized already (resuming)")
-        return
-    skip = done.get("documents_read", 0)
-    if skip:
-        written = ", ".join(f"{o} {writer.live[o]['tokens']:,} tokens" for o in outputs)
-        log(f"data: resuming the {name} sources from shard {done['shards']} (after document "
-            f"{skip:,}; {written} already written)")
-    frac = data_cfg.val_fraction if len(outputs) > 1 else 0.0
-    tokens = sum(writer.live[o]["tokens"] for o in outputs)
-    progress = PrepareProgress(name, sources.total_bytes(specs), log)
-    progress.rebase(0, 0, tokens)
-    position = {"docs": 0, "bytes": 0}
-
-    def jobs():
-        batch: List[str] = []
-        size = 0
-        for text in sources.iter_documents(specs, data_cfg.text_field, split):
-            position["docs"] += 1
-            position["bytes"] += len(text)
-            if position["docs"] <= skip:
-                if position["docs"] == skip:
-                    progress.rebase(skip, position["bytes"], tokens)
-                continue
-            batch.append(text)
-            size += len(text)
-            if size >= BATCH_BYTES or len(batch) >= BATCH_DOCS:
-                yield _job(batch, position, frac)
-                batch, size = [], 0
-        if batch:
-            yield _job(batch, position, frac)
-
-    end = skip
-    for (end, nbytes, per_group), arrays in enc.map(jobs()):
-        for o, ids, n in zip(outputs, arrays, per_group):
-            writer.write(o, ids, int(n))
-            tokens += int(ids.size)
-        if writer.due():
-            writer.commit(name, end)
-        progress.update(end, nbytes, tokens)
-    progress.update(end, position["bytes"], tokens, force=True)
-    progress.close()
-    writer.commit(name, position["docs"], done=True)
-
-
-def _job(batch: List[str], position: Dict, frac: float):
-    end = position["docs"]
-    groups = held_out(end - len(batch), len(batch), frac).astype(np.int8) if frac else None
-    per_group = np.bincount(groups, minlength=2) if frac else [len(batch)]
-    return (end, position["bytes"], per_group), batch, groups
 
 
 def _check_counts(data_cfg, counts: Dict) -> None:

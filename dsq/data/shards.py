@@ -6,7 +6,8 @@ name, and no ``manifest.json``: it never looks complete)::
     tokenizer.model     the tokenizer, written before any token
     train.bin, val.bin  token ids appended in source order
     progress.json       the last complete shard: bytes, tokens and documents of each file,
-                        documents read from each pass over the sources
+                        documents read from each pass over the sources (and, for JSON lines
+                        read by the workers, the file and byte where the pass goes on)
     lock                held (flock) by the process preparing
 
 Every ``SHARD_BYTES`` of tokens the files are flushed to disk and ``progress.json`` is
@@ -139,14 +140,16 @@ class StreamWriter:
     def due(self) -> bool:
         return self.pending >= SHARD_BYTES
 
-    def commit(self, pass_name: str, docs_read: int, done: bool = False) -> int:
-        """Flush to disk and record a complete shard; returns the shard number."""
+    def commit(self, pass_name: str, docs_read: int, done: bool = False,
+               cursor: Optional[Dict] = None) -> int:
+        """Flush to disk and record a complete shard (``cursor``: where in the sources the
+        pass goes on, when known); returns the shard number."""
         for fh in self.files.values():
             fh.flush()
             os.fsync(fh.fileno())
         p = self.state["passes"].setdefault(pass_name, {"documents_read": 0, "shards": 0,
                                                         "done": False})
-        p.update(documents_read=docs_read, shards=p["shards"] + 1, done=done)
+        p.update(documents_read=docs_read, shards=p["shards"] + 1, done=done, cursor=cursor)
         self.state["outputs"] = copy.deepcopy(self.live)
         self.partial.save(self.state)
         self.pending = 0

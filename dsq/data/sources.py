@@ -6,7 +6,8 @@ compressed: ``.txt.xz``, ``.txt.gz``), a folder of files of one type, ``.jsonl``
 shipped in ``dsq/data/corpus/NAME``), or a Hugging Face Hub dataset name. JSON lines, Parquet
 and Hub datasets are all read by ``datasets.load_dataset(..., streaming=True)``: the same
 streaming code, a few MB in memory whatever the corpus size, nothing cached on disk. Blank
-documents are skipped.
+documents are skipped. (``dsq prepare`` has its workers read local ``.jsonl`` files instead,
+:mod:`dsq.data.jsonl`, with the same documents.)
 
 :func:`sample_texts` draws the tokenizer's training text: every document when the sources are
 smaller than the sample, else seeded windows (file offsets of JSON lines, Parquet row groups,
