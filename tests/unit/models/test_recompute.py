@@ -2,9 +2,9 @@
 activations, bit for bit, with quantized layers and stochastic rounding, at TP=1 and TP=2.
 
 One 2-process gloo run (the module fixture ``results``): each rank builds gpt2 ``tiny`` and
-``llama-tiny`` (32 positions) from one seed, with each recipe, each recompute mode and each
-engine (:mod:`dsq.models.recompute`), at TP=1 and then TP=2, runs one batch forward and
-backward, and compares its loss and its own gradient shards with ``none``'s. At TP=1 it also
+``llama-tiny`` (32 positions) from one seed, with each recipe (one adds dropout), each
+recompute mode and each engine (:mod:`dsq.models.recompute`), at TP=1 and then TP=2, runs one
+batch forward and backward, and compares its loss and its own gradient shards with ``none``'s. At TP=1 it also
 measures what a forward leaves allocated for backward (glibc's ``mallinfo2``: heap in use plus
 mapped chunks, after a warm-up step) with 4 x 64 tokens on the torch engine: what recompute
 saves.
@@ -39,6 +39,7 @@ RECIPES = {  # name -> (config files, overrides)
     "w8a8g8": ([W8A8G8], []),
     "w8a8g8-sr": ([W8A8G8], SR),  # stochastic rounding of all three operands
     "w8a8g8-sr-int8": ([W8A8G8], SR + ["quant.compute=int8"]),
+    "w8a8g8-sr-dropout": ([W8A8G8], SR + ["model.dropout=0.1"]),  # more draws, same generator
 }
 MODES = ("none", "selective", "full")
 ENGINES = ("torch", "megatron")
