@@ -4,10 +4,10 @@ activations, bit for bit, with quantized layers and stochastic rounding, at TP=1
 One 2-process gloo run (the module fixture ``results``): each rank builds gpt2 ``tiny`` and
 ``llama-tiny`` (32 positions) from one seed, with each recipe (one adds dropout), each
 recompute mode and each engine (:mod:`dsq.models.recompute`), at TP=1 and then TP=2, runs one
-batch forward and backward, and compares its loss and its own gradient shards with ``none``'s. At TP=1 it also
-measures what a forward leaves allocated for backward (glibc's ``mallinfo2``: heap in use plus
-mapped chunks, after a warm-up step) with 4 x 64 tokens on the torch engine: what recompute
-saves.
+batch forward and backward, and compares its loss and its own gradient shards with
+``none``'s. At TP=1 it also measures what a forward leaves allocated for backward (glibc's
+``mallinfo2``: heap in use plus mapped chunks, after a warm-up step) with 4 x 64 tokens on the
+torch engine: what recompute saves.
 
 megatron's engine (``tensor_parallel.checkpoint``) reads the CUDA generator's state, which a
 torch without CUDA refuses; on such a build the worker checks that refusal, then stands in
