@@ -17,9 +17,14 @@ A recipe is written ``BASE[+MOD...]``:
   (``quant.compute=int8``, with ``DSQ_QUANT_KERNEL=--kernel`` when not auto),
   ``fp32`` / ``bf16`` (precision).
 
+``--recompute none,full`` runs every recipe with each ``train.recompute`` mode (activation
+recompute, the same losses); the table then adds a ``recompute`` column and each row's peak
+memory (the largest rank's) against the same recipe's ``none`` row.
+
 A run that fails (e.g. an optimizer not available) is listed with its error, not dropped
-silently. The table compares tokens/s with the faster of the ``fp32`` and ``bf16`` rows, and the
-validation loss of every ``+int8`` row with the same recipe without ``+int8`` (simulated).
+silently. The table compares tokens/s with the faster of the ``fp32`` and ``bf16`` rows (of the
+same recompute mode), and the validation loss of every ``+int8`` row with the same recipe
+without ``+int8`` (simulated).
 """
 
 from __future__ import annotations
@@ -37,6 +42,7 @@ RECIPES_DIR = ROOT / "configs" / "recipes"
 DEFAULT_RECIPES = ("fp32,bf16,w8a8,w8a8g8,w8a8g8+qadamw,w8a8g8+qadamw+int8,"
                    "w8a8g8-both+qadamw,w8a8g8-both+qadamw+int8")
 MODS = ("qadamw", "int8", "fp32", "bf16")
+RECOMPUTE = ("none", "selective", "full")
 
 
 def resolve(spec: str, precision: str, kernel: str = "auto"
@@ -71,9 +77,12 @@ def resolve(spec: str, precision: str, kernel: str = "auto"
     return files, overrides, env
 
 
-def run_recipe(spec: str, ns, base_files: list[str], log) -> dict:
+def run_recipe(spec: str, ns, base_files: list[str], log, recompute: str = "none") -> dict:
     files, overrides, extra_env = resolve(spec, ns.precision, ns.kernel)
-    out = Path(ns.out).resolve() / spec.replace("+", "_")
+    overrides.append(f"train.recompute={recompute}")
+    name = spec if recompute == "none" else f"{spec} recompute={recompute}"
+    out = Path(ns.out).resolve() / (spec.replace("+", "_")
+                                    + ("" if recompute == "none" else f"_recompute-{recompute}"))
     if out.exists():
         import shutil
 
@@ -88,61 +97,81 @@ def run_recipe(spec: str, ns, base_files: list[str], log) -> dict:
     if ns.threads_per_rank:
         env["OMP_NUM_THREADS"] = str(ns.threads_per_rank)
     cmd = ["bash", str(ROOT / "launch" / "local.sh"), str(ns.nproc), *args]
-    log(f"  {spec}: {' '.join(cmd[2:])}" + "".join(f" [{k}={v}]" for k, v in extra_env.items()))
+    log(f"  {name}: {' '.join(cmd[2:])}" + "".join(f" [{k}={v}]" for k, v in extra_env.items()))
     t0 = time.perf_counter()
     with open(out / "bench.log", "w") as fh:
         res = subprocess.run(cmd, cwd=ROOT, env=env, stdout=fh, stderr=subprocess.STDOUT,
                              timeout=ns.timeout, check=False)
     wall = time.perf_counter() - t0
-    row = {"recipe": spec, "tokens_per_s": None, "peak_rss_bytes": None, "val_loss": None,
-           "wall_s": wall, "out_dir": str(out), "error": None}
+    row = {"recipe": spec, "recompute": recompute, "tokens_per_s": None, "peak_rss_bytes": None,
+           "val_loss": None, "wall_s": wall, "out_dir": str(out), "error": None}
     summary = out / "summary.json"
     if res.returncode != 0 or not summary.is_file():
         tail = (out / "bench.log").read_text(errors="replace").strip().splitlines()[-5:]
         errors = [t for t in tail if "Error" in t or "error" in t] or tail[-1:]
         row["error"] = f"exit {res.returncode}: {errors[-1] if errors else '?'}"[:300]
-        log(f"  {spec}: FAILED ({row['error']}); log in {out / 'bench.log'}")
+        log(f"  {name}: FAILED ({row['error']}); log in {out / 'bench.log'}")
         return row
     s = json.loads(summary.read_text())
     row.update(tokens_per_s=s["tokens_per_s"], peak_rss_bytes=s["peak_rss_bytes"],
                peak_gpu_bytes=s.get("peak_gpu_bytes"), device=s.get("device", "cpu"),
                val_loss=s["val_loss"], train_loss=s["train_loss"],
                optimizer_state_bytes=s.get("optimizer_state_bytes"))
-    log(f"  {spec}: {s['tokens_per_s']:,.0f} tokens/s, val loss {s['val_loss']:.4f} "
+    log(f"  {name}: {s['tokens_per_s']:,.0f} tokens/s, val loss {s['val_loss']:.4f} "
         f"({wall:.0f} s)")
     return row
 
 
+def _peaks(r: dict, gpu: bool) -> list:
+    """Peak memory per rank: PyTorch's GPU peak on GPUs, else the peak RSS."""
+    return r["peak_gpu_bytes"] if gpu and r.get("peak_gpu_bytes") else r["peak_rss_bytes"]
+
+
 def compare(rows: list[dict]) -> None:
-    """Add speedup vs the best baseline and the int8 rows' val loss vs their simulation."""
-    ok = {r["recipe"]: r for r in rows if r["error"] is None}
-    base = max((ok[b]["tokens_per_s"] for b in ("fp32", "bf16") if b in ok), default=None)
+    """Add speedup vs the best baseline (of the same recompute mode), the int8 rows' val loss vs
+    their simulation, and the peak memory (largest rank) vs the same recipe without recompute."""
+    gpu = any(r.get("device") == "cuda" for r in rows)
+    ok = {(r["recipe"], r.get("recompute", "none")): r for r in rows if r["error"] is None}
     for r in rows:
+        mode = r.get("recompute", "none")
+        base = max((ok[b, mode]["tokens_per_s"] for b in ("fp32", "bf16") if (b, mode) in ok),
+                   default=None)
         r["speedup_vs_best_baseline"] = (r["tokens_per_s"] / base if base and r["tokens_per_s"]
                                          else None)
-        r["val_loss_vs_simulated"] = None
-        if r["error"] is None and "+int8" in r["recipe"]:
-            sim = ok.get(r["recipe"].replace("+int8", ""))
+        r["val_loss_vs_simulated"] = r["peak_vs_no_recompute"] = None
+        if r["error"] is not None:
+            continue
+        if "+int8" in r["recipe"]:
+            sim = ok.get((r["recipe"].replace("+int8", ""), mode))
             if sim is not None:
                 r["val_loss_vs_simulated"] = r["val_loss"] / sim["val_loss"] - 1
+        plain = ok.get((r["recipe"], "none"))
+        if mode != "none" and plain is not None:
+            r["peak_vs_no_recompute"] = max(_peaks(r, gpu)) / max(_peaks(plain, gpu)) - 1
 
 
 def format_table(rows: list[dict]) -> str:
     gpu = any(r.get("device") == "cuda" for r in rows)
     mem = "peak GPU/rank MiB" if gpu else "peak RSS/rank MiB"
-    head = (f"| {'recipe':<28} | {'tokens/s':>9} | {'vs best base':>12} | "
+    rc = any(r.get("recompute", "none") != "none" for r in rows)
+    extra = f" {'recompute':<9} | {'peak vs none':>12} |" if rc else ""
+    head = (f"| {'recipe':<28} |{extra} {'tokens/s':>9} | {'vs best base':>12} | "
             f"{mem:>17} | {'val loss':>8} | {'vs sim':>6} |")
     lines = [head, "|" + "|".join("-" * len(c) for c in head.split("|")[1:-1]) + "|"]
     for r in rows:
+        cols = ""
+        if rc:
+            pv = r.get("peak_vs_no_recompute")
+            cols = (f" {r.get('recompute', 'none'):<9} | "
+                    f"{f'{100 * pv:+.0f}%' if pv is not None else '':>12} |")
         if r["error"]:
-            lines.append(f"| {r['recipe']:<28} | {'failed: ' + r['error']}")
+            lines.append(f"| {r['recipe']:<28} |{cols} {'failed: ' + r['error']}")
             continue
-        peaks = r["peak_gpu_bytes"] if gpu and r.get("peak_gpu_bytes") else r["peak_rss_bytes"]
-        rss = "/".join(f"{b / 2**20:.0f}" for b in peaks)
+        rss = "/".join(f"{b / 2**20:.0f}" for b in _peaks(r, gpu))
         sp = f"{r['speedup_vs_best_baseline']:.2f}x" if r["speedup_vs_best_baseline"] else "-"
         vs = (f"{100 * r['val_loss_vs_simulated']:+.1f}%"
               if r["val_loss_vs_simulated"] is not None else "")
-        lines.append(f"| {r['recipe']:<28} | {r['tokens_per_s']:>9,.0f} | {sp:>12} | "
+        lines.append(f"| {r['recipe']:<28} |{cols} {r['tokens_per_s']:>9,.0f} | {sp:>12} | "
                      f"{rss:>17} | {r['val_loss']:>8.4f} | {vs:>6} |")
     return "\n".join(lines)
 
@@ -157,6 +186,9 @@ def main(argv: list[str]) -> None:
     p.add_argument("--nproc", type=int, default=2)
     p.add_argument("--recipes", default=DEFAULT_RECIPES,
                    help=f"comma-separated BASE[+MOD...] (default {DEFAULT_RECIPES})")
+    p.add_argument("--recompute", default="none",
+                   help="comma-separated train.recompute modes (none, selective, full): every "
+                   "recipe runs with each; the table adds peak memory vs none (default none)")
     p.add_argument("--precision", default="bf16", choices=("fp32", "bf16"),
                    help="DeepSpeed precision of quantized recipes (default bf16)")
     p.add_argument("--kernel", default="auto", choices=("auto", "eager", "cpp", "compile"),
@@ -184,16 +216,23 @@ def main(argv: list[str]) -> None:
     specs = [s.strip() for s in ns.recipes.split(",") if s.strip()]
     for s in specs:
         resolve(s, ns.precision, ns.kernel)  # fail on a typo before any run starts
+    modes = [m.strip() for m in ns.recompute.split(",") if m.strip()]
+    bad = [m for m in modes if m not in RECOMPUTE]
+    if bad or not modes:
+        p.error(f"--recompute {ns.recompute!r}: use a comma-separated list of "
+                f"{', '.join(RECOMPUTE)}")
     log = lambda *a: print(*a, file=sys.stderr, flush=True)
-    log(f"dsq bench train: {len(specs)} recipes x {ns.steps} steps on {ns.nproc} ranks, "
+    log(f"dsq bench train: {len(specs)} recipes x {len(modes)} recompute modes x {ns.steps} "
+        f"steps on {ns.nproc} ranks, "
         f"{ns.threads_per_rank or 'default'} threads each "
         f"({', '.join(base_files) or 'preset ' + ns.preset})")
-    rows = [run_recipe(s, ns, base_files, log) for s in specs]
+    rows = [run_recipe(s, ns, base_files, log, m) for s in specs for m in modes]
     compare(rows)
     print(format_table(rows))
     if ns.json:
         Path(ns.json).write_text(json.dumps({"rows": rows, "steps": ns.steps,
                                              "nproc": ns.nproc, "config": base_files,
+                                             "recompute": modes,
                                              "threads_per_rank": ns.threads_per_rank},
                                             indent=2))
     if any(r["error"] for r in rows):

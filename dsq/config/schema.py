@@ -315,6 +315,9 @@ class TrainConfig:
     seed: int = 1234
     progress: bool = True
     """Show a progress bar on rank 0."""
+    recompute: str = choice("none", ("none", "selective", "full"))
+    """Activation recompute: none | selective (each layer's core attention) | full (each layer
+    keeps only its input); the same losses and gradients, less memory, more compute."""
     reshard: str = choice("off", ("off", "auto"))
     """Resuming a ZeRO checkpoint written by another data-parallel size: off (stop and say how
     to convert it) | auto (convert it in place first, the original kept beside it)."""

@@ -9,6 +9,11 @@ Grouped-query attention (``num_query_groups`` < heads: megatron passes ``key`` a
 with one head per group) runs with SDPA's ``enable_gqa``: query head ``h`` attends with key/value
 head ``h // (heads / groups)`` (megatron's layout: a group's query heads are consecutive), and
 the repeated K/V are never materialised by dsq.
+
+``recompute=True`` (``train.recompute: selective`` on the torch engine,
+:mod:`dsq.models.recompute`): in training with autograd on, the attention keeps only ``q, k, v``
+for backward and computes its output again there (``torch.utils.checkpoint``, replaying the
+dropout's random numbers).
 """
 
 from __future__ import annotations
@@ -21,6 +26,8 @@ import torch.nn.functional as F
 from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.module import MegatronModule
 from megatron.core.utils import divide
+
+from dsq.models.recompute import recomputed
 
 
 def cpu_upcast(q: torch.Tensor) -> bool:
@@ -48,6 +55,7 @@ class SDPAttention(MegatronModule):
         softmax_scale: Optional[float] = None,
         cp_comm_type: Optional[str] = None,
         pg_collection=None,
+        recompute: bool = False,
         **kwargs,
     ):
         super().__init__(config=config)
@@ -67,6 +75,7 @@ class SDPAttention(MegatronModule):
         head_dim = divide(projection, config.num_attention_heads)
         self.softmax_scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(head_dim)
         self.dropout_p = config.attention_dropout if attention_dropout is None else attention_dropout
+        self.recompute = recompute
 
     def forward(self, query, key, value, attention_mask, attn_mask_type=None,
                 attention_bias=None, packed_seq_params=None, **kwargs):
@@ -80,6 +89,15 @@ class SDPAttention(MegatronModule):
         mask = None
         if not causal and attention_mask is not None:
             mask = ~attention_mask  # megatron: True means "masked out"
+        if self.recompute and self.training and torch.is_grad_enabled():
+            out = recomputed(self._attend, q, k, v, mask, causal, gqa)
+        else:
+            out = self._attend(q, k, v, mask, causal, gqa)
+        s, b = query.shape[0], query.shape[1]
+        return out.permute(2, 0, 1, 3).reshape(s, b, self.hidden_size_per_partition)
+
+    def _attend(self, q, k, v, mask, causal: bool, gqa: bool):
+        """SDPA on ``[b, h, s, d]``, in ``q``'s dtype."""
         dtype = q.dtype
         if cpu_upcast(q):
             q, k, v = (t.float() for t in (q, k, v))
@@ -87,5 +105,4 @@ class SDPAttention(MegatronModule):
             q, k, v, attn_mask=mask, dropout_p=self.dropout_p if self.training else 0.0,
             is_causal=causal, scale=self.softmax_scale, enable_gqa=gqa,
         )
-        s, b = query.shape[0], query.shape[1]
-        return out.to(dtype).permute(2, 0, 1, 3).reshape(s, b, self.hidden_size_per_partition)
+        return out.to(dtype)

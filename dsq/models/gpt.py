@@ -13,6 +13,10 @@ The architecture switches of ``model`` (``dsq.config.presets``) map onto megatro
 each TP rank holds [gate_r; up_r], see :func:`dsq.run.load.merged_state_dict`), ``bias`` ->
 ``add_bias_linear``, ``num_query_groups``, ``positions: rope`` -> megatron's rotary embedding
 (:class:`RotaryEmbedding`, made device-agnostic) applied by its attention.
+
+Activation recompute (``train.recompute``, :mod:`dsq.models.recompute`) is megatron's
+``TransformerConfig`` switches where its engine runs (CUDA), otherwise dsq's layer spec: the
+recomputing layer class (``full``) or attention (``selective``).
 """
 
 from __future__ import annotations
@@ -45,6 +49,7 @@ with warnings.catch_warnings():
 
 from dsq.models.attention import SDPAttention
 from dsq.models.loss import vocab_parallel_cross_entropy
+from dsq.models.recompute import Recompute, RecomputedTransformerLayer
 
 from dsq.models.quant_layers import QuantColumnParallelLinear, QuantRowParallelLinear
 
@@ -78,12 +83,18 @@ class DsqSpecProvider:
         raise NotImplementedError("dsq uses TransformerConfig.activation_func (GELU or SiLU)")
 
 
-def layer_spec(provider: Optional[DsqSpecProvider] = None) -> ModuleSpec:
-    """A pre-LayerNorm GPT layer: LN -> QKV -> attention -> proj, LN -> fc1 -> GELU -> fc2."""
+def layer_spec(provider: Optional[DsqSpecProvider] = None,
+               recompute: Optional[Recompute] = None) -> ModuleSpec:
+    """A pre-LayerNorm GPT layer: LN -> QKV -> attention -> proj, LN -> fc1 -> GELU -> fc2;
+    ``recompute`` on the torch engine picks the recomputing layer or attention."""
     b = provider or DsqSpecProvider()
+    r = recompute or Recompute()
     norm = b.layer_norm()
+    attention = b.core_attention()
+    if r.torch_selective:
+        attention = ModuleSpec(module=attention, params={"recompute": True})
     return ModuleSpec(
-        module=TransformerLayer,
+        module=RecomputedTransformerLayer if r.torch_full else TransformerLayer,
         submodules=TransformerLayerSubmodules(
             input_layernorm=norm,
             self_attention=ModuleSpec(
@@ -91,7 +102,7 @@ def layer_spec(provider: Optional[DsqSpecProvider] = None) -> ModuleSpec:
                 params={"attn_mask_type": AttnMaskType.causal},
                 submodules=SelfAttentionSubmodules(
                     linear_qkv=b.column_parallel_linear(),
-                    core_attention=b.core_attention(),
+                    core_attention=attention,
                     linear_proj=b.row_parallel_linear(),
                     q_layernorm=IdentityOp,
                     k_layernorm=IdentityOp,
@@ -116,17 +127,18 @@ def _arch(m) -> dict:
                 eps=getattr(m, "norm_eps", 1e-5), rope_base=getattr(m, "rope_base", 10000.0))
 
 
-def block_spec(num_layers: int, provider: Optional[DsqSpecProvider] = None
-               ) -> TransformerBlockSubmodules:
+def block_spec(num_layers: int, provider: Optional[DsqSpecProvider] = None,
+               recompute: Optional[Recompute] = None) -> TransformerBlockSubmodules:
     """``num_layers`` of :func:`layer_spec` and the final norm, from the provider too (megatron
     would otherwise pick Transformer Engine's or apex's norm where installed; apex's has no
     RMSNorm)."""
     b = provider or DsqSpecProvider()
-    return TransformerBlockSubmodules(layer_specs=[layer_spec(b)] * num_layers,
+    return TransformerBlockSubmodules(layer_specs=[layer_spec(b, recompute)] * num_layers,
                                       layer_norm=b.layer_norm())
 
 
-def transformer_config(model_cfg, precision: str = "fp32") -> TransformerConfig:
+def transformer_config(model_cfg, precision: str = "fp32",
+                       recompute: Optional[Recompute] = None) -> TransformerConfig:
     m = model_cfg
     a = _arch(m)
     bf16 = precision == "bf16"
@@ -156,6 +168,7 @@ def transformer_config(model_cfg, precision: str = "fp32") -> TransformerConfig:
         bf16=bf16,
         params_dtype=torch.bfloat16 if bf16 else torch.float32,
         pipeline_dtype=torch.bfloat16 if bf16 else torch.float32,
+        **(recompute or Recompute()).switches(),
     )
 
 
@@ -221,12 +234,15 @@ class DsqGPTModel(GPTModel):
         return loss.transpose(0, 1).contiguous()
 
 
-def build_gpt(model_cfg, precision: str = "fp32", seed: Optional[int] = None) -> GPTModel:
+def build_gpt(model_cfg, precision: str = "fp32", seed: Optional[int] = None,
+              recompute=None) -> GPTModel:
     """Build the GPT of ``model_cfg`` on this rank's tensor-parallel shard.
 
     With ``seed`` set, the default generator is seeded first, so every rank (and every
-    tensor-parallel size) draws the same full weights before taking its shard.
+    tensor-parallel size) draws the same full weights before taking its shard. ``recompute``:
+    a ``train.recompute`` mode or a :class:`~dsq.models.recompute.Recompute` (None: none).
     """
+    recompute = Recompute.of(recompute)
     if seed is not None:
         torch.manual_seed(seed)
         if torch.cuda.is_available():
@@ -235,11 +251,13 @@ def build_gpt(model_cfg, precision: str = "fp32", seed: Optional[int] = None) ->
             from megatron.core import tensor_parallel
 
             tensor_parallel.model_parallel_cuda_manual_seed(seed)
-    config = transformer_config(model_cfg, precision)
+    with warnings.catch_warnings():  # selective recompute's notice about TE's fused attention
+        warnings.filterwarnings("ignore", message="If you are using transformer_engine")
+        config = transformer_config(model_cfg, precision, recompute)
     rope = _arch(model_cfg)["positions"] == "rope"
     return DsqGPTModel(
         config=config,
-        transformer_layer_spec=block_spec(model_cfg.num_layers),
+        transformer_layer_spec=block_spec(model_cfg.num_layers, recompute=recompute),
         vocab_size=model_cfg.vocab_size,
         max_sequence_length=model_cfg.seq_len,
         pre_process=True,

@@ -165,7 +165,8 @@ class Trainer:
         from dsq.optim import attach_to_engine, build_optimizer
 
         cfg = self.cfg
-        model = build_gpt(cfg.model, cfg.deepspeed.precision, seed=cfg.train.seed)
+        model = build_gpt(cfg.model, cfg.deepspeed.precision, seed=cfg.train.seed,
+                          recompute=cfg.train.recompute)
         self.quantized = apply_quantization(model, cfg.quant)
         self.params = count_params(model, self.tp_size)
         optimizer = build_optimizer(model, cfg.optim, kernel=self.kernel_choice.optim)
@@ -209,7 +210,8 @@ class Trainer:
                  f"tp={self.tp_size} dp={self.dp_size} zero={cfg.deepspeed.zero_stage} "
                  f"{cfg.deepspeed.precision}; quantized linears: {len(self.quantized)}"
                  + (f" ({LinearQuant.from_config(cfg.quant)}, {cfg.quant.compute})"
-                    if self.quantized else ""))
+                    if self.quantized else "")
+                 + (f"; recompute: {cfg.train.recompute}" if cfg.train.recompute != "none" else ""))
         self.log(f"optimizer: {optimizer_line(cfg.optim)}")
         if cfg.quant.compute == "int8" or cfg.optim.name == "qadamw" or self.kernel_choice.env:
             self.log(runtime.kernels_line(self.kernels))

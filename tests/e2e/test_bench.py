@@ -96,3 +96,27 @@ def test_bench_train_compare_and_table():
     assert rows[3]["val_loss_vs_simulated"] == pytest.approx(0.01)
     table = format_table(rows)
     assert "1.50x" in table and "+1.0%" in table and "failed: exit 1: boom" in table
+
+
+def test_bench_train_recompute_rows():
+    """--recompute: peak memory (largest rank) vs the same recipe without recompute; the
+    speedup against the baseline of the same mode."""
+    from dsq.bench.train import compare, format_table
+
+    def row(recipe, mode, tps, peaks):
+        return {"recipe": recipe, "recompute": mode, "tokens_per_s": tps,
+                "peak_rss_bytes": peaks, "val_loss": 5.0, "error": None}
+
+    rows = [row("fp32", "none", 100.0, [100 * 2**20, 90 * 2**20]),
+            row("fp32", "full", 80.0, [75 * 2**20, 70 * 2**20]),
+            row("w8a8", "full", 40.0, [60 * 2**20, 60 * 2**20])]
+    compare(rows)
+    assert rows[0]["peak_vs_no_recompute"] is None
+    assert rows[1]["peak_vs_no_recompute"] == pytest.approx(-0.25)
+    assert rows[2]["peak_vs_no_recompute"] is None  # no w8a8 row without recompute
+    assert rows[2]["speedup_vs_best_baseline"] == pytest.approx(0.5)  # vs fp32 full
+    table = format_table(rows)
+    assert "| recompute |" in table and "-25%" in table
+    plain = [row("fp32", "none", 1.0, [2**20])]
+    compare(plain)
+    assert "recompute" not in format_table(plain)

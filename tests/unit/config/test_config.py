@@ -116,6 +116,8 @@ def test_layering_order(tmp_path):
     (["optim.name=qadamw", "optim.quantize=some"], None, "optim.quantize"),
     (["optim.name=qadamw", "optim.kernel=fast"], None, "optim.kernel"),
     (["train.reshard=maybe"], None, "train.reshard"),
+    (["train.recompute=partial"], None, "train.recompute='partial' is unknown: use none, "
+                                         "selective or full"),
     (["quant.compute=int4"], None, "quant.compute"),
     (["model.arch=bert"], None, "model.arch"),
     (["model.norm=batchnorm"], None, "model.norm"),
@@ -185,6 +187,13 @@ def test_optimizer_block_too_wide_is_refused_by_dsq_config():
     err = [ln for ln in res.stderr.splitlines() if ln.strip()]
     assert res.returncode == 2 and len(err) == 1, res.stderr
     assert err[0].startswith("dsq: error: optim.block_size=32768") and res.stdout == ""
+
+
+def test_recompute_modes():
+    assert load_config([str(ROOT / "configs/tiny.yaml")]).train.recompute == "none"
+    for mode in ("none", "selective", "full"):
+        cfg = load_config([str(ROOT / "configs/tiny.yaml")], [f"train.recompute={mode}"])
+        assert cfg.train.recompute == mode and f"recompute: {mode}" in to_yaml(cfg)
 
 
 @pytest.mark.slow
