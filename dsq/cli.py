@@ -24,7 +24,8 @@ commands:
   eval RUN_OR_CHECKPOINT --data PATH... [--json OUT]   loss and perplexity of a checkpoint
   export RUN_OR_CHECKPOINT OUT_DIR [--weights quantized|trained]   as a transformers GPT-2 / Llama model
   generate RUN_OR_CHECKPOINT --prompt TEXT [--max-new-tokens N --temperature T --top-k K --seed S]
-  config CONFIG... [key.sub=value ...] [--world-size N]  validate and print the resolved config
+  config CONFIG... [key.sub=value ...] [--world-size N] [--memory]  validate and print the resolved
+                                        config (--memory: the memory per GPU)
   mlflow sync RUN_DIR... [--tracking-uri URI]   upload what a run could not send to MLflow
   report --experiment NAME [--tracking-uri URI] [--out DIR]   the recipes' comparison table + plot
   ckpt reshard CKPT_DIR --dp N [--tag T] [--out DIR]   convert a ZeRO checkpoint to another DP size
@@ -165,7 +166,12 @@ def cmd_config(argv: List[str]) -> None:
                                 help="also check the parallel layout for this many ranks"),
            "--check-paths": dict(action="store_true",
                                  help="also check that train.out_dir and data.cache_dir can be "
-                                      "written (launch/local.sh does)")})
+                                      "written (launch/local.sh does)"),
+           "--memory": dict(action="store_true",
+                            help="print the memory per GPU instead (model states with fp32 and "
+                                 "8-bit optimizer states, activations per micro-batch with "
+                                 "each train.recompute mode) for --world-size ranks (default: "
+                                 "parallel.tp)")})
     from dsq.config import ConfigError, check_paths, to_yaml
 
     cfg = _load(ns.args, world_size=ns.world_size)
@@ -174,6 +180,11 @@ def cmd_config(argv: List[str]) -> None:
             check_paths(cfg)
         except ConfigError as e:
             _fail(str(e))
+    if ns.memory:
+        from dsq.tools.memory import memory_table
+
+        print(memory_table(cfg, ns.world_size or cfg.parallel.tp), end="")
+        return
     print(to_yaml(cfg), end="")
 
 

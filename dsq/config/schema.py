@@ -254,7 +254,8 @@ class QuantConfig:
 class DataConfig:
     train: List[str] = field(default_factory=lambda: [str(DEFAULT_CORPUS / "train")])
     """Text files or folders (.txt, .txt.xz), .jsonl/.json or .parquet files, ``dsq:NAME`` (a
-    corpus shipped with dsq: dsq:shakespeare_full/train), or a Hub dataset name (docs/data.md)."""
+    corpus shipped with dsq: dsq:shakespeare_full/train), or a Hub dataset, OWNER/NAME or
+    OWNER/NAME:CONFIG (docs/data-sources.md)."""
     val: List[str] = field(default_factory=lambda: [str(DEFAULT_CORPUS / "val")])
     """Validation text, as ``train``; empty (``[]``) with ``val_fraction`` > 0."""
     val_fraction: float = 0.0

@@ -3,7 +3,8 @@
 A source is a text file (one document per file; ``.txt``, ``.text``, ``.md``, or the same
 compressed: ``.txt.xz``, ``.txt.gz``), a folder of files of one type, ``.jsonl``/``.json`` or
 ``.parquet`` files (one document per row, column ``data.text_field``), ``dsq:NAME`` (a corpus
-shipped in ``dsq/data/corpus/NAME``), or a Hugging Face Hub dataset name. JSON lines, Parquet
+shipped in ``dsq/data/corpus/NAME``), or a Hugging Face Hub dataset name, ``OWNER/NAME`` or
+``OWNER/NAME:CONFIG`` for one of its configurations (:func:`hub_dataset`). JSON lines, Parquet
 and Hub datasets are all read by ``datasets.load_dataset(..., streaming=True)``: the same
 streaming code, a few MB in memory whatever the corpus size, nothing cached on disk. Blank
 documents are skipped. (``dsq prepare`` has its workers read local ``.jsonl`` files instead,
@@ -44,6 +45,13 @@ def resolve(spec: str) -> str:
     return spec
 
 
+def hub_dataset(spec: str) -> Tuple[str, Optional[str]]:
+    """A Hub source ``OWNER/NAME[:CONFIG]`` -> (dataset, configuration or None): the ``path``
+    and ``name`` of ``datasets.load_dataset`` (``HuggingFaceFW/fineweb-edu:sample-10BT``)."""
+    dataset, _, config = spec.partition(":")
+    return dataset, config or None
+
+
 def _kind(p: Path) -> Optional[str]:
     name = p.name.lower()
     for ext in COMPRESSED:
@@ -73,7 +81,9 @@ def expand(spec: str) -> Tuple[str, List[Path]]:
         return kinds.pop(), files
     if path.is_file():
         return _kind(path) or "text", [path]
-    looks_local = spec.startswith((".", "/", "~", "dsq:")) or bool(path.suffix) or spec.count("/") > 1
+    name = Path(hub_dataset(spec)[0])  # a configuration may have dots (wikipedia:20231101.en)
+    looks_local = (spec.startswith((".", "/", "~", "dsq:")) or bool(name.suffix)
+                   or str(name).count("/") > 1)
     if looks_local:
         raise DataError(f"data path {spec!r} does not exist: give an existing file or folder "
                         f"(data.train / data.val)")
@@ -115,7 +125,9 @@ def open_stream(spec: str, kind: str, files: List[Path], split: str):
 
     datasets.disable_progress_bars()
     if kind == "hub":
-        return datasets.load_dataset(spec, split=split, streaming=True)
+        dataset, config = hub_dataset(spec)
+        named = {"name": config} if config else {}
+        return datasets.load_dataset(dataset, split=split, streaming=True, **named)
     return datasets.load_dataset(kind, data_files=[str(f) for f in files], split="train",
                                  streaming=True)
 

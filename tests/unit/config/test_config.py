@@ -279,3 +279,45 @@ def test_type_errors_name_key_type_and_example(override, message):
         load_config([], [override])
     assert message in str(e.value)
     assert "AnyNode" not in str(e.value) and "\n" not in str(e.value)
+
+
+def test_llama_1b_fineweb_for_32_ranks(capsys):
+    """`dsq config configs/llama-1b-fineweb.yaml --world-size 32` validates; the resolved
+    numbers and the memory table (`--memory`) are those README.md and docs/models.md print."""
+    from dsq.cli import main
+    from dsq.parallel.engine import deepspeed_config
+
+    path = str(ROOT / "configs/llama-1b-fineweb.yaml")
+    main(["config", path, "--world-size", "32"])
+    assert "preset: llama-1b" in capsys.readouterr().out
+    cfg = load_config([path], world_size=32)
+    m, t, o = cfg.model, cfg.train, cfg.optim
+    assert (m.num_layers, m.hidden_size, m.num_heads, m.num_query_groups, m.ffn_hidden_size,
+            m.seq_len, m.vocab_size, m.tie_embeddings) == (22, 2048, 32, 4, 5632, 2048, 32000,
+                                                           False)
+    assert (m.norm, m.mlp, m.positions, m.bias, m.dropout) == ("rmsnorm", "swiglu", "rope",
+                                                               False, 0.0)
+    assert t.global_batch * m.seq_len == 1_048_576 and t.steps == 10_000
+    assert t.steps * t.global_batch * m.seq_len == 10_485_760_000  # "10.5B tokens"
+    assert (o.name, o.lr, o.min_lr, o.warmup_steps, o.beta2, o.weight_decay, o.grad_clip) == (
+        "adamw", 3e-4, 3e-5, 500, 0.95, 0.1, 1.0)
+    assert (cfg.deepspeed.precision, cfg.deepspeed.zero_stage, t.recompute) == ("bf16", 2, "none")
+    assert cfg.data.train == ["HuggingFaceFW/fineweb-edu:sample-10BT"] and cfg.data.val == []
+    ds = deepspeed_config(cfg, dp_size=32)
+    assert (ds["train_micro_batch_size_per_gpu"], ds["gradient_accumulation_steps"]) == (8, 2)
+    for layout in (["train.micro_batch=4"], ["parallel.tp=2"], ["train.recompute=full",
+                                                                 "train.micro_batch=16"]):
+        load_config([path], layout, world_size=32)  # the alternatives docs/models.md gives
+    readme = (ROOT / "README.md").read_text()
+    models = (ROOT / "docs/models.md").read_text()
+    for text in ("512 x 2048 = 1,048,576 tokens per step", "10,000 steps (10.5B tokens)",
+                 "AdamW 3e-4", "micro batch 8 with 2 accumulation steps"):
+        assert text in readme, text
+    for recipe in ([], [str(ROOT / "configs/recipes/w8a8g8.yaml")]):
+        main(["config", path, *recipe, "--world-size", "32", "--memory"])
+        table = capsys.readouterr().out
+        assert table in models
+        if not recipe:
+            assert table in readme
+    lines = table.splitlines()
+    assert lines[0].startswith("llama-1b: 1,100,048,384 parameters; 32 ranks = tp 1 x dp 32")

@@ -139,3 +139,24 @@ def test_val_fraction_holds_out_a_seeded_random_split(tmp_path):
         runs.append((out.name, heads, (out / "train.bin").read_bytes()))
     assert runs[0] == runs[1]  # the same split and stream on every machine
     assert runs[0][1] != [f"Document {i}" for i in range(36, 40)]  # random, not the tail
+
+
+def test_hub_configuration_is_datasets_name(monkeypatch):
+    """``OWNER/NAME:CONFIG`` opens the configuration CONFIG of the Hub dataset OWNER/NAME (a
+    plain name opens its default); a dotted configuration is not taken for a file name."""
+    import datasets
+
+    from dsq.data import sources
+
+    opened = []
+    monkeypatch.setattr(datasets, "load_dataset", lambda *a, **k: opened.append((a, k)) or [])
+    for spec in ("HuggingFaceFW/fineweb-edu:sample-10BT", "Skylion007/openwebtext",
+                 "wikimedia/wikipedia:20231101.en"):
+        assert sources.expand(spec) == ("hub", [])
+        sources.open_stream(spec, "hub", [], "train")
+    assert opened == [
+        (("HuggingFaceFW/fineweb-edu",), dict(split="train", streaming=True, name="sample-10BT")),
+        (("Skylion007/openwebtext",), dict(split="train", streaming=True)),
+        (("wikimedia/wikipedia",), dict(split="train", streaming=True, name="20231101.en"))]
+    with pytest.raises(DataError, match="does not exist"):
+        sources.expand("some/local/file.txt:x")
