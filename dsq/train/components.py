@@ -5,7 +5,7 @@ on steps itself.
   the validation loss and the SQNR capture of quantized layers.
 * :class:`Checkpointer`: ``maybe_save(step, last)`` writes a checkpoint on ``train.ckpt_every``
   and at the end (or on a stop), never twice for one step and never of a bad state on the
-  cadence; ``load`` restores one.
+  cadence; ``load`` restores one under this run's hyperparameters.
 * :class:`StepLogger`: rank 0's record of a step: ``metrics.jsonl``, MLflow (every
   ``train.log_every`` steps and at every evaluation), the progress bar or plain lines, and the
   loss-spike guard.
@@ -21,6 +21,7 @@ from typing import Callable, Dict, List, Optional
 
 from dsq.run import checkpoint
 from dsq.train.progress import Progress, SpikeGuard
+from dsq.train.schedule import hold, reapply
 
 
 @dataclass(frozen=True)
@@ -71,7 +72,14 @@ class Checkpointer:
         return True
 
     def load(self, tag: str) -> Dict:
-        return checkpoint.load(self.engine, self.root, tag)
+        """Restore ``tag`` under this run's config: the model and optimizer state and the
+        schedule's position come from the checkpoint, the hyperparameters (learning-rate
+        schedule, betas, eps, weight decay, gradient clipping) from the config the optimizer
+        and scheduler were built with (:func:`dsq.train.schedule.reapply`)."""
+        held = hold(self.engine)
+        state = checkpoint.load(self.engine, self.root, tag)
+        reapply(self.engine, held)
+        return state
 
 
 class StepLogger:
