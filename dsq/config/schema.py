@@ -312,6 +312,9 @@ class TrainConfig:
     to MLflow; summary.json lists the steps under loss_spikes. 0 disables."""
     spike_window: int = 20
     """Steps whose median loss the spike guard compares with."""
+    max_skipped_steps: int = 10
+    """Stop the run (exit 1) after this many steps in a row with a non-finite loss or gradient
+    norm or an update DeepSpeed skipped, before any checkpoint of them (dsq/train/health.py)."""
     out_dir: str = "runs/tiny"
     seed: int = 1234
     progress: bool = True
@@ -337,7 +340,8 @@ class TrainConfig:
         check(self.spike_factor == 0 or self.spike_factor > 1,
               f"train.spike_factor={self.spike_factor} must be > 1 (or 0 to disable the spike "
               f"guard)")
-        check(self.spike_window >= 2, f"train.spike_window={self.spike_window} must be >= 2")
+        check(self.spike_window >= 2 and self.max_skipped_steps >= 1, "train.spike_window must "
+              "be >= 2 and train.max_skipped_steps >= 1")
         check(self.eval_samples >= 1, f"train.eval_samples={self.eval_samples} must be >= 1")
         check(self.keep_ckpts >= 1, f"train.keep_ckpts={self.keep_ckpts} must be >= 1")
 

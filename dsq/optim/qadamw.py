@@ -55,6 +55,7 @@ from dsq.optim.layout import (
 from dsq.optim.state import MomentState
 
 FORMAT_KEYS = ("m_bits", "v_bits", "block_size", "v_domain", "v_signed", "quantize")
+CONFIG_KEYS = ("initial_lr", "betas", "eps", "weight_decay")  # kept by load_state_dict
 
 
 class QAdamW(torch.optim.Optimizer):
@@ -239,7 +240,11 @@ class QAdamW(torch.optim.Optimizer):
 
     def load_state_dict(self, state_dict) -> None:
         """Like ``torch.optim.Optimizer.load_state_dict`` but keeps integer codes integer,
-        and refuses a checkpoint whose formats or partition layout differ from this run's."""
+        refuses a checkpoint whose formats or partition layout differ from this run's, and
+        keeps the hyperparameters this optimizer was built with (``CONFIG_KEYS``: betas, eps,
+        weight decay, the scheduler's ``initial_lr``), so a run resumed with new ones uses
+        them. The moments and step counts, and ``lr`` (the schedule's current value, which a
+        scheduler rebuilt over this optimizer recomputes), are the checkpoint's."""
         saved_groups = state_dict["param_groups"]
         if len(saved_groups) != len(self.param_groups):
             raise ValueError("checkpoint has a different number of parameter groups")
@@ -271,7 +276,7 @@ class QAdamW(torch.optim.Optimizer):
         self.state = state
         for g, sg in zip(self.param_groups, saved_groups):
             for k, v in sg.items():
-                if k != "params":
+                if k != "params" and not (k in CONFIG_KEYS and k in g):
                     g[k] = tuple(v) if k == "betas" else v
 
 

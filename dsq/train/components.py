@@ -4,7 +4,8 @@ on steps itself.
 * :class:`EvalSchedule`: which steps evaluate (``train.eval_every``, and the last), shared by
   the validation loss and the SQNR capture of quantized layers.
 * :class:`Checkpointer`: ``maybe_save(step, last)`` writes a checkpoint on ``train.ckpt_every``
-  and at the end (or on a stop), never twice for one step; ``load`` restores one.
+  and at the end (or on a stop), never twice for one step and never of a bad state on the
+  cadence; ``load`` restores one under this run's hyperparameters.
 * :class:`StepLogger`: rank 0's record of a step: ``metrics.jsonl``, MLflow (every
   ``train.log_every`` steps and at every evaluation), the progress bar or plain lines, and the
   loss-spike guard.
@@ -13,12 +14,14 @@ on steps itself.
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Dict, List, Optional
 
 from dsq.run import checkpoint
 from dsq.train.progress import Progress, SpikeGuard
+from dsq.train.schedule import hold, reapply
 
 
 @dataclass(frozen=True)
@@ -51,28 +54,43 @@ class Checkpointer:
     def exists(self, step: int) -> bool:
         return (self.root / checkpoint.tag_for(step) / checkpoint.MARKER).exists()
 
-    def maybe_save(self, step: int, last: bool = False) -> bool:
-        """Save on the cadence, or (``last``: the end of the run, a stop) unless this step is
-        saved already. Returns whether a checkpoint was written."""
-        due = (not self.exists(step)) if last else bool(
+    def due(self, step: int, last: bool = False) -> bool:
+        """On the cadence, or (``last``: the end of the run, a stop) unless saved already."""
+        return (not self.exists(step)) if last else bool(
             self.every and step % self.every == 0 and step < self.last)
-        if due:
-            checkpoint.save(self.engine, self.root, step, self._state(step), self.keep,
-                            extra_files=self._files())
-        return due
+
+    def maybe_save(self, step: int, last: bool = False, loss: Optional[float] = None,
+                   finite: bool = True) -> bool:
+        """Save when :meth:`due`. ``finite``: whether the state is a good one (not inside a run
+        of bad steps, :mod:`dsq.train.health`): the cadence skips bad states, a ``last`` save
+        writes it marked not finite, and pruning keeps the newest finite one. Returns whether
+        a checkpoint was written."""
+        if not self.due(step, last) or not (finite or last):
+            return False
+        checkpoint.save(self.engine, self.root, step, self._state(step), self.keep,
+                        extra_files=self._files(), loss=loss, finite=finite)
+        return True
 
     def load(self, tag: str) -> Dict:
-        return checkpoint.load(self.engine, self.root, tag)
+        """Restore ``tag`` under this run's config: the model and optimizer state and the
+        schedule's position come from the checkpoint, the hyperparameters (learning-rate
+        schedule, betas, eps, weight decay, gradient clipping) from the config the optimizer
+        and scheduler were built with (:func:`dsq.train.schedule.reapply`)."""
+        held = hold(self.engine)
+        state = checkpoint.load(self.engine, self.root, tag)
+        reapply(self.engine, held)
+        return state
 
 
 class StepLogger:
     """Rank 0's per-step record; on other ranks every method is a no-op."""
 
-    def __init__(self, out_dir: Path, tracker, cfg, start_step: int, enabled: bool):
+    def __init__(self, out_dir: Path, tracker, cfg, start_step: int, enabled: bool,
+                 vocab_size: int):
         self.out_dir, self.tracker, self.enabled = out_dir, tracker, enabled
         self.log_every = cfg.log_every
         self.spike_factor = cfg.spike_factor
-        self.guard = SpikeGuard(cfg.spike_factor, cfg.spike_window)
+        self.guard = SpikeGuard(cfg.spike_factor, cfg.spike_window, bound=math.log(vocab_size))
         self.bar: Optional[Progress] = (Progress(cfg.steps, start_step, cfg.log_every,
                                                  enabled=cfg.progress) if enabled else None)
 
@@ -87,18 +105,24 @@ class StepLogger:
         if ratio is None:
             return
         metrics["train/loss_spike"] = ratio
-        if self.bar is not None:
-            self.bar.write(f"dsq: warning: loss spike at step {step}: {loss:.4f} is "
-                           f"{ratio:.2f}x the median of the steps before "
-                           f"(train.spike_factor={self.spike_factor:g})")
+        ref = ("the median of the steps before" if self.guard.by_median else
+               "ln(vocabulary size), an untrained model's loss")
+        self.warn(f"loss spike at step {step}: {loss:.4f} is {ratio:.2f}x {ref} "
+                  f"(train.spike_factor={self.spike_factor:g})")
 
-    def log(self, step: int, metrics: Dict[str, float]) -> None:
-        """Append to ``metrics.jsonl``; MLflow every ``log_every`` steps and at evaluations."""
+    def warn(self, msg: str) -> None:
+        """A ``dsq: warning:`` line that does not break the progress bar."""
+        if self.bar is not None:
+            self.bar.write(f"dsq: warning: {msg}")
+
+    def log(self, step: int, metrics: Dict[str, float], force: bool = False) -> None:
+        """Append to ``metrics.jsonl``; MLflow every ``log_every`` steps, at evaluations and
+        when ``force`` (a bad step)."""
         if not self.enabled:
             return
         with open(self.out_dir / "metrics.jsonl", "a") as fh:
             fh.write(json.dumps({"step": step, **metrics}) + "\n")
-        if step % self.log_every == 0 or "val/loss" in metrics:
+        if force or step % self.log_every == 0 or "val/loss" in metrics:
             self.tracker.log_metrics(metrics, step)
 
     def progress(self, step: int, post: Dict[str, str]) -> None:

@@ -7,35 +7,48 @@ redrawn thousands of times with carriage returns.
 
 :class:`SpikeGuard` compares each step's training loss with the median of the previous
 ``window`` steps; a loss above ``factor`` x that median is a spike: it is reported once (a
-``dsq: warning`` line) and returned as a ratio for the ``train/loss_spike`` metric. Large runs
-watch for this: a spike is often the first sign of a bad batch or an optimizer instability.
+``dsq: warning`` line) and returned as a ratio for the ``train/loss_spike`` metric. Until
+``min_history`` steps are in the window it compares with an absolute bound instead, ``factor``
+x ln(vocabulary size), the loss of a uniform guess that an untrained model starts near, so a
+run that blows up in its first steps is flagged there (and such losses never become the
+median later steps are compared with). Large runs watch for this: a spike is often the first
+sign of a bad batch or an optimizer instability. Non-finite losses are the divergence
+policy's (:mod:`dsq.train.health`), not spikes.
 """
 
 from __future__ import annotations
 
 import collections
+import math
 import statistics
 import sys
 from typing import Deque, Dict, Optional, TextIO
 
 
 class SpikeGuard:
-    """``check(step, loss)`` -> loss / recent median when it exceeds ``factor``, else None.
-    ``factor`` 0 disables; the first ``min_history`` steps are never flagged."""
+    """``check(step, loss)`` -> loss / reference when it exceeds ``factor``, else None: the
+    reference is the median of the window once it holds ``min_history`` losses, before that
+    ``bound`` (ln of the vocabulary size; None: no bound, those steps are never flagged).
+    ``factor`` 0 disables."""
 
-    def __init__(self, factor: float, window: int = 20, min_history: int = 5):
-        self.factor, self.min_history = factor, min_history
+    def __init__(self, factor: float, window: int = 20, min_history: int = 5,
+                 bound: Optional[float] = None):
+        self.factor, self.min_history, self.bound = factor, min(min_history, window), bound
         self.recent: Deque[float] = collections.deque(maxlen=window)
         self.spikes: list = []
+        self.by_median = False  # whether the last check compared with the median
 
     def check(self, step: int, loss: float) -> Optional[float]:
+        if not math.isfinite(loss):
+            return None
+        filled = self.by_median = len(self.recent) >= self.min_history
+        ref = statistics.median(self.recent) if filled else self.bound
         ratio = None
-        if self.factor > 0 and len(self.recent) >= self.min_history:
-            median = statistics.median(self.recent)
-            if median > 0 and loss > self.factor * median:
-                ratio = loss / median
-                self.spikes.append(step)
-        self.recent.append(loss)
+        if self.factor > 0 and ref is not None and ref > 0 and loss > self.factor * ref:
+            ratio = loss / ref
+            self.spikes.append(step)
+        if filled or ratio is None:
+            self.recent.append(loss)
         return ratio
 
 

@@ -6,13 +6,14 @@ method is a no-op."""
 from __future__ import annotations
 
 import json
+import math
 import os
 import time
 from pathlib import Path
 from typing import Dict, List, Optional
 
 from dsq.config import Config, flatten, to_dict
-from dsq.run.info import run_provenance
+from dsq.run.info import peak_gpu_bytes, peak_rss_bytes, run_provenance
 from dsq.tracking import (
     RUN_ARTIFACTS,
     Tracker,
@@ -21,6 +22,32 @@ from dsq.tracking import (
     read_metrics_log,
     ui_command,
 )
+
+
+def resource_metrics(optimizer, device) -> Dict[str, float]:
+    """Peak memory (host, and GPU on CUDA) and optimizer state bytes, max over ranks
+    (collective: all ranks call)."""
+    from dsq.optim import optimizer_state_bytes
+    from dsq.parallel import all_reduce_host
+
+    rss, gpu, state = all_reduce_host(
+        [peak_rss_bytes(), peak_gpu_bytes(device), optimizer_state_bytes(optimizer)], "max")
+    out = {"mem/peak_rss_bytes": rss, "optim/state_bytes": state}
+    if device.type == "cuda":
+        out["mem/peak_gpu_bytes"] = gpu
+    return out
+
+
+def json_safe(obj):
+    """``obj`` with every non-finite float as None: what ``json.dumps(allow_nan=False)`` takes
+    (NaN and Infinity are not JSON; readers other than Python's refuse them)."""
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    if isinstance(obj, dict):
+        return {k: json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [json_safe(v) for v in obj]
+    return obj
 
 
 class RunRecord:
@@ -80,17 +107,29 @@ class RunRecord:
 
     def finish(self, summary: Dict, rss: List[int], gpu: List[int], state_bytes: List[int],
                params: int, device_type: str) -> None:
-        """Write ``summary.json`` and the loss plot; send the summary metrics and artifacts."""
+        """Write ``summary.json`` (valid JSON: a value that is not finite is null) and the loss
+        plot; send the summary metrics and artifacts. A run that took no step here (resumed
+        at its last step) reports the training loss ``metrics.jsonl`` holds for that step."""
         if not self.enabled:
             return
-        (self.out_dir / "summary.json").write_text(json.dumps(summary, indent=2))
-        self.tracker.log_metrics({
+        if not math.isfinite(summary["train_loss"]):
+            rows = [r for r in read_metrics_log(self.out_dir, up_to_step=summary["final_step"])
+                    if "train/loss" in r]
+            if rows and rows[-1]["step"] == summary["final_step"]:
+                summary["train_loss"] = rows[-1]["train/loss"]
+        summary.update(json_safe(summary))
+        (self.out_dir / "summary.json").write_text(json.dumps(summary, indent=2, allow_nan=False))
+        metrics = {
             "summary/tokens_per_s": summary["tokens_per_s"], "summary/peak_rss_bytes": max(rss),
             **({"summary/peak_gpu_bytes": max(gpu)} if device_type == "cuda" else {}),
             "summary/optimizer_state_bytes": max(state_bytes),
             "summary/optimizer_state_bytes_per_param": sum(state_bytes) / params,
             "summary/train_loss": summary["train_loss"], "summary/val_loss": summary["val_loss"],
-            "summary/val_ppl": summary["val_ppl"]}, summary["final_step"])
+            "summary/val_ppl": summary["val_ppl"],
+            "summary/nonfinite_steps": summary["nonfinite_steps"],
+            "summary/skipped_steps": summary["skipped_steps"]}
+        self.tracker.log_metrics({k: v for k, v in metrics.items() if v is not None},
+                                 summary["final_step"])
         plot_loss_curve(self.out_dir)
         for name in RUN_ARTIFACTS:
             if name in ("summary.json", "loss_curve.png") and (self.out_dir / name).is_file():
@@ -100,9 +139,10 @@ class RunRecord:
         """The last lines of a run: its numbers, where they are, and how to see them."""
         if not self.enabled:
             return
-        print(f"\ndone: step {summary['final_step']}  train loss {summary['train_loss']:.4f}  "
-              f"val loss {summary['val_loss']:.4f}  val ppl {summary['val_ppl']:.2f}  "
-              f"{summary['tokens_per_s']:,.0f} tokens/s")
+        num = lambda key, fmt: "n/a" if summary[key] is None else format(summary[key], fmt)
+        print(f"\ndone: step {summary['final_step']}  train loss {num('train_loss', '.4f')}  "
+              f"val loss {num('val_loss', '.4f')}  val ppl {num('val_ppl', '.2f')}  "
+              f"{num('tokens_per_s', ',.0f')} tokens/s")
         print(f"results: {self.out_dir / 'summary.json'}")
         if self.cfg.tracking.enabled:
             uri = normalize_uri(self.cfg.tracking.uri)

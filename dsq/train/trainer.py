@@ -8,7 +8,6 @@ MLflow run are always released."""
 from __future__ import annotations
 
 import json
-import math
 import time
 from pathlib import Path
 from typing import Dict, List, Optional
@@ -22,7 +21,6 @@ from dsq.data.prepare import DataError, load_manifest, prepare
 from dsq.models.quant_layers import collect_sqnr, set_sqnr_capture
 from dsq.parallel import (
     DistEnv,
-    all_reduce_host,
     all_reduce_mean,
     barrier,
     bcast_error,
@@ -39,15 +37,16 @@ from dsq.run.rundir import RunDirError, RunLock, claim
 from dsq.tracking import Tracker
 from dsq.train.components import Checkpointer, EvalSchedule, StepLogger
 from dsq.train.evaluation import token_loss
-from dsq.train.record import RunRecord
+from dsq.train.health import StepHealth, hints
+from dsq.train.record import RunRecord, resource_metrics
 from dsq.train.schedule import lr_lambda
 from dsq.train.stop import Preempted, StopRequest
 
 
-def _tokens_per_s(tokens_per_step: int, times: List[float]) -> float:
+def _tokens_per_s(tokens_per_step: int, times: List[float]) -> Optional[float]:
     """Mean throughput, leaving out the first step (allocation and warm-up) when there are more."""
     timed = times[1:] if len(times) > 1 else times
-    return tokens_per_step * len(timed) / sum(timed) if timed else 0.0
+    return tokens_per_step * len(timed) / sum(timed) if timed else None
 
 
 class Trainer:
@@ -88,6 +87,8 @@ class Trainer:
         self.ckpt_dir = self.out_dir / "checkpoints"
         self.log = print if env.is_main else (lambda *a, **k: None)
         self.sqnr, self.loss_spikes = {}, []
+        self.health = StepHealth(cfg.train.max_skipped_steps, hints(cfg))
+        self.applied = True  # whether DeepSpeed applied the last step's update
         # stop signals first: one during a native build or data preparation ends in a clean stop
         self.stop = StopRequest()
         try:
@@ -194,6 +195,7 @@ class Trainer:
         if self.resume_tag is not None:
             state = self.checkpointer.load(self.resume_tag)
             self.step = int(state["step"])
+            self.health.load(state.get("health"), self.step)
             self.log(f"resumed from {self.ckpt_dir / self.resume_tag} at step {self.step}")
 
     def _setup_tracking(self) -> None:
@@ -204,7 +206,7 @@ class Trainer:
         self.record.start(self.step, self.kernels, self.tp_size, self.dp_size)
         self.tracker = self.record.tracker
         self.logger = StepLogger(self.out_dir, self.tracker, cfg.train, self.step,
-                                 enabled=self.env.is_main)
+                                 enabled=self.env.is_main, vocab_size=cfg.model.vocab_size)
         self.log(f"model: {cfg.model.preset} ({cfg.model.arch}) {self.params / 1e6:.2f}M "
                  f"parameters, "
                  f"tp={self.tp_size} dp={self.dp_size} zero={cfg.deepspeed.zero_stage} "
@@ -221,7 +223,7 @@ class Trainer:
         from it has sent every metric up to it."""
         if self.env.is_main:
             self.tracker.flush()
-        return {"step": step, "config": to_dict(self.cfg)}
+        return {"step": step, "config": to_dict(self.cfg), "health": self.health.state()}
 
     # ------------------------------------------------------------------ steps
     def _batch(self, indices, data: TokenBlocks):
@@ -241,6 +243,7 @@ class Trainer:
             self.engine.backward(loss)
             self.engine.step()
             total += loss.detach()
+        self.applied = self.engine.was_step_applied()  # False: DeepSpeed skipped it (overflow)
         self.step += 1
         return all_reduce_mean(total.item() / len(micro))  # one device sync per step
 
@@ -263,9 +266,10 @@ class Trainer:
     def lr(self) -> float:
         return float(self.engine.get_lr()[0])
 
-    def grad_norm(self) -> float:
+    def grad_norm(self) -> Optional[float]:
+        """The global gradient norm of the last step (None: not computed, as under ZeRO-0)."""
         g = self.engine.get_global_grad_norm()
-        return float(g) if g is not None else float("nan")
+        return float(g) if g is not None else None
 
     @property
     def optimizer(self):
@@ -296,48 +300,45 @@ class Trainer:
             if capture:
                 sqnr = self.sqnr = collect_sqnr(self.model)  # collective over the TP group
                 set_sqnr_capture(self.model, False)
-            metrics = {"train/loss": loss, "train/lr": self.lr(), "train/grad_norm": self.grad_norm(),
+            gnorm = self.grad_norm()
+            bad = self.health.check(self.step, loss, gnorm, self.applied)
+            metrics = {"train/loss": loss, "train/lr": self.lr(),
+                       "train/grad_norm": float("nan") if gnorm is None else gnorm,
                        "train/tokens_per_s": tokens_per_step / times[-1],
-                       **{f"sqnr_db/{k}": v for k, v in sqnr.items()}}
+                       **self.health.metrics(), **{f"sqnr_db/{k}": v for k, v in sqnr.items()}}
             self.logger.spike(self.step, loss, metrics)
-            if not math.isfinite(loss):
-                raise FloatingPointError(f"training loss is {loss} at step {self.step}: lower "
-                                         f"optim.lr or check the data")
+            if bad:
+                self.logger.warn(bad)
             if self.evals.mid_run(self.step):
                 val = self.evaluate()
                 metrics.update({"val/loss": val["loss"], "val/ppl": val["ppl"],
                                 **self._resource_metrics()})
-            self.logger.log(self.step, metrics)
+            self.logger.log(self.step, metrics, force=bad is not None)
             post = {"loss": f"{loss:.4f}", "tok/s": f"{_tokens_per_s(tokens_per_step, times):,.0f}"}
             if val is not None:
                 post["val"] = f"{val['loss']:.4f}"
             self.logger.progress(self.step, post)
-            self.checkpointer.maybe_save(self.step)
+            if self.health.diverged:  # before any checkpoint of it
+                self.logger.close()
+                self.health.raise_diverged(self.step)
+            self.checkpointer.maybe_save(self.step, loss=loss, finite=self.health.healthy)
             signum = self.stop.agreed()
             if signum and self.step < cfg.steps:
                 self.logger.close()
-                self.checkpointer.maybe_save(self.step, last=True)
+                self.checkpointer.maybe_save(self.step, last=True, loss=loss,
+                                             finite=self.health.healthy)
                 raise Preempted(self.step, signum)
         self.logger.close()
         val = self.evaluate()
         self.logger.log(self.step, {"val/loss": val["loss"], "val/ppl": val["ppl"],
                                     **self._resource_metrics()})
-        self.checkpointer.maybe_save(self.step, last=True)
+        self.checkpointer.maybe_save(self.step, last=True, loss=loss, finite=self.health.healthy)
         self.loss_spikes = self.logger.spikes
         return self._summary(loss, val, _tokens_per_s(tokens_per_step, times))
 
     def _resource_metrics(self) -> Dict[str, float]:
-        """Peak memory (host, and GPU on CUDA) and optimizer state bytes, max over ranks
-        (collective: all ranks call)."""
-        from dsq.optim import optimizer_state_bytes
-
-        rss, gpu, state = all_reduce_host(
-            [peak_rss_bytes(), peak_gpu_bytes(self.device), optimizer_state_bytes(self.optimizer)],
-            "max")
-        out = {"mem/peak_rss_bytes": rss, "optim/state_bytes": state}
-        if self.device.type == "cuda":
-            out["mem/peak_gpu_bytes"] = gpu
-        return out
+        """Peak memory and optimizer state bytes, max over ranks (all ranks call)."""
+        return resource_metrics(self.optimizer, self.device)
 
     def _summary(self, loss: float, val: Dict, tokens_per_s: float) -> Dict:
         from dsq.optim import optimizer_state_bytes
@@ -369,6 +370,8 @@ class Trainer:
             "quantized_layers": len(self.quantized),
             "quant_sqnr_db": self.sqnr,
             "loss_spikes": self.loss_spikes,
+            "nonfinite_steps": self.health.nonfinite,  # the divergence policy's counts
+            "skipped_steps": self.health.skipped,
         }
         self.record.finish(summary, rss, gpu, state_bytes, self.params, self.device.type)
         return summary
