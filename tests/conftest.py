@@ -19,6 +19,27 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(getattr(pytest.mark, kind))
 
 
+@pytest.fixture(scope="module")
+def dist_one():
+    """A one-process gloo group and megatron's parallel state (TP=1), torn down after the
+    module."""
+    import warnings
+
+    import torch.distributed as dist
+
+    from tests.dist_utils import free_port
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        from megatron.core import parallel_state
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0,
+                            world_size=1)
+    parallel_state.initialize_model_parallel(tensor_model_parallel_size=1)
+    yield
+    parallel_state.destroy_model_parallel()
+    dist.destroy_process_group()
+
+
 @pytest.fixture(scope="session")
 def data_cache(tmp_path_factory) -> Path:
     """One prepared-data cache for the whole session (tokenizer training happens once)."""

@@ -8,7 +8,6 @@ for the study's signed-v m8v8, which already bumps up at step 4)."""
 from __future__ import annotations
 
 import math
-import warnings
 
 import pytest
 import torch
@@ -17,24 +16,6 @@ from tests.conftest import ROOT
 
 RECIPES = sorted((ROOT / "configs/recipes").rglob("*.yaml"))
 STEPS = 6
-
-
-@pytest.fixture(scope="module")
-def dist_one():
-    """A one-process gloo group and megatron's parallel state (TP=1), torn down after."""
-    import torch.distributed as dist
-
-    from tests.dist_utils import free_port
-
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        from megatron.core import parallel_state
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0,
-                            world_size=1)
-    parallel_state.initialize_model_parallel(tensor_model_parallel_size=1)
-    yield
-    parallel_state.destroy_model_parallel()
-    dist.destroy_process_group()
 
 
 def test_every_recipe_is_here():

@@ -7,30 +7,11 @@ quantized weights; the config carries the rotary base, key/value heads and RMSNo
 from __future__ import annotations
 
 import os
-import warnings
 
 import pytest
 import torch
 
 os.environ["HF_HUB_OFFLINE"] = "1"  # nothing may come from the Hub
-
-
-@pytest.fixture(scope="module")
-def dist_one():
-    """A one-process gloo group and megatron's parallel state (TP=1), torn down after."""
-    import torch.distributed as dist
-
-    from tests.dist_utils import free_port
-
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        from megatron.core import parallel_state
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0,
-                            world_size=1)
-    parallel_state.initialize_model_parallel(tensor_model_parallel_size=1)
-    yield
-    parallel_state.destroy_model_parallel()
-    dist.destroy_process_group()
 
 
 def _model(*overrides, quant=None):

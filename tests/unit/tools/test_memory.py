@@ -5,7 +5,6 @@ this CPU, whose composite RMSNorm keeps one tensor more than a GPU's fused kerne
 
 from __future__ import annotations
 
-import warnings
 
 import pytest
 import torch
@@ -78,24 +77,6 @@ def test_quantized_linears_keep_codes_by_hand():
     assert q["attention"] == 2 * T * (128 * c + 16)
     head = 2048 * 128 + 4 * 2048
     assert q["outside"] == base["outside"] - T * (128 * c - 128 - 4) + head
-
-
-@pytest.fixture(scope="module")
-def dist_one():
-    """A one-process gloo group and megatron's parallel state (TP=1), torn down after."""
-    import torch.distributed as dist
-
-    from tests.dist_utils import free_port
-
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        from megatron.core import parallel_state
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0,
-                            world_size=1)
-    parallel_state.initialize_model_parallel(tensor_model_parallel_size=1)
-    yield
-    parallel_state.destroy_model_parallel()
-    dist.destroy_process_group()
 
 
 def _model(cfg):
