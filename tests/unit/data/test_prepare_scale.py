@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from dsq.config import load_config
-from dsq.data import encode, fingerprint, prepare as P, shards, sources, tokenizer
+from dsq.data import fingerprint, prepare as P, shards, sources, tokenizer
 
 ROOT = Path(__file__).resolve().parents[3]
 PLAY = (ROOT / "dsq/data/corpus/shakespeare/val/tempest_gut.txt").read_text()
