@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import importlib
+import logging
 import platform
 import sys
-from typing import Dict, List, Tuple
+import warnings
+from typing import Dict, Iterator, List, Tuple
 
 BENCHES = {
     "optim": "dsq.bench.optim",
@@ -13,6 +16,19 @@ BENCHES = {
     "train": "dsq.bench.train",
     "prepare": "dsq.bench.prepare",
 }
+
+
+@contextlib.contextmanager
+def quiet_import() -> Iterator[None]:
+    """Import an optional library to compare against (torchao, bitsandbytes) without the
+    warnings and log lines it prints about kernels it cannot load on this machine."""
+    logging.disable(logging.WARNING)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        logging.disable(logging.NOTSET)
 
 
 VECTOR_FLAGS = ("avx2", "fma", "avx512f", "avx512bw", "avx512vl", "avx_vnni", "avx512_vnni",

@@ -36,11 +36,12 @@ import json
 import statistics
 import sys
 import time
-import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
+
+from dsq.bench import quiet_import
 
 DEFAULT_SHAPES = "768x3072,3072x768,1024x4096"
 RECIPE = {"weight": "int8:channel", "activation": "int8:token", "grad": "int8:token",
@@ -75,8 +76,7 @@ def _linear(n_in, n_out, dtype, w, b):
 
 def _torchao(n_in, n_out, w, b, compile_: bool) -> Row | None:
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
+        with quiet_import():
             from torchao.prototype.quantized_training import Int8MixedPrecisionTrainingConfig
             from torchao.quantization import quantize_
     except Exception:  # noqa: BLE001  (not installed, or an incompatible build)

@@ -95,7 +95,11 @@ def _lazy(module: str, cls: str) -> Callable:
     def make(ps):
         import importlib
 
-        return getattr(importlib.import_module(module), cls)(ps, **HP)
+        from dsq.bench import quiet_import
+
+        with quiet_import():
+            mod = importlib.import_module(module)
+        return getattr(mod, cls)(ps, **HP)
     return make
 
 
