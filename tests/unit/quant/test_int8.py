@@ -14,11 +14,13 @@ import warnings
 import pytest
 import torch
 
-from dsq.quant import LinearQuant, QuantFormat, fake_quantize, quantized_linear, sqnr_db
+from dsq.quant import (LinearQuant, QuantFormat, cpu_kernels, fake_quantize, quantized_linear,
+                       sqnr_db)
 from dsq.quant.fused import quantize_cols, quantize_rows, quantize_rows_cols, set_kernel
 from dsq.quant.gemm import int_mm, rescale
 from dsq.quant.plan import Gemm, GemmKind, describe_plan
 from tests.dist_utils import spawn
+from tests.native_utils import native_or_fail
 
 IN, OUT = 32, 48  # in < out: dW transposes X; the (64, 24) case transposes G
 INT8_FORMATS = [
@@ -89,6 +91,8 @@ def int_mm_calls():
 
 @pytest.fixture(params=["eager", "cpp"])
 def kernel(request):
+    if request.param == "cpp":  # not the eager fallback in disguise: a failed build fails
+        native_or_fail(cpu_kernels.LIBRARY)
     set_kernel(request.param)
     yield request.param
     set_kernel(None)
@@ -265,6 +269,8 @@ def test_output_is_not_a_view(kernel_name, fmts):
     # megatron's vocab-parallel cross entropy edits the LM head's logits in place
     qc = LinearQuant(*fmts, compute="int8")
     x, w, b, gy = operands()
+    if kernel_name == "cpp":
+        native_or_fail(cpu_kernels.LIBRARY)
     set_kernel(kernel_name)
     try:
         y = quantized_linear(x.requires_grad_(), w.requires_grad_(), qc, bias=b)
@@ -391,9 +397,7 @@ def _assert_same_outputs(got, want):
 
 
 def test_cpp_kernels_equal_eager():
-    from dsq.quant import cpu_kernels
-
-    assert cpu_kernels.library() is not None, "no C compiler: the cpp kernels are unavailable"
+    native_or_fail(cpu_kernels.LIBRARY)
     _assert_same_outputs(_kernel_outputs("cpp"), _kernel_outputs("eager"))
 
 
