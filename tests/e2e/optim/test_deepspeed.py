@@ -69,7 +69,10 @@ def _quantized_moment(runs) -> int:
 
 
 def _close(a: dict, b: dict, rtol: float, steps=None):
-    steps = steps or sorted(a)
+    """``a`` holds the losses of exactly ``steps`` (default: every step of ``b``), each close to
+    ``b``'s: a run that logged nothing, or fewer steps, fails."""
+    steps = list(steps if steps is not None else range(ds_runs.STEPS))
+    assert steps and sorted(a) == steps and set(steps) <= set(b), (sorted(a), steps, sorted(b))
     for s in steps:
         assert a[s] == pytest.approx(b[s], rel=rtol), (s, a[s], b[s])
 
