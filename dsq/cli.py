@@ -17,6 +17,8 @@ import sys
 import warnings
 from typing import List, Optional, Tuple
 
+from dsq.log import ArgParser
+
 USAGE = """dsq <command> ... [--verbose]     (dsq <command> --help, dsq --version)
 
 commands:
@@ -66,7 +68,7 @@ CONFIG_HELP = ("CONFIG... are YAML files (configs/), applied in order; key.sub=v
 
 
 def _config_parser(cmd: str, description: str) -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog=f"dsq {cmd}", description=description, epilog=CONFIG_HELP,
+    p = ArgParser(prog=f"dsq {cmd}", description=description, epilog=CONFIG_HELP,
                                 usage=f"dsq {cmd} CONFIG... [key.sub=value ...] [options]")
     p.add_argument("args", nargs="*", metavar="CONFIG|key=value", help=argparse.SUPPRESS)
     p.add_argument("--verbose", action="store_true",
@@ -78,7 +80,7 @@ def _parse_config_args(cmd: str, description: str, argv: List[str], **extra):
     p = _config_parser(cmd, description)
     for flag, kw in extra.items():
         p.add_argument(flag, **kw)
-    ns = p.parse_args(argv)
+    ns = p.parse_intermixed_args(argv)  # options may come between the configs and overrides
     if not ns.args:
         p.print_usage(sys.stderr)
         print(f"dsq {cmd}: error: give at least one config file, e.g. dsq {cmd} "
@@ -193,7 +195,7 @@ def cmd_config(argv: List[str]) -> None:
 
 
 def cmd_eval(argv: List[str]) -> None:
-    p = argparse.ArgumentParser(prog="dsq eval", description="Loss and perplexity of a checkpoint")
+    p = ArgParser(prog="dsq eval", description="Loss and perplexity of a checkpoint")
     p.add_argument("checkpoint", help="run directory, its checkpoints/ folder, or one checkpoint")
     p.add_argument("--data", nargs="+", required=True, help="text files or folders")
     p.add_argument("--json", default=None, help="write {loss, ppl, tokens} here")
@@ -217,7 +219,7 @@ def cmd_eval(argv: List[str]) -> None:
 
 
 def cmd_export(argv: List[str]) -> None:
-    p = argparse.ArgumentParser(prog="dsq export", description="Write a checkpoint as a Hugging "
+    p = ArgParser(prog="dsq export", description="Write a checkpoint as a Hugging "
                                 "Face transformers model directory (GPT2LMHeadModel, or "
                                 "LlamaForCausalLM for model.positions=rope)")
     p.add_argument("checkpoint", help="run directory, its checkpoints/ folder, or one checkpoint")
@@ -239,7 +241,7 @@ def cmd_export(argv: List[str]) -> None:
 
 
 def cmd_generate(argv: List[str]) -> None:
-    p = argparse.ArgumentParser(prog="dsq generate", description="Continue a prompt with a "
+    p = ArgParser(prog="dsq generate", description="Continue a prompt with a "
                                 "checkpoint (the run's quantization applied, as in dsq eval)")
     p.add_argument("checkpoint", help="run directory, its checkpoints/ folder, or one checkpoint")
     p.add_argument("--prompt", required=True)
@@ -261,7 +263,7 @@ def cmd_generate(argv: List[str]) -> None:
 
 
 def cmd_mlflow(argv: List[str]) -> None:
-    p = argparse.ArgumentParser(prog="dsq mlflow")
+    p = ArgParser(prog="dsq mlflow")
     sub = p.add_subparsers(dest="what", required=True)
     s = sub.add_parser("sync", help="upload a run directory's metrics and artifacts to MLflow")
     s.add_argument("run_dir", nargs="+")
@@ -280,7 +282,7 @@ def cmd_mlflow(argv: List[str]) -> None:
 
 
 def cmd_report(argv: List[str]) -> None:
-    p = argparse.ArgumentParser(prog="dsq report",
+    p = ArgParser(prog="dsq report",
                                 description="Comparison table and validation curves of an experiment")
     p.add_argument("--experiment", required=True)
     p.add_argument("--tracking-uri", default="sqlite:///runs/mlflow.db")
@@ -289,6 +291,9 @@ def cmd_report(argv: List[str]) -> None:
     from dsq.tracking.report import ReportError, report
 
     out = ns.out or f"runs/report-{ns.experiment}"
+    db = ns.tracking_uri.partition("sqlite:///")[2]
+    if ns.tracking_uri.startswith("sqlite:///") and not os.path.isfile(db):  # MLflow would make it
+        _fail(f"no MLflow store at {db}: check --tracking-uri (the run's tracking.uri)")
     try:
         md, png, run_id = report(ns.experiment, ns.tracking_uri, out)
     except ReportError as e:
@@ -305,9 +310,15 @@ def cmd_ckpt(argv: List[str]) -> None:
         sys.exit(0)
     if not argv or argv[0] != "reshard":
         _fail("usage: dsq ckpt reshard CKPT_DIR --dp N [--tag TAG] [--out DIR]")
+    from dsq.runtime import quiet_libraries
+
+    quiet_libraries()
     from dsq.run.reshard import main as reshard_main
 
-    reshard_main(argv[1:])
+    try:
+        reshard_main(argv[1:])
+    except (FileNotFoundError, ValueError) as e:  # a bad path, a ZeRO-0 or incomplete checkpoint
+        _fail(str(e))
 
 
 COMMANDS = {"ckpt": cmd_ckpt, "train": cmd_train, "prepare": cmd_prepare, "eval": cmd_eval, "config": cmd_config,
@@ -335,7 +346,8 @@ def main(argv: Optional[List[str]] = None) -> None:
         argv.remove("--verbose")
         os.environ["DSQ_LOG_LEVEL"] = "INFO"
     if cmd not in COMMANDS and cmd != "bench":
-        _fail(f"unknown command {cmd!r}\n{USAGE}")
+        _fail(f"unknown command {cmd!r}: give one of {', '.join([*COMMANDS, 'bench'])} "
+              f"(dsq --help)")
     try:
         if cmd in ("train", "eval", "bench", "generate", "export"):
             from dsq.runtime import tune_allocator

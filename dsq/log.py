@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import sys
 from typing import Set
 
@@ -18,3 +19,14 @@ def warn_once(msg: str) -> None:
     if msg not in _seen:
         _seen.add(msg)
         warn(msg)
+
+
+class ArgParser(argparse.ArgumentParser):
+    """``argparse`` with dsq's form of a usage error: one ``dsq: error:`` line naming the
+    command and where its options are listed, exit 2 (argparse prints its usage and a
+    ``PROG: error:`` line)."""
+
+    def error(self, message: str):
+        print(f"dsq: error: {self.prog}: {message} (the options: {self.prog} --help)",
+              file=sys.stderr, flush=True)
+        sys.exit(2)

@@ -94,7 +94,8 @@ def main(argv: List[str]) -> None:
               f"dsq bench NAME --help shows the options of each.")
         sys.exit(0)
     if not argv or argv[0] not in BENCHES:
-        print(f"usage: dsq bench {{{'|'.join(BENCHES)}}} [options]   (--help for each)",
+        what = f"unknown benchmark {argv[0]!r}" if argv else "no benchmark named"
+        print(f"dsq: error: {what}: give one of {', '.join(BENCHES)} (dsq bench --help)",
               file=sys.stderr)
         sys.exit(2)
     importlib.import_module(BENCHES[argv[0]]).main(argv[1:])

@@ -31,7 +31,6 @@ dsq int8 is slower than the baseline, a line after the table says why.
 
 from __future__ import annotations
 
-import argparse
 import json
 import statistics
 import sys
@@ -40,6 +39,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
+from dsq.log import ArgParser
 
 from dsq.bench import quiet_import
 
@@ -281,7 +281,7 @@ def format_table(rows: list[dict], cpu: dict | None = None) -> str:
 
 
 def main(argv: list[str]) -> None:
-    p = argparse.ArgumentParser(prog="dsq bench linear", description=__doc__.split("\n")[0])
+    p = ArgParser(prog="dsq bench linear", description=__doc__.split("\n")[0])
     p.add_argument("--tokens", type=int, default=4096, help="rows of X (default 4096)")
     p.add_argument("--shapes", default=DEFAULT_SHAPES,
                    help=f"comma-separated in x out (default {DEFAULT_SHAPES})")

@@ -15,7 +15,6 @@ Usage: ``dsq bench optim [--params 20e6] [--repeat 10] [--json out.json]`` or
 
 from __future__ import annotations
 
-import argparse
 import json
 import statistics
 import sys
@@ -24,6 +23,7 @@ import warnings
 from typing import Callable, Dict, List, Optional
 
 import torch
+from dsq.log import ArgParser
 
 SHAPES = [(2304, 768), (768, 768), (3072, 768), (768, 3072)]  # qkv, proj, fc1, fc2
 HP = dict(lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.1)
@@ -182,7 +182,7 @@ def _kernel_label(cpu: Dict) -> str:
 
 
 def main(argv: Optional[List[str]] = None) -> None:
-    ap = argparse.ArgumentParser(prog="dsq bench optim", description=__doc__.split("\n\n")[0])
+    ap = ArgParser(prog="dsq bench optim", description=__doc__.split("\n\n")[0])
     ap.add_argument("--params", type=float, default=20e6, help="parameters (default 20e6)")
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--repeat", type=int, default=10)

@@ -14,7 +14,6 @@ Usage: ``dsq bench prepare [--mb 32] [--workers 1,N] [--dir DIR] [--json out.jso
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
 import os
@@ -24,6 +23,8 @@ import tempfile
 import time
 from pathlib import Path
 from typing import Dict, List
+
+from dsq.log import ArgParser
 
 CHILD = """
 import json, sys, time
@@ -166,7 +167,7 @@ def table(res: Dict) -> str:
 def main(argv: List[str]) -> None:
     from dsq.data.encode import node_cores
 
-    p = argparse.ArgumentParser(prog="dsq bench prepare", description=__doc__.split("\n\n")[0])
+    p = ArgParser(prog="dsq bench prepare", description=__doc__.split("\n\n")[0])
     p.add_argument("--mb", type=float, default=32, help="corpus size in MB of JSON lines")
     p.add_argument("--workers", default=f"1,{node_cores()}",
                    help="worker counts to compare, comma-separated (default: 1 and all cores)")

@@ -29,13 +29,13 @@ without ``+int8`` (simulated).
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import subprocess
 import sys
 import time
 from pathlib import Path
+from dsq.log import ArgParser
 
 ROOT = Path(__file__).resolve().parents[2]
 RECIPES_DIR = ROOT / "configs" / "recipes"
@@ -177,7 +177,7 @@ def format_table(rows: list[dict]) -> str:
 
 
 def main(argv: list[str]) -> None:
-    p = argparse.ArgumentParser(prog="dsq bench train", description=__doc__.split("\n")[0])
+    p = ArgParser(prog="dsq bench train", description=__doc__.split("\n")[0])
     p.add_argument("--preset", default="small", help="model preset (default small); uses "
                    "configs/<preset>.yaml when it exists")
     p.add_argument("--config", nargs="+", default=None,

@@ -176,16 +176,26 @@ warn = warn_once
 
 class BuildError(RuntimeError):
     """A kernel that did not compile; ``log`` holds the compiler's full output (or None when
-    there is no compiler)."""
+    there is no compiler), ``detail`` the compiler's one-line reason (its first ``error`` line,
+    else its first line, else its exit status; :func:`compiler_reason`)."""
 
-    def __init__(self, name: str, isa: str, reason: str, log: Path | None):
+    def __init__(self, name: str, isa: str, reason: str, log: Path | None, detail: str = ""):
         super().__init__(reason)
         self.name, self.isa, self.reason, self.log = name, isa, reason, log
+        self.detail = detail or reason
 
     def line(self, kernel: str, fallback: str) -> str:
         """The one line that reports it."""
         where = f"; compiler output in {self.log}" if self.log else ""
         return f"{kernel} ({self.isa}) not built ({self.reason}): using {fallback}{where}"
+
+
+def compiler_reason(output: str, status: int) -> str:
+    """The compiler's one-line reason for a failed build: the first line of ``output`` that
+    says ``error``, else its first non-empty line, else ``exit status N, no output``."""
+    lines = [ln.strip() for ln in output.splitlines() if ln.strip()]
+    line = next((ln for ln in lines if "error" in ln.lower()), lines[0] if lines else "")
+    return line[:300] if line else f"exit status {status}, no output"
 
 
 def _compiler(cxx: bool) -> str | None:
@@ -246,7 +256,8 @@ def compile_library(name: str, sources: Sequence[str], *, isa: str, cxx: bool = 
             log = cache_dir() / "logs" / f"{name}-{isa}_{digest}.log"
             log.parent.mkdir(parents=True, exist_ok=True)
             log.write_text(f"$ {' '.join(cmd)}\nexit status {rc}\n\n{text}")
-            raise BuildError(name, isa, f"{Path(compiler).name} failed", log)
+            raise BuildError(name, isa, f"{Path(compiler).name} failed", log,
+                             compiler_reason(text, rc))
         if text:
             said.write_text(text)
         os.replace(so, out)  # atomic: concurrent ranks may build at the same time
@@ -264,11 +275,15 @@ def build(name: str, sources: Sequence[str], *, isa: str, cxx: bool = False,
 @dataclass(frozen=True)
 class Choice:
     """What a :class:`Library` runs as in this process: ``lib`` (None: its fallback runs),
-    the variant ``isa`` (``reference`` when ``lib`` is None) and ``reason`` (why it is None)."""
+    the variant ``isa`` (``reference`` when ``lib`` is None), ``reason`` (why it is None) and
+    ``failure`` (the :class:`BuildError`, or the error of a library that cannot serve, when
+    that is why: a fault rather than a fact of the machine or a choice such as
+    ``DSQ_ISA=reference``)."""
 
     lib: ctypes.CDLL | None
     isa: str
     reason: str | None = None
+    failure: Exception | None = None
 
 
 _VARIANTS: dict[tuple[str, str], ctypes.CDLL] = {}  # (name, isa) -> built and set up
@@ -350,8 +365,8 @@ class Library:
             return Choice(self.variant(isa), isa)
         except BuildError as e:
             warn(e.line(self.what, self.fallback))
-            return Choice(None, REFERENCE, e.reason)
+            return Choice(None, REFERENCE, e.reason, e)
         except Exception as e:  # noqa: BLE001  (no headers, a library that cannot serve)
             reason = str(e).splitlines()[0] if str(e) else type(e).__name__
             warn(f"{self.what} ({isa}) unavailable ({reason}): using {self.fallback}")
-            return Choice(None, REFERENCE, reason)
+            return Choice(None, REFERENCE, reason, e)

@@ -49,6 +49,9 @@ def reshard_checkpoint(ckpt_dir, tag: Optional[str], new_dp: int, out_dir=None) 
     weights are moved, never recomputed, so a resumed run continues as the original would
     have (up to the reduction order of the gradients across the new number of ranks).
     """
+    if not Path(ckpt_dir).is_dir():
+        raise FileNotFoundError(f"{ckpt_dir} is not a directory: give the checkpoint root "
+                                f"(<train.out_dir>/checkpoints, which holds 'latest')")
     C = _keys()
     if tag is None:
         latest = Path(ckpt_dir) / "latest"
@@ -278,9 +281,9 @@ def _reshard_qadamw(states: List[Dict], metas: List[Dict], group: Dict, L: int, 
 def main(argv=None) -> None:
     """``dsq ckpt reshard CKPT_DIR --dp N [--tag TAG] [--out DIR]`` (also
     ``python -m dsq.run.reshard ...``)."""
-    import argparse
+    from dsq.log import ArgParser
 
-    ap = argparse.ArgumentParser(prog="dsq ckpt reshard", description=reshard_checkpoint.__doc__
+    ap = ArgParser(prog="dsq ckpt reshard", description=reshard_checkpoint.__doc__
                                  .split("\n\n")[0])
     ap.add_argument("ckpt_dir", help="DeepSpeed checkpoint root (holds the tag directories)")
     ap.add_argument("--dp", type=int, required=True, help="new data-parallel size")

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import ROOT, dsq, launch, read_metrics
+from tests.conftest import CORPUS, ROOT, dsq, launch, read_metrics
 
 pytestmark = pytest.mark.slow
 
@@ -287,6 +287,18 @@ def _run_in_terminal(cmd, timeout: int = 600):
     return proc.wait(timeout=30), b"".join(chunks).decode(errors="replace")
 
 
+def _unigram_entropy(tokenizer: Path, folder: Path) -> float:
+    """Entropy (nats) of the token frequencies of the text files in ``folder``."""
+    import numpy as np
+    import sentencepiece as spm
+
+    sp = spm.SentencePieceProcessor(model_file=str(tokenizer))
+    ids = [i for f in sorted(folder.iterdir()) for i in sp.encode(f.read_text())]
+    p = np.bincount(np.array(ids)) / len(ids)
+    p = p[p > 0]
+    return float(-(p * np.log(p)).sum())
+
+
 def test_readme_first_command_is_smooth_and_quiet(data_cache, tmp_path):
     """The README's first command (tiny config, w8a8g8 with 8-bit states and integer GEMMs, 2
     ranks, in a terminal): no loss spike (no step after step 10 above 1.15x the lowest loss
@@ -304,7 +316,10 @@ def test_readme_first_command_is_smooth_and_quiet(data_cache, tmp_path):
     spikes = [s for s in loss if s > 10 and loss[s] > 1.15 * min(loss[t] for t in loss if t < s)]
     assert spikes == [], {s: loss[s] for s in spikes}
     summary = json.loads((out / "summary.json").read_text())
-    assert summary["loss_spikes"] == [] and summary["train_loss"] < 5.2
+    # learned more than token frequencies: below the training text's unigram entropy (what
+    # the best context-free model scores), computed here with the run's tokenizer
+    h1 = _unigram_entropy(out / "tokenizer.model", CORPUS / "train")
+    assert summary["loss_spikes"] == [] and summary["train_loss"] < h1 - 0.5, (summary, h1)
     assert summary["quantized_layers"] == 9, summary
     assert "quantized linears: 9" in text, text[-3000:]
     lines = [ln for ln in text.replace("\r\n", "\n").split("\n") if ln.strip()]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 
@@ -20,12 +21,18 @@ def _train(tmp_path, data_cache, *extra):
     return json.loads((out / "summary.json").read_text()), read_metrics(out), res
 
 
+def _learned(s, losses):
+    """Validation well below what an untrained model scores: its first loss and the uniform
+    guess ln(V) (7.62 nats), by 0.5 nats (a CPU fp32 run of these 12 steps: 0.92 below)."""
+    assert s["val_loss"] < min(losses[1], math.log(s["vocab_size"])) - 0.5, (s, losses)
+
+
 def test_train_bf16_on_one_gpu(tmp_path, data_cache):
     s, losses, _ = _train(tmp_path, data_cache)
     assert s["device"] == "cuda" and s["world_size"] == 1
     assert s["peak_gpu_bytes"][0] > 1 << 20
     assert losses[12] < losses[1] - 0.5, losses
-    assert 0 < s["val_loss"] < 8
+    _learned(s, losses)
 
 
 def test_train_int8_recipe_with_8bit_states_on_one_gpu(tmp_path, data_cache):
@@ -35,4 +42,4 @@ def test_train_int8_recipe_with_8bit_states_on_one_gpu(tmp_path, data_cache):
     assert s["device"] == "cuda" and s["quantized_layers"] > 0
     assert s["peak_gpu_bytes"][0] > 1 << 20
     assert losses[12] < losses[1] - 0.5, losses
-    assert 0 < s["val_loss"] < 8
+    _learned(s, losses)

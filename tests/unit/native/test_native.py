@@ -57,3 +57,49 @@ def test_sources_ship_with_the_package():
             path = (native.CSRC / src).relative_to(root / "dsq")
             assert (native.CSRC / src).is_file()
             assert any(path.match(p) for p in patterns), (path, patterns)
+
+
+def test_a_broken_build_fails_the_tests_with_the_compilers_reason(tmp_path, monkeypatch):
+    """A failed build is a fault the kernel tests fail on (tests/native_utils.py) with the
+    compiler's first error line; the build cache cannot hide it (its digest names the compiler,
+    so a library built earlier by another compiler is not reused); only a machine without a
+    compiler skips, and not under CI."""
+    from dsq import log as dsq_log
+    from tests import native_utils
+
+    monkeypatch.setattr(native, "CSRC", tmp_path / "csrc")
+    (tmp_path / "csrc").mkdir()
+    (tmp_path / "csrc" / "ok.c").write_text("const char *dsq_isa(void) { return \"portable\"; }\n")
+    monkeypatch.setenv("DSQ_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setattr(native, "_CHOSEN", {})
+    monkeypatch.setattr(native, "_VARIANTS", {})
+    monkeypatch.setattr(dsq_log, "_seen", set())
+    monkeypatch.setenv("DSQ_ISA", "portable")
+    lib = native.Library("ok", ("ok.c",), what="test kernel", fallback="eager")
+    assert native_utils.native_or_fail(lib) is not None  # built by the real compiler, cached
+    cc = tmp_path / "broken-cc"
+    cc.write_text("#!/bin/sh\necho 'In file included from ok.c:1:' >&2\n"
+                  "echo 'ok.c:1:10: fatal error: missing.h: No such file or directory' >&2\n"
+                  "echo 'compilation terminated.' >&2\nexit 1\n")
+    cc.chmod(0o755)
+    monkeypatch.setenv("CC", str(cc))
+    with pytest.raises(native.BuildError) as e:
+        native.compile_library("ok", ("ok.c",), isa="portable")
+    assert e.value.detail == "ok.c:1:10: fatal error: missing.h: No such file or directory"
+    monkeypatch.setenv("CC", "/bin/false")
+    for ci in ("true", ""):
+        monkeypatch.setattr(native, "_CHOSEN", {})  # as a new process: nothing loaded yet
+        monkeypatch.setattr(native, "_VARIANTS", {})
+        monkeypatch.setenv("CI", ci)
+        with pytest.raises(pytest.fail.Exception) as e:
+            native_utils.native_or_fail(lib)
+        assert str(e.value).startswith("test kernel (portable) failed to build: false failed: "
+                                       "exit status 1, no output (full output: ")
+    monkeypatch.setenv("CC", str(tmp_path / "no-such-cc"))
+    monkeypatch.setattr(native, "_compiler", lambda cxx: None)  # a machine without one
+    monkeypatch.setattr(native, "_CHOSEN", {})
+    with pytest.raises(pytest.skip.Exception, match="no C compiler"):
+        native_utils.native_or_fail(lib)
+    monkeypatch.setenv("CI", "true")
+    with pytest.raises(pytest.fail.Exception, match="no C compiler"):
+        native_utils.native_or_fail(lib)

@@ -12,6 +12,7 @@ import torch
 from dsq.optim import QAdamW, build_optimizer, optimizer_state_bytes
 from dsq.optim import formats as codec
 from dsq.optim import kernels as K
+from tests.native_utils import native_or_fail
 
 FORMATS = [(8, 8, "linear"), (4, 8, "linear"), (4, 4, "sqrt"), (8, 8, "sqrt")]
 # one moment quantized, the other fp32 (32 bits): the study's m8, m4 and v8
@@ -52,10 +53,8 @@ def unpack_codes(mc, vc, n, fmt):
 
 
 def cpp_or_skip():
-    lib = K.cpp_library()
-    if lib is None:
-        pytest.skip("no C compiler: the eager kernel is used")
-    return K.CppKernel(lib)
+    """The C kernel; a build that failed fails the test (tests/native_utils.py)."""
+    return K.CppKernel(native_or_fail(K.LIBRARY))
 
 
 # ----------------------------------------------------------------------------- formats

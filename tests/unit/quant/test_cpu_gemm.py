@@ -14,6 +14,7 @@ from dsq import native
 from dsq.quant import cpu_gemm, cpu_kernels, fused, gemm
 from dsq.quant.format import QuantFormat
 from dsq.quant.functional import quantize
+from tests.native_utils import native_or_fail
 
 
 def _cpu_flags() -> set[str]:
@@ -135,7 +136,7 @@ def test_operands_it_cannot_take_are_left_to_int_mm():
 def test_codes_kernel_rounds_ties_like_a_true_division(dtype):
     """The C codes kernel divides by reciprocal + two exact (fma) corrections: on values at and
     one ulp around every rounding tie it gives the eager quantizer's codes, bit for bit."""
-    assert cpu_kernels.library() is not None
+    native_or_fail(cpu_kernels.LIBRARY)
     g = torch.Generator().manual_seed(0)
     R, C = 64, 256
     scale = torch.exp(torch.randn(R, 1, generator=g) * 3)  # scales over many binades
