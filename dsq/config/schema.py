@@ -32,8 +32,15 @@ class OptimConfig:
     """adamw | qadamw (quantized optimizer states, see dsq.optim)."""
     lr: float = 6e-4
     min_lr: float = 0.0
-    """Cosine decay ends here."""
+    """The decay of the cosine, wsd and linear schedules ends here."""
     warmup_steps: int = 100
+    """Linear warmup from lr / warmup_steps to lr (every schedule)."""
+    schedule: str = choice("cosine", ("cosine", "wsd", "linear", "constant"))
+    """After the warmup: cosine (to min_lr at train.steps) | wsd (warmup-stable-decay: lr until
+    the last decay_fraction of train.steps, then linear to min_lr) | linear (to min_lr) |
+    constant (dsq/train/schedule.py)."""
+    decay_fraction: float = 0.2
+    """wsd: the fraction of train.steps over which the learning rate decays at the end."""
     weight_decay: float = 0.1
     """Applied to weights of linear layers and embeddings, never to biases and norms."""
     beta1: float = 0.9
@@ -65,6 +72,8 @@ class OptimConfig:
         check(self.lr > 0 and 0 <= self.min_lr <= self.lr,
               f"optim.lr={self.lr} must be > 0 and optim.min_lr in [0, lr]")
         check(0 <= self.warmup_steps, f"optim.warmup_steps={self.warmup_steps} must be >= 0")
+        check(0 < self.decay_fraction <= 1,
+              f"optim.decay_fraction={self.decay_fraction} must be in (0, 1]")
         check(0 < self.beta1 < 1 and 0 < self.beta2 < 1,
               "optim.beta1 and optim.beta2 must be in (0, 1)")
         check(self.grad_clip >= 0, f"optim.grad_clip={self.grad_clip} must be >= 0")

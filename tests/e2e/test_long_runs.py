@@ -27,7 +27,7 @@ CHANGED = {"optim.lr": 1e-3, "optim.min_lr": 1e-4, "optim.warmup_steps": 3, "tra
            "optim.weight_decay": 0.05, "optim.beta1": 0.8, "optim.beta2": 0.99,
            "optim.eps": 1e-6, "optim.grad_clip": 0.5, "train.eval_every": 3,
            "train.ckpt_every": 3, "train.keep_ckpts": 3, "train.log_every": 2,
-           "train.progress": True}
+           "train.progress": True, "optim.schedule": "linear"}
 
 
 def _args(out, cache, *extra):
@@ -62,7 +62,7 @@ def _lrs(cfg, steps):
 
 
 @pytest.mark.parametrize("key", ["optim.lr", "optim.min_lr", "optim.warmup_steps",
-                                 "train.steps"])
+                                 "train.steps", "optim.schedule"])
 def test_changed_schedule_key_shows_in_train_lr(resumed, key):
     said = [ln for ln in resumed["res"].stdout.splitlines() if "with changed settings:" in ln]
     assert len(said) == 1 and f" {key} " in said[0]
