@@ -179,6 +179,25 @@ def test_deepspeed_json_is_generated():
     assert ds["zero_optimization"]["stage"] == cfg.deepspeed.zero_stage
 
 
+def test_overlap_comm_and_buckets_reach_deepspeed():
+    from dsq.parallel.engine import deepspeed_config
+
+    zero = lambda cuda, *o: deepspeed_config(load_config([], list(o)), 2, cuda=cuda)[
+        "zero_optimization"]
+    # null: on with ZeRO 1/2 on GPUs, off on CPUs; DeepSpeed's default buckets
+    assert zero(True)["overlap_comm"] is True and zero(False)["overlap_comm"] is False
+    assert zero(True, "deepspeed.zero_stage=1")["overlap_comm"] is True
+    assert zero(True, "deepspeed.zero_stage=0") == {"stage": 0}
+    assert zero(True, "deepspeed.overlap_comm=false")["overlap_comm"] is False
+    z = zero(False, "deepspeed.overlap_comm=true", "deepspeed.reduce_bucket_size=200000000",
+             "deepspeed.allgather_bucket_size=100000000")
+    assert (z["overlap_comm"], z["reduce_bucket_size"], z["allgather_bucket_size"]) == (
+        True, 200_000_000, 100_000_000)
+    assert zero(False)["reduce_bucket_size"] == zero(False)["allgather_bucket_size"] == 500_000_000
+    with pytest.raises(ConfigError, match="deepspeed.allgather_bucket_size=3"):
+        load_config([], ["deepspeed.allgather_bucket_size=3"])
+
+
 def test_optimizer_block_too_wide_is_refused_by_dsq_config():
     """Every component's validation runs in `dsq config` (before any process group or data):
     a block wider than the update kernel takes is one line naming the key, exit 2."""

@@ -38,7 +38,8 @@ FROM_CONFIG = {
     "optim.kernel", "train.steps", "train.eval_every", "train.eval_samples", "train.ckpt_every",
     "train.keep_ckpts", "train.log_every", "train.spike_factor", "train.spike_window",
     "train.max_skipped_steps", "train.out_dir", "train.progress", "train.recompute",
-    "train.reshard", "parallel.timeout_s", "data.cache_dir", "data.workers",
+    "train.reshard", "parallel.timeout_s", "deepspeed.overlap_comm",
+    "deepspeed.reduce_bucket_size", "deepspeed.allgather_bucket_size", "data.cache_dir", "data.workers",
     "data.tokenizer_sample_bytes", "data.prepare_limit_bytes", "tracking.enabled",
     "tracking.uri", "tracking.experiment", "tracking.run_name", "tracking.recipe",
     "tracking.close_timeout_s", "tracking.system_metrics"}
