@@ -159,9 +159,13 @@ class TrainConfig:
     ckpt_every: int = 100
     keep_ckpts: int = 2
     """Complete checkpoints kept on disk (older ones are deleted)."""
-    log_every: int = 1
+    log_every: int = 10
     """Steps between MLflow metric logs, and between progress lines when stderr is not a
-    terminal (SLURM logs; a terminal shows a progress bar)."""
+    terminal (SLURM logs, which also get the first and last step; a terminal shows a progress
+    bar)."""
+    peak_flops: Optional[float] = None
+    """Peak FLOP/s of one device, for the MFU in the progress line, MLflow and summary.json;
+    null: the bf16 dense peak of a known GPU (dsq/train/throughput.py), none on CPUs (no MFU)."""
     spike_factor: float = 1.25
     """Loss-spike guard: a step whose training loss exceeds this factor x the median of the
     previous train.spike_window steps prints a warning and logs train/loss_spike (the ratio)
@@ -198,6 +202,8 @@ class TrainConfig:
               f"guard)")
         check(self.spike_window >= 2 and self.max_skipped_steps >= 1, "train.spike_window must "
               "be >= 2 and train.max_skipped_steps >= 1")
+        check(self.peak_flops is None or self.peak_flops > 0,
+              f"train.peak_flops={self.peak_flops} must be > 0 (FLOP/s of one device) or null")
         check(self.eval_samples >= 1, f"train.eval_samples={self.eval_samples} must be >= 1")
         check(self.keep_ckpts >= 1, f"train.keep_ckpts={self.keep_ckpts} must be >= 1")
 

@@ -105,7 +105,8 @@ def test_changed_cadences_take_effect(resumed):
     # ckpt_every 2 -> 3, keep_ckpts 2 -> 3: 4 (the first run's last) 6 and 8
     assert tags == [checkpoint.tag_for(s) for s in (4, 6, 8)]
     lines = [ln for ln in resumed["res"].stderr.splitlines() if ln.startswith("step ")]
-    assert [ln.split()[1] for ln in lines] == ["6/8", "8/8"]  # progress on, log_every 2
+    # progress on, log_every 2: the first step of the resumed run, every second, the last
+    assert [ln.split()[1] for ln in lines] == ["5/8", "6/8", "8/8"]
 
 
 def test_every_checkpoint_is_complete_and_its_marker_lists_exactly_its_files(resumed):
