@@ -340,3 +340,28 @@ def test_llama_1b_fineweb_for_32_ranks(capsys):
             assert table in readme
     lines = table.splitlines()
     assert lines[0].startswith("llama-1b: 1,100,048,384 parameters; 32 ranks = tp 1 x dp 32")
+
+
+@pytest.mark.parametrize("text, says", [
+    ("train:\n  steps: 10\n  eval_every: [1, 2\nmodel:\n  preset: tiny\n",
+     "line 4, column 6: did not find expected ',' or ']' (while parsing a flow sequence at "
+     "line 3, column 15)"),
+    ("train:\n  steps: 10\n\tlr: 3\n", "line 3, column 1: found a tab character that violates "
+     "indentation (while scanning a plain scalar at line 2, column 10)"),
+    ("train:\n  steps: 10\n   eval_every: 3\n",
+     "line 3, column 14: mapping values are not allowed in this context"),
+])
+def test_a_yaml_syntax_error_names_line_and_column(tmp_path, capsys, text, says):
+    from dsq.cli import main
+
+    path = tmp_path / "bad.yaml"
+    path.write_text(text)
+    want = (f"config file {str(path)!r} is not valid YAML at {says}: fix the syntax there "
+            f"(indent with spaces, close every bracket and quote, one 'key: value' per line)")
+    with pytest.raises(ConfigError) as e:
+        load_config([str(path)])
+    assert str(e.value) == want
+    with pytest.raises(SystemExit) as e:
+        main(["config", str(path)])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert e.value.code == 2 and err == [f"dsq: error: {want}"]
