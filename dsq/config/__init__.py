@@ -142,7 +142,7 @@ def load_config(paths: Sequence[str] = (), overrides: Sequence[str] = (),
         try:
             layers.append((str(path), OmegaConf.load(path)))
         except Exception as e:  # yaml syntax errors
-            raise ConfigError(f"config file {p!r} is not valid YAML: {str(e).splitlines()[0]}")
+            raise ConfigError(_yaml_error(p, e)) from None
     for o in overrides:
         if "=" not in o:
             raise ConfigError(f"override {o!r} is not of the form key.sub=value "
@@ -191,6 +191,20 @@ def validate(cfg: Config, world_size: Optional[int] = None) -> None:
 
 def to_dict(cfg: Config) -> dict:
     return OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True)
+
+
+def _yaml_error(path: str, e: Exception) -> str:
+    """One line for a YAML file PyYAML could not parse: where (line and column, 1-based, as
+    PyYAML reports them), what, and the fix."""
+    mark, problem = getattr(e, "problem_mark", None), getattr(e, "problem", None)
+    if mark is None or not problem:
+        return f"config file {path!r} is not valid YAML: {str(e).splitlines()[0]}"
+    ctx, cmark = getattr(e, "context", None), getattr(e, "context_mark", None)
+    where = (f" ({ctx} at line {cmark.line + 1}, column {cmark.column + 1})"
+             if ctx and cmark is not None else "")
+    return (f"config file {path!r} is not valid YAML at line {mark.line + 1}, column "
+            f"{mark.column + 1}: {problem}{where}: fix the syntax there (indent with spaces, "
+            f"close every bracket and quote, one 'key: value' per line)")
 
 
 def to_yaml(cfg: Config) -> str:

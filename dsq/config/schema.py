@@ -32,8 +32,15 @@ class OptimConfig:
     """adamw | qadamw (quantized optimizer states, see dsq.optim)."""
     lr: float = 6e-4
     min_lr: float = 0.0
-    """Cosine decay ends here."""
+    """The decay of the cosine, wsd and linear schedules ends here."""
     warmup_steps: int = 100
+    """Linear warmup from lr / warmup_steps to lr (every schedule)."""
+    schedule: str = choice("cosine", ("cosine", "wsd", "linear", "constant"))
+    """After the warmup: cosine (to min_lr at train.steps) | wsd (warmup-stable-decay: lr until
+    the last decay_fraction of train.steps, then linear to min_lr) | linear (to min_lr) |
+    constant (dsq/train/schedule.py)."""
+    decay_fraction: float = 0.2
+    """wsd: the fraction of train.steps over which the learning rate decays at the end."""
     weight_decay: float = 0.1
     """Applied to weights of linear layers and embeddings, never to biases and norms."""
     beta1: float = 0.9
@@ -65,6 +72,8 @@ class OptimConfig:
         check(self.lr > 0 and 0 <= self.min_lr <= self.lr,
               f"optim.lr={self.lr} must be > 0 and optim.min_lr in [0, lr]")
         check(0 <= self.warmup_steps, f"optim.warmup_steps={self.warmup_steps} must be >= 0")
+        check(0 < self.decay_fraction <= 1,
+              f"optim.decay_fraction={self.decay_fraction} must be in (0, 1]")
         check(0 < self.beta1 < 1 and 0 < self.beta2 < 1,
               "optim.beta1 and optim.beta2 must be in (0, 1)")
         check(self.grad_clip >= 0, f"optim.grad_clip={self.grad_clip} must be >= 0")
@@ -150,9 +159,13 @@ class TrainConfig:
     ckpt_every: int = 100
     keep_ckpts: int = 2
     """Complete checkpoints kept on disk (older ones are deleted)."""
-    log_every: int = 1
+    log_every: int = 10
     """Steps between MLflow metric logs, and between progress lines when stderr is not a
-    terminal (SLURM logs; a terminal shows a progress bar)."""
+    terminal (SLURM logs, which also get the first and last step; a terminal shows a progress
+    bar)."""
+    peak_flops: Optional[float] = None
+    """Peak FLOP/s of one device, for the MFU in the progress line, MLflow and summary.json;
+    null: the bf16 dense peak of a known GPU (dsq/train/throughput.py), none on CPUs (no MFU)."""
     spike_factor: float = 1.25
     """Loss-spike guard: a step whose training loss exceeds this factor x the median of the
     previous train.spike_window steps prints a warning and logs train/loss_spike (the ratio)
@@ -189,6 +202,8 @@ class TrainConfig:
               f"guard)")
         check(self.spike_window >= 2 and self.max_skipped_steps >= 1, "train.spike_window must "
               "be >= 2 and train.max_skipped_steps >= 1")
+        check(self.peak_flops is None or self.peak_flops > 0,
+              f"train.peak_flops={self.peak_flops} must be > 0 (FLOP/s of one device) or null")
         check(self.eval_samples >= 1, f"train.eval_samples={self.eval_samples} must be >= 1")
         check(self.keep_ckpts >= 1, f"train.keep_ckpts={self.keep_ckpts} must be >= 1")
 

@@ -94,8 +94,29 @@ class DeepSpeedConfig:
     """ZeRO stage 0, 1 or 2."""
     precision: str = choice("fp32", ("fp32", "bf16"))
     """fp32 | bf16 (bf16 weights and activations, fp32 master weights and optimizer states)."""
+    overlap_comm: Optional[bool] = None
+    """ZeRO 1/2: reduce gradient buckets during backward, overlapping the communication with
+    the compute (a second reduce bucket of memory); null: on GPUs, off on CPUs (no streams to
+    overlap on). The same losses either way."""
+    reduce_bucket_size: int = 500_000_000
+    """ZeRO 1/2: gradient elements reduced per collective (DeepSpeed's default; each bucket
+    takes this many elements of memory, two with overlap_comm)."""
+    allgather_bucket_size: int = 500_000_000
+    """ZeRO 1/2: updated parameter elements gathered per collective after each step (even)."""
+
+    def overlap(self, cuda: bool) -> bool:
+        """Whether DeepSpeed overlaps the gradient reduction on a machine with (``cuda``) or
+        without GPUs: ``overlap_comm``, or when null, ZeRO 1/2 on GPUs."""
+        if self.zero_stage == 0:
+            return False
+        return cuda if self.overlap_comm is None else bool(self.overlap_comm)
 
     def validate(self) -> None:
+        check(self.reduce_bucket_size > 0 and self.allgather_bucket_size > 0
+              and self.allgather_bucket_size % 2 == 0,
+              f"deepspeed.reduce_bucket_size={self.reduce_bucket_size} and "
+              f"deepspeed.allgather_bucket_size={self.allgather_bucket_size} must be > 0 (the "
+              f"allgather one even): DeepSpeed's default is 500000000 for both")
         check(self.zero_stage in (0, 1, 2),
               f"deepspeed.zero_stage={self.zero_stage} is not supported: use 0, 1 or 2")
         check_choices("deepspeed", self)

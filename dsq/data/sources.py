@@ -29,6 +29,7 @@ from typing import Dict, Iterator, List, Optional, Tuple
 TEXT_EXT = (".txt", ".text", ".md")
 COMPRESSED = {".xz": lzma.open, ".gz": gzip.open}
 JSON_EXT = (".jsonl", ".json")
+STREAM_RANGE_BYTES = 1 << 26  # bytes of JSON lines parsed at a time by iter_documents
 PARQUET_EXT = (".parquet",)
 PACKAGED = Path(__file__).resolve().parent / "corpus"
 STREAM_BATCH = 1024  # rows per batch read from a datasets stream
@@ -160,10 +161,33 @@ def iter_documents(specs: List[str], text_field: str = "text", split: str = "tra
                 if text.strip():
                     yield text
             continue
+        from dsq.data import jsonl  # (it imports this module)
+
+        if jsonl.fast(kind, files):  # the same documents; a bad record names file and line
+            yield from _jsonl_documents(spec, files, text_field, jsonl)
+            continue
         for texts in _stream_texts(spec, kind, files, split, text_field):
             for text in texts:
                 if isinstance(text, str) and text.strip():
                     yield text
+
+
+def _jsonl_documents(spec: str, files: List[Path], text_field: str, jsonl) -> Iterator[str]:
+    """The documents of local JSON lines files, parsed by :func:`dsq.data.jsonl.parse` (its
+    contract: those the ``datasets`` loader yields, or a :class:`DataError` naming the file
+    and line of a bad record); a source whose first records lack ``text_field`` is refused as
+    :func:`_stream_texts` refuses it."""
+    first = True
+    for _, path, begin, end in jsonl.ranges(files, STREAM_RANGE_BYTES):
+        with open(path, "rb") as fh:
+            fh.seek(begin)
+            data = fh.read(end - begin)
+        texts, _, _, columns = jsonl.parse(data, text_field, str(path), begin)
+        if first and columns is not None:
+            raise DataError(f"data {spec!r} has no column {text_field!r} (columns: "
+                            f"{columns}): set data.text_field")
+        first = first and columns is None and not texts
+        yield from texts
 
 
 def load_documents(specs: List[str], text_field: str = "text", split: str = "train"

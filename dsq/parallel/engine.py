@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+from typing import Optional
 
 
 class MegatronMPU:
@@ -37,9 +38,26 @@ class MegatronMPU:
         return 0
 
 
-def deepspeed_config(cfg, dp_size: int) -> dict:
-    """The DeepSpeed JSON, generated from the typed config (never edited by hand)."""
+def zero_section(ds, cuda: bool, round_robin: bool = False) -> dict:
+    """DeepSpeed's ``zero_optimization`` for the ``deepspeed`` section ``ds``: the stage, and
+    for ZeRO 1/2 contiguous gradients, reduce-scatter, ``overlap_comm`` (``ds.overlap(cuda)``)
+    and the bucket sizes."""
+    out = {"stage": ds.zero_stage}
+    if ds.zero_stage > 0:
+        out.update(contiguous_gradients=True, overlap_comm=ds.overlap(cuda), reduce_scatter=True,
+                   round_robin_gradients=round_robin, reduce_bucket_size=ds.reduce_bucket_size,
+                   allgather_bucket_size=ds.allgather_bucket_size)
+    return out
+
+
+def deepspeed_config(cfg, dp_size: int, cuda: Optional[bool] = None) -> dict:
+    """The DeepSpeed JSON, generated from the typed config (never edited by hand). ``cuda``:
+    whether the ranks run on GPUs (default: whether this process sees one), for
+    ``deepspeed.overlap_comm: null``."""
+    import torch
+
     t, ds = cfg.train, cfg.deepspeed
+    cuda = torch.cuda.is_available() if cuda is None else cuda
     gas = t.global_batch // (t.micro_batch * dp_size)
     out = {
         "train_batch_size": t.global_batch,
@@ -47,15 +65,11 @@ def deepspeed_config(cfg, dp_size: int) -> dict:
         "gradient_accumulation_steps": gas,
         "gradient_clipping": cfg.optim.grad_clip,
         "zero_allow_untested_optimizer": True,
-        "zero_optimization": {"stage": ds.zero_stage},
+        "zero_optimization": zero_section(ds, cuda),
         "steps_per_print": 10**9,
         "wall_clock_breakdown": False,
         "checkpoint": {"load_universal": False},
     }
-    if ds.zero_stage > 0:
-        out["zero_optimization"].update(
-            contiguous_gradients=True, overlap_comm=False, reduce_scatter=True,
-            round_robin_gradients=False)
     if ds.precision == "bf16":
         out["bf16"] = {"enabled": True}
         out["data_types"] = {"grad_accum_dtype": "fp32"}

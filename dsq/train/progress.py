@@ -2,8 +2,8 @@
 loss-spike guard.
 
 :class:`Progress` shows tqdm's bar when stderr is a terminal; otherwise (a SLURM log, a pipe)
-it prints one plain line every ``train.log_every`` steps, so logs hold lines, not one bar
-redrawn thousands of times with carriage returns.
+it prints one plain line every ``train.log_every`` steps, and at the first step it runs and the
+last, so logs hold lines, not one bar redrawn thousands of times with carriage returns.
 
 :class:`SpikeGuard` compares each step's training loss with the median of the previous
 ``window`` steps; a loss above ``factor`` x that median is a spike: it is reported once (a
@@ -53,12 +53,14 @@ class SpikeGuard:
 
 
 class Progress:
-    """tqdm on a terminal, else a line every ``log_every`` steps (on ``stream``, stderr)."""
+    """tqdm on a terminal, else a line every ``log_every`` steps, at the first step after
+    ``initial`` and at the last (on ``stream``, stderr)."""
 
     def __init__(self, total: int, initial: int, log_every: int, enabled: bool = True,
                  stream: Optional[TextIO] = None):
         self.stream = stream or sys.stderr
         self.total, self.log_every, self.enabled = total, log_every, enabled
+        self.first = initial + 1
         self.bar = None
         if enabled and _isatty(self.stream):
             from tqdm import tqdm
@@ -70,7 +72,7 @@ class Progress:
         if self.bar is not None:
             self.bar.set_postfix(post, refresh=False)
             self.bar.update(1)
-        elif self.enabled and (step % self.log_every == 0 or step == self.total):
+        elif self.enabled and (step % self.log_every == 0 or step in (self.first, self.total)):
             fields = "  ".join(f"{k} {v}" for k, v in post.items())
             print(f"step {step}/{self.total}  {fields}", file=self.stream, flush=True)
 

@@ -120,7 +120,9 @@ class RunRecord:
         summary.update(json_safe(summary))
         (self.out_dir / "summary.json").write_text(json.dumps(summary, indent=2, allow_nan=False))
         metrics = {
-            "summary/tokens_per_s": summary["tokens_per_s"], "summary/peak_rss_bytes": max(rss),
+            "summary/tokens_per_s": summary["tokens_per_s"],
+            "summary/tokens_per_s_per_device": summary.get("tokens_per_s_per_device"),
+            "summary/mfu": summary.get("mfu"), "summary/peak_rss_bytes": max(rss),
             **({"summary/peak_gpu_bytes": max(gpu)} if device_type == "cuda" else {}),
             "summary/optimizer_state_bytes": max(state_bytes),
             "summary/optimizer_state_bytes_per_param": sum(state_bytes) / params,

@@ -1,6 +1,7 @@
 """The learning-rate schedule, and the hyperparameters a resumed run takes from its config.
 
-:func:`lr_lambda` is a factor of ``optim.lr`` per step, for ``LambdaLR``. A checkpoint holds
+:func:`lr_lambda` is a factor of ``optim.lr`` per step, for ``LambdaLR`` (``optim.schedule``:
+cosine, wsd, linear or constant, each after a linear warmup). A checkpoint holds
 the optimizer's param groups (learning rate, betas, eps, weight decay) and the scheduler's
 ``base_lrs`` as they were when it was written, and DeepSpeed's ZeRO wrapper its gradient
 clipping; restoring them as they are would silently keep the old values of the keys a resume
@@ -21,15 +22,41 @@ from typing import Dict
 HYPERPARAMETERS = ("initial_lr", "betas", "eps", "weight_decay")
 
 
+SCHEDULES = ("cosine", "wsd", "linear", "constant")
+
+
 def lr_lambda(optim_cfg, total_steps: int):
-    """Linear warmup, then cosine decay from lr to min_lr at ``total_steps`` (a factor of lr)."""
+    """The learning rate of each step as a factor of ``optim.lr``: ``fn(k)`` for the step that
+    follows ``k`` optimizer steps (``LambdaLR``'s ``last_epoch``), ``fn(total_steps)`` after
+    the last one.
+
+    Every schedule warms up linearly over ``optim.warmup_steps`` (``(k + 1) / warmup``), then
+    with ``floor = min_lr / lr``:
+
+    * ``cosine``: ``floor + (1 - floor) (1 + cos(pi p)) / 2`` with ``p = (k - W) / (T - W)``;
+    * ``linear``: ``floor + (1 - floor) (1 - p)``, the same ``p``;
+    * ``wsd`` (warmup-stable-decay): 1 until the decay starts at ``D = T - round(decay_fraction
+      T)`` (not before the warmup ends), then linear to ``floor`` at ``T``:
+      ``floor + (1 - floor) (1 - (k - D) / (T - D))``;
+    * ``constant``: 1.
+
+    (``W``: warmup steps, ``T``: ``total_steps``; ``p`` is clamped to 1 past ``T``.)
+    """
+    kind = optim_cfg.schedule
     warm, floor = optim_cfg.warmup_steps, optim_cfg.min_lr / optim_cfg.lr
+    start = warm
+    if kind == "wsd":
+        start = max(warm, total_steps - round(optim_cfg.decay_fraction * total_steps))
 
     def fn(step: int) -> float:
         if step < warm:
             return (step + 1) / warm
-        progress = min(1.0, (step - warm) / max(1, total_steps - warm))
-        return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
+        if kind == "constant" or step < start:
+            return 1.0
+        progress = min(1.0, (step - start) / max(1, total_steps - start))
+        if kind == "cosine":
+            return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
+        return floor + (1 - floor) * (1 - progress)
 
     return fn
 

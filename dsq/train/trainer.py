@@ -41,12 +41,7 @@ from dsq.train.health import StepHealth, hints
 from dsq.train.record import RunRecord, resource_metrics
 from dsq.train.schedule import lr_lambda
 from dsq.train.stop import Preempted, StopRequest
-
-
-def _tokens_per_s(tokens_per_step: int, times: List[float]) -> Optional[float]:
-    """Mean throughput, leaving out the first step (allocation and warm-up) when there are more."""
-    timed = times[1:] if len(times) > 1 else times
-    return tokens_per_step * len(timed) / sum(timed) if timed else None
+from dsq.train.throughput import Throughput, model_flops_per_token, peak_flops
 
 
 class Trainer:
@@ -286,8 +281,9 @@ class Trainer:
             self.log(f"nothing to do: {self.out_dir} finished at step {self.step} (train.steps="
                      f"{cfg.steps}); raise train.steps to train on, or use a new train.out_dir")
             return json.loads(done.read_text())
-        tokens_per_step = cfg.global_batch * self.cfg.model.seq_len
-        times: List[float] = []  # seconds per step, this process
+        speed = Throughput(cfg.global_batch * self.cfg.model.seq_len, self.env.world_size,
+                           model_flops_per_token(self.cfg.model),
+                           peak_flops(self.device, cfg.peak_flops))
         loss, val = float("nan"), None
         while self.step < cfg.steps:
             capture = bool(self.quantized) and self.evals.due(self.step + 1)
@@ -295,7 +291,7 @@ class Trainer:
                 set_sqnr_capture(self.model, True)
             t0 = time.perf_counter()
             loss = self.train_step()
-            times.append(time.perf_counter() - t0)
+            speed.add(time.perf_counter() - t0)
             sqnr = {}
             if capture:
                 sqnr = self.sqnr = collect_sqnr(self.model)  # collective over the TP group
@@ -304,7 +300,7 @@ class Trainer:
             bad = self.health.check(self.step, loss, gnorm, self.applied)
             metrics = {"train/loss": loss, "train/lr": self.lr(),
                        "train/grad_norm": float("nan") if gnorm is None else gnorm,
-                       "train/tokens_per_s": tokens_per_step / times[-1],
+                       **speed.metrics(),
                        **self.health.metrics(), **{f"sqnr_db/{k}": v for k, v in sqnr.items()}}
             self.logger.spike(self.step, loss, metrics)
             if bad:
@@ -314,7 +310,7 @@ class Trainer:
                 metrics.update({"val/loss": val["loss"], "val/ppl": val["ppl"],
                                 **self._resource_metrics()})
             self.logger.log(self.step, metrics, force=bad is not None)
-            post = {"loss": f"{loss:.4f}", "tok/s": f"{_tokens_per_s(tokens_per_step, times):,.0f}"}
+            post = {"loss": f"{loss:.4f}", **speed.post()}
             if val is not None:
                 post["val"] = f"{val['loss']:.4f}"
             self.logger.progress(self.step, post)
@@ -334,13 +330,13 @@ class Trainer:
                                     **self._resource_metrics()})
         self.checkpointer.maybe_save(self.step, last=True, loss=loss, finite=self.health.healthy)
         self.loss_spikes = self.logger.spikes
-        return self._summary(loss, val, _tokens_per_s(tokens_per_step, times))
+        return self._summary(loss, val, speed.summary())
 
     def _resource_metrics(self) -> Dict[str, float]:
         """Peak memory and optimizer state bytes, max over ranks (all ranks call)."""
         return resource_metrics(self.optimizer, self.device)
 
-    def _summary(self, loss: float, val: Dict, tokens_per_s: float) -> Dict:
+    def _summary(self, loss: float, val: Dict, throughput: Dict) -> Dict:
         from dsq.optim import optimizer_state_bytes
 
         state_bytes = gather_ints(optimizer_state_bytes(self.optimizer))
@@ -354,7 +350,7 @@ class Trainer:
             "val_ppl": val["ppl"],
             "vocab_size": self.cfg.model.vocab_size,
             "tokenizer_vocab_size": load_manifest(self.data_dir)["tokenizer_vocab_size"],
-            "tokens_per_s": tokens_per_s,
+            **throughput,  # tokens_per_s (+ per device), mfu, model_flops_per_token, peak
             "params": self.params,
             "optimizer_state_bytes": state_bytes,
             "peak_rss_bytes": rss,

@@ -100,7 +100,9 @@ def test_progress_without_a_terminal_prints_plain_lines():
         p.update(step, {"loss": f"{10 - step / 10:.4f}", "tok/s": "1,000"})
     p.close()
     lines = out.getvalue().splitlines()
-    assert lines == ["step 10/25  loss 9.0000  tok/s 1,000", "step 20/25  loss 8.0000  tok/s 1,000",
+    # the first step, every log_every, the last
+    assert lines == ["step 1/25  loss 9.9000  tok/s 1,000",
+                     "step 10/25  loss 9.0000  tok/s 1,000", "step 20/25  loss 8.0000  tok/s 1,000",
                      "step 25/25  loss 7.5000  tok/s 1,000"]
     assert "\r" not in out.getvalue()
 

@@ -27,7 +27,7 @@ CHANGED = {"optim.lr": 1e-3, "optim.min_lr": 1e-4, "optim.warmup_steps": 3, "tra
            "optim.weight_decay": 0.05, "optim.beta1": 0.8, "optim.beta2": 0.99,
            "optim.eps": 1e-6, "optim.grad_clip": 0.5, "train.eval_every": 3,
            "train.ckpt_every": 3, "train.keep_ckpts": 3, "train.log_every": 2,
-           "train.progress": True}
+           "train.progress": True, "optim.schedule": "linear"}
 
 
 def _args(out, cache, *extra):
@@ -62,7 +62,7 @@ def _lrs(cfg, steps):
 
 
 @pytest.mark.parametrize("key", ["optim.lr", "optim.min_lr", "optim.warmup_steps",
-                                 "train.steps"])
+                                 "train.steps", "optim.schedule"])
 def test_changed_schedule_key_shows_in_train_lr(resumed, key):
     said = [ln for ln in resumed["res"].stdout.splitlines() if "with changed settings:" in ln]
     assert len(said) == 1 and f" {key} " in said[0]
@@ -105,7 +105,8 @@ def test_changed_cadences_take_effect(resumed):
     # ckpt_every 2 -> 3, keep_ckpts 2 -> 3: 4 (the first run's last) 6 and 8
     assert tags == [checkpoint.tag_for(s) for s in (4, 6, 8)]
     lines = [ln for ln in resumed["res"].stderr.splitlines() if ln.startswith("step ")]
-    assert [ln.split()[1] for ln in lines] == ["6/8", "8/8"]  # progress on, log_every 2
+    # progress on, log_every 2: the first step of the resumed run, every second, the last
+    assert [ln.split()[1] for ln in lines] == ["5/8", "6/8", "8/8"]
 
 
 def test_every_checkpoint_is_complete_and_its_marker_lists_exactly_its_files(resumed):

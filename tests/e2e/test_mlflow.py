@@ -60,7 +60,7 @@ def server(tmp_path_factory):
 def args(out, cache, uri, *extra):
     return ["configs/tiny.yaml", f"train.steps={STEPS}", "train.eval_every=10",
             "train.ckpt_every=0", f"train.out_dir={out}", f"data.cache_dir={cache}",
-            f"tracking.uri={uri}", "tracking.experiment=server", "train.progress=false", *extra]
+            f"tracking.uri={uri}", "tracking.experiment=server", "train.progress=false", "train.log_every=1", *extra]
 
 
 @pytest.fixture(scope="module")

@@ -26,7 +26,7 @@ def base_args(out: Path, cache: Path, db: Path, *extra: str):
     return ["configs/tiny.yaml", f"train.steps={STEPS}", "train.ckpt_every=8",
             "train.eval_every=20", "train.eval_samples=1000", "optim.warmup_steps=5",
             f"train.out_dir={out}", f"data.cache_dir={cache}", f"tracking.uri=sqlite:///{db}",
-            "tracking.experiment=e2e", "train.progress=false", *extra]
+            "tracking.experiment=e2e", "train.progress=false", "train.log_every=1", *extra]
 
 
 @pytest.fixture(scope="module")
@@ -56,6 +56,11 @@ def test_reference_run_trains_and_reports(ref):
     for key in ("train_loss", "val_loss", "val_ppl", "vocab_size", "tokens_per_s", "params",
                 "optimizer_state_bytes", "peak_rss_bytes", "mlflow_run_id", "tracking_uri"):
         assert key in s, key
+    # throughput as users compare it: the tiny model's hand-counted FLOPs per token
+    # (tests/unit/train/test_throughput.py), per device over 2 ranks, no MFU on CPUs
+    assert s["model_flops_per_token"] == 4_325_376
+    assert s["tokens_per_s_per_device"] == pytest.approx(s["tokens_per_s"] / 2, rel=1e-12)
+    assert s["mfu"] is None and s["peak_flops"] is None
     # training works: validation far below the uniform-guess loss ln(V), and it falls
     val = read_metrics(ref["out"], "val/loss")
     assert sorted(val) == [20, 40]
@@ -110,7 +115,8 @@ def test_mlflow_store_holds_the_run(ref):
     for m in hist:
         assert m.value == pytest.approx(ref["loss"][m.step], rel=1e-6)
     assert {m.step for m in client.get_metric_history(run.info.run_id, "val/loss")} == {20, 40}
-    for key in ("train/lr", "train/grad_norm", "train/tokens_per_s", "val/ppl"):
+    for key in ("train/lr", "train/grad_norm", "train/tokens_per_s",
+                "train/tokens_per_s_per_device", "summary/tokens_per_s_per_device", "val/ppl"):
         assert client.get_metric_history(run.info.run_id, key), key
     arts = {a.path for a in client.list_artifacts(run.info.run_id)}
     assert {"config.yaml", "ds_config.json", "summary.json"} <= arts

@@ -56,20 +56,26 @@ def data(step: int, out_dim: int):
     return x, y
 
 
-def ds_config(stage: int, dp: int, bf16: bool, clip: float, round_robin: bool) -> dict:
+def ds_config(stage: int, dp: int, bf16: bool, clip: float, round_robin: bool,
+              overlap: bool = False, bucket: int = 0) -> dict:
+    """The DeepSpeed JSON of a job; its ``zero_optimization`` is dsq's
+    (:func:`dsq.parallel.engine.zero_section`), with ``overlap_comm`` and, when ``bucket``,
+    that many elements per reduce and allgather bucket."""
+    from dsq.config.sections import DeepSpeedConfig
+    from dsq.parallel.engine import zero_section
+
+    sizes = dict(reduce_bucket_size=bucket, allgather_bucket_size=bucket) if bucket else {}
+    zero = DeepSpeedConfig(zero_stage=stage, overlap_comm=overlap, **sizes)
     cfg = {
         "train_batch_size": MICRO * dp,
         "train_micro_batch_size_per_gpu": MICRO,
         "gradient_accumulation_steps": 1,
         "gradient_clipping": clip,
         "zero_allow_untested_optimizer": True,
-        "zero_optimization": {"stage": stage},
+        "zero_optimization": zero_section(zero, cuda=False, round_robin=round_robin),
         "steps_per_print": 10**9,
         "wall_clock_breakdown": False,
     }
-    if stage > 0:
-        cfg["zero_optimization"].update(contiguous_gradients=True, overlap_comm=False,
-                                        reduce_scatter=True, round_robin_gradients=round_robin)
     if bf16:
         cfg["bf16"] = {"enabled": True}
         cfg["data_types"] = {"grad_accum_dtype": "fp32"}
@@ -147,7 +153,8 @@ def run_job(job: dict, mpu: MPU) -> dict:
     engine, _, _, _ = deepspeed.initialize(
         model=model, optimizer=opt, mpu=mpu,
         config=ds_config(job["stage"], world, job.get("bf16", False), job.get("clip", 0.0),
-                         job.get("round_robin", False)))
+                         job.get("round_robin", False), job.get("overlap", False),
+                         job.get("bucket", 0)))
     qopt = attach_to_engine(engine)
     assert qopt is opt
     if job.get("shard_following"):
@@ -178,6 +185,7 @@ def run_job(job: dict, mpu: MPU) -> dict:
            "state_bytes": _gather(optimizer_state_bytes(engine.optimizer), mpu.dp)}
     res["states"] = _states(engine, opt, names, mpu.dp)
     res["n_slots"] = [lay.n_slots for lay in opt._layouts.values()]
+    res["overlap_comm"] = getattr(engine.optimizer, "overlap_comm", None)
     return res
 
 

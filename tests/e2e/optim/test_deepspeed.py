@@ -8,7 +8,10 @@ One launch of two processes runs every job in order (module fixture ``runs``):
    gradient order), bf16 with ZeRO-1 (BF16_Optimizer) and ZeRO-2 with another format
    (4-bit m, or v in the sqrt domain);
 3. DP=1: resume from the DP=2 checkpoints (fp32 ZeRO-2, bf16 ZeRO-1) resharded to one rank,
-   and the fp32 ZeRO-0 reference of the other format.
+   and the fp32 ZeRO-0 reference of the other format;
+4. (``m8v8`` only) DP=2, ZeRO-1 and ZeRO-2 with DeepSpeed's ``overlap_comm`` off and on and
+   2048-element buckets (the gradient of ``l2`` takes DeepSpeed's path for one larger than a
+   bucket), on the CPU accelerator.
 
 The fixture is parametrized over state formats (one launch each): both moments at 8 bits,
 and one moment quantized with the other in fp32 (``m8``: 8-bit m, fp32 v; ``v8``: fp32 m,
@@ -60,6 +63,12 @@ def runs(request, tmp_path_factory):
         dict(mixed, stage=1, dp=1, bf16=True, load=c31, tag="t"),               # 15
         dict(mixed, stage=0, dp=1, **alt),                                      # 16
     ]
+    if request.param == "m8v8":  # overlap_comm on and off, buckets smaller than l2 (3072)
+        small = dict(mixed, dp=2, bucket=2048)
+        jobs += [dict(small, stage=1),                                          # 17
+                 dict(small, stage=1, overlap=True),                            # 18
+                 dict(small, stage=2),                                          # 19
+                 dict(small, stage=2, overlap=True)]                            # 20
     jobs = [job if "reshard" in job else dict(fmt, **job) for job in jobs]
     res = ds_runs.spawn(jobs, str(tmp / "results.pkl"))
     return dict(enumerate(res), tmp=tmp, fmt=fmt)
@@ -174,6 +183,22 @@ def test_zero1_round_robin_and_bf16(runs):
     assert runs[11]["losses"][last] != runs[10]["losses"][last]
     for job in (10, 11):
         assert runs[job]["n_slots"][0] == 1
+
+
+def test_overlap_comm_gives_the_same_losses_and_states(runs):
+    """dsq's ``zero_optimization`` with ``overlap_comm`` on (gradients reduced bucket by bucket
+    during backward) and off, at DP=2 for ZeRO-1 and ZeRO-2: the same losses and moments."""
+    if runs["fmt"] != FORMATS["m8v8"][0]:
+        pytest.skip("the overlap jobs run with the m8v8 format only (one launch)")
+    ref = runs[1]["losses"]
+    for off, on in ((17, 18), (19, 20)):
+        assert runs[on]["losses"] == runs[off]["losses"], (off, on)
+        _close(runs[on]["losses"], ref, 1e-5)  # and what the DP=1 reference gives
+        for name, (m, v) in runs[off]["states"].items():
+            m2, v2 = runs[on]["states"][name]
+            assert torch.equal(m, m2) and torch.equal(v, v2), name
+    # DeepSpeed's ZeRO optimizer took the setting
+    assert [runs[j]["overlap_comm"] for j in (17, 18, 19, 20)] == [False, True, False, True]
 
 
 def test_reshard_round_trip_is_exact(runs, tmp_path):

@@ -58,7 +58,7 @@ def train_args(out: Path, cache: Path, db: Path, experiment: str):
             "train.eval_every=0", "train.eval_samples=16", "train.keep_ckpts=3",
             "optim.warmup_steps=4", f"train.out_dir={out}", f"data.cache_dir={cache}",
             f"tracking.uri=sqlite:///{db}", f"tracking.experiment={experiment}",
-            "train.progress=false"]
+            "train.progress=false", "train.log_every=1"]
 
 
 def submit(cluster, root: Path, args, nodes: int, per_node: int, wait: bool = False) -> int:

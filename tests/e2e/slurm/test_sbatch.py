@@ -31,7 +31,7 @@ def train_args(out: Path, cache: Path, db: Path, *extra: str):
     return ["configs/tiny.yaml", f"train.steps={STEPS}", "train.ckpt_every=5",
             "train.eval_every=0", "train.keep_ckpts=2", "optim.warmup_steps=5",
             f"train.out_dir={out}", f"data.cache_dir={cache}", f"tracking.uri=sqlite:///{db}",
-            "tracking.experiment=slurm", "train.progress=false", *extra]
+            "tracking.experiment=slurm", "train.progress=false", "train.log_every=1", *extra]
 
 
 def submit_2ranks(slurm, log_dir: Path, args, wait: bool = False) -> int:
@@ -255,7 +255,7 @@ def test_sweep_runs_one_recipe_per_array_task_into_one_experiment(slurm, tmp_pat
     base = ["configs/tiny.yaml", "train.steps=3", "train.ckpt_every=0", "train.eval_every=0",
             "train.eval_samples=16", f"train.out_dir={tmp_path / 'sweep'}",
             f"data.cache_dir={data_cache}", f"tracking.uri=sqlite:///{db}",
-            "tracking.experiment=sweep", "train.progress=false"]
+            "tracking.experiment=sweep", "train.progress=false", "train.log_every=1"]
     job = slurm.sbatch("--array=0-2", "--cpus-per-task=1", f"--output={tmp_path}/%x-%A_%a.out",
                        "slurm/sweep.sbatch", *base, "--", *recipes,
                        env={"DSQ_NPROC_PER_NODE": "1"}, wait=True)

@@ -179,6 +179,25 @@ def test_deepspeed_json_is_generated():
     assert ds["zero_optimization"]["stage"] == cfg.deepspeed.zero_stage
 
 
+def test_overlap_comm_and_buckets_reach_deepspeed():
+    from dsq.parallel.engine import deepspeed_config
+
+    zero = lambda cuda, *o: deepspeed_config(load_config([], list(o)), 2, cuda=cuda)[
+        "zero_optimization"]
+    # null: on with ZeRO 1/2 on GPUs, off on CPUs; DeepSpeed's default buckets
+    assert zero(True)["overlap_comm"] is True and zero(False)["overlap_comm"] is False
+    assert zero(True, "deepspeed.zero_stage=1")["overlap_comm"] is True
+    assert zero(True, "deepspeed.zero_stage=0") == {"stage": 0}
+    assert zero(True, "deepspeed.overlap_comm=false")["overlap_comm"] is False
+    z = zero(False, "deepspeed.overlap_comm=true", "deepspeed.reduce_bucket_size=200000000",
+             "deepspeed.allgather_bucket_size=100000000")
+    assert (z["overlap_comm"], z["reduce_bucket_size"], z["allgather_bucket_size"]) == (
+        True, 200_000_000, 100_000_000)
+    assert zero(False)["reduce_bucket_size"] == zero(False)["allgather_bucket_size"] == 500_000_000
+    with pytest.raises(ConfigError, match="deepspeed.allgather_bucket_size=3"):
+        load_config([], ["deepspeed.allgather_bucket_size=3"])
+
+
 def test_optimizer_block_too_wide_is_refused_by_dsq_config():
     """Every component's validation runs in `dsq config` (before any process group or data):
     a block wider than the update kernel takes is one line naming the key, exit 2."""
@@ -321,3 +340,28 @@ def test_llama_1b_fineweb_for_32_ranks(capsys):
             assert table in readme
     lines = table.splitlines()
     assert lines[0].startswith("llama-1b: 1,100,048,384 parameters; 32 ranks = tp 1 x dp 32")
+
+
+@pytest.mark.parametrize("text, says", [
+    ("train:\n  steps: 10\n  eval_every: [1, 2\nmodel:\n  preset: tiny\n",
+     "line 4, column 6: did not find expected ',' or ']' (while parsing a flow sequence at "
+     "line 3, column 15)"),
+    ("train:\n  steps: 10\n\tlr: 3\n", "line 3, column 1: found a tab character that violates "
+     "indentation (while scanning a plain scalar at line 2, column 10)"),
+    ("train:\n  steps: 10\n   eval_every: 3\n",
+     "line 3, column 14: mapping values are not allowed in this context"),
+])
+def test_a_yaml_syntax_error_names_line_and_column(tmp_path, capsys, text, says):
+    from dsq.cli import main
+
+    path = tmp_path / "bad.yaml"
+    path.write_text(text)
+    want = (f"config file {str(path)!r} is not valid YAML at {says}: fix the syntax there "
+            f"(indent with spaces, close every bracket and quote, one 'key: value' per line)")
+    with pytest.raises(ConfigError) as e:
+        load_config([str(path)])
+    assert str(e.value) == want
+    with pytest.raises(SystemExit) as e:
+        main(["config", str(path)])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert e.value.code == 2 and err == [f"dsq: error: {want}"]

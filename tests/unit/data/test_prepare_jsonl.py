@@ -178,8 +178,8 @@ def test_resume_mid_way_equals_an_uninterrupted_run(tmp_path, model, small_batch
                f"{rec['documents_read']:,};" in s for s in said), said
     if cursor:  # from the recorded byte, nothing before it read again
         assert begins[0] == rec["cursor"]["offset"] and not opened
-    else:  # from the start through datasets, skipping the documents written
-        assert opened and not begins
+    else:  # from the start, read in this process (iter_documents), skipping the documents
+        assert not begins and not opened  # written; JSON lines are not read through datasets
     assert _bins(out) == expect
 
 
@@ -230,3 +230,31 @@ def test_a_missing_text_field_names_the_columns(tmp_path, model, capsys):
 def test_held_out_is_the_same_function_for_both_paths():
     assert P.held_out is passes.held_out and P.HOLD_OUT_SEED == 1234
     assert np.array_equal(P.held_out(10, 5, 0.5), passes.held_out(0, 15, 0.5)[10:])
+
+
+@pytest.mark.parametrize("bad, says", [
+    (b'{"text": "unterminated}', "is not JSON (Unterminated string starting at column 10)"),
+    (b'{"text": "caf\xe9"}', "is not UTF-8 (byte 0xe9): convert the file to UTF-8"),
+    (b'{"text": 42}', "has a number in data.text_field='text', not a string: fix or remove"),
+])
+def test_a_bad_record_read_for_the_tokenizer_names_file_and_line(tmp_path, capsys, bad, says):
+    """Without data.tokenizer the tokenizer learns from every document first (not the
+    datasets loader, whose errors name neither file nor line): the same one line."""
+    src = tmp_path / "t.jsonl"
+    src.write_bytes(("\n".join([GOOD] * 30) + "\n").encode() + bad + b"\n" + GOOD.encode())
+    err = _prepare_fails(tmp_path, capsys, src)
+    assert err.startswith(f"dsq: error: data file {str(src)!r} line 31 {says}"), err
+
+
+def test_the_tokenizer_reads_the_documents_the_datasets_loader_gives(tmp_path, monkeypatch):
+    from dsq.data import jsonl, sources
+
+    src = tmp_path / "t.jsonl"
+    src.write_text("\ufeff" + "\n".join([GOOD, '{"text": null}', '{"id": 1}', "  ",
+                                         '{"text": "a"} {"text": "b"}', '{"text": "  "}',
+                                         json.dumps({"text": "\u00e9 line\nbreak"})]))
+    monkeypatch.setattr(sources, "STREAM_RANGE_BYTES", 40)  # several ranges
+    ours = list(sources.iter_documents([str(src)]))
+    monkeypatch.setattr(jsonl, "ENABLED", False)
+    assert ours == list(sources.iter_documents([str(src)]))
+    assert ours == [json.loads(GOOD)["text"], "a", "b", "\u00e9 line\nbreak"]

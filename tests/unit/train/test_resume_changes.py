@@ -27,15 +27,20 @@ BASE = ["optim.lr=2e-3", "optim.min_lr=1e-4", "optim.warmup_steps=2", "train.ste
 # key -> its new value on resume
 CHANGES = {"optim.lr": 1e-3, "optim.min_lr": 5e-4, "optim.warmup_steps": 5, "train.steps": 20,
            "optim.weight_decay": 0.05, "optim.beta1": 0.8, "optim.beta2": 0.95,
-           "optim.eps": 1e-6, "optim.grad_clip": 0.5}
+           "optim.eps": 1e-6, "optim.grad_clip": 0.5, "optim.schedule": "wsd",
+           "optim.decay_fraction": 0.8}
+# what both the old and the new config of a key's test set too (decay_fraction acts under wsd)
+WITH = {"optim.decay_fraction": ["optim.schedule=wsd"]}
 # the other keys a resume may change: read from the config as the run starts, nothing of them
 # is restored from a checkpoint (the cadences are checked through the CLI in
 # tests/e2e/test_long_runs.py)
 FROM_CONFIG = {
     "optim.kernel", "train.steps", "train.eval_every", "train.eval_samples", "train.ckpt_every",
-    "train.keep_ckpts", "train.log_every", "train.spike_factor", "train.spike_window",
+    "train.keep_ckpts", "train.log_every", "train.peak_flops", "train.spike_factor",
+    "train.spike_window",
     "train.max_skipped_steps", "train.out_dir", "train.progress", "train.recompute",
-    "train.reshard", "parallel.timeout_s", "data.cache_dir", "data.workers",
+    "train.reshard", "parallel.timeout_s", "deepspeed.overlap_comm",
+    "deepspeed.reduce_bucket_size", "deepspeed.allgather_bucket_size", "data.cache_dir", "data.workers",
     "data.tokenizer_sample_bytes", "data.prepare_limit_bytes", "tracking.enabled",
     "tracking.uri", "tracking.experiment", "tracking.run_name", "tracking.recipe",
     "tracking.close_timeout_s", "tracking.system_metrics"}
@@ -129,7 +134,8 @@ def saved(request):
 @pytest.mark.parametrize("key", list(CHANGES))
 def test_a_changed_key_is_in_effect_after_resume(saved, key):
     name, ckpt = saved
-    old, new = _cfg(f"optim.name={name}"), _cfg(f"optim.name={name}", f"{key}={CHANGES[key]}")
+    base = [f"optim.name={name}", *WITH.get(key, [])]
+    old, new = _cfg(*base), _cfg(*base, f"{key}={CHANGES[key]}")
     model, engine = _resume(new, ckpt)
     got, want = _in_effect(engine, new, K)
     assert got == want
