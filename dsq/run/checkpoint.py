@@ -30,7 +30,6 @@ import json
 import math
 import os
 import re
-import shutil
 import time
 import warnings
 from pathlib import Path
@@ -40,7 +39,7 @@ import torch
 import torch.distributed as dist
 
 from dsq.parallel import all_reduce_max, broadcast_object, gather_ints
-from dsq.run import diskfull
+from dsq.run import diskfull, pin
 from dsq.run.diskfull import CheckpointWriteError, is_disk_full
 from dsq.run.state import Written as _Written
 from dsq.run.state import portable as _portable
@@ -270,13 +269,15 @@ def _marker(tag_dir: Path) -> Dict:
 
 
 def _prune(root: Path, keep: int) -> None:
-    """Delete complete tags beyond the newest ``keep``, except the newest finite one."""
+    """Delete complete tags beyond the newest ``keep``, except the newest finite one and those
+    a reader has pinned (:mod:`dsq.run.pin`)."""
     complete = [t for _, t in _tags(root) if check(root / t) is None]
     finite = [t for t in complete if _marker(root / t).get("finite", True)]
     for tag in complete[keep:]:
         if finite and tag == finite[0]:
             continue
-        shutil.rmtree(root / tag, ignore_errors=True)
+        pin.remove(root / tag)  # left for a later pruning while a reader holds it
+    pin.sweep(root)
 
 
 def check(tag_dir: Path) -> Optional[str]:
