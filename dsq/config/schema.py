@@ -150,6 +150,10 @@ class TrainConfig:
     ckpt_every: int = 100
     keep_ckpts: int = 2
     """Complete checkpoints kept on disk (older ones are deleted)."""
+    async_ckpt: bool = True
+    """Write checkpoints on the cadence in a background thread: training waits only while the
+    state is copied to CPU memory (dsq/run/async_ckpt.py); the last one is written before the
+    run ends, and a failed write fails the run at the next save or the end."""
     log_every: int = 1
     """Steps between MLflow metric logs, and between progress lines when stderr is not a
     terminal (SLURM logs; a terminal shows a progress bar)."""
