@@ -90,7 +90,7 @@ def message(tag_dir: Path, error: BaseException, needed: int, basis: str, aside:
     short = max(needed - free, 0)
     return (f"no space left on the device of {tag_dir.parent} while writing checkpoint "
             f"{tag_dir.name} ({type(error).__name__}: {str(error).splitlines()[0][:120]}): it "
-            f"needs about {human(needed)} ({basis}), {human(free)} are free; the partial "
+            f"needs about {human(needed)}, {basis}; {human(free)} are free; the partial "
             f"checkpoint was {kept} and no older checkpoint was removed. Free at least "
             f"{human(short + needed // 10)} there (delete the .invalid-* folders of "
             f"{tag_dir.parent} once you do not need them, or lower train.keep_ckpts), then "

@@ -90,8 +90,8 @@ def test_a_full_disk_in_a_background_write_fails_the_next_save_and_the_end(
         assert ckpt.maybe_save(4) is True  # returns: the failure is in the thread
         with pytest.raises(checkpoint.CheckpointWriteError,
                            match=r"^no space left on the device of .* while writing checkpoint "
-                                 r"step_00000004 .* needs about .* \(the size of checkpoint "
-                                 r"step_00000002\)"):
+                                 r"step_00000004 .* needs about .*, the size of checkpoint "
+                                 r"step_00000002;"):
             ckpt.maybe_save(6)
     assert (tmp_path / "latest").read_text() == checkpoint.tag_for(2)
     assert checkpoint.check(tmp_path / checkpoint.tag_for(2)) is None

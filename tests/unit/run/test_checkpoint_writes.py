@@ -195,7 +195,7 @@ def test_a_full_disk_at_any_file_loses_nothing_and_the_save_works_once_space_is_
         assert "\n" not in msg and msg.startswith(
             f"no space left on the device of {root} while writing checkpoint step_00000004 "
             f"(OSError: [Errno 28] No space left on device: '{name}')"), (k, msg)
-        assert f"needs about {diskfull.human(_size(old))} (the size of checkpoint step_00000002)" \
+        assert f"needs about {diskfull.human(_size(old))}, the size of checkpoint step_00000002;" \
             in msg and " are free;" in msg and "resume from step_00000002" in msg, msg
         aside = list(root.glob("step_00000004.invalid-*"))
         assert len(aside) == 1 and f"moved aside to {aside[0].name}" in msg
@@ -210,16 +210,16 @@ def test_a_full_disk_at_any_file_loses_nothing_and_the_save_works_once_space_is_
 def test_torch_saves_short_write_is_told_as_a_full_disk_when_the_disk_is_full(
         tmp_path, monkeypatch, one_rank):
     """torch.save's own words for a full disk (``unexpected pos``) on the first checkpoint of a
-    run: the estimate is the state saved so far (both 64-float tensors, the failed one too); with the disk not full the same error is a
-    write failure, not a full disk."""
+    run: the estimate is the state saved so far (both 64-float tensors, the failed one too);
+    with the disk not full the same error is a write failure, not a full disk."""
     torch_error = lambda name: RuntimeError(
         "[enforce fail at inline_container.cc:672] . unexpected pos 64 vs 12")
     monkeypatch.setattr(diskfull, "free_bytes", lambda path: 4096)
     with monkeypatch.context() as m:
         _writes(m, fail_at=2, error=torch_error)
         with pytest.raises(checkpoint.CheckpointWriteError,
-                           match=r"needs about 512 bytes \(the state saved before the write "
-                                 r"failed\), 4.0 KiB \(4096 bytes\) are free; .* to start again"):
+                           match=r"needs about 512 bytes, the state saved before the write "
+                                 r"failed; 4.0 KiB \(4096 bytes\) are free; .* to start again"):
             _save(tmp_path, 2)
     assert not (tmp_path / "latest").exists() and not (tmp_path / checkpoint.tag_for(2)).exists()
     monkeypatch.setattr(diskfull, "free_bytes", lambda path: 2**40)
