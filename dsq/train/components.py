@@ -21,6 +21,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Dict, List, Optional
 
+import torch
+
 from dsq.log import warn
 from dsq.run import checkpoint
 from dsq.run.async_ckpt import BackgroundWriter
@@ -49,7 +51,7 @@ class Checkpointer:
 
     def __init__(self, engine, root: Path, every: int, last: int, keep: int,
                  state: Callable[[int], Dict], files: Callable[[], Dict[str, object]],
-                 background: bool = False):
+                 background: Optional[bool] = False):
         """``state(step)``: the client state to save; ``files()``: extra files of the tag
         (name -> text or bytes, written by rank 0 before the tag is marked complete);
         ``background`` (``train.async_ckpt``): saves on the cadence are written by a thread
@@ -57,6 +59,8 @@ class Checkpointer:
         self.engine, self.root = engine, root
         self.every, self.last, self.keep = every, last, keep
         self._state, self._files = state, files
+        if background is None:  # train.async_ckpt's default: where the host CPU is idle
+            background = torch.cuda.is_available()
         self.writer = BackgroundWriter() if background else None
         self.stalls: List[float] = []
         """Seconds each save blocked the training loop."""

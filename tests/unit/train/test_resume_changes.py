@@ -33,7 +33,8 @@ CHANGES = {"optim.lr": 1e-3, "optim.min_lr": 5e-4, "optim.warmup_steps": 5, "tra
 # tests/e2e/test_long_runs.py)
 FROM_CONFIG = {
     "optim.kernel", "train.steps", "train.eval_every", "train.eval_samples", "train.ckpt_every",
-    "train.keep_ckpts", "train.log_every", "train.spike_factor", "train.spike_window",
+    "train.keep_ckpts", "train.async_ckpt", "train.log_every", "train.spike_factor",
+    "train.spike_window",
     "train.max_skipped_steps", "train.out_dir", "train.progress", "train.recompute",
     "train.reshard", "parallel.timeout_s", "data.cache_dir", "data.workers",
     "data.tokenizer_sample_bytes", "data.prepare_limit_bytes", "tracking.enabled",
