@@ -1,10 +1,10 @@
 """``dsq`` command line: train, prepare, eval, config, mlflow, report, ckpt, bench.
 
 Every subcommand answers ``--help``; ``dsq --version`` prints the version. Errors a user can
-fix print one ``dsq: error: ...`` line and exit 2 (a training run that diverged: one such line
-and exit 1); Ctrl-C exits 130 without a traceback (``dsq train`` checkpoints first, as on
-SIGTERM). ``--verbose`` (or ``DSQ_LOG_LEVEL=INFO``) shows the libraries' INFO logging, hidden
-by default.
+fix print one ``dsq: error: ...`` line and exit 2 (a training run that diverged, or whose
+checkpoint could not be written, e.g. on a full disk: one such line and exit 1); Ctrl-C exits
+130 without a traceback (``dsq train`` checkpoints first, as on SIGTERM). ``--verbose`` (or
+``DSQ_LOG_LEVEL=INFO``) shows the libraries' INFO logging, hidden by default.
 """
 
 from __future__ import annotations
@@ -118,6 +118,7 @@ def cmd_train(argv: List[str]) -> None:
     except ConfigError as e:
         _fail(str(e))
     set_threads_per_rank()
+    from dsq.run.diskfull import CheckpointWriteError
     from dsq.run.rundir import RunDirError
     from dsq.train.health import Diverged
     from dsq.train.stop import PREEMPTED_EXIT_CODE, Preempted
@@ -127,7 +128,7 @@ def cmd_train(argv: List[str]) -> None:
         run(cfg, env)
     except (DataError, RunDirError) as e:
         _fail(str(e))
-    except Diverged as e:  # a fault of the run, not of its input: exit 1
+    except (Diverged, CheckpointWriteError) as e:  # a fault of the run, not its input: exit 1
         _fail(str(e), code=1)
     except Preempted as e:
         shutdown()

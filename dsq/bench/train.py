@@ -21,6 +21,11 @@ A recipe is written ``BASE[+MOD...]``:
 recompute, the same losses); the table then adds a ``recompute`` column and each row's peak
 memory (the largest rank's) against the same recipe's ``none`` row.
 
+``--ckpt-every N --async-ckpt false,true`` checkpoints every ``N`` steps with each
+``train.async_ckpt`` mode; the table then adds the mode and ``stall/save s``: the mean seconds a
+checkpoint on the cadence blocked the training loop (``summary.json``'s ``ckpt_stall_s``, the
+final checkpoint, always waited for, left out), and tokens/s then include those stalls.
+
 A run that fails (e.g. an optimizer not available) is listed with its error, not dropped
 silently. The table compares tokens/s with the faster of the ``fp32`` and ``bf16`` rows (of the
 same recompute mode), and the validation loss of every ``+int8`` row with the same recipe
@@ -77,19 +82,25 @@ def resolve(spec: str, precision: str, kernel: str = "auto"
     return files, overrides, env
 
 
-def run_recipe(spec: str, ns, base_files: list[str], log, recompute: str = "none") -> dict:
+def run_recipe(spec: str, ns, base_files: list[str], log, recompute: str = "none",
+               async_ckpt: bool | None = None) -> dict:
     files, overrides, extra_env = resolve(spec, ns.precision, ns.kernel)
     overrides.append(f"train.recompute={recompute}")
     name = spec if recompute == "none" else f"{spec} recompute={recompute}"
-    out = Path(ns.out).resolve() / (spec.replace("+", "_")
-                                    + ("" if recompute == "none" else f"_recompute-{recompute}"))
+    suffix = "" if recompute == "none" else f"_recompute-{recompute}"
+    if async_ckpt is not None:
+        overrides.append(f"train.async_ckpt={str(async_ckpt).lower()}")
+        name += f" async_ckpt={str(async_ckpt).lower()}"
+        suffix += "_async" if async_ckpt else "_sync"
+    out = Path(ns.out).resolve() / (spec.replace("+", "_") + suffix)
     if out.exists():
         import shutil
 
         shutil.rmtree(out)
     out.mkdir(parents=True)
     args = [*base_files, *files, f"train.steps={ns.steps}", "train.eval_every=0",
-            "train.ckpt_every=0", "train.progress=false", "tracking.enabled=false",
+            f"train.ckpt_every={getattr(ns, 'ckpt_every', 0)}", "train.progress=false",
+            "tracking.enabled=false",
             f"train.out_dir={out}", f"train.seed={ns.seed}", *overrides, *ns.override]
     if ns.cache_dir:
         args.append(f"data.cache_dir={ns.cache_dir}")
@@ -103,7 +114,8 @@ def run_recipe(spec: str, ns, base_files: list[str], log, recompute: str = "none
         res = subprocess.run(cmd, cwd=ROOT, env=env, stdout=fh, stderr=subprocess.STDOUT,
                              timeout=ns.timeout, check=False)
     wall = time.perf_counter() - t0
-    row = {"recipe": spec, "recompute": recompute, "tokens_per_s": None, "peak_rss_bytes": None,
+    row = {"recipe": spec, "recompute": recompute, "async_ckpt": async_ckpt,
+           "ckpt_stall_s": None, "tokens_per_s": None, "peak_rss_bytes": None,
            "val_loss": None, "wall_s": wall, "out_dir": str(out), "error": None}
     summary = out / "summary.json"
     if res.returncode != 0 or not summary.is_file():
@@ -117,6 +129,8 @@ def run_recipe(spec: str, ns, base_files: list[str], log, recompute: str = "none
                peak_gpu_bytes=s.get("peak_gpu_bytes"), device=s.get("device", "cpu"),
                val_loss=s["val_loss"], train_loss=s["train_loss"],
                optimizer_state_bytes=s.get("optimizer_state_bytes"))
+    stalls = (s.get("ckpt_stall_s") or [])[:-1]  # the last one waits for every write
+    row["ckpt_stall_s"] = sum(stalls) / len(stalls) if stalls else None
     log(f"  {name}: {s['tokens_per_s']:,.0f} tokens/s, val loss {s['val_loss']:.4f} "
         f"({wall:.0f} s)")
     return row
@@ -127,13 +141,18 @@ def _peaks(r: dict, gpu: bool) -> list:
     return r["peak_gpu_bytes"] if gpu and r.get("peak_gpu_bytes") else r["peak_rss_bytes"]
 
 
+def _mode(r: dict) -> tuple:
+    """What a row is compared within: its recompute mode and checkpoint write mode."""
+    return r.get("recompute", "none"), r.get("async_ckpt")
+
+
 def compare(rows: list[dict]) -> None:
     """Add speedup vs the best baseline (of the same recompute mode), the int8 rows' val loss vs
     their simulation, and the peak memory (largest rank) vs the same recipe without recompute."""
     gpu = any(r.get("device") == "cuda" for r in rows)
-    ok = {(r["recipe"], r.get("recompute", "none")): r for r in rows if r["error"] is None}
+    ok = {(r["recipe"], _mode(r)): r for r in rows if r["error"] is None}
     for r in rows:
-        mode = r.get("recompute", "none")
+        mode = _mode(r)
         base = max((ok[b, mode]["tokens_per_s"] for b in ("fp32", "bf16") if (b, mode) in ok),
                    default=None)
         r["speedup_vs_best_baseline"] = (r["tokens_per_s"] / base if base and r["tokens_per_s"]
@@ -145,8 +164,8 @@ def compare(rows: list[dict]) -> None:
             sim = ok.get((r["recipe"].replace("+int8", ""), mode))
             if sim is not None:
                 r["val_loss_vs_simulated"] = r["val_loss"] / sim["val_loss"] - 1
-        plain = ok.get((r["recipe"], "none"))
-        if mode != "none" and plain is not None:
+        plain = ok.get((r["recipe"], ("none", mode[1])))
+        if mode[0] != "none" and plain is not None:
             r["peak_vs_no_recompute"] = max(_peaks(r, gpu)) / max(_peaks(plain, gpu)) - 1
 
 
@@ -155,6 +174,8 @@ def format_table(rows: list[dict]) -> str:
     mem = "peak GPU/rank MiB" if gpu else "peak RSS/rank MiB"
     rc = any(r.get("recompute", "none") != "none" for r in rows)
     extra = f" {'recompute':<9} | {'peak vs none':>12} |" if rc else ""
+    ck = any(r.get("async_ckpt") is not None for r in rows)
+    extra += f" {'ckpt':<5} | {'stall/save s':>12} |" if ck else ""
     head = (f"| {'recipe':<28} |{extra} {'tokens/s':>9} | {'vs best base':>12} | "
             f"{mem:>17} | {'val loss':>8} | {'vs sim':>6} |")
     lines = [head, "|" + "|".join("-" * len(c) for c in head.split("|")[1:-1]) + "|"]
@@ -164,6 +185,10 @@ def format_table(rows: list[dict]) -> str:
             pv = r.get("peak_vs_no_recompute")
             cols = (f" {r.get('recompute', 'none'):<9} | "
                     f"{f'{100 * pv:+.0f}%' if pv is not None else '':>12} |")
+        if ck:
+            st = r.get("ckpt_stall_s")
+            cols += (f" {'async' if r.get('async_ckpt') else 'sync':<5} | "
+                     f"{f'{st:.3f}' if st is not None else '-':>12} |")
         if r["error"]:
             lines.append(f"| {r['recipe']:<28} |{cols} {'failed: ' + r['error']}")
             continue
@@ -189,6 +214,12 @@ def main(argv: list[str]) -> None:
     p.add_argument("--recompute", default="none",
                    help="comma-separated train.recompute modes (none, selective, full): every "
                    "recipe runs with each; the table adds peak memory vs none (default none)")
+    p.add_argument("--ckpt-every", type=int, default=0,
+                   help="train.ckpt_every of every run (default 0: only the final checkpoint)")
+    p.add_argument("--async-ckpt", default=None,
+                   help="comma-separated train.async_ckpt modes (false, true): every recipe "
+                   "runs with each; the table adds the seconds each checkpoint blocked "
+                   "training (use with --ckpt-every)")
     p.add_argument("--precision", default="bf16", choices=("fp32", "bf16"),
                    help="DeepSpeed precision of quantized recipes (default bf16)")
     p.add_argument("--kernel", default="auto", choices=("auto", "eager", "cpp", "compile"),
@@ -226,7 +257,14 @@ def main(argv: list[str]) -> None:
         f"steps on {ns.nproc} ranks, "
         f"{ns.threads_per_rank or 'default'} threads each "
         f"({', '.join(base_files) or 'preset ' + ns.preset})")
-    rows = [run_recipe(s, ns, base_files, log, m) for s in specs for m in modes]
+    ckpt_modes: list = [None]
+    if ns.async_ckpt:
+        ckpt_modes = [{"true": True, "false": False}.get(m.strip().lower(), m)
+                      for m in ns.async_ckpt.split(",") if m.strip()]
+        if any(not isinstance(m, bool) for m in ckpt_modes) or not ckpt_modes:
+            p.error(f"--async-ckpt {ns.async_ckpt!r}: use a comma-separated list of false, true")
+    rows = [run_recipe(s, ns, base_files, log, m, a) for s in specs for m in modes
+            for a in ckpt_modes]
     compare(rows)
     print(format_table(rows))
     if ns.json:

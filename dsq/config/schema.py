@@ -159,6 +159,12 @@ class TrainConfig:
     ckpt_every: int = 100
     keep_ckpts: int = 2
     """Complete checkpoints kept on disk (older ones are deleted)."""
+    async_ckpt: Optional[bool] = None
+    """Write checkpoints on the cadence in a background thread: training waits only while the
+    state is copied to CPU memory (dsq/run/async_ckpt.py); the last one is written before the
+    run ends, and a failed write fails the run at the next save or the end. Default (null): on
+    when training runs on GPUs (the write uses host CPU the training leaves idle), off on
+    CPUs (where the write competes with training for the cores)."""
     log_every: int = 10
     """Steps between MLflow metric logs, and between progress lines when stderr is not a
     terminal (SLURM logs, which also get the first and last step; a terminal shows a progress

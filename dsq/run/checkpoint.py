@@ -8,7 +8,12 @@ that all of them succeeded (one all-reduce: a rank that failed does not leave th
 waiting). Only then does rank 0 write the marker ``dsq_complete.json``, which lists every
 file of the tag with its size (and a SHA-256 of the extra files), fsynced, and then,
 atomically, ``latest``; pruning of older tags comes last. A crash or a full disk at any point
-therefore never leaves ``latest`` pointing at a partial checkpoint, and :func:`check`
+therefore never leaves ``latest`` pointing at a partial checkpoint. A write that fails (a
+full disk: :mod:`dsq.run.diskfull`) raises :class:`CheckpointWriteError` on every rank, one
+line naming the checkpoint, the bytes needed and free, after rank 0 moved the partial tag
+aside as ``<tag>.invalid-<time>``; nothing older was pruned. The state can also be taken on
+the training thread and written later (:func:`begin`, :meth:`Pending.complete`,
+:mod:`dsq.run.async_ckpt`) under the same rules. :func:`check`
 re-verifies a tag against its marker (:func:`find_resume` falls back to the newest complete
 tag, and the run directory's owner moves every tag that fails aside).
 
@@ -19,25 +24,28 @@ beyond them, the newest finite one, so a run that went bad never prunes its last
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import io
 import json
 import math
 import os
-import random
 import re
-import shutil
 import time
 import warnings
 from pathlib import Path
 from typing import Dict, List, Optional, Tuple
 
-import numpy as np
 import torch
 import torch.distributed as dist
 
-from dsq.parallel import all_reduce_max, barrier
+from dsq.parallel import all_reduce_max, broadcast_object, gather_ints
+from dsq.run import diskfull, pin
+from dsq.run.diskfull import CheckpointWriteError, is_disk_full
+from dsq.run.state import Written as _Written
+from dsq.run.state import portable as _portable
+from dsq.run.state import recording as _recording
+from dsq.run.state import rng_state, set_rng_state, snapshot  # noqa: F401 (part of this API)
+from dsq.run.state import write_state as _write_state
 
 MARKER = "dsq_complete.json"
 LATEST = "latest"
@@ -89,103 +97,163 @@ def _fsync_files(paths) -> None:
             os.close(fd)
 
 
-@contextlib.contextmanager
-def _recording(engine):
-    """The paths this rank's DeepSpeed writes inside the block (its checkpoint engine's
-    ``save`` calls), so that each rank syncs its own files and no other's; None when the
-    engine has no checkpoint engine to watch (then every file of the tag is synced)."""
-    ce = getattr(engine, "checkpoint_engine", None)
-    if ce is None or not callable(getattr(ce, "save", None)):
-        yield None
-        return
-    written, save, patched = [], ce.save, "save" in vars(ce)
-
-    def recorded(state_dict, path, *args, **kwargs):
-        out = save(state_dict, path, *args, **kwargs)
-        written.append(Path(path))
-        return out
-
-    ce.save = recorded
-    try:
-        yield written
-    finally:
-        if patched:
-            ce.save = save
-        else:
-            del ce.save  # the class's method again
-
-
 def _sha256(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-def rng_state() -> Dict:
-    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(),
-             "python": random.getstate()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state()
-    return state
+class Pending:
+    """One checkpoint between :func:`begin` (on the training thread: DeepSpeed's state taken,
+    with ``defer`` copied to the CPU instead of written) and :meth:`complete` (writing what was
+    deferred, the RNG state and the extra files, fsync, the ranks' agreement, then rank 0's
+    marker, ``latest`` and pruning); :func:`save` does both at once, :mod:`dsq.run.async_ckpt`
+    the second in a background thread. Failures raise :class:`CheckpointWriteError` (a full
+    disk: :mod:`dsq.run.diskfull`) on every rank, after rank 0 moved the partial tag aside."""
+
+    def __init__(self, root: Path, step: int, keep: int, loss: Optional[float], finite: bool):
+        self.root, self.step, self.keep = root, step, keep
+        self.tag, self.loss, self.finite = tag_for(step), loss, finite
+        self.tag_dir = root / self.tag
+        self.rank = dist.get_rank()
+        self.deferred: List = []
+        self.written: Optional[_Written] = None
+        self.extra: Dict[str, bytes] = {}
+        self.rng = b""
+        self.error: Optional[BaseException] = None
+
+    def complete(self, group=None) -> str:
+        """Finish the checkpoint on this rank (all ranks call it; collectives over ``group``)."""
+        hashes = {}
+        if self.error is None:
+            try:
+                for state, path in self.deferred:
+                    _write_state(state, path)
+                self.deferred = []
+                _write_all(self.tag_dir / f"rng_rank{self.rank:05d}.pt", self.rng)
+                for name, data in self.extra.items():
+                    _write_all(self.tag_dir / name, data)
+                    hashes[name] = _sha256(data)
+                # this rank's DeepSpeed files (its own were synced as written); rank 0 also
+                # every file that is not a state (.pt) of some rank: what DeepSpeed copies
+                # beside the states
+                written = self.written
+                mine = list(written or [])
+                if written is None or self.rank == 0:
+                    mine += [p for p in self.tag_dir.rglob("*") if p.is_file() and (
+                        written is None or p.suffix != ".pt")]
+                _fsync_files(sorted(set(mine)))
+                _fsync_dir(self.tag_dir)
+            except Exception as e:  # every rank learns of it below, before anything is marked
+                self.error = e
+        self._agree(self.error, group)
+        error = None
+        if self.rank == 0:
+            try:
+                files = {str(p.relative_to(self.tag_dir)): p.stat().st_size
+                         for p in sorted(self.tag_dir.rglob("*"))
+                         if p.is_file() and p.name != MARKER}
+                loss = self.loss
+                marker = {"step": self.step, "files": files, "sha256": hashes,
+                          "loss": loss if loss is not None and math.isfinite(loss) else None,
+                          "finite": bool(self.finite)}
+                _fsync_write(self.tag_dir / MARKER, json.dumps(marker, indent=1,
+                                                               allow_nan=False))
+                _fsync_write(self.root / LATEST, self.tag)
+                _prune(self.root, self.keep)
+            except Exception as e:
+                error = e
+        self._agree(error, group)  # also the barrier: every rank returns once it is marked
+        return self.tag
+
+    def _agree(self, error: Optional[BaseException], group) -> None:
+        """Raise on every rank when ``error`` is set on any (see the class docstring)."""
+        if all_reduce_max(1.0 if error is not None else 0.0, group=group) == 0:
+            return
+        report = None
+        if error is not None:
+            needed, basis = self._needed()
+            report = (is_disk_full(error, self.tag_dir, needed), needed, basis, error)
+        if dist.is_initialized() and dist.get_world_size(group) > 1:
+            failed = gather_ints(int(error is not None), group=group)
+            report = broadcast_object(report if error is None else _portable(report),
+                                      src=failed.index(1), group=group)
+        full, needed, basis, first = report
+        aside = self._move_aside() if self.rank == 0 else None
+        if full:
+            raise CheckpointWriteError(diskfull.message(
+                self.tag_dir, first, needed, basis, aside,
+                find_resume(self.root, warn=lambda m: None))) from error
+        where = f"moved aside to {aside.name}" if aside else "left for the next run to repair"
+        raise CheckpointWriteError(
+            f"writing checkpoint {self.tag_dir} failed: {type(first).__name__}: "
+            f"{str(first).splitlines()[0] if str(first) else ''}; it was {where}, and every "
+            f"checkpoint before it is kept: fix the cause and rerun the same command to "
+            f"resume") from error
+
+    def _needed(self) -> Tuple[int, str]:
+        """Bytes this checkpoint needs, about: the newest complete one's, else what was saved."""
+        for _, tag in _tags(self.root):
+            if tag != self.tag and check(self.root / tag) is None:
+                size = sum(_marker(self.root / tag)["files"].values())
+                return size, f"the size of checkpoint {tag}"
+        size = (self.written.bytes if self.written else 0) + sum(map(len, self.extra.values()))
+        return size, "the state saved before the write failed"
+
+    def _move_aside(self) -> Optional[Path]:
+        """Rank 0: the partial tag renamed ``<tag>.invalid-<time>`` (its marker removed)."""
+        if not self.tag_dir.is_dir():
+            return None
+        (self.tag_dir / MARKER).unlink(missing_ok=True)
+        (self.root / f".{LATEST}.tmp").unlink(missing_ok=True)
+        aside = _aside(self.root, self.tag)
+        self.tag_dir.rename(aside)
+        if (self.root / LATEST).is_file() and (self.root / LATEST).read_text() == self.tag:
+            (self.root / LATEST).unlink()  # its fsync failed after it was replaced
+        return aside
 
 
-def set_rng_state(state: Dict) -> None:
-    torch.set_rng_state(state["torch"])
-    np.random.set_state(state["numpy"])
-    random.setstate(state["python"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state(state["cuda"])
+def begin(engine, root: Path, step: int, client_state: Dict, keep: int,
+          extra_files: Dict = None, loss: Optional[float] = None, finite: bool = True,
+          defer: bool = False) -> Pending:
+    """The training thread's part of checkpoint ``step`` (all ranks): DeepSpeed's
+    ``save_checkpoint`` (with ``defer``, its states copied to the CPU rather than written),
+    this rank's RNG state and rank 0's extra files taken. A failure here is kept for
+    :meth:`Pending.complete`, so the ranks still agree."""
+    p = Pending(root, step, keep, loss, finite)
+    try:
+        if p.rank == 0:  # a tag of this step left by an earlier attempt is not complete from now
+            (p.tag_dir / MARKER).unlink(missing_ok=True)
+        with _recording(engine, p.deferred if defer else None) as written:
+            p.written = written
+            engine.save_checkpoint(str(root), tag=p.tag, client_state=client_state,
+                                   save_latest=False)
+        buf = io.BytesIO()
+        torch.save(rng_state(), buf)
+        p.rng = buf.getvalue()
+        if p.rank == 0:
+            p.extra = {n: d if isinstance(d, bytes) else d.encode()
+                       for n, d in (extra_files or {}).items()}
+    except Exception as e:
+        p.error = e
+    return p
 
 
 def save(engine, root: Path, step: int, client_state: Dict, keep: int, extra_files: Dict = None,
          loss: Optional[float] = None, finite: bool = True) -> str:
     """Write checkpoint ``step`` on all ranks; returns its tag once it is complete (see the
     module docstring). ``extra_files`` (name -> text or bytes) are written by rank 0;
-    ``loss`` and ``finite`` go into the marker. A write that fails on any rank raises on every
-    rank before the marker (the rank's own error there, a RuntimeError naming the tag
-    elsewhere); the partial tag is moved aside by the next run."""
-    tag = tag_for(step)
-    rank = dist.get_rank()
-    tag_dir = root / tag
-    hashes, error = {}, None
-    try:
-        if rank == 0:  # a tag of this step left by an earlier attempt is not complete from now
-            (tag_dir / MARKER).unlink(missing_ok=True)
-        with _recording(engine) as written:
-            engine.save_checkpoint(str(root), tag=tag, client_state=client_state,
-                                   save_latest=False)
-        buf = io.BytesIO()
-        torch.save(rng_state(), buf)
-        _write_all(tag_dir / f"rng_rank{rank:05d}.pt", buf.getvalue())
-        if rank == 0:
-            for name, data in (extra_files or {}).items():
-                data = data if isinstance(data, bytes) else data.encode()
-                _write_all(tag_dir / name, data)
-                hashes[name] = _sha256(data)
-        # this rank's DeepSpeed files (its own were synced as written); rank 0 also every file
-        # that is not a state (.pt) of some rank: what DeepSpeed copies beside the states
-        mine = list(written or [])
-        if written is None or rank == 0:
-            mine += [p for p in tag_dir.rglob("*") if p.is_file() and (
-                written is None or p.suffix != ".pt")]
-        _fsync_files(sorted(set(mine)))
-        _fsync_dir(tag_dir)
-    except Exception as e:  # every rank learns of it below, before anything is marked
-        error = e
-    if all_reduce_max(1.0 if error is not None else 0.0) > 0:
-        if error is not None:
-            raise error
-        raise RuntimeError(f"checkpoint {tag_dir} was not completed: another rank failed to "
-                           f"write its part (its error is in its log)")
-    if rank == 0:
-        files = {str(p.relative_to(tag_dir)): p.stat().st_size
-                 for p in sorted(tag_dir.rglob("*")) if p.is_file() and p.name != MARKER}
-        marker = {"step": step, "files": files, "sha256": hashes,
-                  "loss": loss if loss is not None and math.isfinite(loss) else None,
-                  "finite": bool(finite)}
-        _fsync_write(tag_dir / MARKER, json.dumps(marker, indent=1, allow_nan=False))
-        _fsync_write(root / LATEST, tag)
-        _prune(root, keep)
-    barrier()
-    return tag
+    ``loss`` and ``finite`` go into the marker. A write that fails on any rank raises
+    :class:`CheckpointWriteError` on every rank before the marker, and the partial tag is
+    moved aside."""
+    return begin(engine, root, step, client_state, keep, extra_files, loss, finite).complete()
+
+
+def _aside(root: Path, tag: str) -> Path:
+    """A new name ``<tag>.invalid-<time>[.N]`` for a tag moved aside."""
+    base = root / f"{tag}.invalid-{time.strftime('%Y%m%d-%H%M%S')}"
+    aside, n = base, 1
+    while aside.exists():
+        aside, n = base.with_name(f"{base.name}.{n}"), n + 1
+    return aside
 
 
 def _tags(root: Path) -> List[Tuple[int, str]]:
@@ -201,13 +269,15 @@ def _marker(tag_dir: Path) -> Dict:
 
 
 def _prune(root: Path, keep: int) -> None:
-    """Delete complete tags beyond the newest ``keep``, except the newest finite one."""
+    """Delete complete tags beyond the newest ``keep``, except the newest finite one and those
+    a reader has pinned (:mod:`dsq.run.pin`)."""
     complete = [t for _, t in _tags(root) if check(root / t) is None]
     finite = [t for t in complete if _marker(root / t).get("finite", True)]
     for tag in complete[keep:]:
         if finite and tag == finite[0]:
             continue
-        shutil.rmtree(root / tag, ignore_errors=True)
+        pin.remove(root / tag)  # left for a later pruning while a reader holds it
+    pin.sweep(root)
 
 
 def check(tag_dir: Path) -> Optional[str]:
@@ -267,7 +337,7 @@ def find_resume(root: Path, repair: bool = False, warn=None) -> Optional[str]:
         bad += [(t, p) for _, t in _tags(root) if t not in seen and (p := check(root / t))]
     for tag, problem in bad:
         if repair:
-            aside = root / f"{tag}.invalid-{time.strftime('%Y%m%d-%H%M%S')}"
+            aside = _aside(root, tag)
             (root / tag).rename(aside)
             warn(f"checkpoint {root / tag} is not usable ({problem}): moved aside to {aside.name}")
         else:

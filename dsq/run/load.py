@@ -16,14 +16,15 @@ A sharded tensor whose layout the model does not describe is refused, never gues
 
 from __future__ import annotations
 
+import contextlib
 import json
 import sys
 from pathlib import Path
-from typing import Dict, Optional, Tuple
+from typing import Dict, Iterator, Optional, Tuple
 
 import torch
 
-from dsq.run import checkpoint
+from dsq.run import checkpoint, pin
 
 
 class CheckpointError(ValueError):
@@ -31,7 +32,15 @@ class CheckpointError(ValueError):
 
 
 def resolve_checkpoint(path: str) -> Path:
+    """The complete checkpoint folder ``path`` means (see :func:`pinned` to read it)."""
     p = Path(path)
+    m = checkpoint.TAG_RE.match(p.name)
+    if not p.exists() and m and p.parent.is_dir():
+        newer = [t for s, t in checkpoint._tags(p.parent) if s > int(m.group(1))]
+        why = (f"no longer exists (the run writing {p.parent} pruned it: train.keep_ckpts "
+               f"keeps the newest)" if newer else "does not exist")
+        raise CheckpointError(f"checkpoint {p} {why}: give the run directory {p.parent.parent} "
+                              f"to read its newest complete checkpoint")
     if not p.exists():
         raise CheckpointError(f"{path!r} does not exist: give a run directory (train.out_dir), its "
                         f"checkpoints/ folder or one checkpoint folder")
@@ -62,6 +71,29 @@ def resolve_checkpoint(path: str) -> Path:
         print(f"dsq: note: evaluating {tag}, the newest complete checkpoint: "
               f"{'; '.join(notes)}", file=sys.stderr)
     return root / tag
+
+
+@contextlib.contextmanager
+def pinned(path: str, tries: int = 5) -> Iterator[Path]:
+    """The checkpoint ``path`` means (:func:`resolve_checkpoint`), pinned for the block so that
+    the run writing beside it cannot prune it (:mod:`dsq.run.pin`). One pruned between being
+    chosen and being pinned is chosen again (a run directory: the next newest complete one)."""
+    problem = None
+    for _ in range(tries):
+        tag_dir = resolve_checkpoint(path)
+        with pin.hold(tag_dir):
+            problem = (checkpoint.check(tag_dir) if tag_dir.is_dir()
+                       else f"{tag_dir} was removed")
+            if problem is None:
+                yield tag_dir
+                return
+        if tag_dir == Path(path):  # that one folder was asked for
+            resolve_checkpoint(path)  # says what became of it
+            break
+    raise CheckpointError(f"the checkpoints of {path} changed {tries} times while being "
+                          f"chosen ({problem}): the run writing there prunes faster than it "
+                          f"can be read; raise its train.keep_ckpts, or copy one checkpoint "
+                          f"folder away and read that")
 
 
 def _read_shard(f: Path) -> Dict:

@@ -281,72 +281,72 @@ def export(path: str, out_dir: str, weights: str = "quantized",
     if out.exists():
         raise ExportError(f"{out_dir} already exists: give a new directory")
     from dsq.parallel import shutdown
-    from dsq.run.load import load_model, load_tokenizer, resolve_checkpoint
+    from dsq.run.load import load_model, load_tokenizer, pinned
     from dsq.tools import hf_tokenizer
 
-    tag_dir = resolve_checkpoint(path)
-    require_transformers()
-    sp = load_tokenizer(tag_dir)
-    try:
-        tok, special = hf_tokenizer.build((tag_dir / "tokenizer.model").read_bytes())
-    except hf_tokenizer.TokenizerExportError as e:
-        raise ExportError(f"cannot export the tokenizer: {e}") from None
-    notes: List[str] = []
-    try:
-        model, cfg, tag_dir = load_model(str(tag_dir), quantize=True)
-        llama = getattr(model, "position_embedding_type", None) == "rope"
-        (check_llama if llama else check_representable)(model)
-        qc = cfg.quant
-        if qc.activation is not None:
-            notes.append(f"activation quantization ({qc.activation}) cannot be exported: the "
-                         f"exported model runs activations in full precision, so its outputs "
-                         f"and loss differ from dsq eval/generate")
-        if weights == "quantized" and qc.weight is None:
-            weights_written = "trained"  # nothing is weight-quantized: the same tensors
-        else:
-            weights_written = weights
-        if weights == "trained" and qc.weight is not None:
-            notes.append(f"--weights trained: the full-precision master weights, not the "
-                         f"{qc.weight} weights the run computed with")
-        with torch.no_grad():
-            tensors = (llama_state_dict if llama else gpt2_state_dict)(model, weights_written)
-        tied = "lm_head.weight" not in tensors
-        if bool(cfg.model.tie_embeddings) and not tied:
-            notes.append("the LM head is written untied: its quantized weight differs from the "
-                         "input embedding's")
-        hf_config = (llama_config if llama else gpt2_config)(cfg, model, tied, sp.eos_id())
-    finally:
-        shutdown()
-    for n in notes:
-        warn(n)
+    with pinned(path) as tag_dir:  # pruning cannot remove it while it is read
+        require_transformers()
+        sp = load_tokenizer(tag_dir)
+        try:
+            tok, special = hf_tokenizer.build((tag_dir / "tokenizer.model").read_bytes())
+        except hf_tokenizer.TokenizerExportError as e:
+            raise ExportError(f"cannot export the tokenizer: {e}") from None
+        notes: List[str] = []
+        try:
+            model, cfg, tag_dir = load_model(str(tag_dir), quantize=True)
+            llama = getattr(model, "position_embedding_type", None) == "rope"
+            (check_llama if llama else check_representable)(model)
+            qc = cfg.quant
+            if qc.activation is not None:
+                notes.append(f"activation quantization ({qc.activation}) cannot be exported: the "
+                             f"exported model runs activations in full precision, so its outputs "
+                             f"and loss differ from dsq eval/generate")
+            if weights == "quantized" and qc.weight is None:
+                weights_written = "trained"  # nothing is weight-quantized: the same tensors
+            else:
+                weights_written = weights
+            if weights == "trained" and qc.weight is not None:
+                notes.append(f"--weights trained: the full-precision master weights, not the "
+                             f"{qc.weight} weights the run computed with")
+            with torch.no_grad():
+                tensors = (llama_state_dict if llama else gpt2_state_dict)(model, weights_written)
+            tied = "lm_head.weight" not in tensors
+            if bool(cfg.model.tie_embeddings) and not tied:
+                notes.append("the LM head is written untied: its quantized weight differs from the "
+                             "input embedding's")
+            hf_config = (llama_config if llama else gpt2_config)(cfg, model, tied, sp.eos_id())
+        finally:
+            shutdown()
+        for n in notes:
+            warn(n)
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
-        from safetensors.torch import save_file
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+        try:
+            from safetensors.torch import save_file
 
-        hf_config.save_pretrained(tmp)
-        save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
-        from transformers import GenerationConfig
+            hf_config.save_pretrained(tmp)
+            save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+            from transformers import GenerationConfig
 
-        GenerationConfig(bos_token_id=sp.eos_id(), eos_token_id=sp.eos_id(),
-                         pad_token_id=sp.eos_id(), do_sample=True, temperature=1.0, top_k=50,
-                         max_length=cfg.model.seq_len).save_pretrained(tmp)
-        tok.save(str(tmp / "tokenizer.json"))
-        shutil.copyfile(tag_dir / "tokenizer.model", tmp / "tokenizer.model")
-        (tmp / "tokenizer_config.json").write_text(json.dumps(
-            hf_tokenizer.tokenizer_config(special, cfg.model.seq_len), indent=2))
-        (tmp / "special_tokens_map.json").write_text(hf_tokenizer.special_tokens_map(special))
-        info = {"checkpoint": str(tag_dir),
-                "architecture": "LlamaForCausalLM" if llama else "GPT2LMHeadModel",
-                "weights": weights_written, "tied_embeddings": tied,
-                "quant": {"weight": str(qc.weight) if qc.weight else None,
-                          "activation": str(qc.activation) if qc.activation else None,
-                          "grad": str(qc.grad) if qc.grad else None},
-                "notes": notes}
-        (tmp / "dsq_export.json").write_text(json.dumps(info, indent=2))
-        os.replace(tmp, out)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
-    return info
+            GenerationConfig(bos_token_id=sp.eos_id(), eos_token_id=sp.eos_id(),
+                             pad_token_id=sp.eos_id(), do_sample=True, temperature=1.0, top_k=50,
+                             max_length=cfg.model.seq_len).save_pretrained(tmp)
+            tok.save(str(tmp / "tokenizer.json"))
+            shutil.copyfile(tag_dir / "tokenizer.model", tmp / "tokenizer.model")
+            (tmp / "tokenizer_config.json").write_text(json.dumps(
+                hf_tokenizer.tokenizer_config(special, cfg.model.seq_len), indent=2))
+            (tmp / "special_tokens_map.json").write_text(hf_tokenizer.special_tokens_map(special))
+            info = {"checkpoint": str(tag_dir),
+                    "architecture": "LlamaForCausalLM" if llama else "GPT2LMHeadModel",
+                    "weights": weights_written, "tied_embeddings": tied,
+                    "quant": {"weight": str(qc.weight) if qc.weight else None,
+                              "activation": str(qc.activation) if qc.activation else None,
+                              "grad": str(qc.grad) if qc.grad else None},
+                    "notes": notes}
+            (tmp / "dsq_export.json").write_text(json.dumps(info, indent=2))
+            os.replace(tmp, out)
+        finally:
+            if tmp.exists():
+                shutil.rmtree(tmp, ignore_errors=True)
+        return info

@@ -65,7 +65,7 @@ def generate(path: str, prompt: str, max_new_tokens: int = 50, temperature: floa
              top_k: Optional[int] = None, seed: int = 0, device: str = "auto") -> Dict:
     """``{"text": prompt + continuation, "continuation", "ids" (new), "device"}``."""
     from dsq.parallel import shutdown
-    from dsq.run.load import load_model, load_tokenizer, resolve_checkpoint
+    from dsq.run.load import load_model, load_tokenizer, pinned
     from dsq.tools.hf_tokenizer import dsq_encoder
 
     if max_new_tokens < 0:
@@ -75,17 +75,17 @@ def generate(path: str, prompt: str, max_new_tokens: int = 50, temperature: floa
     if top_k is not None and top_k < 1:
         raise GenerateError(f"--top-k {top_k} must be 1 or more")
     device = pick_device(device)
-    tag_dir = resolve_checkpoint(path)
-    sp = load_tokenizer(tag_dir)
-    prompt_ids = dsq_encoder(sp)(prompt)
-    try:
-        model, cfg, _ = load_model(str(tag_dir), quantize=True, device=device)
-        vocab = min(sp.vocab_size(), cfg.model.vocab_size)
-        new = sample(model, [sp.eos_id()] + prompt_ids, cfg.model.seq_len, vocab, sp.eos_id(),
-                     max_new_tokens, temperature, top_k, seed, device)
-    finally:
-        shutdown()
-    head = sp.decode(prompt_ids)
-    full = sp.decode(prompt_ids + new)
-    cont = full[len(head):] if full.startswith(head) else sp.decode(new)
-    return {"text": prompt + cont, "continuation": cont, "ids": new, "device": device}
+    with pinned(path) as tag_dir:  # pruning cannot remove it while it is read
+        sp = load_tokenizer(tag_dir)
+        prompt_ids = dsq_encoder(sp)(prompt)
+        try:
+            model, cfg, _ = load_model(str(tag_dir), quantize=True, device=device)
+            vocab = min(sp.vocab_size(), cfg.model.vocab_size)
+            new = sample(model, [sp.eos_id()] + prompt_ids, cfg.model.seq_len, vocab, sp.eos_id(),
+                         max_new_tokens, temperature, top_k, seed, device)
+        finally:
+            shutdown()
+        head = sp.decode(prompt_ids)
+        full = sp.decode(prompt_ids + new)
+        cont = full[len(head):] if full.startswith(head) else sp.decode(new)
+        return {"text": prompt + cont, "continuation": cont, "ids": new, "device": device}

@@ -3,8 +3,9 @@ on steps itself.
 
 * :class:`EvalSchedule`: which steps evaluate (``train.eval_every``, and the last), shared by
   the validation loss and the SQNR capture of quantized layers.
-* :class:`Checkpointer`: ``maybe_save(step, last)`` writes a checkpoint on ``train.ckpt_every``
-  and at the end (or on a stop), never twice for one step and never of a bad state on the
+* :class:`Checkpointer`: ``maybe_save(step, last)`` writes a checkpoint on
+  ``train.ckpt_every`` (in the background with ``train.async_ckpt``) and at the end (or on a
+  stop, waiting for every write), never twice for one step and never of a bad state on the
   cadence; ``load`` restores one under this run's hyperparameters.
 * :class:`StepLogger`: rank 0's record of a step: ``metrics.jsonl``, MLflow (every
   ``train.log_every`` steps and at every evaluation), the progress bar or plain lines, and the
@@ -15,11 +16,16 @@ from __future__ import annotations
 
 import json
 import math
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Dict, List, Optional
 
+import torch
+
+from dsq.log import warn
 from dsq.run import checkpoint
+from dsq.run.async_ckpt import BackgroundWriter
 from dsq.train.progress import Progress, SpikeGuard
 from dsq.train.schedule import hold, reapply
 
@@ -44,12 +50,20 @@ class Checkpointer:
     """Complete-or-absent checkpoints of one run (:mod:`dsq.run.checkpoint`), on all ranks."""
 
     def __init__(self, engine, root: Path, every: int, last: int, keep: int,
-                 state: Callable[[int], Dict], files: Callable[[], Dict[str, object]]):
+                 state: Callable[[int], Dict], files: Callable[[], Dict[str, object]],
+                 background: Optional[bool] = False):
         """``state(step)``: the client state to save; ``files()``: extra files of the tag
-        (name -> text or bytes, written by rank 0 before the tag is marked complete)."""
+        (name -> text or bytes, written by rank 0 before the tag is marked complete);
+        ``background`` (``train.async_ckpt``): saves on the cadence are written by a thread
+        (:mod:`dsq.run.async_ckpt`), a ``last`` save waits for every write."""
         self.engine, self.root = engine, root
         self.every, self.last, self.keep = every, last, keep
         self._state, self._files = state, files
+        if background is None:  # train.async_ckpt's default: where the host CPU is idle
+            background = torch.cuda.is_available()
+        self.writer = BackgroundWriter() if background else None
+        self.stalls: List[float] = []
+        """Seconds each save blocked the training loop."""
 
     def exists(self, step: int) -> bool:
         return (self.root / checkpoint.tag_for(step) / checkpoint.MARKER).exists()
@@ -65,11 +79,28 @@ class Checkpointer:
         of bad steps, :mod:`dsq.train.health`): the cadence skips bad states, a ``last`` save
         writes it marked not finite, and pruning keeps the newest finite one. Returns whether
         a checkpoint was written."""
+        t0 = time.perf_counter()
+        if last and self.writer is not None:
+            self.writer.wait()  # a pending write of this step counts as saved
         if not self.due(step, last) or not (finite or last):
             return False
-        checkpoint.save(self.engine, self.root, step, self._state(step), self.keep,
-                        extra_files=self._files(), loss=loss, finite=finite)
+        args = (self.engine, self.root, step, self._state(step), self.keep, self._files(),
+                loss, finite)
+        if self.writer is not None and not last:
+            self.writer.submit(*args)
+        else:
+            checkpoint.save(*args)
+        self.stalls.append(time.perf_counter() - t0)
         return True
+
+    def close(self) -> None:
+        """Wait for a pending background write (a run that fails for another reason: its
+        failure is only reported, the run's own error goes on)."""
+        if self.writer is not None:
+            try:
+                self.writer.wait()
+            except Exception as e:
+                warn(str(e))
 
     def load(self, tag: str) -> Dict:
         """Restore ``tag`` under this run's config: the model and optimizer state and the

@@ -174,7 +174,7 @@ class Trainer:
         attach_to_engine(self.engine)
         self.checkpointer = Checkpointer(
             self.engine, self.ckpt_dir, cfg.train.ckpt_every, cfg.train.steps,
-            cfg.train.keep_ckpts, state=self._checkpoint_state,
+            cfg.train.keep_ckpts, state=self._checkpoint_state, background=cfg.train.async_ckpt,
             files=lambda: {"config.yaml": to_yaml(cfg),
                            "tokenizer.model": (self.data_dir / "tokenizer.model").read_bytes()})
 
@@ -367,7 +367,7 @@ class Trainer:
             "quant_sqnr_db": self.sqnr,
             "loss_spikes": self.loss_spikes,
             "nonfinite_steps": self.health.nonfinite,  # the divergence policy's counts
-            "skipped_steps": self.health.skipped,
+            "skipped_steps": self.health.skipped, "ckpt_stall_s": self.checkpointer.stalls,
         }
         self.record.finish(summary, rss, gpu, state_bytes, self.params, self.device.type)
         return summary
@@ -375,6 +375,7 @@ class Trainer:
     def close(self, status: str = "FINISHED", failed_start: bool = False) -> None:
         """Release what setup took, in any state it got to (idempotent)."""
         self.stop.restore()
+        getattr(self, "checkpointer", None) and self.checkpointer.close()  # pending write
         if self.lock is not None:  # a refused or failed start leaves no holder record
             self.lock.release(failed_start=failed_start)
             self.lock = None

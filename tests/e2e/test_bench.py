@@ -120,3 +120,18 @@ def test_bench_train_recompute_rows():
     plain = [row("fp32", "none", 1.0, [2**20])]
     compare(plain)
     assert "recompute" not in format_table(plain)
+
+
+def test_bench_train_checkpoint_stall_rows():
+    """--async-ckpt false,true: each row's checkpoint mode and stall per save; speedups are
+    compared within a mode."""
+    from dsq.bench.train import compare, format_table
+
+    rows = [{"recipe": "fp32", "async_ckpt": a, "ckpt_stall_s": st, "tokens_per_s": t,
+             "peak_rss_bytes": [2**20], "val_loss": 5.0, "error": None}
+            for a, st, t in ((False, 0.5, 100.0), (True, 0.02, 120.0))]
+    compare(rows)
+    assert [r["speedup_vs_best_baseline"] for r in rows] == [1.0, 1.0]
+    table = format_table(rows)
+    assert "| ckpt  | stall/save s |" in table
+    assert "| sync  |        0.500 |" in table and "| async |        0.020 |" in table

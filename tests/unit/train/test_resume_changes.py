@@ -36,7 +36,8 @@ WITH = {"optim.decay_fraction": ["optim.schedule=wsd"]}
 # tests/e2e/test_long_runs.py)
 FROM_CONFIG = {
     "optim.kernel", "train.steps", "train.eval_every", "train.eval_samples", "train.ckpt_every",
-    "train.keep_ckpts", "train.log_every", "train.peak_flops", "train.spike_factor",
+    "train.keep_ckpts", "train.async_ckpt", "train.log_every", "train.peak_flops",
+    "train.spike_factor",
     "train.spike_window",
     "train.max_skipped_steps", "train.out_dir", "train.progress", "train.recompute",
     "train.reshard", "parallel.timeout_s", "deepspeed.overlap_comm",
