@@ -125,3 +125,21 @@ def test_compute_fp8_on_cpu_is_the_simulation():
         outs.append((y.detach(), xr.grad, wr.grad))
     assert all(torch.equal(a, b) for a, b in zip(*outs))
     assert QuantFormat.parse("fp8e4m3:token").bits == 8
+
+
+def test_config_refuses_blocks_that_straddle_tp_shards():
+    """``dsq config``'s validation: on tiny at TP=2 the proj input is 64 wide per rank, so a
+    128-element block would straddle it; 32-element MX blocks fit every shard."""
+    from dsq.config import ConfigError, load_config
+    from tests.conftest import ROOT
+
+    base = [str(ROOT / "configs/tiny.yaml")]
+    with pytest.raises(ConfigError, match=r"quant.weight=fp8e4m3:block128: its 128-element "
+                                          r"blocks would straddle .*proj in 64 per rank"):
+        load_config(base, ["quant.weight=fp8e4m3:block128", "parallel.tp=2"])
+    with pytest.raises(ConfigError, match=r"quant.grad=mxfp4: .*lm_head out 1040 per rank"):
+        load_config(base, ["quant.grad=mxfp4", "parallel.tp=2", "quant.lm_head=true",
+                           "model.vocab_size=2080"])
+    cfg = load_config(base + [str(ROOT / "configs/recipes/formats/mxfp8.yaml")],
+                      ["parallel.tp=2"])
+    assert str(LinearQuant.from_config(cfg.quant).weight) == "mxfp8"
