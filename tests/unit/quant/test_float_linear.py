@@ -143,3 +143,31 @@ def test_config_refuses_blocks_that_straddle_tp_shards():
     cfg = load_config(base + [str(ROOT / "configs/recipes/formats/mxfp8.yaml")],
                       ["parallel.tp=2"])
     assert str(LinearQuant.from_config(cfg.quant).weight) == "mxfp8"
+
+
+def test_startup_line_says_float_formats_are_simulated_on_cpu(dist_one, capfd):
+    """apply_quantization's one start-up line for a float recipe: what each GEMM quantizes and
+    that the CPU simulates it; SQNR of the model's float-quantized operands is collected."""
+    from types import SimpleNamespace
+
+    from dsq.config.schema import QuantConfig
+    from dsq.models.gpt import build_gpt
+    from dsq.models.quant_layers import apply_quantization, collect_sqnr, set_sqnr_capture
+
+    cfg = SimpleNamespace(num_layers=1, hidden_size=64, num_heads=4, ffn_hidden_size=128,
+                          seq_len=16, vocab_size=128, tie_embeddings=False, dropout=0.0,
+                          init_std=0.02)
+    model = build_gpt(cfg, "fp32", seed=0)
+    names = apply_quantization(model, QuantConfig(weight="mxfp8", activation="mxfp8",
+                                                  grad="nvfp4", grad_gemms="both"))
+    line = capfd.readouterr().err.strip().splitlines()[-1]
+    assert len(names) == 4 and line.startswith("dsq: quant.compute=simulate for w=mxfp8")
+    assert line.endswith("on CPU every floating-point format is simulated (float GEMMs)")
+    set_sqnr_capture(model, True)
+    ids = torch.randint(0, 128, (2, 16), generator=torch.Generator().manual_seed(0))
+    model(ids, torch.arange(16).expand(2, -1), None, labels=ids).float().mean().backward()
+    sqnr = collect_sqnr(model)
+    assert set(sqnr) == {f"{k}/{o}" for k in ("qkv", "proj", "fc1", "fc2")
+                         for o in ("weight", "activation", "grad")}
+    assert all(28 < sqnr[f"{k}/weight"] < 34 for k in ("qkv", "fc1")), sqnr  # MXFP8: ~31 dB
+    assert all(15 < sqnr[f"{k}/grad"] < 24 for k in ("qkv", "fc1")), sqnr  # NVFP4: ~20 dB
