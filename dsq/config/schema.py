@@ -104,7 +104,8 @@ class OptimConfig:
 @dataclass
 class QuantConfig:
     weight: Any = None
-    """Weight format, e.g. "int8:channel", or a mapping {bits, granularity, ...}; null = off."""
+    """Weight format, e.g. "int8:channel", "fp8e4m3:channel", "mxfp8", "nvfp4:2d", or a mapping
+    {bits, granularity, ...}; null = off (docs/quantization.md)."""
     activation: Any = None
     """Activation (linear-input) format, e.g. "int8:token"; null = off."""
     grad: Any = None
@@ -119,9 +120,10 @@ class QuantConfig:
     """fnmatch patterns over module names excluded from quantization."""
     check_finite: bool = False
     """Stop with an error naming the operand when a quantizer sees inf/nan (one sync each)."""
-    compute: str = choice("simulate", ("simulate", "int8"))
+    compute: str = choice("simulate", ("simulate", "int8", "fp8"))
     """simulate: quantize-dequantize, floating-point GEMMs (the study's method); int8: integer
-    GEMMs with int32 accumulation where the formats allow it."""
+    GEMMs with int32 accumulation where the formats allow it; fp8: torch._scaled_mm FP8 GEMMs on
+    CUDA GPUs of compute capability 8.9+ for FP8 tensor/row formats (simulated elsewhere)."""
     kernel: str = field(default="auto", metadata=_KERNEL)
     """Quantization and rescale kernels of compute: int8: auto | native | reference | compile
     (dsq.native.kernel_choice). ``$DSQ_QUANT_KERNEL`` wins over it."""
@@ -238,6 +240,8 @@ class Config:
                        ("model.vocab_size", m.vocab_size)):
             check(n % p.tp == 0, f"parallel.tp={p.tp} does not divide {key}={n}: choose a tp "
                   f"that divides it")
+        if p.tp > 1:
+            self._check_blocks_in_shards()
         if world_size is not None:
             check(world_size % p.tp == 0,
                   f"parallel.tp={p.tp} does not divide the world size {world_size}: "
@@ -247,3 +251,27 @@ class Config:
                   f"train.global_batch={t.global_batch} is not a multiple of train.micro_batch x "
                   f"data-parallel size = {t.micro_batch} x {dp}: change train.global_batch or "
                   f"train.micro_batch")
+
+    def _check_blocks_in_shards(self) -> None:
+        """Blocks of floating-point formats never straddle a tensor-parallel shard: the
+        per-rank widths of the dimensions each operand's blocks lie along must be multiples of
+        the block (weights: in of proj/fc2 and, for their column copies, out of qkv/fc1/lm_head;
+        activations: in of proj/fc2; gradients: out of qkv/fc1/lm_head)."""
+        from dsq.quant import QuantFormat
+
+        m, tp, q = self.model, self.parallel.tp, self.quant
+        heads, groups = m.num_heads, m.num_query_groups or m.num_heads
+        ins = {"proj in": m.hidden_size, "fc2 in": m.ffn_hidden_size}
+        outs = {"qkv out": (heads + 2 * groups) * (m.hidden_size // heads),
+                "fc1 out": m.ffn_hidden_size}
+        if q.lm_head:
+            outs["lm_head out"] = m.vocab_size
+        dims = {"weight": {**ins, **outs}, "activation": ins, "grad": outs}
+        for key, where in dims.items():
+            fmt = QuantFormat.parse(getattr(q, key))
+            n = getattr(fmt, "block_size", None) if fmt is not None and fmt.is_float else None
+            bad = {k: v // tp for k, v in where.items() if n and (v // tp) % n}
+            check(not bad, f"quant.{key}={fmt}: its {n}-element blocks would straddle the "
+                  f"tensor-parallel shards at parallel.tp={tp} ("
+                  + ", ".join(f"{k} {w} per rank" for k, w in bad.items())
+                  + "): choose a block that divides them, or a smaller parallel.tp")

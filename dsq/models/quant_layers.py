@@ -29,6 +29,11 @@ With ``compute: int8`` the backward GEMMs requantize per column (:mod:`dsq.quant
 per-column statistic spans the rows, so the column-parallel ``W[out/tp, in]`` per input column is
 max-reduced too (``X`` and ``G`` per column reduce over tokens, never sharded here).
 
+Floating-point formats (:mod:`dsq.quant.floatfmt`) reduce their tensor amax (per-tensor scales,
+NVFP4's tensor scale) whenever the operand is sharded, a row amax when the cast (row cast or
+column copy) runs along the sharded dimension; their blocks must not straddle shards (the layer
+raises, ``dsq config`` refuses first).
+
 Group granularity needs no reduction when the group size divides the shard width (groups
 never straddle ranks); otherwise the layer raises. A gated fc1 (SwiGLU, ``partition_stride=2``)
 holds ``[gate_r; up_r]`` on each rank, so there the group size must divide each half. GQA's
@@ -116,7 +121,7 @@ class _QuantLinearMixin:
             input = copy_to_tensor_model_parallel_region(input, group=group)
         qc = self.qconfig
         tp = group.size() if group is not None else 1
-        int8 = qc.compute == "int8"
+        int8 = qc.compute == "int8" or qc.is_float  # per-column statistics (column copies)
         reducers = Reducers(
             x=self._reducer(qc.activation, "activation", tp),
             w=self._reducer(qc.weight, "weight", tp),
@@ -131,6 +136,8 @@ class _QuantLinearMixin:
         sharded = self._sharded.get(operand)
         if fmt is None or tp == 1 or sharded is None:
             return None
+        if fmt.is_float:
+            return self._float_reducer(fmt, operand, tp, column=False)
         if fmt.granularity == "group":
             width = self._shard_width()
             if sharded == "cols" and width % fmt.group_size:
@@ -144,10 +151,32 @@ class _QuantLinearMixin:
         return None  # per-row statistics of a row-sharded operand are local
 
     def _col_reducer(self, fmt, operand: str, tp: int):
-        """compute=int8 requantizes per column (statistics over the rows) for backward GEMMs."""
+        """compute=int8 requantizes per column (statistics over the rows) for backward GEMMs;
+        floating-point formats make column copies."""
+        if fmt is not None and fmt.is_float and tp > 1 and operand in self._sharded:
+            return self._float_reducer(fmt, operand, tp, column=True)
         if fmt is None or tp == 1 or fmt.granularity in ("tensor", "group"):
             return None  # per-tensor codes are reused; group formats are simulated
         if self._sharded.get(operand) == "rows":
+            return functools.partial(_max_reduce, group=self.tp_group)
+        return None
+
+
+    def _float_reducer(self, fmt, operand: str, tp: int, column: bool):
+        """A floating-point format's cast of ``operand`` along its last dimension or, for a
+        column copy, along its first: the tensor amax (tensor scaling, NVFP4's tensor scale)
+        always spans the shards; a row amax when the cast runs along the sharded dimension;
+        blocks (and N x N tiles) must not straddle a shard, and need none."""
+        sharded = self._sharded[operand]
+        along = sharded == ("rows" if column else "cols")
+        if fmt.block_size and (along or fmt.square):
+            width = self._shard_width()
+            if width % fmt.block_size:
+                raise ValueError(
+                    f"{type(self).__name__}: {operand} format {fmt}: its {fmt.block_size}-element "
+                    f"blocks would straddle the tensor-parallel shards of width {width} (TP={tp}; "
+                    f"of each of gate and up in a gated fc1): choose a block that divides it")
+        if fmt.scaling in ("tensor", "nvfp4") or (along and fmt.scaling in ("channel", "token")):
             return functools.partial(_max_reduce, group=self.tp_group)
         return None
 
@@ -213,7 +242,7 @@ def apply_quantization(model: torch.nn.Module, quant_section: Any) -> list[str]:
             continue
         m.qconfig = qc
         names.append(name)
-    if qc.compute == "int8" and names:
+    if (qc.compute == "int8" or qc.is_float) and names:
         _report_int8(qc, names)
     return names
 
@@ -230,6 +259,13 @@ def _report_int8(qc: LinearQuant, names: list[str]) -> None:
     from dsq.quant.fused import engine
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
+    if qc.is_float:  # simulated, or FP8 GEMMs where the GPU has them
+        from dsq.quant.fp8_gemm import fp8_outlook
+
+        runs, where = fp8_outlook(device)
+        warn = warn or (qc.compute == "fp8" and not runs)
+        print(f"dsq: {'warning: ' if warn else ''}{msg}; {where}", file=sys.stderr, flush=True)
+        return
     where = engine(device)
     if where:
         msg += f"; {where}"

@@ -37,6 +37,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, fields
 from typing import Any
 
+from dsq.quant.floatfmt import FloatFormat, is_float_spec
+
 GRANULARITIES = ("tensor", "channel", "token", "group")
 ROUNDINGS = ("nearest", "stochastic")
 _SHORT = ("e.g. 'int8:channel', 'int4:token:asym', 'int8:group128', 'int8:tensor:stochastic', "
@@ -84,6 +86,18 @@ class QuantFormat:
                                  f"(e.g. 1e-5) or null for none")
             object.__setattr__(self, "min_range", float(mr))
 
+    is_float = False
+
+    def bits_per_element(self, cols: int | None = None, rows: int | None = None) -> float:
+        """Storage bits per element, scales (fp32) and zero points (fp32) included, for an
+        operand of ``rows`` x ``cols`` (``cols`` along the scales' rows); per-row and per-tensor
+        scales count as free without them."""
+        per = 32.0 * (1 if self.symmetric else 2)
+        if self.granularity == "group":
+            return self.bits + per / self.group_size
+        n = cols if self.granularity != "tensor" else (cols * rows if cols and rows else None)
+        return self.bits + (per / n if n else 0.0)
+
     @property
     def qmin(self) -> int:
         return -(1 << (self.bits - 1))
@@ -104,12 +118,14 @@ class QuantFormat:
         return ":".join(parts)
 
     @classmethod
-    def parse(cls, spec: Any) -> QuantFormat | None:
-        """A format from None/"none"/"" (-> None), a short string, a mapping, or a QuantFormat.
+    def parse(cls, spec: Any) -> QuantFormat | FloatFormat | None:
+        """A format from None/"none"/"" (-> None), a short string, a mapping, or a QuantFormat;
+        floating-point format strings (``fp8e4m3:token``, ``mxfp8``, ``nvfp4``, ...) give a
+        :class:`~dsq.quant.floatfmt.FloatFormat`.
 
         Raises ``ValueError`` naming the bad part and the valid choices.
         """
-        if spec is None or isinstance(spec, cls):
+        if spec is None or isinstance(spec, (cls, FloatFormat)):
             return spec
         if isinstance(spec, str):
             return cls._parse_str(spec)
@@ -123,6 +139,8 @@ class QuantFormat:
         s = spec.strip().lower()
         if s in ("", "none", "null", "off"):
             return None
+        if is_float_spec(s):
+            return FloatFormat.parse(spec)
         head, *rest = s.split(":")
         m = re.fullmatch(r"u?int(\d+)", head)
         if not m:

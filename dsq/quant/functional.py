@@ -48,6 +48,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from dsq.quant.floatfmt import FloatFormat, FloatQTensor, quantize_float
 from dsq.quant.format import QuantFormat
 
 Reduce = Callable[[Tensor], Tensor]
@@ -105,19 +106,23 @@ def _amax(x: Tensor, fmt: QuantFormat) -> Tensor:
 @torch.no_grad()
 def quantize(
     x: Tensor,
-    fmt: QuantFormat,
+    fmt: QuantFormat | FloatFormat,
     *,
     reduce: Reduce | None = None,
     generator: torch.Generator | None = None,
     check_finite: bool = False,
     name: str = "tensor",
-) -> QTensor:
-    """Quantize ``x`` to ``fmt`` with a scale computed from ``x`` (see the module docstring).
+) -> QTensor | FloatQTensor:
+    """Quantize ``x`` to ``fmt`` with a scale computed from ``x`` (see the module docstring;
+    floating-point formats: :func:`dsq.quant.floatfmt.quantize_float`).
 
     ``reduce`` max-reduces the statistics across the ranks that share them; ``generator``
     drives stochastic rounding; ``check_finite`` raises ``FloatingPointError`` (naming
     ``name``) when ``x`` holds inf or nan.
     """
+    if fmt.is_float:
+        return quantize_float(x, fmt, reduce=reduce, generator=generator,
+                              check_finite=check_finite, name=name)
     cdtype = torch.promote_types(x.dtype, torch.float32)
     xg = _grouped(x.to(cdtype), fmt)
     tiny = torch.finfo(cdtype).tiny

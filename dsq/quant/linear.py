@@ -360,6 +360,11 @@ def quantized_linear(
     """
     plan = qconfig.plan(weight.shape)
     red = reducers or NO_REDUCERS
+    if qconfig.is_float:  # floating-point formats: dsq.quant.float_linear
+        from dsq.quant.float_linear import FloatLinear
+
+        y = FloatLinear.apply(x, weight, plan, red, capture)
+        return y if bias is None else y + bias
     if not plan.any_int8:  # bias outside: its gradient is autograd's own reduction
         y = _SimulatedLinear.apply(x, weight, plan, red, capture)
         return y if bias is None else y + bias

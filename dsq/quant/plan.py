@@ -47,10 +47,13 @@ class GradGemms(_Option):
 
 class Compute(_Option):
     """simulate: float GEMMs on dequantized operands; int8: integer GEMMs where both operands
-    allow them, simulated GEMMs elsewhere."""
+    allow them, simulated GEMMs elsewhere; fp8: ``torch._scaled_mm`` FP8 GEMMs on CUDA GPUs of
+    compute capability 8.9+ where both operands are FP8 with tensor or row scales, simulated
+    GEMMs elsewhere (:mod:`dsq.quant.fp8_gemm`)."""
 
     SIMULATE = "simulate"
     INT8 = "int8"
+    FP8 = "fp8"
 
 
 class BackwardOperands(_Option):
@@ -81,6 +84,7 @@ class Gemm(enum.Enum):
 class GemmKind(enum.Enum):
     FLOAT = "float GEMM on dequantized operands (simulated quantization)"
     INT8 = "integer GEMM: int8 x int8 -> int32, one rescale"
+    FP8 = "FP8 GEMM: torch._scaled_mm on CUDA (compute capability 8.9+), else simulated"
 
 
 class Axis(enum.Enum):
@@ -196,6 +200,8 @@ def plan_for(qc: LinearQuant, dw_x_left: bool | None) -> LinearPlan:
     """The plan of ``qc`` when ``dW``'s GEMM takes ``X`` (True: ``in <= out``, ``dW^T = X^T G``)
     or ``G`` (False) as its row-major left operand, or, with None, a plan whose codes are never
     packed (a description)."""
+    if qc.is_float:
+        return _float_plan(qc, dw_x_left)
     reasons = _gemm_fallbacks(qc)
     k_fwd, k_dx, k_dw = (GemmKind.FLOAT if r else GemmKind.INT8 for r in reasons)
     X, W, G = Operand.X, Operand.W, Operand.G
@@ -250,6 +256,19 @@ def describe_plan(qc: LinearQuant, kinds: list[str] | None = None) -> tuple[str,
     ``backward_operands=full``) is named, not warned about."""
     plan = qc.plan()
     where = f" ({', '.join(kinds)})" if kinds else ""
+    if qc.is_float:
+        fp8 = [g.formula for g in Gemm if plan.kind(g) is GemmKind.FP8]
+        msg = (f"quant.compute={qc.compute} for {qc}{where}: floating-point formats, each "
+               f"operand quantized along its GEMM's reduced dimension (W along in for Y, along "
+               f"out for dX; X and G along tokens for dW)")
+        if fp8:
+            msg += f"; FP8 GEMMs where the GPU has them: {', '.join(fp8)}"
+        fb = plan.fallbacks()
+        if fb:
+            msg += "; simulated (quantize-dequantize, float GEMMs): " + "; ".join(
+                f"{g.formula}" + (f" because {v}" if qc.compute is Compute.FP8 else "")
+                for g, v in fb.items())
+        return msg, qc.compute is Compute.FP8 and bool(fb)
     int8 = [g.formula for g in Gemm if plan.kind(g) is GemmKind.INT8]
     fb = plan.fallbacks()
     msg = f"quant.compute={qc.compute} for {qc}{where}: integer GEMMs: {', '.join(int8) or 'none'}"
@@ -260,3 +279,68 @@ def describe_plan(qc: LinearQuant, kinds: list[str] | None = None) -> tuple[str,
         f is not None and int8_reason(f, name) is not None
         for f, name in ((qc.weight, "weight"), (qc.activation, "activation"), (qc.grad, "grad")))
     return msg, limited
+
+
+def fp8_reason(fmt, operand: str) -> str | None:
+    """Why ``fmt`` cannot feed a ``torch._scaled_mm`` FP8 GEMM (None: it can)."""
+    if fmt is None:
+        return f"{operand} is not quantized"
+    if not (fmt.is_float and fmt.fp8 and fmt.scaling in ("tensor", "channel", "token")):
+        return f"{operand} {fmt} is not FP8 with tensor or row scales"
+    return None
+
+
+def _local(fmt) -> bool:
+    """A format whose column copy is its row cast (one scale per tensor, or N x N tiles)."""
+    return fmt is None or fmt.scaling == "tensor" or fmt.square
+
+
+def _float_plan(qc: LinearQuant, dw_x_left: bool | None) -> LinearPlan:
+    """Floating-point formats: each operand of each GEMM is quantized along that GEMM's reduced
+    dimension, as Transformer Engine's row-wise and column-wise copies: ``W`` along ``in`` for
+    ``Y`` and along ``out`` for ``dX``, ``X`` and ``G`` along tokens for ``dW``. A column copy
+    of a per-tensor format or of N x N tiles is the row cast itself (saved, not recast)."""
+    X, W, G = Operand.X, Operand.W, Operand.G
+    FWD, DX, DW = Gemm.FORWARD, Gemm.INPUT_GRAD, Gemm.WEIGHT_GRAD
+    a, w, g = qc.activation, qc.weight, qc.grad
+    g_dx_fmt = g if qc.grad_gemms is not GradGemms.WEIGHT else None
+    g_dw_fmt = g if qc.grad_gemms is not GradGemms.INPUT else None
+    fp8 = qc.compute is Compute.FP8
+    reasons = []
+    for gemm, (f1, n1), (f2, n2) in ((FWD, (a, "activation"), (w, "weight")),
+                                     (DX, (g_dx_fmt, "grad"), (w, "weight")),
+                                     (DW, (g_dw_fmt, "grad"), (a, "activation"))):
+        if gemm is not FWD and qc.backward_operands is BackwardOperands.FULL:
+            f2, n2 = None, f"{n2} (backward_operands=full)"
+        reasons.append(_first(fp8_reason(f1, n1), fp8_reason(f2, n2)) if fp8
+                       else f"quant.compute={qc.compute}")
+    k_fwd, k_dx, k_dw = (GemmKind.FLOAT if r else GemmKind.FP8 for r in reasons)
+    held = Saved.CODES
+    if qc.backward_operands is BackwardOperands.FULL:
+        why = "backward_operands=full"
+        w_dx = Cast(W, DX, None, Axis.ROW, Saved.FULL, False, k_dx, why)
+        x_dw = Cast(X, DW, None, Axis.ROW, Saved.FULL, False, k_dw, why)
+    else:
+        w_dx = (Cast(W, DX, w, Axis.ROW, held if w else Saved.FULL, False, k_dx,
+                     "the forward's Qw(W) (one scale per tensor, or N x N tiles)")
+                if _local(w) else
+                Cast(W, DX, w, Axis.COLUMN, Saved.FULL, False, k_dx,
+                     "W's column copy, quantized along out in backward (dX reduces over out)"))
+        x_dw = (Cast(X, DW, a, Axis.ROW, held if a else Saved.FULL, False, k_dw,
+                     "the forward's Qa(X) (one scale per tensor)")
+                if _local(a) else
+                Cast(X, DW, a, Axis.COLUMN, Saved.CODES, False, k_dw,
+                     "X's column copy along tokens, made in the forward (dW reduces over tokens)"))
+    g_dw = Cast(G, DW, g_dw_fmt, Axis.ROW if _local(g_dw_fmt) else Axis.COLUMN, Saved.NO,
+                False, k_dw, f"grad_gemms={qc.grad_gemms}; G's column copy along tokens")
+    g_dx = Cast(G, DX, g_dx_fmt, Axis.ROW, Saved.NO, False, k_dx,
+                f"grad_gemms={qc.grad_gemms}; G along out")
+    x_saved = Saved.CODES if x_dw.saved is Saved.CODES and x_dw.axis is Axis.ROW else Saved.NO
+    w_saved = Saved.CODES if w_dx.saved is Saved.CODES else Saved.NO
+    return LinearPlan(
+        recipe=qc, dw_left=None if dw_x_left is None else X if dw_x_left else G,
+        x_for_y=Cast(X, FWD, a, Axis.ROW, x_saved, False, k_fwd, "the recipe's Qa, along in"),
+        w_for_y=Cast(W, FWD, w, Axis.ROW, w_saved, False, k_fwd, "the recipe's Qw, along in"),
+        g_for_dx=g_dx, w_for_dx=w_dx, g_for_dw=g_dw, x_for_dw=x_dw,
+        gemm_reasons=tuple(r or "both operands are FP8 with tensor or row scales"
+                           for r in reasons))

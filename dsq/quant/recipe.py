@@ -8,6 +8,7 @@ Nothing here computes; :mod:`dsq.quant.linear` runs what these describe.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Any, Sequence
 
@@ -26,7 +27,8 @@ class LinearQuant:
 
     Each format may be given as anything :meth:`QuantFormat.parse` accepts (``"int8:token"``,
     a mapping, None); weights take tensor | channel | group, activations and gradients
-    tensor | token | group.
+    tensor | token | group. Integer and floating-point formats do not mix in one recipe; an
+    ``fp8...:block<N>`` weight is quantized in N x N tiles (``:2d``).
     """
 
     weight: QuantFormat | None = None
@@ -49,7 +51,14 @@ class LinearQuant:
             if fmt is not None and fmt.granularity not in allowed:
                 raise ValueError(f"{name} format {fmt}: granularity {fmt.granularity!r} does "
                                  f"not apply to the {name}; use one of {', '.join(allowed)}")
+            if (name == "weight" and fmt is not None and fmt.is_float
+                    and fmt.scaling == "block" and not fmt.square):
+                fmt = dataclasses.replace(fmt, square=True)  # N x N tiles, as DeepSeek-V3's
             object.__setattr__(self, name, fmt)
+        fmts = [f for f in (self.weight, self.activation, self.grad) if f is not None]
+        if len({f.is_float for f in fmts}) > 1:
+            raise ValueError(f"w={self.weight} a={self.activation} g={self.grad} mix integer "
+                             f"and floating-point formats: use one family in a recipe")
         for name, option in (("grad_gemms", GradGemms), ("compute", Compute),
                              ("backward_operands", BackwardOperands)):
             value = getattr(self, name)
@@ -58,6 +67,20 @@ class LinearQuant:
             except ValueError:
                 raise ValueError(f"{name}={value!r} is unknown: use one of "
                                  f"{', '.join(o.value for o in option)}") from None
+        if self.is_float and self.compute is Compute.INT8:
+            raise ValueError(f"compute=int8 runs integer formats; the floating-point formats "
+                             f"w={self.weight} a={self.activation} g={self.grad} run with "
+                             f"compute=simulate, or compute=fp8 (FP8 GEMMs on a GPU)")
+        if not self.is_float and self.compute is Compute.FP8:
+            raise ValueError(f"compute=fp8 runs floating-point formats (fp8e4m3:token, ...), "
+                             f"not w={self.weight} a={self.activation} g={self.grad}: use "
+                             f"compute=int8 or simulate")
+
+    @property
+    def is_float(self) -> bool:
+        """Whether the formats are floating-point ones (:mod:`dsq.quant.floatfmt`)."""
+        return any(f is not None and f.is_float for f in (self.weight, self.activation,
+                                                           self.grad))
 
     @property
     def enabled(self) -> bool:

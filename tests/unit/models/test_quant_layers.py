@@ -38,12 +38,22 @@ CASES = {
     "tensor-asym": LinearQuant("int8:tensor:asym", "int8:tensor:asym", "int4:tensor:asym"),
     "group": LinearQuant("int8:group16", "int8:group16", "int4:group16:asym", "input"),
 }
+# floating-point formats, on a wider layer (shard widths 128 and 256: whole blocks of 128)
+FLOAT_CASES = {
+    "fp8-row": LinearQuant("fp8e4m3:channel", "fp8e4m3:token", "fp8e5m2:token", "both"),
+    "fp8-tensor": LinearQuant("fp8e4m3:tensor", "fp8e4m3:tensor", "fp8e5m2:tensor", "both"),
+    "fp8-block128": LinearQuant("fp8e4m3:block128", "fp8e4m3:block128", "fp8e4m3:block128",
+                                "both"),
+    "mxfp8": LinearQuant("mxfp8", "mxfp8", "mxfp8", "both"),
+    "nvfp4": LinearQuant("nvfp4:2d", "nvfp4", "nvfp4", "both"),
+}
+FLOAT_IN, FLOAT_OUT = 256, 512
 KINDS = ("column", "row")
 TP_TOL = 1e-5  # fp32 re-association of 32- and 48-term partial sums: ~1e-7 relative
 
 
 # ----------------------------------------------------------------------------- worker
-def _data(kind):
+def _data(kind, IN=IN, OUT=OUT):
     g = torch.Generator().manual_seed(0 if kind == "column" else 1)
     return {"w": torch.randn(OUT, IN, generator=g) * 0.05, "b": torch.randn(OUT, generator=g),
             "x": torch.randn(S, B, IN, generator=g), "gy": torch.randn(S, B, OUT, generator=g)}
@@ -53,6 +63,7 @@ def _layer(cls, kind, group, data, config):
     from megatron.core.tensor_parallel.layers import ColumnParallelLinear
 
     n, r = group.size(), group.rank()
+    OUT, IN = data["w"].shape
     init = torch.nn.init.zeros_
     with torch.no_grad():
         if issubclass(cls, ColumnParallelLinear):
@@ -108,7 +119,10 @@ def _worker(rank, world, path):
                 want = _run(_layer(base, kind, group, data, config), kind, group, data)
                 got = _run(_layer(quant, kind, group, data, config), kind, group, data)
                 out[f"{kind}/none/tp{tp}"] = all(torch.equal(a, b) for a, b in zip(got, want))
-            for name, qc in CASES.items():
+            wide = _data(kind, FLOAT_IN, FLOAT_OUT)
+            for name, qc in (*CASES.items(), *FLOAT_CASES.items()):
+                if name in FLOAT_CASES:
+                    data = wide
                 res = {}
                 for tp, group in ((1, solo), (2, tp2)):
                     layer = _layer(quant, kind, group, data, config)
@@ -149,6 +163,12 @@ def _errors(tp2, config):
         _run(layer, "row", tp2, data)
     except ValueError as e:
         msgs["group"] = str(e)
+    layer = _layer(QuantColumnParallelLinear, "column", tp2, _data("column"), config)
+    layer.qconfig = LinearQuant("mxfp8", None, None)  # W's column copy: 48-row shards
+    try:
+        _run(layer, "column", tp2, _data("column"))
+    except ValueError as e:
+        msgs["float_block"] = str(e)
     sp = dataclasses.replace(config, sequence_parallel=True, tensor_model_parallel_size=2)
     layer = _layer(QuantColumnParallelLinear, "column", tp2, _data("column"), sp)
     layer.qconfig = CASES["tensor"]
@@ -208,7 +228,7 @@ def test_unquantized_is_bit_identical_to_megatron(results, kind, tp):
     assert results[f"{kind}/none/tp{tp}"] is True
 
 
-@pytest.mark.parametrize("case", CASES)
+@pytest.mark.parametrize("case", [*CASES, *FLOAT_CASES])
 @pytest.mark.parametrize("kind", KINDS)
 def test_tp2_equals_tp1(results, kind, case):
     r = results[f"{kind}/{case}"]
@@ -220,7 +240,8 @@ def test_tp2_equals_tp1(results, kind, case):
         assert r["sqnr2"][k] == pytest.approx(v, abs=1e-3), k
 
 
-@pytest.mark.parametrize("case", [c for c in CASES if c != "group"])
+@pytest.mark.parametrize("case", [c for c in CASES if c != "group"] + ["fp8-row", "fp8-tensor",
+                                                                       "nvfp4"])
 @pytest.mark.parametrize("kind", KINDS)
 def test_tp2_without_stat_reduction_would_fail(results, kind, case):
     # every non-group case has a statistic spanning a sharded dimension in both layer kinds
@@ -230,6 +251,8 @@ def test_tp2_without_stat_reduction_would_fail(results, kind, case):
 def test_unsupported_settings_raise(results):
     e = results["errors"]
     assert "group size must divide the per-rank shard width 32" in e["group"]
+    assert ("weight format mxfp8: its 32-element blocks would straddle the tensor-parallel "
+            "shards of width 48" in e["float_block"])
     assert "sequence parallelism is not supported" in e["sequence_parallel"]
 
 
