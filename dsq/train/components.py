@@ -119,7 +119,7 @@ class StepLogger:
     def __init__(self, out_dir: Path, tracker, cfg, start_step: int, enabled: bool,
                  vocab_size: int):
         self.out_dir, self.tracker, self.enabled = out_dir, tracker, enabled
-        self.log_every = cfg.log_every
+        self.log_every, self.last_step = cfg.log_every, cfg.steps
         self.spike_factor = cfg.spike_factor
         self.guard = SpikeGuard(cfg.spike_factor, cfg.spike_window, bound=math.log(vocab_size))
         self.bar: Optional[Progress] = (Progress(cfg.steps, start_step, cfg.log_every,
@@ -147,13 +147,14 @@ class StepLogger:
             self.bar.write(f"dsq: warning: {msg}")
 
     def log(self, step: int, metrics: Dict[str, float], force: bool = False) -> None:
-        """Append to ``metrics.jsonl``; MLflow every ``log_every`` steps, at evaluations and
-        when ``force`` (a bad step)."""
+        """Append to ``metrics.jsonl``; MLflow every ``log_every`` steps, at the last step, at
+        evaluations and SQNR measurements, and when ``force`` (a bad step)."""
         if not self.enabled:
             return
         with open(self.out_dir / "metrics.jsonl", "a") as fh:
             fh.write(json.dumps({"step": step, **metrics}) + "\n")
-        if force or step % self.log_every == 0 or "val/loss" in metrics:
+        if (force or step % self.log_every == 0 or step == self.last_step
+                or any(k.startswith(("val/", "sqnr_db/")) for k in metrics)):
             self.tracker.log_metrics(metrics, step)
 
     def progress(self, step: int, post: Dict[str, str]) -> None:

@@ -30,7 +30,8 @@ def args(out: Path, cache: Path, db: Path | None = None, *extra: str):
              "tracking.system_metrics=false"] if db else ["tracking.enabled=false"]
     return ["configs/tiny.yaml", f"train.steps={STEPS}", "train.ckpt_every=4",
             "train.eval_every=0", "train.eval_samples=64", "optim.warmup_steps=2",
-            "train.progress=false", f"train.out_dir={out}", f"data.cache_dir={cache}", *track,
+            "train.progress=false", "train.log_every=1", f"train.out_dir={out}",
+            f"data.cache_dir={cache}", *track,
             *extra]
 
 
