@@ -205,7 +205,7 @@ def plan_for(qc: LinearQuant, dw_x_left: bool | None) -> LinearPlan:
     reasons = _gemm_fallbacks(qc)
     k_fwd, k_dx, k_dw = (GemmKind.FLOAT if r else GemmKind.INT8 for r in reasons)
     X, W, G = Operand.X, Operand.W, Operand.G
-    FWD, DX, DW = Gemm.FORWARD, Gemm.INPUT_GRAD, Gemm.WEIGHT_GRAD
+    DX, DW = Gemm.INPUT_GRAD, Gemm.WEIGHT_GRAD
     a, w, g = qc.activation, qc.weight, qc.grad
     grad_gemms = f"grad_gemms={qc.grad_gemms}"
 
@@ -237,16 +237,23 @@ def plan_for(qc: LinearQuant, dw_x_left: bool | None) -> LinearPlan:
                     Saved.NO, False, k_dw, grad_gemms)
     g_dx = Cast(G, DX, g if qc.grad_gemms is not GradGemms.WEIGHT else None, Axis.ROW,
                 Saved.NO, False, k_dx, grad_gemms)
-    # the forward's casts are saved where backward uses them as they are
+    return _assemble(qc, dw_x_left, a, w, k_fwd, "", g_dx, w_dx, g_dw, x_dw, reasons,
+                     "both operands are integer codes with scales off its reduced dimension")
+
+
+def _assemble(qc, dw_x_left, a, w, k_fwd, fwd_where: str, g_dx: Cast, w_dx: Cast, g_dw: Cast,
+              x_dw: Cast, reasons, kernel_reason: str) -> LinearPlan:
+    """The plan from the backward's casts: the forward's casts are saved where backward uses
+    them as they are; a GEMM without a reason of its own runs the kernel for ``kernel_reason``."""
     x_saved = Saved.CODES if x_dw.saved is Saved.CODES and x_dw.axis is Axis.ROW else Saved.NO
     w_saved = Saved.CODES if w_dx.saved is Saved.CODES else Saved.NO
+    x, w_, fwd = Operand.X, Operand.W, Gemm.FORWARD
     return LinearPlan(
-        recipe=qc, dw_left=None if dw_x_left is None else X if dw_x_left else G,
-        x_for_y=Cast(X, FWD, a, Axis.ROW, x_saved, False, k_fwd, "the recipe's Qa"),
-        w_for_y=Cast(W, FWD, w, Axis.ROW, w_saved, False, k_fwd, "the recipe's Qw"),
+        recipe=qc, dw_left=None if dw_x_left is None else x if dw_x_left else Operand.G,
+        x_for_y=Cast(x, fwd, a, Axis.ROW, x_saved, False, k_fwd, "the recipe's Qa" + fwd_where),
+        w_for_y=Cast(w_, fwd, w, Axis.ROW, w_saved, False, k_fwd, "the recipe's Qw" + fwd_where),
         g_for_dx=g_dx, w_for_dx=w_dx, g_for_dw=g_dw, x_for_dw=x_dw,
-        gemm_reasons=tuple(r or "both operands are integer codes with scales off its reduced "
-                           "dimension" for r in reasons))
+        gemm_reasons=tuple(r or kernel_reason for r in reasons))
 
 
 def describe_plan(qc: LinearQuant, kinds: list[str] | None = None) -> tuple[str, bool]:
@@ -335,12 +342,5 @@ def _float_plan(qc: LinearQuant, dw_x_left: bool | None) -> LinearPlan:
                 False, k_dw, f"grad_gemms={qc.grad_gemms}; G's column copy along tokens")
     g_dx = Cast(G, DX, g_dx_fmt, Axis.ROW, Saved.NO, False, k_dx,
                 f"grad_gemms={qc.grad_gemms}; G along out")
-    x_saved = Saved.CODES if x_dw.saved is Saved.CODES and x_dw.axis is Axis.ROW else Saved.NO
-    w_saved = Saved.CODES if w_dx.saved is Saved.CODES else Saved.NO
-    return LinearPlan(
-        recipe=qc, dw_left=None if dw_x_left is None else X if dw_x_left else G,
-        x_for_y=Cast(X, FWD, a, Axis.ROW, x_saved, False, k_fwd, "the recipe's Qa, along in"),
-        w_for_y=Cast(W, FWD, w, Axis.ROW, w_saved, False, k_fwd, "the recipe's Qw, along in"),
-        g_for_dx=g_dx, w_for_dx=w_dx, g_for_dw=g_dw, x_for_dw=x_dw,
-        gemm_reasons=tuple(r or "both operands are FP8 with tensor or row scales"
-                           for r in reasons))
+    return _assemble(qc, dw_x_left, a, w, k_fwd, ", along in", g_dx, w_dx, g_dw, x_dw, reasons,
+                     "both operands are FP8 with tensor or row scales")
