@@ -231,7 +231,7 @@ class Config:
         """Every section's checks, then those across sections; ``world_size`` (when known)
         checks the parallel layout too. Side-effect free: no process group, file or data."""
         for sec in (self.model, self.parallel, self.deepspeed, self.optim, self.quant,
-                    self.data, self.train):
+                    self.data, self.train, self.tracking):
             sec.validate()
         m, p, t = self.model, self.parallel, self.train
         for key, n in (("model.num_heads", m.num_heads), ("model.ffn_hidden_size",

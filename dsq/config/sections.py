@@ -169,7 +169,8 @@ class DataConfig:
 class TrackingConfig:
     enabled: bool = True
     uri: str = "sqlite:///runs/mlflow.db"
-    """MLflow tracking URI: sqlite:///path.db, file:/path, or http://host:port."""
+    """MLflow tracking URI: sqlite:///path.db, http://host:port, or file:/path (MLflow's file
+    store, which MLflow 3.13+ writes only with MLFLOW_ALLOW_FILE_STORE=true)."""
     experiment: str = "dsq"
     run_name: Optional[str] = None
     """MLflow run name; defaults to the name of train.out_dir."""
@@ -180,3 +181,42 @@ class TrackingConfig:
     """At the end of a run, wait at most this long for MLflow to take queued metrics."""
     system_metrics: bool = True
     """Log CPU/GPU/memory utilisation as MLflow system metrics."""
+
+    def validate(self) -> None:
+        check(not self.enabled or not file_store_refused(self.uri),
+              f"tracking.uri={self.uri} is MLflow's file store, which the installed mlflow "
+              f"refuses (maintenance mode since 3.13): use a database, e.g. "
+              f"tracking.uri=sqlite:///runs/mlflow.db, or set MLFLOW_ALLOW_FILE_STORE=true to "
+              f"keep writing the file store")
+
+
+SCHEME_ONLY_URIS = ("databricks", "databricks-uc", "uc")
+"""Tracking URIs that name a service without ``scheme://``; any other string without a scheme
+is a local path (MLflow's file store)."""
+
+
+def is_bare_path(uri: str) -> bool:
+    """Whether MLflow reads ``uri`` as a local path: no scheme and not a service name."""
+    return "://" not in uri and ":" not in uri and uri not in SCHEME_ONLY_URIS
+
+
+FILE_STORE_GUARD = "3.13.0rc0"
+"""The first mlflow that refuses a file store unless ``MLFLOW_ALLOW_FILE_STORE`` is true."""
+
+
+def file_store_refused(uri: str) -> bool:
+    """Whether the installed mlflow will refuse ``uri`` as a tracking store: a ``file:`` URI or
+    a bare path, with mlflow 3.13+ and without ``MLFLOW_ALLOW_FILE_STORE=true|1``."""
+    import os
+    from importlib import metadata
+
+    if not (uri.startswith("file:") or is_bare_path(uri)):
+        return False
+    if os.environ.get("MLFLOW_ALLOW_FILE_STORE", "").strip().lower() in ("true", "1"):
+        return False
+    try:
+        from packaging.version import Version
+
+        return Version(metadata.version("mlflow")) >= Version(FILE_STORE_GUARD)
+    except Exception:  # no mlflow (tracking then fails on its own) or an unparsable version
+        return False

@@ -76,7 +76,9 @@ def normalize_uri(uri: str) -> str:
         return "sqlite:///" + os.path.abspath(uri[len("sqlite:///"):])
     if uri.startswith("file:") and not uri.startswith("file:/"):
         return "file:" + os.path.abspath(uri[len("file:"):])
-    if "://" not in uri and ":" not in uri:
+    from dsq.config.sections import is_bare_path
+
+    if is_bare_path(uri):
         return "file:" + os.path.abspath(uri)
     return uri
 

@@ -148,6 +148,10 @@ class RunRecord:
         print(f"results: {self.out_dir / 'summary.json'}")
         if self.cfg.tracking.enabled:
             uri = normalize_uri(self.cfg.tracking.uri)
+            if summary["mlflow_run_id"] is None:  # the store never answered: nothing to view
+                print(f"MLflow: no run was created in {uri}; the run's metrics are kept in "
+                      f"{self.out_dir}: send them with `dsq mlflow sync {self.out_dir}`")
+                return
             print(f"MLflow: experiment '{self.cfg.tracking.experiment}', run "
                   f"{summary['mlflow_run_id']} in {uri}\n  view it: "
                   f"{ui_command(uri, self.tracker.experiment_id)}")

@@ -365,3 +365,28 @@ def test_a_yaml_syntax_error_names_line_and_column(tmp_path, capsys, text, says)
         main(["config", str(path)])
     err = capsys.readouterr().err.strip().splitlines()
     assert e.value.code == 2 and err == [f"dsq: error: {want}"]
+
+
+def test_mlflow_file_store_is_refused_up_front_unless_mlflow_allows_it(monkeypatch):
+    """mlflow 3.13+ raises on a file store unless MLFLOW_ALLOW_FILE_STORE is true: a run given
+    one would train with every metric queued for a store that never answers."""
+    from importlib import metadata
+
+    from packaging.version import Version
+
+    from dsq.config.sections import FILE_STORE_GUARD, file_store_refused
+
+    guarded = Version(metadata.version("mlflow")) >= Version(FILE_STORE_GUARD)
+    monkeypatch.delenv("MLFLOW_ALLOW_FILE_STORE", raising=False)
+    for uri in ("file:///tmp/mlruns", "file:mlruns", "mlruns"):
+        assert file_store_refused(uri) is guarded
+    for uri in ("sqlite:///runs/mlflow.db", "http://127.0.0.1:5000", "databricks"):
+        assert file_store_refused(uri) is False
+    if guarded:
+        with pytest.raises(ConfigError, match=r"tracking.uri=file:///tmp/mlruns is MLflow's "
+                                              r"file store.*MLFLOW_ALLOW_FILE_STORE=true"):
+            load_config([], ["tracking.uri=file:///tmp/mlruns"])
+    load_config([], ["tracking.uri=file:///tmp/mlruns", "tracking.enabled=false"])
+    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")
+    assert file_store_refused("file:///tmp/mlruns") is False
+    load_config([], ["tracking.uri=file:///tmp/mlruns"])

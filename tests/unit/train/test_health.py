@@ -112,3 +112,16 @@ def test_summary_json_is_strict_json_and_a_run_without_steps_reports_its_last_lo
     assert got["quant_sqnr_db"] == {"fc1": None}
     rec.print_result(got)  # n/a where a value is missing, no formatting error
     rec.close("FINISHED")
+
+
+def test_the_last_lines_say_so_when_mlflow_never_created_the_run(tmp_path, capsys):
+    from dsq.train.record import RunRecord
+
+    cfg = load_config([], ["tracking.enabled=false"])
+    rec = RunRecord(cfg, tmp_path, enabled=True, log=lambda *a: None)
+    cfg.tracking.enabled = True  # tracked, but the store never answered
+    rec.print_result({"final_step": 3, "train_loss": 7.5, "val_loss": 7.4, "val_ppl": 1712.5,
+                      "tokens_per_s": 2.0e4, "mlflow_run_id": None})
+    out = capsys.readouterr().out
+    assert "run None" not in out and "view it" not in out
+    assert "MLflow: no run was created in" in out and f"dsq mlflow sync {tmp_path}" in out
