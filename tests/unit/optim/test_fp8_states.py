@@ -394,3 +394,30 @@ def test_config_sets_the_bits_and_the_recipe_loads(capsys):
           str(ROOT / "configs/recipes/formats/fp8-states.yaml"), "--memory"])
     out = capsys.readouterr().out
     assert "QAdamW (m fp8e4m3/v fp8e4m3, blocks of 256)" in out
+
+
+def test_compiled_kernel_equals_reference_bit_for_bit():
+    """``optim.kernel=compile`` (the row update under torch.compile, opt-in for GPUs) with fp8
+    moments: the reference kernel's bits, on two steps (one compilation)."""
+    fmt = Fmt(8, 8, False, m_format="fp8e4m3", v_format="fp8e5m2")
+    gen = torch.Generator().manual_seed(1)
+    rows, width = 5, 256
+    p0 = torch.randn(rows, width, generator=gen)
+    g = torch.randn(rows, width, generator=gen) * 1e-2
+    m = torch.randn(rows, width, generator=gen) * 1e-3
+    v = torch.rand(rows, width, generator=gen) * 1e-6
+    mc, ms = fmt.m.quantize(m, m.abs().amax(1, keepdim=True))
+    vc, vs = fmt.v.quantize(v, v.amax(1, keepdim=True))
+    out = []
+    for ker in (K.EagerKernel(), K.CompiledKernel()):
+        res = []
+        for step in (3, 4):
+            st = [p0.clone(), mc.clone(), ms.view(-1).clone(), vc.clone(), vs.view(-1).clone()]
+            ker.rows(st[0], g, *st[1:], rows, width, fmt, K.Hyper(1e-3, 0.9, 0.999, 1e-8, 0.1,
+                                                                    step))
+            res.append(st)
+        out.append(res)
+    for eager, compiled in zip(*out):
+        assert not torch.equal(eager[0], p0)
+        for a, b in zip(eager, compiled):
+            assert torch.equal(a, b)
