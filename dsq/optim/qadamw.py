@@ -13,10 +13,10 @@ study's per-tensor quantization). ``m_bits=32`` or ``v_bits=32`` keeps that mome
 (the study's m8, m4 and v8 settings quantize one moment only); not both: that is
 ``torch.optim.AdamW``. ``m_format`` / ``v_format`` name a moment's format instead of its bits,
 and add the float8 ones (``fp8e4m3``, ``fp8e5m2``: same blocks and scales, one byte per
-element, reference kernel only). Formats: :mod:`dsq.optim.formats`; state layout and ZeRO partitions:
-:mod:`dsq.optim.layout`; a flat tensor's state: :class:`dsq.optim.state.MomentState`; the
-update kernels: :mod:`dsq.optim.kernels`; DeepSpeed attachment: :mod:`dsq.optim.attach`. This
-module orchestrates a step.
+element, reference kernel only). Formats: :mod:`dsq.optim.formats`; state layout and ZeRO
+partitions: :mod:`dsq.optim.layout`; a flat tensor's state:
+:class:`dsq.optim.state.MomentState`; the update kernels: :mod:`dsq.optim.kernels`; DeepSpeed
+attachment: :mod:`dsq.optim.attach`. This module orchestrates a step.
 
 Quality notes. The quantizer is linear, as in the study. Two details keep small second
 moments from blowing up ``m / sqrt(v)``: v uses the full unsigned range (no wasted sign bit)
@@ -56,7 +56,8 @@ from dsq.optim.layout import (
 )
 from dsq.optim.state import MomentState
 
-FORMAT_KEYS = ("m_bits", "v_bits", "m_format", "v_format", "block_size", "v_domain", "v_signed", "quantize")
+FORMAT_KEYS = ("m_bits", "v_bits", "m_format", "v_format", "block_size", "v_domain", "v_signed",
+               "quantize")
 CONFIG_KEYS = ("initial_lr", "betas", "eps", "weight_decay")  # kept by load_state_dict
 
 

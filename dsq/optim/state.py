@@ -8,7 +8,8 @@ pieces), knows their formats (:mod:`dsq.optim.formats`) and where each piece lie
 
 The state dict is the optimizer's ``state[p]`` and what checkpoints hold, with the keys of
 every dsq version so far: ``step``; ``m_codes`` (int8, or uint8 with two 4-bit codes per
-byte, or uint8 bytes of float8 codes) or ``m_fp32``, ``v_codes`` (uint8) or ``v_fp32``, ``m_scales`` / ``v_scales`` (fp32, one
+byte, or uint8 bytes of float8 codes) or ``m_fp32``, ``v_codes`` (uint8) or ``v_fp32``,
+``m_scales`` / ``v_scales`` (fp32, one
 per block piece-row, quantized moments only), ``exp_avg`` / ``exp_avg_sq`` (fp32 pieces). A
 flat tensor of a group that quantizes nothing holds ``torch.optim.AdamW``'s state instead
 (``exp_avg`` / ``exp_avg_sq`` shaped like the tensor). A :class:`MomentState` wraps the
