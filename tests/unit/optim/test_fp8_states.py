@@ -421,3 +421,29 @@ def test_compiled_kernel_equals_reference_bit_for_bit():
         assert not torch.equal(eager[0], p0)
         for a, b in zip(eager, compiled):
             assert torch.equal(a, b)
+
+
+def test_dsq_optim_kernel_native_is_refused_and_auto_reports_reference(monkeypatch, capsys,
+                                                                        tmp_path):
+    """``DSQ_OPTIM_KERNEL=native`` with fp8 moments: one line from ``dsq train`` before any
+    process group starts; under ``auto`` the kernels line says the reference kernel runs."""
+    from dsq import runtime
+    from dsq.cli import main
+    from dsq.config import load_config
+
+    args = [str(ROOT / "configs/tiny.yaml"), str(ROOT / "configs/recipes/formats/fp8-states.yaml")]
+    cfg = load_config(args)
+    with pytest.raises(ValueError, match="DSQ_OPTIM_KERNEL=native does not handle fp8"):
+        runtime.resolve_kernels(cfg, {"DSQ_OPTIM_KERNEL": "native"})
+    assert runtime.describe_kernels(runtime.resolve_kernels(cfg, {}), True,
+                                    runtime.fp8_states(cfg.optim))["kernels.optim"] == "reference"
+    assert not runtime.fp8_states(load_config(args[:1], ["optim.name=qadamw"]).optim)
+    monkeypatch.setenv("DSQ_OPTIM_KERNEL", "native")
+    with pytest.raises(SystemExit) as e:
+        main(["train", *args, f"train.out_dir={tmp_path / 'out'}",
+              f"data.cache_dir={tmp_path / 'cache'}"])
+    assert not (tmp_path / "out").exists()
+    err = capsys.readouterr().err.strip().splitlines()
+    assert e.value.code == 2 and err == [
+        "dsq: error: DSQ_OPTIM_KERNEL=native does not handle fp8 moments (optim.m_format / "
+        "optim.v_format): set it to auto or reference"]
