@@ -115,7 +115,10 @@ def cmd_train(argv: List[str]) -> None:
               f"sbatch slurm/prepare.sbatch {args}), then start dsq train again")
     try:
         check_paths(cfg)
-    except ConfigError as e:
+        from dsq.runtime import resolve_kernels
+
+        resolve_kernels(cfg)  # an unknown $DSQ_*_KERNEL, or native for fp8 optimizer states
+    except (ConfigError, ValueError) as e:
         _fail(str(e))
     set_threads_per_rank()
     from dsq.run.diskfull import CheckpointWriteError

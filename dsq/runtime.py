@@ -264,7 +264,16 @@ def resolve_kernels(cfg, environ: Optional[Mapping[str, str]] = None) -> KernelC
         chosen[family] = (kernel_choice.parse(value, var) if value
                           else kernel_choice.parse(getattr(cfg, family).kernel, f"{family}.kernel"))
     env = {k: environ[k] for k in kernel_choice.OVERRIDES if environ.get(k, "").strip()}
+    if chosen["optim"] is Kernel.NATIVE and fp8_states(cfg.optim):
+        raise ValueError(f"{kernel_choice.ENV['optim']}=native does not handle fp8 moments "
+                         f"(optim.m_format / optim.v_format): set it to auto or reference")
     return KernelChoice(chosen["quant"], chosen["optim"], env)
+
+
+def fp8_states(optim) -> bool:
+    """Whether QAdamW keeps a moment in fp8 (those run on the reference kernel)."""
+    return optim.name == "qadamw" and any(
+        str(getattr(optim, f"{k}_format", None)).startswith("fp8") for k in ("m", "v"))
 
 
 def apply_kernels(choice: KernelChoice) -> None:
@@ -275,13 +284,15 @@ def apply_kernels(choice: KernelChoice) -> None:
     fused.set_kernel(kernel_choice.impl(choice.quant))
 
 
-def describe_kernels(choice: KernelChoice, qadamw: bool) -> Dict[str, str]:
+def describe_kernels(choice: KernelChoice, qadamw: bool, fp8: bool = False) -> Dict[str, str]:
     """What runs, as MLflow params: ``kernels.quant`` (and ``kernels.optim`` for QAdamW), the
-    implementation with its instruction set where native, and ``env.NAME`` for each override."""
+    implementation with its instruction set where native, and ``env.NAME`` for each override;
+    ``fp8``: QAdamW has fp8 moments (they run on the reference kernel)."""
     out = {f"env.{k}": v for k, v in choice.env.items()}
     out["kernels.quant"] = _quant_running()
     if qadamw:
-        out["kernels.optim"] = _optim_running(choice.optim)
+        out["kernels.optim"] = ("reference" if fp8 and choice.optim is not Kernel.COMPILE
+                                else _optim_running(choice.optim))
     return out
 
 

@@ -53,6 +53,13 @@ class OptimConfig:
     v_bits: int = 8
     """qadamw: bits of the second moment (unsigned), 8 (4 allowed, with a warning); 32 keeps v
     in fp32. At most one of m_bits and v_bits may be 32."""
+    m_format: Optional[str] = None
+    """qadamw: m's format by name, null to follow m_bits: int8 | int4 | fp32 | fp8e4m3 |
+    fp8e5m2 (fp8: one float8 byte per element, same blocks and scales; reference kernel). It
+    sets m_bits; an m_bits other than the default 8 must agree with it."""
+    v_format: Optional[str] = None
+    """qadamw: v's format by name, as m_format (fp8: a positive v never stores 0, see
+    docs/optimizer.md)."""
     block_size: Any = 256
     """qadamw: elements per scale block, "tensor" for one scale per parameter, or "row" for one
     per row of a weight (the study's per-channel state scales)."""
@@ -79,6 +86,24 @@ class OptimConfig:
         check(self.grad_clip >= 0, f"optim.grad_clip={self.grad_clip} must be >= 0")
         if self.name != "qadamw":
             return
+        from dsq.optim.formats import FP8, format_bits, resolve_format
+
+        for k in ("m", "v"):  # the format wins over the default bits, and sets them
+            name = getattr(self, f"{k}_format")
+            if name is None:
+                continue
+            try:
+                name = resolve_format(getattr(self, f"{k}_bits"), name, f"optim.{k}")
+            except ValueError as e:
+                raise ConfigError(str(e)) from None
+            setattr(self, f"{k}_bits", format_bits(name))
+        fp8 = any(getattr(self, f"{k}_format") in FP8 for k in ("m", "v"))
+        check(not (fp8 and self.kernel in ("native", "cpp")),
+              "optim.kernel=native does not handle fp8 moments (optim.m_format / "
+              "optim.v_format): set optim.kernel=auto or reference")
+        check(not (self.v_signed and self.v_format in FP8),
+              "optim.v_signed=true applies to an integer v: drop it or set optim.v_format to "
+              "int8 or int4")
         for k in ("m_bits", "v_bits"):
             check(getattr(self, k) in (4, 8, 32),
                   f"optim.{k}={getattr(self, k)} is not supported: use 8 or 4, or 32 to keep "

@@ -64,7 +64,8 @@ def build_optimizer(model: torch.nn.Module, cfg, kernel=None) -> torch.optim.Opt
 
     ``adamw``: ``torch.optim.AdamW`` (foreach). ``qadamw``: :class:`QAdamW` with ``m_bits``,
     ``v_bits``, ``block_size`` and, per group, ``quantize`` from the group's kind and
-    ``cfg.quantize``, ``v_domain`` (linear | sqrt) and ``kernel`` (auto | native | reference |
+    ``cfg.quantize``, ``m_format`` / ``v_format`` (when the section has them), ``v_domain``
+    (linear | sqrt) and ``kernel`` (auto | native | reference |
     compile); ``kernel`` (a resolved :class:`dsq.native.kernel_choice.Kernel`) wins over ``cfg.kernel``.
     """
     groups = param_groups(model, cfg.weight_decay)
@@ -81,6 +82,8 @@ def build_optimizer(model: torch.nn.Module, cfg, kernel=None) -> torch.optim.Opt
                       weight_decay=cfg.weight_decay, m_bits=cfg.m_bits, v_bits=cfg.v_bits,
                       block_size=cfg.block_size, v_domain=cfg.v_domain,
                       v_signed=bool(getattr(cfg, "v_signed", False)),
+                      m_format=getattr(cfg, "m_format", None),
+                      v_format=getattr(cfg, "v_format", None),
                       kernel=cfg.kernel if kernel is None else kernel)
     raise ValueError(f"optim.name={cfg.name!r} is not available")
 
@@ -89,7 +92,12 @@ def optimizer_line(cfg) -> str:
     """The start-up line of the ``optim`` section: the optimizer and its state format."""
     if cfg.name != "qadamw":
         return f"{cfg.name}, fp32 moments"
-    fmt = lambda bits, name: f"{name} fp32" if bits == 32 else f"{name} {bits}-bit"
+    def fmt(bits, name):
+        form = getattr(cfg, f"{name}_format", None)
+        if form is not None and form.startswith("fp8"):
+            return f"{name} {form}"
+        return f"{name} fp32" if bits == 32 else f"{name} {bits}-bit"
+
     block = (f"blocks of {cfg.block_size}" if isinstance(cfg.block_size, int)
              else f"one scale per {cfg.block_size}")
     return (f"qadamw, {fmt(cfg.m_bits, 'm')}, {fmt(cfg.v_bits, 'v')} ({cfg.v_domain}"

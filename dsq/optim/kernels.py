@@ -30,7 +30,8 @@ whether it is processed whole by ``rows`` on one rank or split over two ranks th
   ``ctypes`` after checks of device, dtype, contiguity and sizes. CPU only. Every variant is
   the same C, vectorized by the compiler, so all give the same bits (tested). Each block is
   read and written once: about 16 bytes moved per parameter at 8/8 bits against 28 for fp32
-  AdamW.
+  AdamW. Integer and fp32 moments only: fp8 ones (:data:`dsq.optim.formats.FP8`) run on
+  ``eager`` (QAdamW picks it under ``auto``; an explicit ``cpp`` is refused).
 * ``compile``: :func:`rows_update` under ``torch.compile`` (opt-in, for GPUs; split blocks
   stay eager).
 
@@ -235,15 +236,16 @@ class CompiledKernel(EagerKernel):
         self._fn = {}
 
     def rows(self, p, g, mc, ms, vc, vs, rows, width, fmt, h):
-        key = (fmt.m_bits, fmt.v_bits, fmt.v_sqrt, fmt.v_signed, str(p.device))  # per format
+        key = (fmt.m.format, fmt.v.format, fmt.v_sqrt, fmt.v_signed, str(p.device))  # per format
         if key not in self._fn:
             self._fn[key] = torch.compile(_rows_compiled, dynamic=True)
-        self._fn[key](p, g, mc, ms, vc, vs, width, fmt.m_bits, fmt.v_bits, fmt.v_sqrt,
+        self._fn[key](p, g, mc, ms, vc, vs, width, fmt.m.format, fmt.v.format, fmt.v_sqrt,
                       fmt.v_signed, h.tensors(p.device))
 
 
-def _rows_compiled(p, g, mc, ms, vc, vs, width, m_bits, v_bits, v_sqrt, v_signed, h):
-    rows_update(p, g, mc, ms, vc, vs, width, Fmt(m_bits, v_bits, v_sqrt, v_signed), h)
+def _rows_compiled(p, g, mc, ms, vc, vs, width, m_format, v_format, v_sqrt, v_signed, h):
+    fmt = Fmt(8, 8, v_sqrt, v_signed, m_format, v_format)
+    rows_update(p, g, mc, ms, vc, vs, width, fmt, h)
 
 
 # ============================================================================ C / OpenMP
@@ -369,6 +371,9 @@ def _check(fmt: Fmt, p, g, mc, ms, vc, vs, n: int, lm: int, lv: int, ns: int) ->
             raise ValueError(f"QAdamW C kernel: {what} must be a contiguous {dtype} CPU tensor "
                              f"of at least {k} elements, got {tuple(t.shape)} {t.dtype} on "
                              f"{t.device}")
+    if fmt.fp8:
+        raise ValueError("QAdamW C kernel: fp8 moments run on the reference kernel "
+                         "(optim.kernel=auto or reference)")
     if (fmt.m_q and ms is None) or (fmt.v_q and vs is None):
         raise ValueError("QAdamW C kernel: a quantized moment without its scales")
 

@@ -1,4 +1,4 @@
-"""QAdamW: AdamW whose moments are stored as block-wise linearly quantized integer codes.
+"""QAdamW: AdamW whose moments are stored as block-wise scaled integer (or fp8) codes.
 
 The update is AdamW with decoupled weight decay (``torch.optim.AdamW``'s formula)::
 
@@ -11,10 +11,12 @@ bits), v unsigned (8 bits; 4 allowed with a warning), both with one absmax scale
 ``block_size`` elements of a parameter (default 256) or per parameter (``"tensor"``, the
 study's per-tensor quantization). ``m_bits=32`` or ``v_bits=32`` keeps that moment in fp32
 (the study's m8, m4 and v8 settings quantize one moment only); not both: that is
-``torch.optim.AdamW``. Formats: :mod:`dsq.optim.formats`; state layout and ZeRO partitions:
-:mod:`dsq.optim.layout`; a flat tensor's state: :class:`dsq.optim.state.MomentState`; the
-update kernels: :mod:`dsq.optim.kernels`; DeepSpeed attachment: :mod:`dsq.optim.attach`. This
-module orchestrates a step.
+``torch.optim.AdamW``. ``m_format`` / ``v_format`` name a moment's format instead of its bits,
+and add the float8 ones (``fp8e4m3``, ``fp8e5m2``: same blocks and scales, one byte per
+element, reference kernel only). Formats: :mod:`dsq.optim.formats`; state layout and ZeRO
+partitions: :mod:`dsq.optim.layout`; a flat tensor's state:
+:class:`dsq.optim.state.MomentState`; the update kernels: :mod:`dsq.optim.kernels`; DeepSpeed
+attachment: :mod:`dsq.optim.attach`. This module orchestrates a step.
 
 Quality notes. The quantizer is linear, as in the study. Two details keep small second
 moments from blowing up ``m / sqrt(v)``: v uses the full unsigned range (no wasted sign bit)
@@ -43,7 +45,7 @@ import torch.distributed as dist
 
 from dsq.native import kernel_choice
 from dsq.optim import kernels as K
-from dsq.optim.formats import BITS, FP32, Fmt
+from dsq.optim.formats import BITS, FP8, FP32, Fmt, format_bits, resolve_format
 from dsq.optim.layout import (
     Layout,
     build_layout,
@@ -54,7 +56,8 @@ from dsq.optim.layout import (
 )
 from dsq.optim.state import MomentState
 
-FORMAT_KEYS = ("m_bits", "v_bits", "block_size", "v_domain", "v_signed", "quantize")
+FORMAT_KEYS = ("m_bits", "v_bits", "m_format", "v_format", "block_size", "v_domain", "v_signed",
+               "quantize")
 CONFIG_KEYS = ("initial_lr", "betas", "eps", "weight_decay")  # kept by load_state_dict
 
 
@@ -73,6 +76,10 @@ class QAdamW(torch.optim.Optimizer):
             only with a quantized v).
         v_signed: quantize v with the signed symmetric quantizer (the study's code: half the
             levels, small v flushed to 0; diverges, kept to show it). Eager kernel only.
+        m_format, v_format: the moment's format by name (:data:`dsq.optim.formats.FORMATS`:
+            int8, int4, fp32, fp8e4m3, fp8e5m2), None to follow m_bits / v_bits; a format sets
+            the bits (``m_bits`` other than the default 8 must agree). fp8 moments run on the
+            reference kernel (``auto`` picks it; ``native`` is refused).
         quantize: False keeps fp32 moments for the group.
         kernel: ``auto`` | ``native`` | ``reference`` | ``compile`` (:mod:`dsq.native.kernel_choice`).
     """
@@ -80,14 +87,19 @@ class QAdamW(torch.optim.Optimizer):
     def __init__(self, params, lr: float = 1e-3, betas: Tuple[float, float] = (0.9, 0.999),
                  eps: float = 1e-8, weight_decay: float = 1e-2, m_bits: int = 8,
                  v_bits: int = 8, block_size=256, v_domain: str = "linear",
-                 v_signed: bool = False, quantize: bool = True, kernel: str = "auto"):
+                 v_signed: bool = False, quantize: bool = True, kernel: str = "auto",
+                 m_format: Optional[str] = None, v_format: Optional[str] = None):
         defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay,
                         m_bits=m_bits, v_bits=v_bits, block_size=block_size, v_domain=v_domain,
-                        v_signed=bool(v_signed), quantize=bool(quantize))
+                        v_signed=bool(v_signed), quantize=bool(quantize), m_format=m_format,
+                        v_format=v_format)
         super().__init__(params, defaults)
         for g in self.param_groups:
             _check_group(g)
         self.kernel = kernel_choice.impl(kernel)
+        if self.kernel == "cpp" and any(Fmt.of(g).fp8 for g in self.param_groups if g["quantize"]):
+            raise ValueError("kernel=native does not handle fp8 moments: use kernel=auto or "
+                             "reference")
         self._kernels: Dict[str, object] = {}
         self._layouts: Dict[int, Layout] = {}  # id(flat tensor) -> layout
         self._dp_group: Dict[int, object] = {}  # id(flat tensor) -> process group of its exchange
@@ -137,7 +149,8 @@ class QAdamW(torch.optim.Optimizer):
         raise KeyError("tensor is not in any param group of this optimizer")
 
     def _kernel(self, device: torch.device, fmt: Fmt):
-        name = "eager" if fmt.v_signed else self.kernel  # the study's signed v: eager only
+        # the study's signed v and fp8 moments: eager only (auto picks it silently)
+        name = "eager" if fmt.v_signed or fmt.fp8 else self.kernel
         k = self._kernels.get((name, str(device)))
         if k is None:
             k = self._kernels[(name, str(device))] = K.get_kernel(name, device)
@@ -255,6 +268,8 @@ class QAdamW(torch.optim.Optimizer):
                 raise ValueError(f"param group {gi}: checkpoint has {len(sg['params'])} tensors, "
                                  f"this optimizer {len(g['params'])}")
             for k in FORMAT_KEYS:
+                if k in ("m_format", "v_format") and k not in sg and f"{k[0]}_bits" in sg:
+                    sg = dict(sg, **{k: resolve_format(sg[f"{k[0]}_bits"], None)})  # older files
                 if k in sg and sg[k] != g[k]:
                     raise ValueError(f"param group {gi}: checkpoint has {k}={sg[k]!r}, this run "
                                      f"{k}={g[k]!r}; keep the optimizer format of the checkpoint")
@@ -285,6 +300,10 @@ def _short(meta: Dict) -> str:
 
 
 def _check_group(g: Dict) -> None:
+    for k in ("m", "v"):  # the format is the one truth; the bits follow it
+        if g.get(f"{k}_format") is not None or g[f"{k}_bits"] in BITS:
+            g[f"{k}_format"] = resolve_format(g[f"{k}_bits"], g.get(f"{k}_format"), k)
+            g[f"{k}_bits"] = format_bits(g[f"{k}_format"])
     if g["m_bits"] not in BITS or isinstance(g["m_bits"], bool):
         raise ValueError(f"m_bits={g['m_bits']!r}: use 8 or 4, or 32 to keep m in fp32")
     if g["v_bits"] not in BITS or isinstance(g["v_bits"], bool):
@@ -297,8 +316,9 @@ def _check_group(g: Dict) -> None:
     if g["v_domain"] == "sqrt" and g["v_bits"] == FP32:
         raise ValueError("v_domain='sqrt' applies to a quantized v: with v_bits=32 use "
                          "v_domain='linear'")
-    if g.get("v_signed") and (g["v_bits"] == FP32 or g["v_domain"] == "sqrt"):
-        raise ValueError("v_signed applies to a linearly quantized v (v_bits 8 or 4, "
+    if g.get("v_signed") and (g["v_bits"] == FP32 or g["v_domain"] == "sqrt"
+                              or g["v_format"] in FP8):
+        raise ValueError("v_signed applies to a linearly quantized v (integer, v_bits 8 or 4, "
                          "v_domain='linear')")
     check_block(g["block_size"])
     if g["quantize"] and g["v_bits"] == 4:

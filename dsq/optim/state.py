@@ -8,7 +8,8 @@ pieces), knows their formats (:mod:`dsq.optim.formats`) and where each piece lie
 
 The state dict is the optimizer's ``state[p]`` and what checkpoints hold, with the keys of
 every dsq version so far: ``step``; ``m_codes`` (int8, or uint8 with two 4-bit codes per
-byte) or ``m_fp32``, ``v_codes`` (uint8) or ``v_fp32``, ``m_scales`` / ``v_scales`` (fp32, one
+byte, or uint8 bytes of float8 codes) or ``m_fp32``, ``v_codes`` (uint8) or ``v_fp32``,
+``m_scales`` / ``v_scales`` (fp32, one
 per block piece-row, quantized moments only), ``exp_avg`` / ``exp_avg_sq`` (fp32 pieces). A
 flat tensor of a group that quantizes nothing holds ``torch.optim.AdamW``'s state instead
 (``exp_avg`` / ``exp_avg_sq`` shaped like the tensor). A :class:`MomentState` wraps the
@@ -139,7 +140,8 @@ class MomentState:
 
     # ------------------------------------------------------------------ values
     def piece_codes(self, pc: Piece) -> Tuple[torch.Tensor, torch.Tensor]:
-        """Per-element codes (int16; an fp32 moment's values) of a quantized piece."""
+        """Per-element codes (int16: integer codes, or the bytes of fp8 ones; an fp32 moment's
+        values) of a quantized piece."""
         mc, vc = self.storage(pc)
         n = pc.length
         return self.fmt.m.codes(mc, n, torch.int16), self.fmt.v.codes(vc, n, torch.int16)
@@ -161,11 +163,12 @@ class MomentState:
             if pc.kind == "fp32":
                 m[a:a + k], v[a:a + k] = self.fp32(pc)
                 continue
-            qm, qv = self.piece_codes(pc)
+            mc, vc = self.storage(pc)
+            qm, qv = fm.codes(mc, k), fv.codes(vc, k)  # fp32 code values
             sm, sv = self.scales(pc)
-            m[a:a + k] = qm.float() * _per_element(sm, pc) if fm.quantized else qm
+            m[a:a + k] = qm * _per_element(sm, pc) if fm.quantized else qm
             if fv.quantized:
-                r = qv.float() * _per_element(sv, pc)
+                r = qv * _per_element(sv, pc)
                 v[a:a + k] = r * r if self.fmt.v_sqrt else r
             else:
                 v[a:a + k] = qv

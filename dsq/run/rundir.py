@@ -36,7 +36,7 @@ FROZEN = (
     "train.seed", "train.global_batch", "train.micro_batch", "parallel.tp",
     "deepspeed.zero_stage", "deepspeed.precision",
     "optim.name", "optim.m_bits", "optim.v_bits", "optim.block_size", "optim.quantize",
-    "optim.v_domain", "optim.v_signed",
+    "optim.v_domain", "optim.v_signed", "optim.m_format", "optim.v_format",
 )
 WHY = {
     "model.": "the model", "quant.": "the quantization recipe", "data.": "the data",

@@ -110,7 +110,7 @@ def optimizer_state_bytes(params, optim) -> float:
         if not quantized:
             total += 8 * n
             continue
-        for bits in (optim.m_bits, optim.v_bits):
+        for bits in (optim.m_bits, optim.v_bits):  # fp8 formats set 8 bits: 1 byte each
             total += 4 * n if bits == 32 else _code_bytes(n, bits) + 4 * scales
     return total
 
@@ -272,7 +272,8 @@ def memory_table(cfg, world_size: int) -> str:
     m, o, t = cfg.model, cfg.optim, cfg.train
     prec = cfg.deepspeed.precision
     dtype = "bf16" if prec == "bf16" else "fp32"
-    bits = f"m{o.m_bits}/v{o.v_bits}"
+    bits = "/".join(f"{k} {f}" if (f := getattr(o, f"{k}_format", None) or "").startswith("fp8")
+                    else f"{k}{b}" for k, b in (("m", o.m_bits), ("v", o.v_bits)))
     block = f"blocks of {o.block_size}" if isinstance(o.block_size, int) else o.block_size
     part = f"1/{s['dp']}" if cfg.deepspeed.zero_stage >= 1 else "all"
     total = {k: s["weights"] + s["master"] + s["grads"] + s["grad_bucket"] + s[k]

@@ -20,16 +20,22 @@ def _fmt(v: Optional[str]) -> str:
 
 def _optim_states(p: Dict[str, str]) -> str:
     """``fp32``, or QAdamW's formats: ``m8/v8 b256``; a moment of 32 bits is fp32
-    (``m8/fp32 v b256``, ``fp32 m/v8 b256``)."""
+    (``m8/fp32 v b256``, ``fp32 m/v8 b256``), an fp8 one is named (``m fp8e4m3/v fp8e5m2
+    b256``)."""
     if p.get("optim.name") != "qadamw":
         return "fp32"
     block = p.get("optim.block_size", "?")
-    m, v = p.get("optim.m_bits"), p.get("optim.v_bits")
-    m = "fp32 m" if m == "32" else f"m{m}"
-    v = "fp32 v" if v == "32" else f"v{v}"
+    m, v = (_moment(p, k) for k in ("m", "v"))
     if p.get("optim.v_signed") in ("True", "true"):
         v += " signed"
     return f"{m}/{v} b{block}"
+
+
+def _moment(p: Dict[str, str], k: str) -> str:
+    form, bits = p.get(f"optim.{k}_format", ""), p.get(f"optim.{k}_bits")
+    if form.startswith("fp8"):
+        return f"{k} {form}"
+    return f"fp32 {k}" if bits == "32" else f"{k}{bits}"
 
 
 def _last(m: Dict[str, float], *keys: str) -> float:

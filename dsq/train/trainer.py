@@ -114,7 +114,8 @@ class Trainer:
         init_distributed(self.env, self.cfg.parallel.tp, timeout_s=self.cfg.parallel.timeout_s)
         self.kernel_choice = runtime.resolve_kernels(self.cfg)
         runtime.apply_kernels(self.kernel_choice)
-        self.kernels = runtime.describe_kernels(self.kernel_choice, self.cfg.optim.name == "qadamw")
+        self.kernels = runtime.describe_kernels(self.kernel_choice, self.cfg.optim.name == "qadamw",
+                                                runtime.fp8_states(self.cfg.optim))
         self.dp_rank, self.dp_size = ps.get_data_parallel_rank(), ps.get_data_parallel_world_size()
         self.tp_size = ps.get_tensor_model_parallel_world_size()
         self.dp_group = ps.get_data_parallel_group()

@@ -1,7 +1,8 @@
 """DeepSpeed runs of QAdamW on a tiny model, for tests/e2e/optim/test_deepspeed.py.
 
 ``spawn(jobs, out)`` starts two CPU processes (gloo) that run the list of ``jobs`` (dicts, see
-:func:`run_job`; ``m_bits``, ``v_bits``, ``v_domain`` choose QAdamW's state format) one after
+:func:`run_job`; ``m_bits``, ``v_bits``, ``m_format``, ``v_format``, ``v_domain`` choose QAdamW's
+state format) one after
 another and write rank 0's results to ``out`` (a pickle: one result per job). A job with
 ``dp=1`` runs on each process separately (each in its own one-rank data-parallel group, given
 to DeepSpeed through ``mpu``; saving to ``<save>.rank1`` on the second process); ``dp=2`` jobs
@@ -19,6 +20,7 @@ from __future__ import annotations
 import os
 import pickle
 import socket
+import time
 import types
 from dataclasses import replace
 
@@ -148,6 +150,7 @@ def run_job(job: dict, mpu: MPU) -> dict:
                                 weight_decay=0.1, m_bits=job.get("m_bits", 8),
                                 v_bits=job.get("v_bits", 8), block_size=256, quantize="linear",
                                 v_domain=job.get("v_domain", "linear"),
+                                m_format=job.get("m_format"), v_format=job.get("v_format"),
                                 kernel=job.get("kernel", "auto"))
     opt = build_optimizer(model, cfg)
     engine, _, _, _ = deepspeed.initialize(
@@ -245,8 +248,10 @@ def _entry(rank: int, world: int, port: int, jobs: list, out: str) -> None:
             dist.barrier()
             results.append(None)
             continue
+        t0 = time.perf_counter()
         results.append(run_job(job, mpu1 if job["dp"] == 1 else mpu2))
         dist.barrier()
+        results[-1]["seconds"] = time.perf_counter() - t0  # wall time of the job, both ranks
     if rank == 0:
         with open(out, "wb") as fh:
             pickle.dump(results, fh)

@@ -11,7 +11,9 @@ One launch of two processes runs every job in order (module fixture ``runs``):
    and the fp32 ZeRO-0 reference of the other format;
 4. (``m8v8`` only) DP=2, ZeRO-1 and ZeRO-2 with DeepSpeed's ``overlap_comm`` off and on and
    2048-element buckets (the gradient of ``l2`` takes DeepSpeed's path for one larger than a
-   bucket), on the CPU accelerator.
+   bucket), on the CPU accelerator;
+5. (``m8v8`` only) fp8 moments (E4M3 m, E5M2 v): DP=1 ZeRO-0, DP=2 ZeRO-2 saving at step 3,
+   DP=2 ZeRO-1, the DP=2 checkpoint resharded to one rank and resumed with ZeRO-2.
 
 The fixture is parametrized over state formats (one launch each): both moments at 8 bits,
 and one moment quantized with the other in fp32 (``m8``: 8-bit m, fp32 v; ``v8``: fp32 m,
@@ -35,6 +37,9 @@ FORMATS = {
     "m8": (dict(m_bits=8, v_bits=32), dict(m_bits=4)),
     "v8": (dict(m_bits=32, v_bits=8), dict(v_domain="sqrt")),
 }
+
+
+FP8 = dict(m_format="fp8e4m3", v_format="fp8e5m2")  # the fp8 jobs of the m8v8 launch
 
 
 @pytest.fixture(scope="module", params=list(FORMATS))
@@ -69,6 +74,13 @@ def runs(request, tmp_path_factory):
                  dict(small, stage=1, overlap=True),                            # 18
                  dict(small, stage=2),                                          # 19
                  dict(small, stage=2, overlap=True)]                            # 20
+        c4, c41 = str(tmp / "ckpt_fp8_dp2"), str(tmp / "ckpt_fp8_dp2_as_dp1")
+        f8 = dict(FP8, model="exact", data="same")
+        jobs += [dict(f8, stage=0, dp=1),                                       # 21
+                 dict(f8, stage=2, dp=2, save=c4, save_at=K, tag="t"),          # 22
+                 dict(f8, stage=1, dp=2),                                       # 23
+                 {"reshard": dict(ckpt_dir=c4, tag="t", new_dp=1, out_dir=c41)},  # 24
+                 dict(f8, stage=2, dp=1, load=c41, tag="t")]                    # 25
     jobs = [job if "reshard" in job else dict(fmt, **job) for job in jobs]
     res = ds_runs.spawn(jobs, str(tmp / "results.pkl"))
     return dict(enumerate(res), tmp=tmp, fmt=fmt)
@@ -231,3 +243,32 @@ def _same(a, b):
             _same(x, y)
     else:
         assert a == b
+
+
+def test_fp8_states_dp2_zero1_and_zero2_and_resharded_resume_equal_dp1_bit_for_bit(runs):
+    """fp8 moments: DP=2 with ZeRO-2 and ZeRO-1 (a block cut by the partition boundary, its
+    maxima exchanged) give DP=1's losses and moments bit for bit; the DP=2 checkpoint of step
+    3, resharded to one rank and resumed, continues with the same bits."""
+    if runs["fmt"] != FORMATS["m8v8"][0]:
+        pytest.skip("the fp8 jobs run in the m8v8 launch only")
+    ref = runs[21]
+    assert sorted(ref["losses"]) == list(range(ds_runs.STEPS))
+    for job in (22, 23):
+        assert runs[job]["n_slots"][0] == 1, job  # the partition boundary cuts a block of l2
+        assert runs[job]["losses"] == ref["losses"], job
+        for name, (m, v) in ref["states"].items():
+            m2, v2 = runs[job]["states"][name]
+            assert torch.equal(m, m2) and torch.equal(v, v2), (job, name)
+            assert m.abs().max() > 0 and v.max() > 0 and (v >= 0).all()
+    resumed = runs[25]
+    assert sorted(resumed["losses"]) == list(range(K, ds_runs.STEPS))
+    for s in resumed["losses"]:
+        assert resumed["losses"][s] == ref["losses"][s], s
+    for name, (m, v) in ref["states"].items():
+        assert torch.equal(m, resumed["states"][name][0]), name
+        assert torch.equal(v, resumed["states"][name][1]), name
+    # fp8 took effect: not the 8-bit integer run's moments; 1 byte per element + scales
+    assert runs[0]["losses"][ds_runs.STEPS - 1] != ref["losses"][ds_runs.STEPS - 1]
+    # exact model: 5888 elements, 23 blocks; rank 0 of DP=2 owns 2944 (blocks 0..11, 11 cut)
+    assert ref["state_bytes"] == [5888 * 2 + 23 * 8]
+    assert runs[22]["state_bytes"] == [2944 * 2 + 12 * 8, 2944 * 2 + 12 * 8]

@@ -104,8 +104,10 @@ def test_parameters_are_the_models(dist_one, overrides):
                                    ["optim.name=qadamw", "optim.m_bits=4", "optim.v_bits=32"],
                                    ["optim.name=qadamw", "optim.block_size=tensor"],
                                    ["optim.name=qadamw", "optim.block_size=row",
-                                    "optim.quantize=all"]],
-                         ids=["adamw", "m8v8", "m4", "tensor", "row-all"])
+                                    "optim.quantize=all"],
+                                   ["optim.name=qadamw", "optim.m_format=fp8e4m3",
+                                    "optim.v_format=fp8e5m2"]],
+                         ids=["adamw", "m8v8", "m4", "tensor", "row-all", "fp8"])
 def test_optimizer_states_are_the_optimizers(dist_one, optim):
     from dsq.optim import build_optimizer, optimizer_state_bytes as held
     from dsq.tools.memory import optimizer_state_bytes, parameters
