@@ -334,7 +334,8 @@ def memory_table(cfg, world_size: int) -> str:
              for k in ("adamw", "qadamw")}
     buffers, each = reduce_buckets(cfg.deepspeed)
     buckets = (f"gradient buckets ({buffers} x {cfg.deepspeed.reduce_bucket_size:,} {dtype}"
-               f"{', overlap_comm' if buffers == 2 else ''}, during backward)")
+               f"{', overlap_comm' if buffers == 2 else ''}, during backward)" if buffers else
+               "gradient buckets (none: no ZeRO gradient reduction buffers)")
     lines = [
         f"{m.preset}: {s['params'] * s['tp']:,} parameters; {world_size} ranks = tp {s['tp']} x "
         f"dp {s['dp']}, ZeRO-{cfg.deepspeed.zero_stage}, {prec}; micro batch {t.micro_batch} x "
@@ -345,7 +346,8 @@ def memory_table(cfg, world_size: int) -> str:
     ]
     for label, key in ((f"weights ({dtype}, every rank)", "weights"),
                        (f"master weights (fp32, {part})", "master"),
-                       (f"gradients (fp32, {part})", "grads"),
+                       (f"gradients (fp32, {part if cfg.deepspeed.zero_stage == 2 else 'all'})",
+                        "grads"),
                        (buckets, "grad_bucket")):
         lines.append(f"| {label} | {_gib(s[key])} | {_gib(s[key])} |")
     lines += [f"| optimizer states ({part}) | {_gib(s['adamw'])} | {_gib(s['qadamw'])} |",
