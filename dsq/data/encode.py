@@ -24,8 +24,7 @@ import threading
 import time
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
-from typing import (Callable, Iterable, Iterator, List, NamedTuple, Optional, Sequence,
-                    Tuple)
+from typing import Callable, Iterable, Iterator, NamedTuple, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -67,8 +66,6 @@ class Encoded(NamedTuple):
     ids: np.ndarray  # every document's ids followed by EOS, in order
     lengths: np.ndarray  # tokens of each document, EOS included
     nbytes: int = 0  # source bytes the job covered (progress)
-    records: int = 0  # records read (documents and skipped ones)
-    columns: Optional[List[str]] = None  # records without data.text_field: their fields
 
 
 def encode_texts(texts: Sequence[str], dtype: str, sp=None) -> Encoded:
@@ -86,7 +83,7 @@ def encode_texts(texts: Sequence[str], dtype: str, sp=None) -> Encoded:
     flat[is_text] = np.fromiter(itertools.chain.from_iterable(ids), dtype=dtype,
                                 count=flat.size - len(ids))
     flat[ends - 1] = sp.eos_id()
-    return Encoded(flat, lengths, sum(map(len, texts)), len(texts))
+    return Encoded(flat, lengths, sum(map(len, texts)))
 
 
 Job = Tuple[object, Callable[..., Encoded], tuple]  # (tag, function, arguments)

@@ -9,15 +9,16 @@ instead of in one reader process that competes with them for the cores.
 Contract: the documents, their order and so the token bytes are those the ``datasets`` JSON
 loader (:func:`dsq.data.sources.iter_documents`) yields for the same files: lines holding only
 JSON whitespace are skipped, one line may hold several objects, a leading UTF-8 byte-order mark
-is ignored, a record whose text is null or missing is not a document, nor is a blank text.
-Where that loader would fail, guess, or accept more than JSON lines, this path stops with a
+is ignored, a blank text (``""`` or whitespace) is not a document. Where that loader would
+fail, guess, skip a record silently or accept more than JSON lines, this path stops with a
 :class:`DataError` naming the file and line: a line that is not JSON (an object spread over
-several lines included), a value that is not an object, a text that is neither a string nor
-null (``datasets`` drops or converts those), bytes that are not UTF-8, an unpaired surrogate
-escape; and, as the loader's first batch does, a source whose first records have no
-``data.text_field`` at all (the caller checks the ``columns`` of its first range). Every other
-source (``.json``, Parquet, Hub datasets, a ``.jsonl`` file that holds one JSON array) keeps
-the ``datasets`` path. :data:`ENABLED` switches this path off (tests compare the two).
+several lines included), a value that is not an object, a record without ``data.text_field``
+or with null there (the loader reads both as null and drops the record; the message lists
+the record's keys, for the case of a corpus that keeps its text under another field), a text
+that is neither a string nor null (``datasets`` drops or converts those), bytes that are not
+UTF-8, an unpaired surrogate escape. Every other source (``.json``, Parquet, Hub datasets, a
+``.jsonl`` file that holds one JSON array) keeps the ``datasets`` path. :data:`ENABLED`
+switches this path off (tests compare the two on files without such records).
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from __future__ import annotations
 import codecs
 import json
 from pathlib import Path
-from typing import Iterator, List, Optional, Sequence, Tuple
+from typing import Iterator, List, Sequence, Tuple
 
 from dsq.data import encode
 from dsq.data.sources import DataError
@@ -86,11 +87,11 @@ def _line_end(fh, pos: int, size: int) -> int:
 def encode_range(path: str, begin: int, end: int, field: str, dtype: str, sp=None
                  ) -> encode.Encoded:
     """A worker's job: the documents of bytes ``begin:end`` of ``path`` (whole lines),
-    tokenized; ``columns`` is set when the range holds records but none has ``field``."""
+    tokenized."""
     with open(path, "rb") as fh:
         fh.seek(begin)
         data = fh.read(end - begin)
-    texts, lines, records, columns = parse(data, field, path, begin)
+    texts, lines = parse(data, field, path, begin)
     try:
         out = encode.encode_texts(texts, dtype, sp)
     except TypeError:  # sentencepiece refuses a str that is not valid Unicode
@@ -102,14 +103,13 @@ def encode_range(path: str, begin: int, end: int, field: str, dtype: str, sp=Non
                            "\\udfff without its pair), which is not Unicode text", "fix or "
                            "remove that record") from None
         raise
-    return out._replace(nbytes=end - begin, records=records, columns=columns)
+    return out._replace(nbytes=end - begin)
 
 
 def parse(data: bytes, field: str, path: str = "?", begin: int = 0
-          ) -> Tuple[List[str], List[int], int, Optional[List[str]]]:
+          ) -> Tuple[List[str], List[int]]:
     """The documents of whole JSON lines ``data`` (bytes ``begin:`` of ``path``, for messages):
-    ``(texts, the line of each text within data, records, columns)``; ``columns`` (sorted) is
-    set when there are records and none has ``field``."""
+    ``(texts, the line of each text within data)``."""
     if begin == 0 and data.startswith(codecs.BOM_UTF8):
         data = data[len(codecs.BOM_UTF8):]
     try:
@@ -119,23 +119,16 @@ def parse(data: bytes, field: str, path: str = "?", begin: int = 0
                    f"0x{data[e.start]:02x})", "convert the file to UTF-8") from None
     texts: List[str] = []
     lines: List[int] = []
-    records, found = 0, False
-    keys: set = set()
     for i, line in enumerate(text.split("\n")):
         if not line.strip(_WHITESPACE):
             continue
         for obj in _values(line, path, begin, i):
-            records += 1
             if not isinstance(obj, dict):
                 raise _bad(path, begin, i, f"is {_what(obj)}, not a JSON object",
                            "give one JSON object per line")
             value = obj.get(field)
-            if field in obj:
-                found = True
-            elif not found:
-                keys.update(obj)
             if value is None:
-                continue
+                raise _no_text(path, begin, i, field, obj)
             if not isinstance(value, str):
                 raise _bad(path, begin, i, f"has {_what(value)} in data.text_field={field!r}, "
                            f"not a string", "fix or remove that record, or set "
@@ -143,7 +136,19 @@ def parse(data: bytes, field: str, path: str = "?", begin: int = 0
             if value.strip():
                 texts.append(value)
                 lines.append(i)
-    return texts, lines, records, (sorted(keys) if records and not found else None)
+    return texts, lines
+
+
+def _no_text(path: str, begin: int, i: int, field: str, obj: dict) -> DataError:
+    """A record without ``field``, or with null there (its keys named: the text may be under
+    another one)."""
+    keys = sorted(obj)
+    if field in obj:
+        return _bad(path, begin, i, f"has null in data.text_field={field!r} (the record's keys: "
+                    f"{keys})", "remove that record or give it a text (an empty string \"\" "
+                    "is skipped), or set data.text_field to the field that holds the text")
+    return _bad(path, begin, i, f"has no data.text_field={field!r} (the record's keys: {keys})",
+                "set data.text_field to the field that holds the text, or remove that record")
 
 
 def _values(line: str, path: str, begin: int, i: int) -> List[object]:

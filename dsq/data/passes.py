@@ -77,13 +77,7 @@ def run_pass(name: str, specs: List[str], split: str, outputs: List[str], data_c
     jobs = _jobs(specs, split, data_cfg.text_field, dtype, batch_bytes, batch_docs, cursor,
                  0 if cursor else skip, skipped)
     docs, nbytes = skip, 0
-    checked = {cursor["spec"]} if cursor else set()  # sources whose first records were checked
     for (si, where), res in enc.map(jobs):
-        if res.records and si not in checked:
-            if res.columns is not None:
-                raise DataError(f"data {specs[si]!r} has no column {data_cfg.text_field!r} "
-                                f"(columns: {res.columns}): set data.text_field")
-            checked.add(si)
         n = len(res.lengths)
         if frac:
             val = held_out(docs, n, frac)

@@ -175,19 +175,12 @@ def iter_documents(specs: List[str], text_field: str = "text", split: str = "tra
 def _jsonl_documents(spec: str, files: List[Path], text_field: str, jsonl) -> Iterator[str]:
     """The documents of local JSON lines files, parsed by :func:`dsq.data.jsonl.parse` (its
     contract: those the ``datasets`` loader yields, or a :class:`DataError` naming the file
-    and line of a bad record); a source whose first records lack ``text_field`` is refused as
-    :func:`_stream_texts` refuses it."""
-    first = True
+    and line of a bad record, a record without text included)."""
     for _, path, begin, end in jsonl.ranges(files, STREAM_RANGE_BYTES):
         with open(path, "rb") as fh:
             fh.seek(begin)
             data = fh.read(end - begin)
-        texts, _, _, columns = jsonl.parse(data, text_field, str(path), begin)
-        if first and columns is not None:
-            raise DataError(f"data {spec!r} has no column {text_field!r} (columns: "
-                            f"{columns}): set data.text_field")
-        first = first and columns is None and not texts
-        yield from texts
+        yield from jsonl.parse(data, text_field, str(path), begin)[0]
 
 
 def load_documents(specs: List[str], text_field: str = "text", split: str = "train"

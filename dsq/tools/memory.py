@@ -11,15 +11,33 @@ Contracts:
 * Model states follow DeepSpeed 0.19's ZeRO-2 optimizer as :mod:`dsq.parallel.engine`
   configures it: the model's weights in the compute dtype on every rank, an fp32 master copy
   of this rank's 1/dp partition, its fp32 gradient partition (``grad_accum_dtype: fp32``), the
-  optimizer's states of that partition, and during backward the gradient bucket
-  (``reduce_bucket_size``, 5e8 elements of the compute dtype, DeepSpeed's default). ZeRO-0
-  and ZeRO-1 keep a full gradient instead, and no master copy under ZeRO-0.
+  optimizer's states of that partition, and the gradient buckets of backward
+  (:func:`reduce_buckets`). ZeRO-0 and ZeRO-1 keep a full gradient instead, and no master copy
+  under ZeRO-0.
+* The gradient buckets are what ``deepspeed/runtime/zero/stage_1_and_2.py`` (DeepSpeed 0.19.8)
+  allocates with ``contiguous_gradients`` (dsq sets it): ``setup_buckets`` (lines 3258-3281)
+  makes one buffer of ``reduce_bucket_size`` elements (``deepspeed.reduce_bucket_size``, whole,
+  whatever the model's size: ``torch.empty(int(self.reduce_bucket_size))``, line 3266) per
+  communication dtype (one here: lines 609-616), and a second one when ``overlap_comm`` is on
+  ("double buffers", lines 3272-3277; ``deepspeed.overlap_comm``, null: on, as on GPUs), in
+  the weights' dtype (``_gradient_reduction_buffer_dtype``, lines 1253-1254, with lines
+  394-404: the fp32 accumulation dtype only for bf16 ZeRO-1, which this optimizer never
+  gets). bf16 weights under ZeRO-1 with fp32 accumulation go to ``BF16_Optimizer`` instead
+  (``deepspeed/runtime/engine.py`` lines 2305-2310), which keeps a full fp32 gradient
+  (``bf16_optimizer.py`` lines 190-191: the ``4 P`` of ZeRO-1 below) and no buckets.
+  ``deepspeed.allgather_bucket_size`` allocates nothing: the updated partitions are gathered
+  into the flat weights in place (``deepspeed/runtime/utils.py``, ``all_gather_dp_groups``,
+  lines 1008-1054).
 * Activations are what autograd holds at the end of one micro-batch's forward on a GPU, counted
   tensor by tensor (a tensor kept by several operations once): fused norms keep their input and
   fp32 per-token statistics, flash attention keeps q, k, v, its output and an fp32 log-sum-exp
   per head (no ``[s, s]`` scores), a quantized linear keeps the int8 codes and scales the
   forward made (:mod:`dsq.quant.linear`: 1 byte per element instead of 2 or 4) and, when its
-  weight is quantized, the weight's codes. Dropout with ``p = 0`` keeps nothing; with
+  weight is quantized, the weight's codes. Scales count at the format's width
+  (:func:`_scale_bytes`): fp32 for the integer and FP8 formats (a zero point more when
+  asymmetric), 1 byte for MX's E8M0 and NVFP4's E4M3 block scales, plus NVFP4's one fp32
+  tensor scale per tensor, as a kernel stores them (dsq's CPU simulation of the floating-point
+  formats holds their scales in fp32: :class:`dsq.quant.floatfmt.FloatQTensor`). Dropout with ``p = 0`` keeps nothing; with
   ``p > 0`` a 1-byte mask. ``full`` recompute keeps each layer's input and, in backward, one
   layer's activations at a time; ``selective`` drops the attention's log-sum-exp, and its
   output where a quantized proj keeps codes of it (an unquantized proj keeps the output).
@@ -30,11 +48,11 @@ Not counted: the CUDA context, NCCL and allocator overheads, backward's temporar
 
 from __future__ import annotations
 
+import math
 from fnmatch import fnmatch
 from types import SimpleNamespace
 from typing import Dict, List, Tuple
 
-REDUCE_BUCKET = 500_000_000  # DeepSpeed's zero_optimization.reduce_bucket_size (elements)
 GiB = 1 << 30
 
 
@@ -115,10 +133,21 @@ def optimizer_state_bytes(params, optim) -> float:
     return total
 
 
+def reduce_buckets(ds) -> Tuple[int, int]:
+    """``(buffers, bytes of each)``: the gradient buckets DeepSpeed's ZeRO-1/2 optimizer
+    allocates for backward on a GPU for the ``deepspeed`` section ``ds`` (the module
+    docstring cites DeepSpeed's lines); ``(0, 0)`` under ZeRO-0."""
+    bf16 = ds.precision == "bf16"
+    if ds.zero_stage == 0 or (bf16 and ds.zero_stage == 1):  # no ZeRO optimizer; BF16_Optimizer
+        return 0, 0
+    return (2 if ds.overlap(cuda=True) else 1), ds.reduce_bucket_size * (2 if bf16 else 4)
+
+
 def model_states(cfg, world_size: int) -> Dict[str, float]:
-    """Bytes per GPU of weights, master weights, gradients, the gradient bucket and optimizer
-    states (``optimizer``: the config's optimizer; ``adamw`` and ``qadamw``: fp32 AdamW and
-    QAdamW with the config's qadamw keys, for comparison)."""
+    """Bytes per GPU of weights, master weights, gradients, the gradient buckets
+    (:func:`reduce_buckets`) and optimizer states (``optimizer``: the config's optimizer;
+    ``adamw`` and ``qadamw``: fp32 AdamW and QAdamW with the config's qadamw keys, for
+    comparison)."""
     from dataclasses import replace
 
     tp = cfg.parallel.tp
@@ -130,7 +159,7 @@ def model_states(cfg, world_size: int) -> Dict[str, float]:
     out = {"params": n, "dp": dp, "tp": tp, "weights": float(n * c),
            "master": 4.0 * n / dp if stage >= 1 else 0.0,
            "grads": 4.0 * n / dp if stage == 2 else 4.0 * n,
-           "grad_bucket": float(min(n, REDUCE_BUCKET) * c) if stage >= 1 else 0.0}
+           "grad_bucket": float(math.prod(reduce_buckets(cfg.deepspeed)))}
     states = {name: optimizer_state_bytes(params, replace(cfg.optim, name=name))
               / (dp if stage >= 1 else 1) for name in ("adamw", "qadamw")}
     out.update(adamw=states["adamw"], qadamw=states["qadamw"],
@@ -157,10 +186,22 @@ def _quantized(cfg, module: str) -> bool:
     return any(fnmatch(module, p) for p in q.layers or ["*"])
 
 
-def _scale_bytes(fmt, width: float) -> float:
-    """Bytes of the scales (and zero points) of one row of ``width`` elements."""
-    per = {"token": 4.0, "channel": 4.0, "group": 4.0 * width / (fmt.group_size or 1)}
-    return per.get(fmt.granularity, 0.0) * (1 if fmt.symmetric else 2)
+def _scale_bytes(fmt, width: float) -> Tuple[float, float]:
+    """Bytes of the scales (and zero points) of a quantized tensor: ``(per row of width
+    elements, once per tensor)``. fp32 scales, but 1 byte for MX's E8M0 and NVFP4's E4M3 block
+    scales and NVFP4's fp32 tensor scale once; a short last block counts whole, a square
+    (``:2d``) block spans block rows."""
+    k = 1 if fmt.symmetric else 2
+    if fmt.granularity == "tensor":
+        return 0.0, 4.0 * k
+    if fmt.granularity != "group":  # token, channel
+        return 4.0 * k, 0.0
+    n = fmt.group_size
+    blocks = math.ceil(width / n) / (n if getattr(fmt, "square", False) else 1)
+    scaling = getattr(fmt, "scaling", None)
+    if scaling in ("mx", "nvfp4"):
+        return blocks, 4.0 if scaling == "nvfp4" else 0.0
+    return 4.0 * k * blocks, 0.0
 
 
 def _input_codes(cfg, plan, module: str):
@@ -174,14 +215,23 @@ def _input_codes(cfg, plan, module: str):
 
 
 def _saved_input(cfg, plan, module: str, width: float, c: int) -> float:
-    """Bytes per token a linear keeps of its input (``width`` elements per token)."""
+    """Bytes per token a linear keeps of its input (``width`` elements per token); its
+    per-tensor scale: :func:`_saved_input_tensor`."""
     from dsq.quant.plan import Axis
 
     cast = _input_codes(cfg, plan, module)
     if cast is None:
         return width * c
-    scales = _scale_bytes(cast.format, width) if cast.axis is Axis.ROW else 0.0
-    return width + scales
+    if cast.axis is Axis.ROW:
+        return width + _scale_bytes(cast.format, width)[0]
+    T = cfg.train.micro_batch * cfg.model.seq_len  # a column copy: scales along the tokens
+    return width + width * _scale_bytes(cast.format, T)[0] / T
+
+
+def _saved_input_tensor(cfg, plan, module: str) -> float:
+    """Bytes a linear keeps once for its input's codes: their per-tensor scale, if any."""
+    cast = _input_codes(cfg, plan, module)
+    return 0.0 if cast is None else _scale_bytes(cast.format, 1)[1]
 
 
 def _saved_weight(cfg, plan, module: str, shape) -> float:
@@ -192,7 +242,8 @@ def _saved_weight(cfg, plan, module: str, shape) -> float:
     if cast is None or cast.saved is not Saved.CODES or cast.format is None:
         return 0.0
     rows, width = shape
-    return rows * width + rows * _scale_bytes(cast.format, width)
+    per_row, per_tensor = _scale_bytes(cast.format, width)
+    return rows * width + rows * per_row + per_tensor
 
 
 def activations(cfg) -> Dict[str, float]:
@@ -239,7 +290,10 @@ def activations(cfg) -> Dict[str, float]:
             + (2 * h if m.dropout > 0 else 0.0))  # the two residual dropouts' masks
         weights = sum(_saved_weight(cfg, plan, n.rsplit(".", 1)[0], s) for n, s in params
                       if n.startswith(p + ".") and n.endswith(".weight") and len(s) == 2)
-        return T * per_token + weights + rope, T * attention
+        tensors = sum(_saved_input_tensor(cfg, plan, f"{p}.{n}") for n in (
+            "self_attention.linear_qkv", "self_attention.linear_proj", "mlp.linear_fc1",
+            "mlp.linear_fc2"))
+        return T * per_token + weights + tensors + rope, T * attention
 
     layers, attention = zip(*(layer(i) for i in range(L)))
     outside = (8  # token ids
@@ -248,7 +302,8 @@ def activations(cfg) -> Dict[str, float]:
                + _saved_input(cfg, plan, "output_layer", h, c)
                + V / tp * c  # logits, kept by the loss (its gradient takes their place)
                + 17)  # loss: target index (int64), mask (bool), row max and log-sum (fp32)
-    head = _saved_weight(cfg, plan, "output_layer", (V // tp, h))  # tied or not
+    head = (_saved_weight(cfg, plan, "output_layer", (V // tp, h))  # tied or not
+            + _saved_input_tensor(cfg, plan, "output_layer"))
     positions = 8 * m.seq_len if m.positions == "learned" else 0  # one row, broadcast
     positions += 8 * cfg.train.micro_batch  # the ids are a view of seq_len + 1 per sequence
     out = {"tokens": T, "layers": sum(layers), "layer": max(layers),
@@ -278,6 +333,10 @@ def memory_table(cfg, world_size: int) -> str:
     part = f"1/{s['dp']}" if cfg.deepspeed.zero_stage >= 1 else "all"
     total = {k: s["weights"] + s["master"] + s["grads"] + s["grad_bucket"] + s[k]
              for k in ("adamw", "qadamw")}
+    buffers, each = reduce_buckets(cfg.deepspeed)
+    buckets = (f"gradient buckets ({buffers} x {cfg.deepspeed.reduce_bucket_size:,} {dtype}"
+               f"{', overlap_comm' if buffers == 2 else ''}, during backward)" if buffers else
+               "gradient buckets (none: no ZeRO gradient reduction buffers)")
     lines = [
         f"{m.preset}: {s['params'] * s['tp']:,} parameters; {world_size} ranks = tp {s['tp']} x "
         f"dp {s['dp']}, ZeRO-{cfg.deepspeed.zero_stage}, {prec}; micro batch {t.micro_batch} x "
@@ -288,8 +347,9 @@ def memory_table(cfg, world_size: int) -> str:
     ]
     for label, key in ((f"weights ({dtype}, every rank)", "weights"),
                        (f"master weights (fp32, {part})", "master"),
-                       (f"gradients (fp32, {part})", "grads"),
-                       (f"gradient bucket ({dtype}, during backward)", "grad_bucket")):
+                       (f"gradients (fp32, {part if cfg.deepspeed.zero_stage == 2 else 'all'})",
+                        "grads"),
+                       (buckets, "grad_bucket")):
         lines.append(f"| {label} | {_gib(s[key])} | {_gib(s[key])} |")
     lines += [f"| optimizer states ({part}) | {_gib(s['adamw'])} | {_gib(s['qadamw'])} |",
               f"| total | {_gib(total['adamw'])} | {_gib(total['qadamw'])} |",

@@ -59,7 +59,8 @@ def test_jsonl_and_parquet(tmp_path):
     m = json.loads((out / "manifest.json").read_text())
     assert m["documents"] == {"train": 6, "val": 6} and m["tokens"]["val"] > 100
     cfg = _cfg(tmp_path, [str(tmp_path / "t.jsonl")], [str(tmp_path / "v.parquet")])
-    with pytest.raises(DataError, match="no column 'text'.*data.text_field"):
+    with pytest.raises(DataError, match=r"t.jsonl' line 1 has no data.text_field='text' \(the "
+                       r"record's keys: \['body', 'id'\]\): set data.text_field"):
         prepare(cfg.data, cfg.model.vocab_size, log=lambda *a: None)
 
 

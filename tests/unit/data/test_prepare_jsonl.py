@@ -19,7 +19,7 @@ UNICODE = ["caf\u00e9 \u00e9t\u00e9", "\u65e5\u672c\u8a9e\u306e\u6587",
 
 
 def _messy_docs(n, seed):
-    """Documents of a play with unicode; some blank, null, or holding U+2581."""
+    """Documents of a play with unicode; some empty, blank, or holding U+2581."""
     docs = _docs(n, seed)
     return [d + " " + UNICODE[i % len(UNICODE)] if isinstance(d, str) and i % 3 == 0 else d
             for i, d in enumerate(docs)]
@@ -27,15 +27,13 @@ def _messy_docs(n, seed):
 
 def _messy_jsonl(path, docs, bom=False):
     """``docs`` as JSON lines with what a real dump holds: blank and whitespace-only lines,
-    CRLF, escaped and raw UTF-8, records without the text field, two records on one line, other
-    fields before and after the text, no newline at the end."""
+    CRLF, escaped and raw UTF-8, empty texts, two records on one line, other fields before and
+    after the text, no newline at the end."""
     out = bytearray(codecs.BOM_UTF8 if bom else b"")
     i = 0
     while i < len(docs):
         d = docs[i]
         rec = {"id": i, "text": d} if i % 3 else {"text": d, "meta": {"k": [1, 2], "s": "x"}}
-        if d is None and i % 2:
-            rec = {"id": i}  # no text field: not a document
         line = json.dumps(rec, ensure_ascii=i % 2 == 0)
         if i % 13 == 4 and i + 1 < len(docs):  # two records on one line
             i += 1
@@ -207,6 +205,11 @@ GOOD = json.dumps({"text": "To be, or not to be: that is the question. \u00e9"})
     (b'{"text": "\\ud800 alone"}', "holds an unpaired surrogate escape"),
     (b'{"text":\n"a"}', "is not JSON (Expecting value at column 9): each line must be one JSON "
                         "object, whole on its line"),
+    (b'{"id": 7, "body": "x"}', "has no data.text_field='text' (the record's keys: ['body', "
+                                "'id']): set data.text_field to the field that holds the text, "
+                                "or remove that record"),
+    (b'{"text": null, "id": 7}', "has null in data.text_field='text' (the record's keys: "
+                                 "['id', 'text']): remove that record or give it a text"),
 ])
 @pytest.mark.parametrize("workers", [1, 2])
 def test_a_bad_record_is_one_error_line_naming_file_and_line(tmp_path, model, capsys,
@@ -219,12 +222,17 @@ def test_a_bad_record_is_one_error_line_naming_file_and_line(tmp_path, model, ca
     assert err.startswith(f"dsq: error: data file {str(src)!r} line 32 {says}"), err
 
 
-def test_a_missing_text_field_names_the_columns(tmp_path, model, capsys):
+def test_a_source_without_the_text_field_names_its_first_record(tmp_path, model, capsys):
+    """A corpus whose text is under another field: the first record says so, with its keys."""
     src = tmp_path / "t.jsonl"
     src.write_text("\n".join(json.dumps({"body": "x", "id": i}) for i in range(5)))
     err = _prepare_fails(tmp_path, capsys, src, f"data.tokenizer={model}")
-    assert err == (f"dsq: error: data {str(src)!r} has no column 'text' (columns: ['body', "
-                   f"'id']): set data.text_field")
+    assert err == (f"dsq: error: data file {str(src)!r} line 1 has no data.text_field='text' "
+                   f"(the record's keys: ['body', 'id']): set data.text_field to the field that "
+                   f"holds the text, or remove that record")
+    err = _prepare_fails(tmp_path, capsys, src, f"data.tokenizer={model}",
+                         "data.text_field=content")
+    assert "line 1 has no data.text_field='content' (the record's keys: ['body', 'id'])" in err
 
 
 def test_held_out_is_the_same_function_for_both_paths():
@@ -236,6 +244,11 @@ def test_held_out_is_the_same_function_for_both_paths():
     (b'{"text": "unterminated}', "is not JSON (Unterminated string starting at column 10)"),
     (b'{"text": "caf\xe9"}', "is not UTF-8 (byte 0xe9): convert the file to UTF-8"),
     (b'{"text": 42}', "has a number in data.text_field='text', not a string: fix or remove"),
+    (b'{"id": 7}', "has no data.text_field='text' (the record's keys: ['id']): set "
+                   "data.text_field"),
+    (b'{"text": null}', "has null in data.text_field='text' (the record's keys: ['text']): "
+                        "remove that record or give it a text (an empty string \"\" is "
+                        "skipped)"),
 ])
 def test_a_bad_record_read_for_the_tokenizer_names_file_and_line(tmp_path, capsys, bad, says):
     """Without data.tokenizer the tokenizer learns from every document first (not the
@@ -250,7 +263,7 @@ def test_the_tokenizer_reads_the_documents_the_datasets_loader_gives(tmp_path, m
     from dsq.data import jsonl, sources
 
     src = tmp_path / "t.jsonl"
-    src.write_text("\ufeff" + "\n".join([GOOD, '{"text": null}', '{"id": 1}', "  ",
+    src.write_text("\ufeff" + "\n".join([GOOD, '{"text": ""}', "  ",
                                          '{"text": "a"} {"text": "b"}', '{"text": "  "}',
                                          json.dumps({"text": "\u00e9 line\nbreak"})]))
     monkeypatch.setattr(sources, "STREAM_RANGE_BYTES", 40)  # several ranges

@@ -21,13 +21,13 @@ PLAY = (ROOT / "dsq/data/corpus/shakespeare/val/tempest_gut.txt").read_text()
 
 
 def _docs(n, seed=0):
-    """n documents cut from a play; some blank, null, or holding U+2581 (encoded apart)."""
+    """n documents cut from a play; some empty, blank, or holding U+2581 (encoded apart)."""
     r = np.random.default_rng(seed)
     out = []
     for i in range(n):
         a = int(r.integers(0, len(PLAY) - 2000))
         d = PLAY[a:a + int(r.integers(20, 1500))]
-        out.append(None if i % 41 == 7 else "  \n" if i % 37 == 5 else
+        out.append("" if i % 41 == 7 else "  \n" if i % 37 == 5 else
                    d + " \u2581x\u2581" if i % 29 == 3 else d)
     return out
 

@@ -32,7 +32,7 @@ def test_llama_tiny_by_hand():
     s = model_states(_cfg(), world_size=2)
     assert s["params"] == n and s["dp"] == 2
     assert (s["weights"], s["master"], s["grads"], s["grad_bucket"]) == (
-        4 * n, 4 * n / 2, 4 * n / 2, 4 * n)
+        4 * n, 4 * n / 2, 4 * n / 2, 2 * 500_000_000 * 4)  # two fp32 buckets (overlap_comm)
     assert s["adamw"] == s["optimizer"] == 8 * n / 2
     linear = 2 * (layer - 2 * 128) + 2048 * 128  # QKV, proj, fc1, fc2, LM head: 8-bit m and v
     other = n - linear  # embedding and norms: fp32 m and v
@@ -77,6 +77,31 @@ def test_quantized_linears_keep_codes_by_hand():
     assert q["attention"] == 2 * T * (128 * c + 16)
     head = 2048 * 128 + 4 * 2048
     assert q["outside"] == base["outside"] - T * (128 * c - 128 - 4) + head
+
+
+def test_mx_and_nvfp4_scales_are_one_byte_by_hand():
+    """MX keeps X's column copy (blocks of 32 along the tokens) with a 1-byte E8M0 scale per
+    block; NVFP4 keeps X's column copy (blocks of 16) and W's 16 x 16 tiles with a 1-byte E4M3
+    scale per block and one 4-byte fp32 scale per tensor."""
+    from dsq.tools.memory import activations
+
+    fmt = lambda r: _cfg(files=(TINY, str(ROOT / f"configs/recipes/formats/{r}.yaml")))
+    base, mx, nv = activations(_cfg()), activations(fmt("mxfp8")), activations(fmt("nvfp4"))
+    T, c = 8 * 128, 4
+    widths = 128 + 128 + 384  # inputs of QKV, fc1, fc2 (proj's: 128, kept beside SDPA's output)
+    assert mx["layer"] - base["layer"] == T * (widths * (1 + 1 / 32) - widths * c
+                                               + 128 * (1 + 1 / 32)) == -1_810_432
+    assert mx["outside"] - base["outside"] == T * (128 * (1 + 1 / 32) - 128 * c) == -389_120
+    # weights (rows x width): QKV 256 x 128, proj 128 x 128, fc1 768 x 128, fc2 128 x 384
+    weights = sum(r * w + r * (w / 16) / 16 + 4
+                  for r, w in ((256, 128), (128, 128), (768, 128), (128, 384)))
+    assert weights == 196_608 + 768 + 16
+    assert nv["layer"] - base["layer"] == (T * (widths * (1 + 1 / 16) - widths * c
+                                                + 128 * (1 + 1 / 16)) + weights + 4 * 4
+                                           ) == -1_588_448
+    head = 2048 * 128 + 2048 * (128 / 16) / 16 + 4
+    assert nv["outside"] - base["outside"] == T * (128 * (1 + 1 / 16) - 128 * c) + head + 4 \
+        == -121_848
 
 
 def _model(cfg):
@@ -159,3 +184,59 @@ def test_activations_are_what_autograd_keeps(dist_one, case):
         want += (2 * m.num_layers + 1) * T * m.hidden_size * 4
     print(f"{case}: autograd keeps {got:,} bytes, the estimate {want:,.0f}")
     assert got == want
+
+
+@pytest.mark.parametrize("zero, precision, overlap, want", [
+    (2, "fp32", "true", (2, 4)), (2, "fp32", "false", (1, 4)), (2, "bf16", "true", (2, 2)),
+    (1, "fp32", "null", (2, 4)), (1, "bf16", "true", (0, 0)), (0, "fp32", "true", (0, 0))])
+def test_reduce_buckets_by_hand(zero, precision, overlap, want):
+    """Buffers of deepspeed.reduce_bucket_size elements of the weights' dtype: two with
+    overlap_comm (null: on, as on the GPUs the estimate is for); none under ZeRO-0 or bf16
+    ZeRO-1 (DeepSpeed's BF16_Optimizer)."""
+    from dsq.tools.memory import model_states, reduce_buckets
+
+    cfg = _cfg(f"deepspeed.zero_stage={zero}", f"deepspeed.precision={precision}",
+               f"deepspeed.overlap_comm={overlap}", "deepspeed.reduce_bucket_size=3000")
+    count, width = want
+    assert reduce_buckets(cfg.deepspeed) == (count, 3000 * width if count else 0)
+    assert model_states(cfg, world_size=2)["grad_bucket"] == count * 3000 * width
+
+
+@pytest.mark.parametrize("zero, precision, overlap", [(2, "fp32", True), (2, "fp32", False),
+                                                      (2, "bf16", True), (1, "fp32", True),
+                                                      (1, "bf16", True)])
+def test_reduce_buckets_are_what_deepspeed_allocates(dist_one, monkeypatch, zero, precision,
+                                                     overlap):
+    """One backward through dsq's DeepSpeed engine (one rank): the bytes of the gradient
+    buffers ZeRO's setup_buckets allocates equal the estimate."""
+    from deepspeed.runtime.zero.stage_1_and_2 import DeepSpeedZeroOptimizer
+
+    from dsq.optim import build_optimizer
+    from dsq.parallel.engine import initialize_engine
+    from dsq.tools.memory import reduce_buckets
+
+    cfg = _cfg(f"deepspeed.zero_stage={zero}", f"deepspeed.precision={precision}",
+               f"deepspeed.overlap_comm={str(overlap).lower()}",
+               "deepspeed.reduce_bucket_size=40000", "train.micro_batch=2",
+               "train.global_batch=2", "model.seq_len=16")
+    seen = []
+    setup = DeepSpeedZeroOptimizer.setup_buckets
+
+    def record(self):
+        setup(self)
+        seen.append(sum(b.numel() * b.element_size() for bucket in self.ipg_buckets.values()
+                        for b in bucket.buffer))
+    monkeypatch.setattr(DeepSpeedZeroOptimizer, "setup_buckets", record)
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    model = _model(cfg)
+    engine, *_ = initialize_engine(cfg, model, build_optimizer(model, cfg.optim), None, 1)
+    ids = torch.randint(0, cfg.model.vocab_size, (2, 17), generator=torch.Generator().manual_seed(0))
+    pos = torch.arange(16).expand(2, -1)
+    loss = engine(ids[:, :-1], pos, None, labels=ids[:, 1:]).float().mean()
+    engine.backward(loss)
+    count, each = reduce_buckets(cfg.deepspeed)
+    if (precision, zero) == ("bf16", 1):  # BF16_Optimizer: no ZeRO buckets
+        assert not seen and count * each == 0
+    else:
+        assert seen and seen[0] == count * each == (2 if overlap else 1) * 40000 * (
+            2 if precision == "bf16" else 4)
