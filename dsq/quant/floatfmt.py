@@ -226,10 +226,18 @@ class FloatQTensor:
     dtype: torch.dtype
     shape: torch.Size
     """Shape of the tensor that was quantized."""
+    values: Tensor | None = None
+    """The codes as fp32 (the quantizer's rounded values, the same numbers), kept by
+    :func:`quantize_float` so that :meth:`dequantize` need not decode the float8 bytes again;
+    None (codes restored from a checkpoint or saved for backward): decoded from ``codes``."""
 
     def dequantize(self, dtype: torch.dtype | None = None) -> Tensor:
-        v = _blocked(self.codes.to(torch.float32), self.fmt)  # a fresh tensor: scaled in place
-        v = v.div_(self.scale) if self.fmt.scaling in _FP8_SCALINGS else v.mul_(self.scale)
+        if self.values is None:  # a fresh tensor: scaled in place
+            v = _blocked(self.codes.to(torch.float32), self.fmt)
+            v = v.div_(self.scale) if self.fmt.scaling in _FP8_SCALINGS else v.mul_(self.scale)
+        else:
+            v = _blocked(self.values, self.fmt)
+            v = v / self.scale if self.fmt.scaling in _FP8_SCALINGS else v * self.scale
         return _unblocked(v, self.fmt, self.shape).to(dtype or self.dtype)
 
     @property
@@ -280,8 +288,13 @@ def _amax(xb: Tensor, fmt: FloatFormat) -> Tensor:
         dims = (-1,)
     else:
         dims = (1, 3)
-    hi = xb.amax() if dims is None else xb.amax(dim=dims, keepdim=True)
-    lo = xb.amin() if dims is None else xb.amin(dim=dims, keepdim=True)
+    if dims is None:
+        hi, lo = xb.amax(), xb.amin()
+    else:  # N x N tiles: the contiguous dim first, then across the tile's rows
+        hi = xb.amax(dim=dims[-1], keepdim=True)
+        lo = xb.amin(dim=dims[-1], keepdim=True)
+        if len(dims) == 2:
+            hi, lo = hi.amax(dim=dims[0], keepdim=True), lo.amin(dim=dims[0], keepdim=True)
     return torch.maximum(hi, lo.neg_()).abs_()  # abs_: an all -0.0 group reads +0.0
 
 
@@ -306,14 +319,6 @@ def _round_grid(v: Tensor, fmt: FloatFormat, generator) -> Tensor:
         return v.div_(step).add_(r).floor_().mul_(step)
     magic = step.mul_(1.5 * 2.0 ** (23 - mbits))
     return (v + magic).sub_(magic).copysign_(v)
-
-
-def _to_elements(v: Tensor, fmt: FloatFormat, generator) -> Tensor:
-    """Scaled values (fp32, clamped to the largest value) as element codes."""
-    store = ELEMENTS[fmt.element][3]
-    if fmt.fp8 and fmt.rounding == "nearest":
-        return v.to(store)
-    return _round_grid(v, fmt, generator).to(store)
 
 
 @torch.no_grad()
@@ -353,5 +358,12 @@ def quantize_float(x: Tensor, fmt: FloatFormat, *, reduce=None, generator=None,
         v = (xb * scale).clamp_(-m, m)
     if check_finite and not bool(torch.isfinite(amax).all()):
         raise FloatingPointError(f"{name}: the input of the {fmt} quantizer holds inf or nan")
-    codes = _to_elements(v, fmt, generator).reshape(xp.shape)
-    return FloatQTensor(codes, scale, fmt, x.dtype, shape)
+    # E4M3 storage rounds here too (the same numbers as the float8 cast, which is then exact),
+    # so that the fp32 values are at hand for dequantize: decoding E4M3 bytes is slow on CPUs
+    store = ELEMENTS[fmt.element][3]
+    if store is torch.float8_e5m2 and fmt.rounding == "nearest":  # its decode is cheap
+        codes, values = v.to(store).reshape(xp.shape), None
+    else:
+        values = _round_grid(v, fmt, generator).reshape(xp.shape)
+        codes = values.to(store)
+    return FloatQTensor(codes, scale, fmt, x.dtype, shape, values)
