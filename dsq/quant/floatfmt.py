@@ -327,7 +327,9 @@ def quantize_float(x: Tensor, fmt: FloatFormat, *, reduce=None, generator=None,
     """Quantize ``x`` to ``fmt`` along its last dimension (see the module docstring)."""
     shape = x.shape
     R, C = _rows_cols(shape)
-    xp = _pad(x.reshape(R, C).to(torch.float32), fmt)
+    # contiguous: a column copy (a transposed view) is laid out once, so that the block
+    # reductions and passes below read memory in order
+    xp = _pad(x.reshape(R, C).to(torch.float32), fmt).contiguous()
     xb = _blocked(xp, fmt)
     m = fmt.max
     if fmt.scaling == "mx":
