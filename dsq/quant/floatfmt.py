@@ -360,10 +360,13 @@ def quantize_float(x: Tensor, fmt: FloatFormat, *, reduce=None, generator=None,
         v = (xb * scale).clamp_(-m, m)
     if check_finite and not bool(torch.isfinite(amax).all()):
         raise FloatingPointError(f"{name}: the input of the {fmt} quantizer holds inf or nan")
-    # E4M3 storage rounds here too (the same numbers as the float8 cast, which is then exact),
-    # so that the fp32 values are at hand for dequantize: decoding E4M3 bytes is slow on CPUs
+    # FP8 nearest, E5M2 or on a GPU: the float8 cast rounds (its decode is cheap there).
+    # Otherwise the grid is rounded here, E4M3 on CPUs too (the same numbers as the cast, which
+    # is then exact), so that the fp32 values are at hand for dequantize: decoding
+    # float8_e4m3fn bytes is a slow scalar loop on CPUs
     store = ELEMENTS[fmt.element][3]
-    if store is torch.float8_e5m2 and fmt.rounding == "nearest":  # its decode is cheap
+    if fmt.fp8 and fmt.rounding == "nearest" and (store is torch.float8_e5m2
+                                                  or v.device.type != "cpu"):
         codes, values = v.to(store).reshape(xp.shape), None
     else:
         values = _round_grid(v, fmt, generator).reshape(xp.shape)
