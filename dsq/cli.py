@@ -32,7 +32,7 @@ commands:
   mlflow sync RUN_DIR... [--tracking-uri URI]   upload what a run could not send to MLflow
   report --experiment NAME [--tracking-uri URI] [--out DIR]   the recipes' comparison table + plot
   ckpt reshard CKPT_DIR --dp N [--tag T] [--out DIR]   convert a ZeRO checkpoint to another DP size
-  bench optim|linear|train|prepare ...  benchmarks (tables, --json)
+  bench optim|linear|train|prepare|quant ...  benchmarks (tables, --json)
 """
 
 

@@ -1,4 +1,4 @@
-"""``dsq bench optim|linear|train|prepare``: side-by-side benchmarks that print a table (and --json)."""
+"""``dsq bench optim|linear|train|prepare|quant``: side-by-side benchmarks that print a table (and --json)."""
 
 from __future__ import annotations
 
@@ -15,6 +15,7 @@ BENCHES = {
     "linear": "dsq.bench.linear",
     "train": "dsq.bench.train",
     "prepare": "dsq.bench.prepare",
+    "quant": "dsq.bench.quant",
 }
 
 
@@ -90,7 +91,8 @@ def main(argv: List[str]) -> None:
               f"  linear   one linear layer forward + backward, per recipe and compute mode\n"
               f"  train    training steps of a config, per recipe, side by side\n"
               f"  prepare  dsq prepare on a generated corpus: 1 worker vs all cores, beside "
-              f"sentencepiece\n\n"
+              f"sentencepiece\n"
+              f"  quant    quantize + dequantize per format (fp8, MX, NVFP4) and shape\n\n"
               f"dsq bench NAME --help shows the options of each.")
         sys.exit(0)
     if not argv or argv[0] not in BENCHES:

@@ -226,10 +226,18 @@ class FloatQTensor:
     dtype: torch.dtype
     shape: torch.Size
     """Shape of the tensor that was quantized."""
+    values: Tensor | None = None
+    """The codes as fp32 (the quantizer's rounded values, the same numbers), kept by
+    :func:`quantize_float` so that :meth:`dequantize` need not decode the float8 bytes again;
+    None (codes restored from a checkpoint or saved for backward): decoded from ``codes``."""
 
     def dequantize(self, dtype: torch.dtype | None = None) -> Tensor:
-        v = _blocked(self.codes.to(torch.float32), self.fmt)
-        v = v / self.scale if self.fmt.scaling in _FP8_SCALINGS else v * self.scale
+        if self.values is None:  # a fresh tensor: scaled in place
+            v = _blocked(self.codes.to(torch.float32), self.fmt)
+            v = v.div_(self.scale) if self.fmt.scaling in _FP8_SCALINGS else v.mul_(self.scale)
+        else:
+            v = _blocked(self.values, self.fmt)
+            v = v / self.scale if self.fmt.scaling in _FP8_SCALINGS else v * self.scale
         return _unblocked(v, self.fmt, self.shape).to(dtype or self.dtype)
 
     @property
@@ -272,39 +280,45 @@ def _rows_cols(shape) -> tuple[int, int]:
 
 
 def _amax(xb: Tensor, fmt: FloatFormat) -> Tensor:
-    a = xb.abs()
+    """The largest magnitude per scale group, as ``xb.abs().amax(...)`` (NaN propagates) but
+    read as ``max(amax, -amin)``: two reductions, no full-size ``abs`` copy."""
     if fmt.scaling == "tensor":
-        return a.amax()
-    if fmt.scaling in ("channel", "token"):
-        return a.amax(dim=-1, keepdim=True)
-    if fmt.square:
-        return a.amax(dim=(1, 3), keepdim=True)
-    return a.amax(dim=-1, keepdim=True)
+        dims = None
+    elif fmt.scaling in ("channel", "token") or not fmt.square:
+        dims = (-1,)
+    else:
+        dims = (1, 3)
+    if dims is None:
+        hi, lo = xb.amax(), xb.amin()
+    else:  # N x N tiles: the contiguous dim first, then across the tile's rows
+        hi = xb.amax(dim=dims[-1], keepdim=True)
+        lo = xb.amin(dim=dims[-1], keepdim=True)
+        if len(dims) == 2:
+            hi, lo = hi.amax(dim=dims[0], keepdim=True), lo.amin(dim=dims[0], keepdim=True)
+    return torch.maximum(hi, lo.neg_()).abs_()  # abs_: an all -0.0 group reads +0.0
 
 
 def _round_grid(v: Tensor, fmt: FloatFormat, generator) -> Tensor:
-    """``v`` (fp32, within ``[-max, max]``) rounded to the element grid: nearest (ties to even)
-    or stochastic. The grid step at ``|v|`` is ``2^(max(e, emin) - mbits)``, ``e`` its binary
-    exponent, so the division and the rounding are exact."""
-    ebits, mbits, vmax, _ = ELEMENTS[fmt.element]
+    """``v`` (fp32, within ``[-max, max]``, a fresh tensor this function may overwrite) rounded
+    to the element grid: nearest (ties to even) or stochastic. The grid step at ``|v|`` is
+    ``2^(max(e, emin) - mbits)``, ``e`` its binary exponent, read from fp32's exponent bits (an
+    fp32 subnormal or zero reads as 0, which the clamp lifts to ``2^emin``).
+
+    Nearest adds and subtracts ``M = 1.5 * 2^23 * step``: ``v + M`` lies in the binade whose fp32
+    spacing is ``step`` (``|v| <= 2^(mbits+1) step``), so fp32's own ties-to-even addition rounds
+    ``v / step`` to the nearest integer (``M / step`` is even), and ``- M`` is exact; the sign is
+    copied back so that negative values that round to zero stay ``-0``. Stochastic computes
+    ``floor(v / step + r) * step`` with ``r = torch.rand`` (exact: ``step`` is a power of two).
+    A value on the grid's largest point stays there, so no clamp is needed."""
+    ebits, mbits, _, _ = ELEMENTS[fmt.element]
     emin = 2 - (1 << (ebits - 1))
-    _, e = torch.frexp(v)  # |v| = m 2^e, m in [0.5, 1): floor(log2|v|) = e - 1
-    step = torch.ldexp(torch.ones_like(v), (e - 1).clamp_min(emin) - mbits)
-    u = v / step
+    step = (v.view(torch.int32) & 0x7F800000).view(torch.float32).clamp_min_(2.0**emin)
     if fmt.rounding == "stochastic":
+        step.mul_(2.0**-mbits)
         r = torch.rand(v.shape, generator=generator, device=v.device, dtype=v.dtype)
-        u = torch.floor(u + r)
-    else:
-        u = torch.round(u)
-    return (u * step).clamp_(-vmax, vmax)
-
-
-def _to_elements(v: Tensor, fmt: FloatFormat, generator) -> Tensor:
-    """Scaled values (fp32, clamped to the largest value) as element codes."""
-    store = ELEMENTS[fmt.element][3]
-    if fmt.fp8 and fmt.rounding == "nearest":
-        return v.to(store)
-    return _round_grid(v, fmt, generator).to(store)
+        return v.div_(step).add_(r).floor_().mul_(step)
+    magic = step.mul_(1.5 * 2.0 ** (23 - mbits))
+    return (v + magic).sub_(magic).copysign_(v)
 
 
 @torch.no_grad()
@@ -313,7 +327,9 @@ def quantize_float(x: Tensor, fmt: FloatFormat, *, reduce=None, generator=None,
     """Quantize ``x`` to ``fmt`` along its last dimension (see the module docstring)."""
     shape = x.shape
     R, C = _rows_cols(shape)
-    xp = _pad(x.reshape(R, C).to(torch.float32), fmt)
+    # contiguous: a column copy (a transposed view) is laid out once, so that the block
+    # reductions and passes below read memory in order
+    xp = _pad(x.reshape(R, C).to(torch.float32), fmt).contiguous()
     xb = _blocked(xp, fmt)
     m = fmt.max
     if fmt.scaling == "mx":
@@ -324,25 +340,35 @@ def quantize_float(x: Tensor, fmt: FloatFormat, *, reduce=None, generator=None,
         exp = ((amax.view(torch.int32) >> 23) & 0xFF) - 127
         scale = torch.ldexp(torch.ones_like(amax), (exp - emax).clamp(-127, 127))
         scale = torch.where(torch.isfinite(amax), scale, amax)  # inf/nan blocks stay so
-        v = (xb / scale).clamp(-m, m)
+        v = (xb / scale).clamp_(-m, m)
     elif fmt.scaling == "nvfp4":
         amax = _amax(xb, fmt)
-        tamax = xb.abs().amax()
+        tamax = amax.amax()  # the max of the block maxima: no second pass over x
         if reduce is not None:
             tamax = reduce(tamax)
         # an all-zero tensor gets t = 1 (zeros), and t >= 2^-120 keeps 1 / t / blk finite
         t = torch.where(tamax > 0, tamax / (448.0 * 6.0), 1.0).clamp_min(2.0**-120)
         blk = ((amax / 6.0) / t).clamp(_E4M3_TINY, 448.0).to(torch.float8_e4m3fn)
         blk = blk.to(torch.float32)
-        v = (xb * ((1.0 / t) / blk)).clamp(-6.0, 6.0)
+        v = (xb * ((1.0 / t) / blk)).clamp_(-6.0, 6.0)
         scale = t * blk
     else:  # fp8: s = m / amax, x_hat = q / s
         amax = _amax(xb, fmt)
         if reduce is not None and fmt.scaling != "block":
             amax = reduce(amax)
         scale = (m / amax.clamp_min(_F32_TINY)).clamp_max(_F32_MAX)
-        v = (xb * scale).clamp(-m, m)
+        v = (xb * scale).clamp_(-m, m)
     if check_finite and not bool(torch.isfinite(amax).all()):
         raise FloatingPointError(f"{name}: the input of the {fmt} quantizer holds inf or nan")
-    codes = _to_elements(v, fmt, generator).reshape(xp.shape)
-    return FloatQTensor(codes, scale, fmt, x.dtype, shape)
+    # FP8 nearest, E5M2 or on a GPU: the float8 cast rounds (its decode is cheap there).
+    # Otherwise the grid is rounded here, E4M3 on CPUs too (the same numbers as the cast, which
+    # is then exact), so that the fp32 values are at hand for dequantize: decoding
+    # float8_e4m3fn bytes is a slow scalar loop on CPUs
+    store = ELEMENTS[fmt.element][3]
+    if fmt.fp8 and fmt.rounding == "nearest" and (store is torch.float8_e5m2
+                                                  or v.device.type != "cpu"):
+        codes, values = v.to(store).reshape(xp.shape), None
+    else:
+        values = _round_grid(v, fmt, generator).reshape(xp.shape)
+        codes = values.to(store)
+    return FloatQTensor(codes, scale, fmt, x.dtype, shape, values)
