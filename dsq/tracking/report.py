@@ -76,6 +76,45 @@ def _format(p: Dict[str, str], name: str) -> str:
         return ", ".join(f"{k}={v}" for k, v in sorted(fields.items()))
 
 
+OPERANDS = (("W", "weight"), ("A", "activation"), ("G", "grad"))
+REF_HIDDEN = 1024
+"""Reduction dimension assumed for bits per element when a run logged no ``model.hidden_size``."""
+
+
+def _sqnr(m: Dict[str, float], p: Dict[str, str], name: str) -> float:
+    """Mean over layer types of the last SQNR (dB) measured of one operand: the metrics
+    ``sqnr_db/<layer>/<operand>`` that dsq train logs at eval steps (``run.data.metrics`` holds
+    each key's value at its last step); nan when the operand is not quantized."""
+    if _format(p, name) == "-":
+        return float("nan")
+    return _mean([v for k, v in m.items() if k.startswith("sqnr_db/") and k.endswith("/" + name)])
+
+
+def _ref_size(p: Dict[str, str]) -> Tuple[int, bool]:
+    """The reference shape's size (rows = cols = ``model.hidden_size``) and whether it was
+    logged (False: :data:`REF_HIDDEN` assumed)."""
+    try:
+        return int(float(p["model.hidden_size"])), True
+    except (KeyError, TypeError, ValueError):
+        return REF_HIDDEN, False
+
+
+def _bits(p: Dict[str, str], name: str) -> float:
+    """Storage bits per element, scales included, of an operand's format for a hidden x hidden
+    operand (reduction dimension ``model.hidden_size``); nan when it is not quantized."""
+    from dsq.quant import QuantFormat
+
+    fmt = _format(p, name)
+    if fmt == "-":
+        return float("nan")
+    try:
+        f = QuantFormat.parse(fmt)
+    except ValueError:
+        return float("nan")
+    n, _ = _ref_size(p)
+    return float("nan") if f is None else f.bits_per_element(cols=n, rows=n)
+
+
 def _run_row(r) -> Dict:
     p, m, t = r.data.params, r.data.metrics, r.data.tags
     grad = _format(p, "grad")
@@ -99,6 +138,9 @@ def _run_row(r) -> Dict:
         "last_val": _last(m, "val/loss"), "last_train": _last(m, "train/loss"),
         "tokens_per_s": _last(m, "summary/tokens_per_s"),
         "state_bpp": _last(m, "summary/optimizer_state_bytes_per_param"),
+        "sqnr": {o: _sqnr(m, p, name) for o, name in OPERANDS},
+        "bits": {o: _bits(p, name) for o, name in OPERANDS},
+        "ref_size": _ref_size(p),
     }
 
 
@@ -166,7 +208,9 @@ def collect(client, experiment: str) -> List[Dict]:
                         train_loss=_mean([r["train_loss"] for r in rs]),
                         val_ppl=_mean([r["val_ppl"] for r in rs]),
                         tokens_per_s=_mean([r["tokens_per_s"] for r in rs]),
-                        state_bpp=_mean([r["state_bpp"] for r in rs])))
+                        state_bpp=_mean([r["state_bpp"] for r in rs]),
+                        sqnr={o: _mean([r["sqnr"][o] for r in rs]) for o, _ in OPERANDS},
+                        bits={o: _mean([r["bits"][o] for r in rs]) for o, _ in OPERANDS}))
     out.sort(key=lambda r: (r["recipe"] != "baseline", r["recipe"]))
     base = groups.get("baseline")
     base_by_seed = {r["seed"]: r["val_loss"] for r in base} if base else {}
@@ -196,9 +240,9 @@ def markdown(rows: List[Dict], experiment: str) -> str:
     lines = [f"# dsq report: experiment `{experiment}`", "",
              "| recipe | W | A | G | backward | optimizer states | steps | seeds | train loss "
              "| val loss | ± std | Δ val vs baseline | ± s.e. | beyond noise | val ppl "
-             "| tokens/s | state B/param |",
+             "| tokens/s | state B/param | SQNR W / A / G (dB) | bits/elem W / A / G |",
              "| --- | --- | --- | --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: "
-             "| --- | ---: | ---: | ---: |"]
+             "| --- | ---: | ---: | ---: | ---: | ---: |"]
     for r in rows:
         tps = "-" if math.isnan(r["tokens_per_s"]) else f"{r['tokens_per_s']:,.0f}"
         noise = {None: "-", True: "yes", False: "no"}[r["beyond_noise"]]
@@ -207,11 +251,21 @@ def markdown(rows: List[Dict], experiment: str) -> str:
             f"| {r['recipe']} | {r['W']} | {r['A']} | {r['G']} | {r['backward']} | {r['states']} | "
             f"{r['steps'] or '-'} | {seeds} | {f(r['train_loss'])} | {f(r['val_loss'])} | "
             f"{f(r['val_std'])} | {f(r['delta_val'], sign=True)} | {f(r['delta_se'])} | {noise} | "
-            f"{f(r['val_ppl'], 2)} | {tps} | {f(r['state_bpp'], 2)} |")
+            f"{f(r['val_ppl'], 2)} | {tps} | {f(r['state_bpp'], 2)} | "
+            f"{' / '.join(f(r['sqnr'][o], 1) for o, _ in OPERANDS)} | "
+            f"{' / '.join(f(r['bits'][o], 3) for o, _ in OPERANDS)} |")
     lines += ["", "Means over seeds (`train.seed`); ± std: sample standard deviation of the final "
               "validation loss; Δ: mean difference to `baseline` paired by seed, ± its standard "
               "error; beyond noise: a two-sided paired t-test at 95% (|Δ| > t(n-1) s.e.), \"-\" "
               "with fewer than two common seeds."]
+    sizes = sorted({r["ref_size"] for r in rows if "ref_size" in r})
+    ref = ", ".join(f"{n}" + ("" if logged else " (assumed: no `model.hidden_size` logged)")
+                    for n, logged in sizes)
+    lines += ["", "SQNR W / A / G: per operand, the last SQNR measured (`sqnr_db/<layer>/<operand>`) "
+              "averaged over the quantized layer types, then over seeds; bits/elem W / A / G: "
+              "storage bits per element, scales included, of each operand's format for a square "
+              f"operand of the model's hidden size (reduction dimension {ref or '-'}); \"-\": the "
+              "operand is not quantized (16-bit)."]
     failed = [(r["recipe"], x) for r in rows for x in r.get("failed", [])]
     if failed:
         lines += ["", "Failed runs (left out of the means; a diverging recipe stops with an error):"]
