@@ -163,7 +163,11 @@ def prepare(data_cfg, vocab_size: int, log=print, verify_full: bool = False) -> 
 def _build(data_cfg, vocab_size: int, out: Path, hashes: SourceHashes, log) -> None:
     partial = Partial(out)
     created = not out.parent.exists()
-    partial.lock()
+    partial.lock(log)
+    if is_prepared(out):  # prepared by the process this one waited for
+        partial.remove()
+        log(f"data: using prepared {out} (prepared by the process this one waited for)")
+        return
     try:
         model_bytes = partial.tokenizer()
         if model_bytes is None:

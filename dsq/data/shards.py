@@ -8,7 +8,7 @@ name, and no ``manifest.json``: it never looks complete)::
     progress.json       the last complete shard: bytes, tokens and documents of each file,
                         documents read from each pass over the sources (and, for JSON lines
                         read by the workers, the file and byte where the pass goes on)
-    lock                held (flock) by the process preparing
+    lock                held (flock) by the process preparing; a second process waits for it
 
 Every ``SHARD_BYTES`` of tokens the files are flushed to disk and ``progress.json`` is
 replaced atomically: a shard is complete. A preparation killed at any point (``kill -9``,
@@ -31,7 +31,6 @@ from typing import Dict, Optional
 
 import numpy as np
 
-from dsq.data.sources import DataError
 
 SHARD_BYTES = 64 << 20  # tokens written between two complete shards
 
@@ -45,16 +44,38 @@ class Partial:
         self.progress = self.dir / "progress.json"
         self._lock = None
 
-    def lock(self) -> None:
-        self.dir.mkdir(parents=True, exist_ok=True)
-        self._lock = open(self.dir / "lock", "a+")
+    def lock(self, log=print) -> None:
+        """Take the preparation's lock. While another process holds it, wait for that process
+        (saying so once), as a second job sharing ``data.cache_dir`` must: it then finds the
+        folder prepared, or resumes a preparation that was killed, or prepares anew when the
+        other one stopped on bad input (and removed its folder)."""
+        said = False
+        while True:
+            self.dir.mkdir(parents=True, exist_ok=True)
+            fh = open(self.dir / "lock", "a+")
+            try:
+                fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                if not said:
+                    log(f"data: another process is preparing {self.out} (it holds "
+                        f"{self.dir / 'lock'}): waiting for it")
+                    said = True
+                try:
+                    fcntl.flock(fh, fcntl.LOCK_EX)
+                except BaseException:
+                    fh.close()
+                    raise
+            if self._same_file(fh):
+                self._lock = fh
+                return
+            fh.close()  # the holder finished (its folder renamed) or removed it: look again
+
+    def _same_file(self, fh) -> bool:
+        """Whether the lock held is still the one at the lock's path."""
         try:
-            fcntl.flock(self._lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            self._lock.close()
-            self._lock = None
-            raise DataError(f"another process is preparing {self.out} now (it holds "
-                            f"{self.dir / 'lock'}): wait for it to finish, or stop it") from None
+            return os.fstat(fh.fileno()).st_ino == os.stat(self.dir / "lock").st_ino
+        except FileNotFoundError:
+            return False
 
     def unlock(self) -> None:
         if self._lock is not None:
@@ -95,22 +116,26 @@ class Partial:
         os.replace(tmp, self.progress)
 
     def finish(self, manifest: Dict) -> Path:
-        """Write the manifest and rename the folder into place."""
+        """Write the manifest and rename the folder into place, the lock still held: a process
+        waiting for it wakes to find the folder prepared."""
         (self.dir / "manifest.json").write_text(json.dumps(manifest, indent=2))
-        for name in ("progress.json", "lock"):
-            (self.dir / name).unlink(missing_ok=True)
-        self.unlock()
+        self.progress.unlink(missing_ok=True)
         try:
             os.replace(self.dir, self.out)
         except OSError:  # another process finished first
             if not (self.out / "manifest.json").is_file():
                 raise
             shutil.rmtree(self.dir, ignore_errors=True)
+        else:
+            (self.out / "lock").unlink(missing_ok=True)
+        self.unlock()
         return self.out
 
     def remove(self) -> None:
-        self.unlock()
+        """Delete the folder, then release the lock (a waiting process finds no folder and
+        starts its own)."""
         shutil.rmtree(self.dir, ignore_errors=True)
+        self.unlock()
 
 
 class StreamWriter:
