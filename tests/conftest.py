@@ -20,6 +20,18 @@ def pytest_collection_modifyitems(config, items):
 
 
 @pytest.fixture(scope="module")
+def one_thread():
+    """One torch thread for the module (tiny tensors: OpenMP spinning of two threads on a busy
+    2-core machine is 20x slower). Use with ``pytestmark = pytest.mark.usefixtures("one_thread")``."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
 def dist_one():
     """A one-process gloo group and megatron's parallel state (TP=1), torn down after the
     module."""

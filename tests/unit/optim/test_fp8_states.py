@@ -21,12 +21,7 @@ ROOT = Path(__file__).resolve().parents[3]
 F8 = {"fp8e4m3": (torch.float8_e4m3fn, 448.0), "fp8e5m2": (torch.float8_e5m2, 57344.0)}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def _oracle(x: torch.Tensor, amax: torch.Tensor, name: str):

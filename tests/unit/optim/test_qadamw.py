@@ -19,14 +19,7 @@ FORMATS = [(8, 8, "linear"), (4, 8, "linear"), (4, 4, "sqrt"), (8, 8, "sqrt")]
 SINGLE = [(8, 32, "linear"), (4, 32, "linear"), (32, 8, "linear"), (32, 8, "sqrt")]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny tensors: one thread (OpenMP spinning of two threads on a busy 2-core machine is
-    20x slower)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def _opt(params, **kw):

@@ -47,12 +47,7 @@ FROM_CONFIG = {
     "tracking.close_timeout_s", "tracking.system_metrics"}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 class Net(nn.Module):
