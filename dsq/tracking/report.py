@@ -231,6 +231,16 @@ def collect(client, experiment: str) -> List[Dict]:
     return out
 
 
+def _se(x) -> str:
+    """A standard error: 4 decimals, or 2 significant digits below 0.0005 (seeds that move
+    alike give an s.e. that 4 decimals would print as 0)."""
+    if x is None or math.isnan(x):
+        return "-"
+    if 0 < x < 0.0005:
+        return f"{x:.{1 - math.floor(math.log10(x))}f}"
+    return f"{x:.4f}"
+
+
 def markdown(rows: List[Dict], experiment: str) -> str:
     def f(x, nd=4, sign=False):
         if x is None or (isinstance(x, float) and math.isnan(x)):
@@ -250,7 +260,7 @@ def markdown(rows: List[Dict], experiment: str) -> str:
         lines.append(
             f"| {r['recipe']} | {r['W']} | {r['A']} | {r['G']} | {r['backward']} | {r['states']} | "
             f"{r['steps'] or '-'} | {seeds} | {f(r['train_loss'])} | {f(r['val_loss'])} | "
-            f"{f(r['val_std'])} | {f(r['delta_val'], sign=True)} | {f(r['delta_se'])} | {noise} | "
+            f"{f(r['val_std'])} | {f(r['delta_val'], sign=True)} | {_se(r['delta_se'])} | {noise} | "
             f"{f(r['val_ppl'], 2)} | {tps} | {f(r['state_bpp'], 2)} | "
             f"{' / '.join(f(r['sqnr'][o], 1) for o, _ in OPERANDS)} | "
             f"{' / '.join(f(r['bits'][o], 3) for o, _ in OPERANDS)} |")

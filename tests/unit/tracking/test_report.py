@@ -66,6 +66,19 @@ def test_seeds_grouped_paired_differences_and_noise():
                            f"{0.001 / math.sqrt(3):.4f}", "yes"]
 
 
+def test_a_tiny_standard_error_keeps_two_significant_digits():
+    base = [5.30, 5.34, 5.26]
+    d = [0.0012, 0.0012, 0.0013]  # seeds that move alike: s.e. 3.3e-5
+    runs = [run("baseline", s, v) for s, v in zip((1, 2, 3), base)]
+    runs += [run("fp8-states", s, v + e) for s, v, e in zip((1, 2, 3), base, d)]
+    rows = collect(FakeClient(runs), "exp")
+    se = math.sqrt(sum((x - sum(d) / 3) ** 2 for x in d) / 2) / math.sqrt(3)
+    assert rows[1]["delta_se"] == pytest.approx(se) and rows[1]["beyond_noise"] is True
+    line = next(ln for ln in markdown(rows, "exp").splitlines() if ln.startswith("| fp8-states "))
+    cells = [c.strip() for c in line.split("|")[1:-1]]
+    assert cells[11:14] == ["+0.0012", "0.000033", "yes"]
+
+
 def test_one_seed_has_no_error_bars():
     rows = collect(FakeClient([run("baseline", 1, 5.0), run("a8", 1, 5.1)]), "exp")
     a8 = rows[1]
