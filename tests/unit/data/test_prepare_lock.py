@@ -5,28 +5,19 @@ when the first removed it; the bytes are those of one preparation, and nothing i
 import json
 import os
 import signal
-import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
 
 from dsq.data import prepare as P, shards, tokenizer
 
-from tests.unit.data.test_prepare_scale import DRIVER, ROOT, _cfg, _docs, _jsonl, _quiet, _reference
+from tests.unit.data.test_prepare_scale import _cfg, _docs, _jsonl, _quiet, _reference, slow_prepare
 
 
 def _holder(tmp_path, seed):
     """A ``dsq prepare``-like process that commits shards slowly, started on a fresh corpus;
-    returns it once it holds the lock and has written a shard."""
-    docs = _docs(300, seed=seed)
-    cfg = _cfg(tmp_path, [_jsonl(tmp_path / "t.jsonl", docs)], [_jsonl(tmp_path / "v.jsonl", docs[:20])],
-               "data.workers=1")
-    args = [f"data.train={cfg.data.train[0]}", f"data.val={cfg.data.val[0]}",
-            f"data.cache_dir={cfg.data.cache_dir}", "model.vocab_size=384", "data.workers=1"]
-    proc = subprocess.Popen([sys.executable, "-c", DRIVER, *args], cwd=ROOT,
-                            env=dict(os.environ, PYTHONPATH=str(ROOT)),
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    returns it once it holds the lock (its ``progress.json`` exists)."""
+    proc, cfg, docs = slow_prepare(tmp_path, seed=seed, workers=1)
     cache, deadline = Path(cfg.data.cache_dir), time.time() + 60
     while not list(cache.glob(".*.partial/progress.json")):
         assert proc.poll() is None and time.time() < deadline, "the first process never started"

@@ -132,15 +132,22 @@ P.prepare(cfg.data, 384)
 """
 
 
-def test_kill_9_then_the_same_command_resumes(tmp_path):
-    docs = _docs(300, seed=2)
+def slow_prepare(tmp_path, seed: int, workers: int):
+    """:data:`DRIVER` started on 300 documents of ``seed`` (JSON lines): the process, its
+    config and the documents."""
+    docs = _docs(300, seed=seed)
     cfg = _cfg(tmp_path, [_jsonl(tmp_path / "t.jsonl", docs)], [_jsonl(tmp_path / "v.jsonl", docs[:20])],
-               "data.workers=2")
+               f"data.workers={workers}")
     args = [f"data.train={cfg.data.train[0]}", f"data.val={cfg.data.val[0]}",
-            f"data.cache_dir={cfg.data.cache_dir}", "model.vocab_size=384", "data.workers=2"]
+            f"data.cache_dir={cfg.data.cache_dir}", "model.vocab_size=384", f"data.workers={workers}"]
     proc = subprocess.Popen([sys.executable, "-c", DRIVER, *args], cwd=ROOT,
                             env=dict(os.environ, PYTHONPATH=str(ROOT)),
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    return proc, cfg, docs
+
+
+def test_kill_9_then_the_same_command_resumes(tmp_path):
+    proc, cfg, docs = slow_prepare(tmp_path, seed=2, workers=2)
     import psutil
 
     cache, deadline = Path(cfg.data.cache_dir), time.time() + 60
