@@ -149,7 +149,7 @@ def lifecycle(cluster, two_nodes, tmp_path_factory, data_cache, mlflow_db):
     ckpts = out / "checkpoints"
     latest = ckpts / "latest"
     rec: Dict = {"out": out, "db": db, "root": root, "experiment": "lifecycle"}
-    REQUEUED, ATTEMPT2 = r"requeued job", r"attempt 2 started"
+    REQUEUED, ATTEMPT2 = r"requeueing job", r"attempt 2 started"
 
     # 1. SIGUSR1 to the batch shell mid-run: checkpoint on both nodes, requeue, resume
     job = rec["job"] = submit(cluster, root, args, 2, 1)
@@ -241,7 +241,7 @@ def test_node_death_fails_the_job_on_both_nodes_within_seconds(lifecycle):
     info, log = lifecycle["info"], lifecycle["log"]
     assert info["JobState"] in ("FAILED", "NODE_FAIL") and info["ExitCode"] != "0:0", \
         (info, log[-3000:])
-    assert info["Restarts"] == "1" and log.count("requeued job") == 1  # no requeue on a crash
+    assert info["Restarts"] == "1" and log.count("requeueing job") == 1  # no requeue on a crash
     assert "srun still waits for other nodes after 5 s (a node down?): ending the job" in log
     assert lifecycle["ranks_gone_s"] < 10 and lifecycle["batch_saw_exit_s"] < 30, lifecycle
     assert lifecycle["tag_complete"]

@@ -201,7 +201,7 @@ def test_usr1_checkpoints_requeues_and_resumes(lifecycle):
     assert 3 <= stopped < STEPS - 10  # mid-run, with room for attempt 2's two checkpoints
     assert f"resumed from {out / 'checkpoints' / f'step_{stopped:08d}'} at step {stopped}" in log
     # the requeue delay: from `scontrol requeue` to the second attempt's first line
-    requeued, = stamps(log, "requeued job")
+    requeued, = stamps(log, "requeueing job")
     started, = stamps(log, r"job \d+ attempt 2 started")
     delay = started - requeued
     assert 0 <= delay < 120, delay
@@ -211,7 +211,7 @@ def test_usr1_checkpoints_requeues_and_resumes(lifecycle):
 def test_killed_rank_fails_the_job_fast_without_requeue(lifecycle):
     info, log = lifecycle["info"], lifecycle["log"]
     assert info["JobState"] == "FAILED" and info["ExitCode"] != "0:0", (info, log[-3000:])
-    assert info["Restarts"] == "1" and log.count("requeued job") == 1  # no new requeue
+    assert info["Restarts"] == "1" and log.count("requeueing job") == 1  # no new requeue
     assert lifecycle["seconds_to_fail"] < 120
     assert not lifecycle["summary_after_kill"]
     assert lifecycle["tag_complete"]  # the last checkpoint survived the kill complete
